@@ -1,0 +1,36 @@
+# fastws developer loop.  `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: all build serve test lint bench clean system-deps
+
+all: build
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# Compile the Cython extensions in place (fast when nothing changed).
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+# Debian packages the test-suite talks to for real (redis-server).
+system-deps:
+	@command -v redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }
+
+serve: build
+	$(VENV)/bin/fastws serve --demo --host 127.0.0.1 --port 8765
+
+test: build system-deps
+	$(VENV)/bin/ruff check fastws tests loadtest
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fastws tests loadtest
+
+clean:
+	rm -rf build fastws/*.c fastws/*.so fastws/*.html *.egg-info
