@@ -1,0 +1,181 @@
+// Type declarations for /fastws.js, the fastws browser client (protocol v1).
+
+export type State = "connecting" | "connected" | "disconnected" | "closed";
+
+/** Position in a channel's history, as carried by events and used for `since`. */
+export interface StreamPosition {
+  offset: number;
+  epoch: string;
+}
+
+/** The `event` push: one publication. `offset`/`epoch` are absent for publications without history. */
+export interface FastWSEvent<T = unknown> {
+  type: "event";
+  channel: string;
+  data: T;
+  offset?: number;
+  epoch?: string;
+}
+
+export interface PublishedReply {
+  id: number;
+  type: "published";
+  offset: number;
+  epoch: string;
+}
+
+export interface HistoryReply<T = unknown> {
+  id: number;
+  type: "history";
+  publications: Array<{ offset: number; data: T; [key: string]: unknown }>;
+  offset: number;
+  epoch: string;
+}
+
+export interface PresenceReply {
+  id: number;
+  type: "presence";
+  clients: Array<{ client: string; user: string | null; [key: string]: unknown }>;
+}
+
+export interface AuthedReply {
+  id: number;
+  type: "authed";
+  user: string;
+}
+
+export interface SubscribedReply {
+  id: number;
+  type: "subscribed";
+  channel: string;
+  recovered?: boolean;
+}
+
+export interface SubscribedInfo {
+  channel: string;
+  /** Present when the subscribe carried `since`: false means a gap that history no longer holds. */
+  recovered?: boolean;
+  /** Events replayed between the subscribe request and its reply. */
+  replayed: number;
+  /** True when this is a re-subscription after a reconnect. */
+  resubscribe: boolean;
+}
+
+export interface PresencePush {
+  type: "join" | "leave";
+  channel: string;
+  client: string;
+  user: string | null;
+}
+
+export interface DisconnectInfo {
+  code: number;
+  reason: string;
+  reconnect: boolean;
+  after_ms: number;
+  wasClean?: boolean;
+  /** True for the server's `disconnect` push (before the close itself). */
+  pushed?: boolean;
+}
+
+export interface ClosedInfo {
+  code: number;
+  reason: string;
+  fromServer: boolean;
+}
+
+export interface EventMap {
+  state: State;
+  connected: { reconnect: boolean; reconnects: number };
+  disconnect: DisconnectInfo;
+  reconnecting: { attempt: number; delay: number };
+  subscribed: SubscribedInfo;
+  unsubscribed: { channel: string };
+  join: PresencePush;
+  leave: PresencePush;
+  error: FastWSError | Error;
+  closed: ClosedInfo;
+  message: Record<string, unknown>;
+}
+
+export type TokenSource = string | null | (() => string | null | Promise<string | null>);
+
+export interface FastWSOptions {
+  /** Sent as `?token=` on every connection attempt; a function is called before each attempt. */
+  token?: TokenSource;
+  /** Request timeout in ms (default 10000). */
+  timeout?: number;
+  /** Backoff base in ms (default 500): after the n-th failed attempt wait U[0, min(maxDelay, minDelay·2^n)]. */
+  minDelay?: number;
+  /** Backoff cap in ms (default 20000). */
+  maxDelay?: number;
+  /** Silence (ms) before an application ping is sent (default 25000, 0 = never). */
+  pingInterval?: number;
+  /** Time (ms) to wait for that pong before dropping the connection (default 10000). */
+  pongTimeout?: number;
+  /** A connection up this long (ms) resets the failed-attempt counter (default 5000). */
+  stableAfter?: number;
+  /** Per-subscription cap of remembered (channel → offset) pairs for de-duplication (default 10000). */
+  dedupeLimit?: number;
+  /** WebSocket implementation (default globalThis.WebSocket). */
+  WebSocket?: { new (url: string): WebSocket };
+  /** Random source in [0, 1) (default Math.random). */
+  random?: () => number;
+}
+
+export interface SubscribeOptions {
+  /** Start from this position (the server replays what came after it). */
+  since?: StreamPosition;
+  onSubscribed?: (info: SubscribedInfo) => void;
+  onError?: (err: FastWSError) => void;
+}
+
+export declare class Subscription<T = unknown> {
+  readonly channel: string;
+  /** Resolves on the first `subscribed` reply; rejects on an `error` reply or close. */
+  readonly ready: Promise<SubscribedReply>;
+  active: boolean;
+  unsubscribe(): void;
+}
+
+export declare class FastWSError extends Error {
+  /** The server's error code (400, 401, 403, 404, 409, 413, 429, 500), the close code, or 0. */
+  code: number;
+  kind: "server" | "timeout" | "disconnected" | "closed";
+  reply: Record<string, unknown> | null;
+  channel?: string;
+  constructor(message: string, init?: { code?: number; kind?: FastWSError["kind"]; reply?: Record<string, unknown> | null });
+}
+
+export declare class FastWS {
+  constructor(url: string, options?: FastWSOptions);
+  readonly url: string;
+  readonly state: State;
+  /** Successful reconnects so far. */
+  readonly reconnects: number;
+
+  on<K extends keyof EventMap>(event: K, fn: (arg: EventMap[K]) => void): () => void;
+  off<K extends keyof EventMap>(event: K, fn: (arg: EventMap[K]) => void): void;
+
+  subscribe<T = unknown>(channel: string, onEvent?: (e: FastWSEvent<T>) => void, options?: SubscribeOptions): Subscription<T>;
+  unsubscribe(channel: string): void;
+  subscriptions(): string[];
+
+  publish(channel: string, data: unknown): Promise<PublishedReply>;
+  history<T = unknown>(channel: string, options?: number | { limit?: number; since?: StreamPosition }): Promise<HistoryReply<T>>;
+  presence(channel: string): Promise<PresenceReply>;
+  auth(token: string): Promise<AuthedReply>;
+  ping(): Promise<{ id: number; type: "pong" }>;
+  /** Try to connect now when disconnected (still honours a server's after_ms). */
+  reconnectNow(): void;
+  close(code?: number, reason?: string): void;
+}
+
+/** Redis PSUBSCRIBE glob matching: `*`, `?`, `[abc]`, `[^a]`, `[a-z]`, `\x`. */
+export declare function globMatch(pattern: string, str: string): boolean;
+/** True when a name holds `*`, `?`, `[` or `\`. */
+export declare function isPattern(name: string): boolean;
+/** Full-jitter delay in ms after the n-th failed attempt in a row. */
+export declare function backoffDelay(n: number, options?: { minDelay?: number; maxDelay?: number; random?: () => number }): number;
+
+export default FastWS;

@@ -1,0 +1,675 @@
+// fastws browser client — an ES module, no build step, no dependencies.
+//
+//   import { FastWS } from "/fastws.js";
+//   const c = new FastWS("ws://host/ws", { token });
+//   const sub = c.subscribe("market:0x*", e => console.log(e.channel, e.data, e.offset));
+//   c.on("state", s => ...);            // "connecting" | "connected" | "disconnected" | "closed"
+//   await c.publish("chat:room", {text: "hi"});
+//   sub.unsubscribe(); c.close();
+//
+// Protocol: docs/protocol.md, sections 4 and 6.
+
+const DEFAULTS = {
+  token: null,            // string, or () => string | Promise<string>, read before each attempt
+  timeout: 10000,         // ms before a request's promise rejects
+  minDelay: 500,          // backoff base (ms): attempt n waits U[0, min(maxDelay, minDelay * 2^n)]
+  maxDelay: 20000,        // backoff cap (ms)
+  pingInterval: 25000,    // ms of silence before an application ping (0 = never)
+  pongTimeout: 10000,     // ms to wait for that pong before dropping the connection
+  stableAfter: 5000,      // a connection up this long resets the failed-attempt counter
+  dedupeLimit: 10000,     // (channel → last offset) entries kept per subscription
+  WebSocket: null,        // WebSocket implementation (default: globalThis.WebSocket)
+  random: Math.random,    // injectable for tests
+};
+
+// ---------------------------------------------------------------------------
+// Redis glob matching (PSUBSCRIBE semantics, a port of Redis' stringmatchlen):
+// `*` any run (including ':'), `?` one char, `[abc]`, `[^a]`, `[a-z]`, `\x` literal.
+
+/** True when a subscription name is a pattern (holds `*`, `?`, `[` or `\`). */
+export function isPattern(name) {
+  return /[*?[\\]/.test(name);
+}
+
+/** Redis glob match of `str` against `pattern`. */
+export function globMatch(pattern, str) {
+  return matchAt(pattern, 0, str, 0, { skip: false }, 0);
+}
+
+function matchAt(p, pi, s, si, state, nesting) {
+  if (nesting > 1000) return false;
+  const plen = p.length;
+  const slen = s.length;
+  while (pi < plen && si < slen) {
+    const pc = p[pi];
+    if (pc === "*") {
+      while (pi + 1 < plen && p[pi + 1] === "*") pi++;
+      if (pi + 1 === plen) return true;
+      while (si < slen) {
+        if (matchAt(p, pi + 1, s, si, state, nesting + 1)) return true;
+        if (state.skip) return false;
+        si++;
+      }
+      state.skip = true;
+      return false;
+    } else if (pc === "?") {
+      si++;
+    } else if (pc === "[") {
+      pi++;
+      const not = p[pi] === "^";
+      if (not) pi++;
+      let match = false;
+      const c = s.charCodeAt(si);
+      for (;;) {
+        if (p[pi] === "\\" && plen - pi >= 2) {
+          pi++;
+          if (p.charCodeAt(pi) === c) match = true;
+        } else if (p[pi] === "]") {
+          break;
+        } else if (pi >= plen) {
+          pi--; // unterminated class: the pattern ends here
+          break;
+        } else if (plen - pi >= 3 && p[pi + 1] === "-") {
+          let start = p.charCodeAt(pi);
+          let end = p.charCodeAt(pi + 2);
+          if (start > end) [start, end] = [end, start];
+          pi += 2;
+          if (c >= start && c <= end) match = true;
+        } else if (p.charCodeAt(pi) === c) {
+          match = true;
+        }
+        pi++;
+      }
+      if (not) match = !match;
+      if (!match) return false;
+      si++;
+    } else {
+      if (pc === "\\" && plen - pi >= 2) pi++;
+      if (p[pi] !== s[si]) return false;
+      si++;
+    }
+    pi++;
+    if (si === slen) {
+      while (pi < plen && p[pi] === "*") pi++;
+      break;
+    }
+  }
+  return pi >= plen && si === slen;
+}
+
+/** Full-jitter backoff: delay (ms) after the n-th failed attempt in a row (n = 0, 1, …). */
+export function backoffDelay(n, { minDelay = 500, maxDelay = 20000, random = Math.random } = {}) {
+  const cap = Math.min(maxDelay, minDelay * Math.pow(2, Math.min(n, 30)));
+  return random() * cap;
+}
+
+// ---------------------------------------------------------------------------
+
+/** Error of a request: a server `error` reply (kind "server"), a timeout, or a lost connection. */
+export class FastWSError extends Error {
+  constructor(message, { code = 0, kind = "server", reply = null } = {}) {
+    super(message);
+    this.name = "FastWSError";
+    this.code = code;
+    this.kind = kind;
+    this.reply = reply;
+  }
+}
+
+function normalizeChannel(name) {
+  // `wallet:` names are 0x addresses, lower-cased by the server (protocol §5).
+  if (name.startsWith("wallet:") && !isPattern(name)) return name.toLowerCase();
+  return name;
+}
+
+class Subscription {
+  constructor(client, record, handler) {
+    this._client = client;
+    this._record = record;
+    this._handler = handler;
+    this.channel = record.channel;
+    this.ready = record.ready;
+    this.active = true;
+  }
+
+  /** Stop delivering to this handle; the server subscription ends with its last handle. */
+  unsubscribe() {
+    if (!this.active) return;
+    this.active = false;
+    this._client._dropHandle(this._record, this);
+  }
+}
+
+export class FastWS {
+  constructor(url, options = {}) {
+    this.url = url;
+    this.options = { ...DEFAULTS, ...options };
+    this.state = "disconnected";
+    this._listeners = new Map();
+    this._subs = new Map();       // channel/pattern → record
+    this._pending = new Map();    // id → {resolve, reject, timer, msg, sent}
+    this._subIds = new Map();     // id of an in-flight subscribe → record
+    this._outbox = [];            // requests made while not connected
+    this._nextId = 1;
+    this._ws = null;
+    this._failures = 0;           // failed attempts in a row
+    this._notBefore = 0;          // no attempt before this time (server's after_ms)
+    this._timer = null;
+    this._pingTimer = null;
+    this._pongTimer = null;
+    this._lastRecv = 0;
+    this._openedAt = 0;
+    this._disconnectPush = null;
+    this._closed = false;
+    this.reconnects = 0;
+    this._installWindowHooks();
+    // Connect at once, but let the caller attach listeners first (same tick).
+    queueMicrotask(() => this._connect());
+  }
+
+  // ----- events ------------------------------------------------------------
+
+  /** Listen to "state", "connected", "disconnect", "reconnecting", "subscribed",
+   *  "unsubscribed", "join", "leave", "error", "closed", "message". Returns an off() function. */
+  on(event, fn) {
+    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
+    this._listeners.get(event).add(fn);
+    return () => this.off(event, fn);
+  }
+
+  off(event, fn) {
+    const set = this._listeners.get(event);
+    if (set) set.delete(fn);
+  }
+
+  _emit(event, arg) {
+    const set = this._listeners.get(event);
+    if (!set) return;
+    for (const fn of [...set]) {
+      try {
+        fn(arg);
+      } catch (err) {
+        reportError(err);
+      }
+    }
+  }
+
+  _setState(s) {
+    if (this.state === s) return;
+    this.state = s;
+    this._emit("state", s);
+  }
+
+  // ----- public API --------------------------------------------------------
+
+  /** Subscribe to a channel or Redis glob pattern. `onEvent(e)` gets every matching event. */
+  subscribe(channel, onEvent, opts = {}) {
+    if (typeof channel !== "string" || channel === "") throw new TypeError("channel must be a non-empty string");
+    if (this._closed) throw new FastWSError("client is closed", { kind: "closed" });
+    const key = normalizeChannel(channel);
+    let record = this._subs.get(key);
+    if (!record) {
+      record = {
+        channel: key,
+        pattern: isPattern(key),
+        handles: new Set(),
+        last: opts.since ? { offset: opts.since.offset, epoch: opts.since.epoch } : null,
+        seen: new Map(),
+        status: "new",       // new | pending | subscribed
+        replayed: 0,
+        everSubscribed: false,
+        ready: null,
+        _resolve: null,
+        _reject: null,
+      };
+      record.ready = new Promise((resolve, reject) => {
+        record._resolve = resolve;
+        record._reject = reject;
+      });
+      record.ready.catch(() => {}); // a failure is also reported through "error"
+      this._subs.set(key, record);
+      if (this.state === "connected") this._sendSubscribe(record);
+    }
+    const handle = new Subscription(this, record, { onEvent, ...opts });
+    record.handles.add(handle);
+    return handle;
+  }
+
+  /** Drop every local subscription on a channel or pattern. */
+  unsubscribe(channel) {
+    const record = this._subs.get(normalizeChannel(channel));
+    if (!record) return;
+    for (const h of [...record.handles]) h.unsubscribe();
+  }
+
+  /** Publish through the connection (allowed only where the namespace lets clients publish). */
+  publish(channel, data) {
+    return this._request({ type: "publish", channel: normalizeChannel(channel), data });
+  }
+
+  /** Channel history: `history(channel, {limit, since})` → reply {publications, offset, epoch}. */
+  history(channel, opts = {}) {
+    const msg = { type: "history", channel: normalizeChannel(channel) };
+    if (typeof opts === "number") opts = { limit: opts };
+    if (opts.limit != null) msg.limit = opts.limit;
+    if (opts.since) msg.since = { offset: opts.since.offset, epoch: opts.since.epoch };
+    return this._request(msg);
+  }
+
+  /** Presence of a channel → reply {clients: [{client, user}]}. */
+  presence(channel) {
+    return this._request({ type: "presence", channel: normalizeChannel(channel) });
+  }
+
+  /** Authenticate the live connection (also used for every later reconnect). */
+  auth(token) {
+    this.options.token = token;
+    return this._request({ type: "auth", token });
+  }
+
+  ping() {
+    return this._request({ type: "ping" });
+  }
+
+  /** Close for good: no reconnect; pending requests reject. */
+  close(code = 1000, reason = "client closed") {
+    if (this._closed) return;
+    this._terminate(code, reason, false);
+  }
+
+  subscriptions() {
+    return [...this._subs.keys()];
+  }
+
+  // ----- requests ----------------------------------------------------------
+
+  _request(msg, timeout = this.options.timeout) {
+    if (this._closed) return Promise.reject(new FastWSError("client is closed", { kind: "closed" }));
+    return new Promise((resolve, reject) => {
+      const id = this._nextId++;
+      const entry = { id, msg: { id, ...msg }, resolve, reject, timer: null, sent: false };
+      entry.timer = setTimeout(() => {
+        this._pending.delete(id);
+        const i = this._outbox.indexOf(entry);
+        if (i >= 0) this._outbox.splice(i, 1);
+        reject(new FastWSError(`${msg.type} timed out after ${timeout} ms`, { kind: "timeout", code: 0 }));
+      }, timeout);
+      this._pending.set(id, entry);
+      if (this.state === "connected") this._sendEntry(entry);
+      else this._outbox.push(entry);
+    });
+  }
+
+  _sendEntry(entry) {
+    entry.sent = true;
+    this._send(entry.msg);
+  }
+
+  _send(obj) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return false;
+    ws.send(JSON.stringify(obj));
+    return true;
+  }
+
+  _sendSubscribe(record) {
+    const id = this._nextId++;
+    const msg = { id, type: "subscribe", channel: record.channel };
+    if (record.last && record.last.offset != null && record.last.epoch != null) {
+      msg.since = { offset: record.last.offset, epoch: record.last.epoch };
+    }
+    record.status = "pending";
+    record.replayed = 0;
+    record.recovering = !!msg.since;
+    this._subIds.set(id, record);
+    this._send(msg);
+  }
+
+  _dropHandle(record, handle) {
+    record.handles.delete(handle);
+    if (record.handles.size > 0 || this._subs.get(record.channel) !== record) return;
+    this._subs.delete(record.channel);
+    for (const [id, r] of this._subIds) if (r === record) this._subIds.delete(id);
+    if (record.status !== "new" && this.state === "connected") {
+      this._send({ id: this._nextId++, type: "unsubscribe", channel: record.channel });
+    }
+    record.status = "gone";
+    this._emit("unsubscribed", { channel: record.channel });
+  }
+
+  // ----- connection --------------------------------------------------------
+
+  async _connect() {
+    if (this._closed || this._ws) return;
+    clearTimeout(this._timer);
+    this._timer = null;
+    this._setState("connecting");
+    let url = this.url;
+    let token = this.options.token;
+    try {
+      if (typeof token === "function") token = await token();
+    } catch (err) {
+      this._emit("error", err);
+      token = null;
+    }
+    if (this._closed || this.state !== "connecting") return;
+    if (token) url += (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token);
+    const WS = this.options.WebSocket || globalThis.WebSocket;
+    let ws;
+    try {
+      ws = new WS(url);
+    } catch (err) {
+      this._emit("error", err);
+      this._failures++;
+      this._setState("disconnected");
+      this._scheduleReconnect();
+      return;
+    }
+    this._ws = ws;
+    this._openedAt = 0;
+    this._disconnectPush = null;
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (ev) => this._onMessage(ws, ev);
+    ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason, ev.wasClean);
+    ws.onerror = () => {}; // a close event always follows
+  }
+
+  _onOpen(ws) {
+    if (ws !== this._ws) return;
+    this._openedAt = Date.now();
+    this._lastRecv = Date.now();
+    const reconnect = this._everConnected === true;
+    this._everConnected = true;
+    if (reconnect) this.reconnects++;
+    this._setState("connected");
+    this._emit("connected", { reconnect, reconnects: this.reconnects });
+    if (this.state !== "connected" || ws !== this._ws) return; // a listener closed us
+    for (const record of this._subs.values()) this._sendSubscribe(record);
+    const outbox = this._outbox;
+    this._outbox = [];
+    for (const entry of outbox) if (this._pending.has(entry.id)) this._sendEntry(entry);
+    this._armPing();
+  }
+
+  _onMessage(ws, ev) {
+    if (ws !== this._ws) return;
+    this._lastRecv = Date.now();
+    let msg;
+    try {
+      msg = JSON.parse(ev.data);
+    } catch {
+      return;
+    }
+    if (!msg || typeof msg !== "object") return;
+    const id = msg.id;
+    if (id != null) {
+      const record = this._subIds.get(id);
+      if (record) {
+        this._subIds.delete(id);
+        this._onSubscribeReply(record, msg);
+        return;
+      }
+      const entry = this._pending.get(id);
+      if (entry) {
+        this._pending.delete(id);
+        clearTimeout(entry.timer);
+        if (msg.type === "error") {
+          entry.reject(new FastWSError(msg.message || `error ${msg.code}`, { code: msg.code, reply: msg }));
+        } else {
+          entry.resolve(msg);
+        }
+        return;
+      }
+      if (msg.type === "error") this._emit("error", new FastWSError(msg.message || "error", { code: msg.code, reply: msg }));
+      return;
+    }
+    switch (msg.type) {
+      case "event":
+        this._route(msg);
+        break;
+      case "join":
+      case "leave":
+        this._emit(msg.type, msg);
+        break;
+      case "disconnect":
+        this._disconnectPush = msg;
+        this._emit("disconnect", { ...msg, pushed: true });
+        break;
+      case "error":
+        this._emit("error", new FastWSError(msg.message || "error", { code: msg.code, reply: msg }));
+        break;
+      default:
+        this._emit("message", msg);
+    }
+  }
+
+  _onSubscribeReply(record, msg) {
+    if (this._subs.get(record.channel) !== record) return; // unsubscribed meanwhile
+    const resubscribe = record.everSubscribed;
+    if (msg.type === "error") {
+      // 409: the server still has it (e.g. subscribed twice in one connection): treat as live.
+      if (msg.code === 409) {
+        record.status = "subscribed";
+        record.everSubscribed = true;
+        record._resolve(msg);
+        return;
+      }
+      // Transient (rate limited, server trouble): ask again a little later on this connection.
+      if (msg.code === 429 || msg.code >= 500) {
+        record.status = "new";
+        const ws = this._ws;
+        setTimeout(() => {
+          if (ws === this._ws && this.state === "connected" && record.status === "new" &&
+              this._subs.get(record.channel) === record) this._sendSubscribe(record);
+        }, 1000 + this.options.random() * 4000);
+        this._emit("error", new FastWSError(msg.message || `subscribe failed (${msg.code})`, { code: msg.code, reply: msg }));
+        return;
+      }
+      const err = new FastWSError(msg.message || `subscribe failed (${msg.code})`, { code: msg.code, reply: msg });
+      err.channel = record.channel;
+      this._subs.delete(record.channel);
+      record.status = "gone";
+      record._reject(err);
+      for (const h of record.handles) {
+        h.active = false;
+        if (h._handler.onError) h._handler.onError(err);
+      }
+      this._emit("error", err);
+      return;
+    }
+    record.status = "subscribed";
+    record.everSubscribed = true;
+    const info = { channel: record.channel, recovered: msg.recovered, replayed: record.replayed, resubscribe };
+    record.recovering = false;
+    record._resolve(msg);
+    for (const h of record.handles) if (h._handler.onSubscribed) h._handler.onSubscribed(info);
+    this._emit("subscribed", info);
+  }
+
+  _route(e) {
+    const channel = e.channel;
+    if (typeof channel !== "string") return;
+    const hasPos = typeof e.offset === "number" && e.epoch != null && e.epoch !== "";
+    for (const record of this._subs.values()) {
+      if (record.pattern ? !globMatch(record.channel, channel) : record.channel !== channel) continue;
+      if (hasPos) {
+        const seen = record.seen.get(channel);
+        if (seen && seen.epoch === e.epoch && e.offset <= seen.offset) continue; // duplicate
+        record.seen.delete(channel);
+        record.seen.set(channel, { offset: e.offset, epoch: e.epoch });
+        if (record.seen.size > this.options.dedupeLimit) record.seen.delete(record.seen.keys().next().value);
+        record.last = { offset: e.offset, epoch: e.epoch };
+      }
+      if (record.status === "pending") record.replayed++;
+      for (const h of [...record.handles]) {
+        if (!h.active || !h._handler.onEvent) continue;
+        try {
+          h._handler.onEvent(e);
+        } catch (err) {
+          reportError(err);
+        }
+      }
+    }
+  }
+
+  _onClose(ws, code, reason, wasClean) {
+    if (ws !== this._ws) return;
+    this._ws = null;
+    this._disarmPing();
+    const push = this._disconnectPush;
+    this._disconnectPush = null;
+    const opened = this._openedAt > 0;
+    if (opened && Date.now() - this._openedAt >= this.options.stableAfter) this._failures = 0;
+    else if (!opened) this._failures++;
+    // Requests in flight are lost with the connection; queued ones wait for the next.
+    for (const [id, entry] of this._pending) {
+      if (!entry.sent) continue;
+      this._pending.delete(id);
+      clearTimeout(entry.timer);
+      entry.reject(new FastWSError(`connection lost (${code})`, { kind: "disconnected", code: 0 }));
+    }
+    this._subIds.clear();
+    for (const record of this._subs.values()) if (record.status === "pending") record.status = "new";
+    const info = {
+      code,
+      reason: reason || (push && push.reason) || "",
+      wasClean: !!wasClean,
+      reconnect: true,
+      after_ms: push && typeof push.after_ms === "number" ? push.after_ms : 0,
+    };
+    const fatal = (code >= 4500 && code <= 4999) || (push && push.reconnect === false);
+    if (fatal) {
+      info.reconnect = false;
+      this._emit("disconnect", info);
+      const err = new FastWSError(`connection closed for good: ${code} ${info.reason}`.trim(), { code, kind: "closed" });
+      this._emit("error", err);
+      this._terminate(code, info.reason, true);
+      return;
+    }
+    if (info.after_ms > 0) this._notBefore = Math.max(this._notBefore, Date.now() + info.after_ms);
+    this._setState("disconnected");
+    this._emit("disconnect", info);
+    this._scheduleReconnect();
+  }
+
+  _scheduleReconnect(now = false) {
+    if (this._closed || this._ws) return;
+    clearTimeout(this._timer);
+    let delay = now ? 0 : backoffDelay(this._failures, this.options);
+    delay = Math.max(delay, this._notBefore - Date.now(), 0);
+    this._emit("reconnecting", { attempt: this._failures, delay });
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      this._connect();
+    }, delay);
+  }
+
+  /** Try now (if disconnected), honouring the server's after_ms. */
+  reconnectNow() {
+    if (this._closed || this._ws || this.state === "connecting") return;
+    this._scheduleReconnect(true);
+  }
+
+  _terminate(code, reason, fromServer) {
+    this._closed = true;
+    clearTimeout(this._timer);
+    this._timer = null;
+    this._disarmPing();
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      try {
+        ws.close(code >= 4000 && code <= 4999 ? code : 1000, reason);
+      } catch {
+        try { ws.close(); } catch { /* ignore */ }
+      }
+    }
+    const err = new FastWSError(`client closed (${code}${reason ? " " + reason : ""})`, { code: fromServer ? code : 0, kind: "closed" });
+    for (const entry of this._pending.values()) {
+      clearTimeout(entry.timer);
+      entry.reject(err);
+    }
+    this._pending.clear();
+    this._outbox = [];
+    for (const record of this._subs.values()) if (!record.everSubscribed) record._reject(err);
+    this._removeWindowHooks();
+    this._setState("closed");
+    this._emit("closed", { code, reason, fromServer });
+  }
+
+  // ----- liveness ----------------------------------------------------------
+
+  _armPing() {
+    this._disarmPing();
+    const every = this.options.pingInterval;
+    if (!every) return;
+    this._pingTimer = setInterval(() => this._probe(false), Math.max(1000, Math.floor(every / 2)));
+  }
+
+  _disarmPing() {
+    clearInterval(this._pingTimer);
+    clearTimeout(this._pongTimer);
+    this._pingTimer = null;
+    this._pongTimer = null;
+  }
+
+  /** Send an application ping when the line has been quiet; drop the connection if no answer. */
+  _probe(force) {
+    if (this.state !== "connected" || this._pongTimer) return;
+    if (!force && Date.now() - this._lastRecv < this.options.pingInterval) return;
+    const ws = this._ws;
+    this._pongTimer = setTimeout(() => {
+      this._pongTimer = null;
+      if (ws === this._ws && Date.now() - this._lastRecv >= this.options.pongTimeout) {
+        this._forceDrop(ws, 4000, "no pong");
+      }
+    }, this.options.pongTimeout);
+    this._request({ type: "ping" }, this.options.pongTimeout + 1000).catch(() => {});
+  }
+
+  _forceDrop(ws, code, reason) {
+    try { ws.close(code, reason); } catch { /* ignore */ }
+    // Do not wait for a close handshake that may never come on a dead link.
+    this._onClose(ws, 1006, reason, false);
+  }
+
+  // ----- browser hooks -----------------------------------------------------
+
+  _installWindowHooks() {
+    const w = typeof window !== "undefined" ? window : null;
+    const d = typeof document !== "undefined" ? document : null;
+    this._hooks = [];
+    if (w && w.addEventListener) {
+      const online = () => {
+        this._failures = 0;
+        if (this.state === "connected") this._probe(true);
+        else this.reconnectNow();
+      };
+      const offline = () => this._probe(true);
+      w.addEventListener("online", online);
+      w.addEventListener("offline", offline);
+      this._hooks.push([w, "online", online], [w, "offline", offline]);
+    }
+    if (d && d.addEventListener) {
+      const visible = () => {
+        if (d.visibilityState !== "visible") return;
+        if (this.state === "connected") this._probe(false);
+        else this.reconnectNow();
+      };
+      d.addEventListener("visibilitychange", visible);
+      this._hooks.push([d, "visibilitychange", visible]);
+    }
+  }
+
+  _removeWindowHooks() {
+    for (const [target, name, fn] of this._hooks || []) target.removeEventListener(name, fn);
+    this._hooks = [];
+  }
+}
+
+function reportError(err) {
+  if (typeof globalThis.reportError === "function") globalThis.reportError(err);
+  else setTimeout(() => { throw err; });
+}
+
+export default FastWS;
