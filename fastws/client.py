@@ -1,0 +1,852 @@
+"""The fastws Python client (protocol v1, docs/protocol.md sections 4 and 6).
+
+Usage::
+
+    async with fastws.connect("ws://127.0.0.1:8765/ws", token=None) as c:
+        await c.subscribe("events:*")
+        async for event in c:
+            print(event.channel, event.offset, event.data)
+
+The client runs on picows (``picows.ws_connect``) on the running event loop (uvloop or
+asyncio). It reconnects by itself with full-jitter exponential backoff, resubscribes
+every subscription and recovers each one from the last position it delivered
+(``since``), deduplicating events by (channel, offset). It stops for good after a close
+in 4500–4999 or a ``disconnect`` push with ``reconnect: false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSHandshakeError,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    ws_connect,
+)
+
+from fastws._match import glob_match
+from fastws.errors import (
+    AuthError,
+    ConnectionClosed,
+    FastWSError,
+    RequestError,
+    RequestTimeout,
+)
+
+__all__ = [
+    "Client",
+    "Event",
+    "Subscription",
+    "backoff_delay",
+    "connect",
+    "is_pattern",
+]
+
+log = logging.getLogger("fastws.client")
+
+TokenSource = str | Callable[[], Awaitable[str] | str] | None
+EventCallback = Callable[["Event"], Any]
+
+_PATTERN_CHARS = frozenset("*?[\\")
+_DEDUPE_LIMIT = 65536  # channels remembered for (channel, offset) deduplication
+
+
+def is_pattern(channel: str) -> bool:
+    """True when ``channel`` holds ``*``, ``?``, ``[`` or ``\\`` (a Redis glob pattern)."""
+    return not _PATTERN_CHARS.isdisjoint(channel)
+
+
+def backoff_delay(failures: int, *, base: float = 0.5, cap: float = 20.0,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Delay before the next attempt after the ``failures``-th failure in a row (0-based).
+
+    Full jitter: uniform in [0, min(cap, base * 2**failures)]. ``rand`` returns a float
+    in [0, 1) (``random.random`` by default; inject your own for tests).
+    """
+    ceiling = min(cap, base * (2.0 ** min(failures, 64)))
+    return rand() * ceiling
+
+
+class Event:
+    """One ``event`` push: ``channel``, ``data``, ``offset`` and ``epoch``.
+
+    ``offset`` and ``epoch`` are None for publications without history (e.g. a raw
+    Redis ``PUBLISH``).
+    """
+
+    __slots__ = ("channel", "data", "offset", "epoch")
+
+    def __init__(self, channel: str, data: Any, offset: int | None = None,
+                 epoch: str | None = None) -> None:
+        self.channel = channel
+        self.data = data
+        self.offset = offset
+        self.epoch = epoch
+
+    def __repr__(self) -> str:
+        return (f"Event(channel={self.channel!r}, offset={self.offset!r}, "
+                f"epoch={self.epoch!r}, data={self.data!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.channel, self.offset, self.epoch, self.data) == (
+            other.channel, other.offset, other.epoch, other.data)
+
+    __hash__ = None  # type: ignore[assignment]  # data may be unhashable
+
+
+class Subscription:
+    """A channel or pattern subscription of one :class:`Client`.
+
+    ``offset``/``epoch`` hold the position of the last event delivered for it (the
+    ``since`` of its next recovery); ``recovered`` is the flag of the latest
+    ``subscribed`` reply. Events go to ``callback`` when one was given, else to the
+    client's ``async for``.
+    """
+
+    __slots__ = ("client", "channel", "callback", "pattern", "offset", "epoch",
+                 "recovered", "active", "error", "_ready")
+
+    def __init__(self, client: Client, channel: str, callback: EventCallback | None,
+                 since: dict[str, Any] | None) -> None:
+        self.client = client
+        self.channel = channel
+        self.callback = callback
+        self.pattern = is_pattern(channel)
+        self.offset: int | None = since.get("offset") if since else None
+        self.epoch: str | None = since.get("epoch") if since else None
+        self.recovered: bool | None = None
+        self.active = True
+        self.error: FastWSError | None = None
+        self._ready: asyncio.Future[None] | None = None
+
+    def since(self) -> dict[str, Any] | None:
+        """The ``since`` position to recover from, or None when nothing was delivered."""
+        if self.offset is None:
+            return None
+        return {"offset": self.offset, "epoch": self.epoch or ""}
+
+    def matches(self, channel: str) -> bool:
+        """Whether an event published on ``channel`` belongs to this subscription."""
+        if self.pattern:
+            return glob_match(self.channel, channel)
+        return self.channel == channel
+
+    async def unsubscribe(self) -> None:
+        """Stop this subscription (and tell the server if connected)."""
+        await self.client._unsubscribe(self)
+
+    def __repr__(self) -> str:
+        return (f"Subscription({self.channel!r}, offset={self.offset!r}, "
+                f"epoch={self.epoch!r}, active={self.active})")
+
+
+class _ConnectionLost(Exception):
+    """Internal: the connection a request was sent on went away (client reconnects)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class _RetryAfter(Exception):
+    """Internal: the upgrade was refused with 429/503 and a ``Retry-After``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class _Terminal(Exception):
+    """Internal: stop reconnecting and raise ``exc`` everywhere."""
+
+    def __init__(self, exc: ConnectionClosed) -> None:
+        super().__init__(exc)
+        self.exc = exc
+
+
+class _Listener(WSListener):
+    """picows listener for one connection; hands frames to its :class:`_Conn`."""
+
+    def __init__(self, conn: _Conn) -> None:
+        super().__init__()
+        self.conn = conn
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.conn.on_connected(transport)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        conn = self.conn
+        conn.last_rx = time.monotonic()
+        mt = frame.msg_type
+        if mt == WSMsgType.TEXT or mt == WSMsgType.BINARY:
+            try:
+                msg = orjson.loads(frame.get_payload_as_memoryview())
+            except orjson.JSONDecodeError:
+                log.warning("fastws client: ignoring a frame that is not JSON")
+                return
+            if isinstance(msg, dict):
+                try:
+                    conn.client._on_message(conn, msg)
+                except Exception:
+                    log.exception("fastws client: failed to handle %r", msg.get("type"))
+        elif mt == WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+        elif mt == WSMsgType.CLOSE:
+            conn.close_code = int(frame.get_close_code())
+            conn.close_reason = frame.get_close_reason() or ""
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.conn.on_disconnected()
+
+
+class _Conn:
+    """State of one WebSocket connection (one attempt of the reconnect loop)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.transport: WSTransport | None = None
+        self.connected = False
+        self.pending: dict[int, Callable[[dict[str, Any] | BaseException], None]] = {}
+        self.last_rx = time.monotonic()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.disconnect_push: dict[str, Any] | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.connected = True
+        self.last_rx = time.monotonic()
+
+    def on_disconnected(self) -> None:
+        self.connected = False
+        if self.client._conn is self:
+            self.client._connected.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.transport is None or not self.connected:
+            raise _ConnectionLost(1006, "not connected")
+        self.transport.send(WSMsgType.TEXT, orjson.dumps(msg))
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.disconnect(False)
+
+    def fail_pending(self, exc: BaseException) -> None:
+        pending, self.pending = self.pending, {}
+        for handler in pending.values():
+            handler(exc)
+
+
+class Client:
+    """A fastws connection that reconnects by itself. Create it with :func:`connect`.
+
+    Options (keyword-only):
+
+    - ``request_timeout`` (10 s): how long a request waits for its reply, waiting for a
+      connection included; then :class:`~fastws.errors.RequestTimeout`.
+    - ``connect_timeout`` (5 s): TCP connect plus WebSocket handshake, per attempt.
+    - ``ping_interval`` (25 s) and ``ping_timeout`` (10 s): with no data from the server
+      for their sum, the connection is considered dead and the client reconnects.
+    - ``backoff_base`` (0.5 s), ``backoff_cap`` (20 s), ``rand`` (``random.random``):
+      after the n-th failed attempt in a row the client waits
+      ``rand() * min(backoff_cap, backoff_base * 2**n)``.
+    - ``headers``: extra HTTP headers for the upgrade request.
+    - ``on_state``: called with ``"connecting"``, ``"connected"``, ``"disconnected"``
+      or ``"closed"``.
+    - ``max_frame_size`` (16 MiB): largest frame accepted from the server.
+    """
+
+    def __init__(self, url: str, token: TokenSource = None, *,
+                 request_timeout: float = 10.0, connect_timeout: float = 5.0,
+                 ping_interval: float = 25.0, ping_timeout: float = 10.0,
+                 backoff_base: float = 0.5, backoff_cap: float = 20.0,
+                 rand: Callable[[], float] = random.random,
+                 headers: dict[str, str] | None = None,
+                 on_state: Callable[[str], Any] | None = None,
+                 max_frame_size: int = 16 * 1024 * 1024) -> None:
+        self.url = url
+        self.token = token
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.rand = rand
+        self.headers = dict(headers or {})
+        self.on_state = on_state
+        self.max_frame_size = max_frame_size
+        self.state = "disconnected"
+        self.reconnects = 0  # successful connections after the first one
+        self._subs: dict[str, Subscription] = {}
+        self._conn: _Conn | None = None
+        self._next_id = 0
+        self._queue: deque[Event] = deque()
+        self._wakeup = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._last: dict[str, tuple[str, int]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._first: asyncio.Future[None] | None = None
+        self._final: ConnectionClosed | None = None  # set once stopped for good
+        self._user_closed = False
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        """``c = await fastws.connect(url)`` works like ``async with``, without the close."""
+        return self.__aenter__().__await__()
+
+    async def start(self) -> None:
+        """Connect (retrying like any reconnect) and return once the first connection is up.
+
+        Raises :class:`~fastws.errors.AuthError` if the token is rejected and
+        :class:`~fastws.errors.ConnectionClosed` if the server refuses for good.
+        """
+        if self._task is None:
+            loop = asyncio.get_running_loop()
+            self._first = loop.create_future()
+            self._task = loop.create_task(self._run())
+        assert self._first is not None
+        try:
+            await asyncio.shield(self._first)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the connection for good; ``async for`` ends, pending calls raise."""
+        if self._user_closed:
+            return
+        self._user_closed = True
+        if self._final is None:
+            self._final = ConnectionClosed(1000, "closed by the client")
+        conn = self._conn
+        if conn is not None and conn.transport is not None and conn.connected:
+            conn.transport.send_close(WSCloseCode.OK)
+            conn.transport.disconnect()
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if conn is not None:
+            conn.fail_pending(self._final)
+        self._finish(self._final)
+        for t in list(self._bg):
+            t.cancel()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is currently open."""
+        return self._conn is not None and self._conn.connected
+
+    @property
+    def closed(self) -> bool:
+        """Whether the client has stopped for good (see :attr:`close_error`)."""
+        return self._final is not None
+
+    @property
+    def close_error(self) -> ConnectionClosed | None:
+        """Why the client stopped for good, or None while it runs."""
+        return self._final
+
+    def _set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:
+                log.exception("fastws client: on_state callback failed")
+
+    # ------------------------------------------------------------- connect loop
+
+    async def _token(self) -> str | None:
+        tok = self.token
+        if tok is None or isinstance(tok, str):
+            return tok
+        value = tok()
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    async def _open(self) -> _Conn:
+        """One connection attempt: returns an open connection or raises."""
+        token = await self._token()
+        headers = dict(self.headers)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn = _Conn(self)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await ws_connect(
+                    lambda: _Listener(conn), self.url,
+                    websocket_handshake_timeout=self.connect_timeout,
+                    enable_auto_pong=False, enable_auto_ping=False,
+                    max_frame_size=self.max_frame_size,
+                    extra_headers=headers or None,
+                    logger_name="fastws.client",
+                )
+        except WSHandshakeError as exc:
+            status = int(exc.response.status) if exc.response is not None else 0
+            if status in (401, 403):
+                body = (exc.raw_body or b"").decode("utf-8", "replace").strip()
+                raise _Terminal(AuthError(status, body or "token rejected")) from exc
+            if status in (429, 503) and exc.response is not None:
+                try:
+                    retry = float(exc.response.headers.get("Retry-After", ""))
+                except ValueError:
+                    retry = 0.0
+                if retry > 0:
+                    raise _RetryAfter(min(retry, 300.0)) from exc
+            raise
+        if not conn.connected:
+            raise ConnectionError("connection lost during the handshake")
+        return conn
+
+    async def _run(self) -> None:
+        failures = 0
+        min_wait = 0.0
+        first = True
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not first:
+                    delay = max(min_wait, backoff_delay(
+                        failures, base=self.backoff_base, cap=self.backoff_cap, rand=self.rand))
+                    failures += 1
+                    min_wait = 0.0
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                first = False
+                self._set_state("connecting")
+                try:
+                    conn = await self._open()
+                except _RetryAfter as exc:
+                    log.info("fastws client: %s asks to retry after %s s", self.url, exc.seconds)
+                    min_wait = exc.seconds
+                    continue
+                except ConnectionClosed as exc:  # e.g. raised by a token callable
+                    raise _Terminal(exc) from exc
+                except Exception as exc:
+                    log.info("fastws client: connecting to %s failed: %r", self.url, exc)
+                    continue
+                failures = 0
+                self._conn = conn
+                self._set_state("connected")
+                self._resubscribe(conn)
+                self._connected.set()
+                if self._first is not None and not self._first.done():
+                    self._first.set_result(None)
+                else:
+                    self.reconnects += 1
+                watchdog = loop.create_task(self._watchdog(conn))
+                try:
+                    await asyncio.shield(conn.closed)
+                finally:
+                    watchdog.cancel()
+                    self._connected.clear()
+                    self._conn = None
+                self._set_state("disconnected")
+                code = conn.close_code if conn.close_code is not None else 1006
+                reason = conn.close_reason
+                push = conn.disconnect_push
+                if push is not None:
+                    if conn.close_code is None:
+                        code = int(push.get("code", code))
+                    reason = reason or str(push.get("reason", ""))
+                if code == 4501:
+                    final: ConnectionClosed | None = AuthError(code, reason)
+                elif 4500 <= code <= 4999 or (push is not None and push.get("reconnect") is False):
+                    final = ConnectionClosed(code, reason)
+                else:
+                    final = None
+                conn.fail_pending(final or _ConnectionLost(code, reason))
+                if final is not None:
+                    raise _Terminal(final)
+                if push is not None:
+                    try:
+                        min_wait = float(push.get("after_ms", 0)) / 1000.0
+                    except (TypeError, ValueError):
+                        min_wait = 0.0
+                log.info("fastws client: connection closed (%s %s), reconnecting", code, reason)
+        except _Terminal as term:
+            self._final = term.exc
+            self._finish(term.exc)
+        except asyncio.CancelledError:
+            conn = self._conn
+            if conn is not None:
+                conn.abort()
+            raise
+
+    async def _watchdog(self, conn: _Conn) -> None:
+        """Drop a connection that received nothing for ping_interval + ping_timeout."""
+        limit = self.ping_interval + self.ping_timeout
+        while conn.connected:
+            idle = time.monotonic() - conn.last_rx
+            if idle >= limit:
+                log.info("fastws client: no data for %.1f s, reconnecting", idle)
+                conn.close_code = 1006
+                conn.close_reason = "ping timeout"
+                conn.abort()
+                return
+            await asyncio.sleep(limit - idle + 0.01)
+
+    def _finish(self, exc: ConnectionClosed) -> None:
+        """Stopped for good: wake everybody with ``exc``."""
+        self._set_state("closed")
+        if self._first is not None and not self._first.done():
+            self._first.set_exception(exc)
+            self._first.exception()  # mark retrieved: start() re-raises it
+        conn = self._conn
+        if conn is not None:
+            conn.fail_pending(exc)
+        for sub in self._subs.values():
+            if sub._ready is not None and not sub._ready.done():
+                sub._ready.set_exception(exc)
+                sub._ready.exception()
+        self._connected.set()  # waiters re-check self._final
+        self._wakeup.set()
+
+    # ---------------------------------------------------------------- requests
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def _wait_connected(self) -> _Conn:
+        while True:
+            if self._final is not None:
+                raise self._final
+            conn = self._conn
+            if conn is not None and conn.connected:
+                return conn
+            if self._task is None:
+                raise FastWSError("client not started: use `async with fastws.connect(...)`")
+            await self._connected.wait()
+
+    async def request(self, msg: dict[str, Any], *, timeout: float | None = None,
+                      resend: bool = True) -> dict[str, Any]:
+        """Send one protocol request and return its reply.
+
+        Waits for a connection first. A request whose connection drops before the reply
+        is sent again on the next connection when ``resend`` is true; otherwise it raises
+        :class:`~fastws.errors.ConnectionClosed` with ``final=False``.
+        Raises :class:`~fastws.errors.RequestError` for an ``error`` reply and
+        :class:`~fastws.errors.RequestTimeout` past ``timeout`` (default
+        ``request_timeout``).
+        """
+        timeout = self.request_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    conn = await self._wait_connected()
+                    fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+                    rid = self._new_id()
+
+                    def handler(reply: dict[str, Any] | BaseException,
+                                fut: asyncio.Future[dict[str, Any]] = fut) -> None:
+                        if fut.done():
+                            return
+                        if isinstance(reply, BaseException):
+                            fut.set_exception(reply)
+                        else:
+                            fut.set_result(reply)
+
+                    conn.pending[rid] = handler
+                    try:
+                        conn.send({**msg, "id": rid})
+                        reply = await fut
+                    except _ConnectionLost as lost:
+                        if resend:
+                            continue
+                        raise ConnectionClosed(lost.code, lost.reason, final=False) from None
+                    finally:
+                        conn.pending.pop(rid, None)
+                    if reply.get("type") == "error":
+                        raise RequestError(int(reply.get("code", 0)), str(reply.get("message", "")))
+                    return reply
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply to {msg.get('type')!r} within {timeout} s") from None
+
+    async def publish(self, channel: str, data: Any, **extra: Any) -> dict[str, Any]:
+        """Publish ``data`` on ``channel``; returns the ``published`` reply (offset, epoch).
+
+        Not sent again if the connection drops before the reply: that raises
+        :class:`~fastws.errors.ConnectionClosed` with ``final=False``.
+        """
+        return await self.request({"type": "publish", "channel": channel, "data": data,
+                                   **extra}, resend=False)
+
+    async def history(self, channel: str, limit: int | None = None,
+                      since: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Return the ``history`` reply: ``publications`` (oldest first), ``offset``, ``epoch``."""
+        msg: dict[str, Any] = {"type": "history", "channel": channel}
+        if limit is not None:
+            msg["limit"] = limit
+        if since is not None:
+            msg["since"] = since
+        return await self.request(msg)
+
+    async def presence(self, channel: str) -> dict[str, Any]:
+        """Return the ``presence`` reply; its ``clients`` lists ``{client, user}`` objects."""
+        return await self.request({"type": "presence", "channel": channel})
+
+    async def auth(self, token: str) -> dict[str, Any]:
+        """Authenticate the open connection with an ``auth`` message; returns ``authed``."""
+        return await self.request({"type": "auth", "token": token})
+
+    async def ping(self) -> float:
+        """Send a ``ping`` request; returns the round trip in seconds."""
+        t0 = time.perf_counter()
+        await self.request({"type": "ping"})
+        return time.perf_counter() - t0
+
+    # ----------------------------------------------------------- subscriptions
+
+    @property
+    def subscriptions(self) -> dict[str, Subscription]:
+        """The active subscriptions by channel or pattern (a copy)."""
+        return dict(self._subs)
+
+    async def subscribe(self, channel: str, callback: EventCallback | None = None, *,
+                        since: dict[str, Any] | None = None,
+                        timeout: float | None = None) -> Subscription:
+        """Subscribe to a channel or glob pattern; returns once ``subscribed`` arrived.
+
+        Events go to ``callback`` (a function, or a coroutine function run as a task)
+        when given, else to ``async for event in client``. ``since`` (``{"offset",
+        "epoch"}``) recovers from a known position. The subscription is re-sent, with
+        the position of its last delivered event, on every reconnect.
+        Raises :class:`~fastws.errors.RequestError` (e.g. 403, or 409 when this client
+        already holds ``channel``) and :class:`~fastws.errors.RequestTimeout`.
+        """
+        if self._final is not None:
+            raise self._final
+        if self._task is None:
+            raise FastWSError("client not started: use `async with fastws.connect(...)`")
+        if channel in self._subs:
+            raise RequestError(409, f"already subscribed to {channel!r}")
+        sub = Subscription(self, channel, callback, since)
+        sub._ready = asyncio.get_running_loop().create_future()
+        self._subs[channel] = sub
+        conn = self._conn
+        if conn is not None and conn.connected:
+            self._send_subscribe(conn, sub)
+        timeout = self.request_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(sub._ready), timeout)
+        except TimeoutError:
+            self._drop(sub)
+            self._spawn(self._server_unsubscribe(channel))
+            raise RequestTimeout(f"no 'subscribed' for {channel!r} within {timeout} s") from None
+        return sub
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    def _resubscribe(self, conn: _Conn) -> None:
+        for sub in list(self._subs.values()):
+            self._send_subscribe(conn, sub)
+
+    def _send_subscribe(self, conn: _Conn, sub: Subscription) -> None:
+        rid = self._new_id()
+        msg: dict[str, Any] = {"id": rid, "type": "subscribe", "channel": sub.channel}
+        since = sub.since()
+        if since is not None:
+            msg["since"] = since
+
+        def handler(reply: dict[str, Any] | BaseException) -> None:
+            if isinstance(reply, BaseException):
+                if isinstance(reply, ConnectionClosed) and sub._ready is not None \
+                        and not sub._ready.done():
+                    sub._ready.set_exception(reply)
+                    sub._ready.exception()
+                return  # connection lost: the next connection resubscribes
+            if self._subs.get(sub.channel) is not sub:
+                return  # unsubscribed meanwhile
+            if reply.get("type") == "error":
+                err = RequestError(int(reply.get("code", 0)), str(reply.get("message", "")))
+                if err.code == 409:  # the server already holds it: fine
+                    self._subscribed(sub, {})
+                    return
+                self._drop(sub)
+                sub.error = err
+                if sub._ready is not None and not sub._ready.done():
+                    sub._ready.set_exception(err)
+                    sub._ready.exception()
+                else:
+                    log.warning("fastws client: resubscribing %r failed: %s", sub.channel, err)
+                return
+            self._subscribed(sub, reply)
+
+        conn.pending[rid] = handler
+        try:
+            conn.send(msg)
+        except _ConnectionLost:
+            conn.pending.pop(rid, None)
+
+    def _subscribed(self, sub: Subscription, reply: dict[str, Any]) -> None:
+        if "recovered" in reply:
+            sub.recovered = bool(reply["recovered"])
+        if not sub.recovered and "offset" in reply and "epoch" in reply \
+                and reply["epoch"] != sub.epoch:
+            sub.offset, sub.epoch = reply["offset"], reply["epoch"]
+        if sub._ready is not None and not sub._ready.done():
+            sub._ready.set_result(None)
+
+    def _drop(self, sub: Subscription) -> None:
+        sub.active = False
+        if self._subs.get(sub.channel) is sub:
+            del self._subs[sub.channel]
+
+    async def _server_unsubscribe(self, channel: str) -> None:
+        if self._final is not None or channel in self._subs:
+            return
+        conn = self._conn
+        if conn is None or not conn.connected:
+            return  # the next connection will not resubscribe it
+        try:
+            await self.request({"type": "unsubscribe", "channel": channel}, resend=False)
+        except FastWSError:
+            pass
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        if not sub.active:
+            return
+        self._drop(sub)
+        await self._server_unsubscribe(sub.channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Unsubscribe from ``channel`` (a channel or pattern given to :meth:`subscribe`)."""
+        sub = self._subs.get(channel)
+        if sub is not None:
+            await self._unsubscribe(sub)
+
+    # ----------------------------------------------------------------- inbound
+
+    def _on_message(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        if rid is not None:
+            handler = conn.pending.pop(rid, None)
+            if handler is not None:
+                handler(msg)
+            return
+        kind = msg.get("type")
+        if kind == "event":
+            self._on_event(msg)
+        elif kind == "disconnect":
+            conn.disconnect_push = msg
+
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        channel = msg.get("channel")
+        if not isinstance(channel, str):
+            return
+        offset = msg.get("offset")
+        epoch = msg.get("epoch")
+        if offset is not None:
+            key_epoch = epoch or ""
+            last = self._last.get(channel)
+            if last is not None and last[0] == key_epoch and offset <= last[1]:
+                return  # already delivered (recovery overlap)
+            if last is not None:
+                del self._last[channel]  # keep insertion order ~ recency
+            elif len(self._last) >= _DEDUPE_LIMIT:
+                del self._last[next(iter(self._last))]
+            self._last[channel] = (key_epoch, offset)
+        event = Event(channel, msg.get("data"), offset, epoch)
+        to_queue = False
+        for sub in self._subs.values():
+            if not sub.matches(channel):
+                continue
+            if offset is not None:
+                sub.offset = offset
+                sub.epoch = epoch
+            cb = sub.callback
+            if cb is None:
+                to_queue = True
+                continue
+            try:
+                res = cb(event)
+                if inspect.isawaitable(res):
+                    self._spawn(res)
+            except Exception:
+                log.exception("fastws client: callback for %r failed", sub.channel)
+        if to_queue:
+            self._queue.append(event)
+            self._wakeup.set()
+
+    def __aiter__(self) -> Client:
+        return self
+
+    async def __anext__(self) -> Event:
+        """Next event of the subscriptions without callback.
+
+        Ends when the client is closed by its owner; raises
+        :class:`~fastws.errors.ConnectionClosed` (or :class:`~fastws.errors.AuthError`)
+        once the server has stopped it for good and queued events are drained.
+        """
+        while not self._queue:
+            if self._final is not None:
+                if self._user_closed:
+                    raise StopAsyncIteration
+                raise self._final
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self._queue.popleft()
+
+    async def next_event(self, timeout: float | None = None) -> Event:
+        """The next event (like one step of ``async for``), waiting at most ``timeout``."""
+        if timeout is None:
+            return await self.__anext__()
+        try:
+            return await asyncio.wait_for(self.__anext__(), timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no event within {timeout} s") from None
+
+
+def connect(url: str, token: TokenSource = None, **opts: Any) -> Client:
+    """Create a :class:`Client` for ``url``; use it as ``async with fastws.connect(url) as c``.
+
+    ``token`` is a string or a callable (sync or async) returning one, called before each
+    connection attempt; it is sent as ``Authorization: Bearer``. Entering the block
+    connects, retrying with backoff like any reconnect, and raises
+    :class:`~fastws.errors.AuthError` if the token is rejected. ``opts`` are the
+    keyword options of :class:`Client`.
+    """
+    return Client(url, token, **opts)
