@@ -1,0 +1,872 @@
+"""fastws configuration: one frozen, typed structure and the code that fills it.
+
+Every option is a dataclass field whose ``metadata`` holds its documentation, its
+kind (how a value is parsed and checked), its command-line flag and its environment
+variables. The command line (``fastws.cli``), the ``FASTWS_*`` environment, the TOML
+file, ``docs/configuration.md`` and ``fastws.example.toml`` all come from these fields:
+
+    python -m fastws.config --markdown      > docs/configuration.md
+    python -m fastws.config --example-toml  > fastws.example.toml
+
+Precedence, per key: flag > ``FASTWS_<NAME>`` environment > config file > default.
+Any unknown key or bad value raises :class:`ConfigError`, whose message is one line
+naming the option (``--port``, ``FASTWS_PORT``, ``server.port``, ...).
+
+Typical use::
+
+    config = load_config({"port": "9000"}, os.environ)   # at start-up
+    ns = config.namespace("chat:room1")                   # rules for a channel
+    config = reload(config)                               # on SIGHUP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import sys
+import tomllib
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "BROKER_SCHEMES",
+    "DEFAULT_NAMESPACE",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "OWNER_NAMESPACES",
+    "PERMISSIONS",
+    "READ_PERMISSIONS",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "NamespaceConfig",
+    "ServerConfig",
+    "example_toml",
+    "load_config",
+    "markdown",
+    "reload",
+]
+
+ENV_PREFIX = "FASTWS_"
+DEFAULT_NAMESPACE = "*"
+OWNER_NAMESPACES = ("user", "wallet")
+PERMISSIONS = ("anyone", "authenticated", "owner", "api")
+READ_PERMISSIONS = ("subscriber", *PERMISSIONS)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+BROKER_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
+
+# A namespace name: printable ASCII without space, ':' or glob characters.
+_NAMESPACE_RE = re.compile(r"^[!-~]{1,255}$")
+_NAMESPACE_FORBIDDEN = set(":*?[]\\")
+
+
+class ConfigError(ValueError):
+    """A bad option: ``str(err)`` is one line, ``"<option>: <what is wrong>"``.
+
+    ``option`` is the name the user wrote (``--port``, ``FASTWS_PORT``,
+    ``limits.max_subscriptions``); the CLI prints the message and exits 2.
+    """
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option = option
+        self.problem = " ".join(problem.split())
+        super().__init__(f"{option}: {self.problem}" if option else self.problem)
+
+
+# --------------------------------------------------------------------------- kinds
+# A kind turns a raw value into a checked, typed one. ``text`` is True when the raw
+# value came as a string from the command line or the environment, False when it
+# came typed (TOML, or a Python caller). Problems raise ValueError("must be ...").
+
+
+def _got(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Int:
+    lo: int = 0
+    hi: int | None = None
+    zero_means: str = ""
+
+    @property
+    def expect(self) -> str:
+        if self.hi is not None:
+            return f"an integer {self.lo}-{self.hi}"
+        if self.lo == 1:
+            return "a positive integer"
+        if self.lo == 0:
+            return "a non-negative integer"
+        return f"an integer >= {self.lo}"
+
+    type_name = "integer"
+
+    def parse(self, value: object, text: bool) -> int:
+        raw = value
+        if text and isinstance(value, str):
+            try:
+                value = int(value.strip().replace("_", ""), 10)
+            except ValueError:
+                raise ValueError(f"must be {self.expect}, got {_got(raw)}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
+        if value < self.lo or (self.hi is not None and value > self.hi):
+            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Seconds:
+    positive: bool = True
+
+    type_name = "seconds"
+
+    @property
+    def expect(self) -> str:
+        return "a positive number of seconds" if self.positive else (
+            "a non-negative number of seconds")
+
+    def parse(self, value: object, text: bool) -> float:
+        raw = value
+        if text and isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"must be {self.expect}, got {_got(raw)}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
+        if value < 0 or (self.positive and value == 0):
+            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
+        return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class _Bool:
+    type_name = "boolean"
+
+    def parse(self, value: object, text: bool) -> bool:
+        if text and isinstance(value, str):
+            low = value.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"must be true or false, got {_got(value)}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    choices: tuple[str, ...]
+
+    @property
+    def type_name(self) -> str:
+        return "|".join(self.choices)
+
+    def parse(self, value: object, text: bool) -> str:
+        if isinstance(value, str) and value.strip().lower() in self.choices:
+            return value.strip().lower()
+        raise ValueError(f"must be one of {', '.join(self.choices)}, got {_got(value)}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Str:
+    """A non-empty string without whitespace, checked further by ``check``."""
+
+    what: str = "a non-empty string without spaces"
+    optional: bool = False
+    check: Callable[[str], str] | None = None
+    type_name: str = "string"
+
+    def parse(self, value: object, text: bool) -> str | None:
+        if self.optional and value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"must be {self.what}, got {_got(value)}")
+        value = value.strip()
+        if self.optional and value == "":
+            return None
+        if not value or any(c.isspace() for c in value):
+            raise ValueError(f"must be {self.what}, got {_got(value)}")
+        return self.check(value) if self.check else value
+
+
+@dataclass(frozen=True, slots=True)
+class _List:
+    """A list: TOML array, repeated flag, or comma-separated environment value."""
+
+    item: Any
+
+    @property
+    def type_name(self) -> str:
+        return f"list of {self.item.type_name}"
+
+    def parse(self, value: object, text: bool) -> tuple[Any, ...]:
+        if text and isinstance(value, str):
+            items: Iterable[object] = [p for p in value.split(",") if p.strip()]
+        elif isinstance(value, list | tuple):
+            items = value
+        else:
+            raise ValueError(f"must be a list of {self.item.type_name}s, got {_got(value)}")
+        out = []
+        for item in items:
+            out.append(self.item.parse(item, text))
+        return tuple(out)
+
+
+def _check_broker(url: str) -> str:
+    """Accept ``memory://`` and the Redis URL forms of SPEC section 7."""
+    expect = ("must be memory://, redis://host:port/db, rediss://…, "
+              "redis+cluster://host:port[,…] or redis+sentinel://host:port[,…]/MASTER/db")
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in BROKER_SCHEMES:
+        raise ValueError(f"{expect}, got {url!r}")
+    if scheme == "memory":
+        if rest.strip("/"):
+            raise ValueError(f"memory:// takes no host or path, got {url!r}")
+        return "memory://"
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    if not netloc:
+        raise ValueError(f"{scheme}:// needs a host, got {url!r}")
+    for hostport in netloc.split(","):
+        host, port = hostport, ""
+        if hostport.startswith("["):
+            host, _, tail = hostport[1:].partition("]")
+            port = tail[1:] if tail.startswith(":") else tail
+        elif hostport.count(":") == 1:
+            host, port = hostport.split(":")
+        if not host or (port and not (port.isdigit() and 1 <= int(port) <= 65535)):
+            raise ValueError(f"bad host:port {hostport!r} in {url!r}")
+    path = [p for p in parts.path.split("/") if p]
+    db_ok = lambda s: s.isdigit()  # noqa: E731
+    if scheme == "redis+sentinel":
+        if not 1 <= len(path) <= 2 or (len(path) == 2 and not db_ok(path[1])):
+            raise ValueError(f"redis+sentinel:// needs /MASTER[/db] after the hosts, got {url!r}")
+    elif scheme == "redis+cluster":
+        if path:
+            raise ValueError(f"redis+cluster:// takes no database path, got {url!r}")
+    elif len(path) > 1 or (path and not db_ok(path[0])):
+        raise ValueError(f"the path of {scheme}:// must be a database number, got {url!r}")
+    elif "," in netloc:
+        raise ValueError(f"{scheme}:// takes one host (use redis+cluster:// for more), "
+                         f"got {url!r}")
+    return url
+
+
+def _check_network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"must be a list of IP addresses or networks, got {text!r}") from None
+    return text
+
+
+def _check_origin(text: str) -> str:
+    if text == "*":
+        return text
+    scheme, sep, host = text.partition("://")
+    if not sep or not scheme or not host.rstrip("/") or "/" in host.rstrip("/"):
+        raise ValueError(f"must be origins like https://example.com (or *), got {text!r}")
+    return text.rstrip("/").lower()
+
+
+def _check_host(text: str) -> str:
+    if len(text) > 253:
+        raise ValueError(f"must be a host name or IP address, got {text!r}")
+    return text
+
+
+_HOST = _Str("a host name or IP address", check=_check_host)
+_TOKEN = _Str("a non-empty string without spaces")
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def _opt(default: Any, doc: str, kind: Any, *, flag: str | None = "",
+         env: tuple[str, ...] | None = None, file: bool = True, reload: bool = True,
+         unit: str = "") -> Any:
+    """Declare one option: its default, documentation and how it is read.
+
+    ``flag`` "" derives ``--name-with-dashes`` (for ``[server]``); None means no flag.
+    ``env`` None derives ``FASTWS_<FLAG>`` (and ``FASTWS_<NAME>`` when different).
+    ``file`` False keeps the key out of the TOML file; ``reload`` False keeps the
+    running value on SIGHUP.
+    """
+    meta = {"doc": doc, "kind": kind, "flag": flag, "env": env, "file": file,
+            "reload": reload, "unit": unit}
+    if isinstance(default, tuple | list):
+        frozen = tuple(default)
+        return field(default_factory=lambda: frozen, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: the command-line options, under their own names, plus timers."""
+
+    host: str = _opt("127.0.0.1", "Address to listen on.", _HOST, reload=False)
+    port: int = _opt(8765, "TCP port to listen on (WebSocket, HTTP API, metrics: one port).",
+                     _Int(1, 65535), reload=False)
+    workers: int = _opt(1, "Worker processes sharing the port. More than 1 needs a shared "
+                        "broker (redis://…).", _Int(1, 1024), reload=False)
+    config: str | None = _opt(None, "Path of the TOML config file (only as a flag or "
+                              "environment variable).", _Str("a file path", optional=True),
+                              file=False, reload=False)
+    broker: str = _opt("memory://", "Broker URL: memory:// (one process), redis://host:port/db, "
+                       "rediss://…, redis+cluster://host:port[,host:port…], "
+                       "redis+sentinel://host:port[,…]/MASTER/db.",
+                       _Str("a broker URL", check=_check_broker), reload=False)
+    api_keys: tuple[str, ...] = _opt((), "API keys accepted as `Authorization: Bearer` by "
+                                     "POST /api/publish. Flag repeatable; environment "
+                                     "comma-separated.", _List(_TOKEN), flag="--api-key")
+    jwt_secret: str | None = _opt(None, "HMAC secret (HS256) verifying client JWTs and signing "
+                                  "SIWE tokens.", _Str("a secret without spaces",
+                                                       optional=True))
+    jwt_public_key: str | None = _opt(None, "PEM file of the public key (RS256/ES256) verifying "
+                                      "client JWTs; exclusive with jwt_secret.",
+                                      _Str("a file path", optional=True))
+    allow_origins: tuple[str, ...] = _opt((), "Origins allowed to open WebSockets (browser "
+                                          "`Origin` header); empty = any. Others are closed "
+                                          "with 4503.", _List(_Str("an origin",
+                                                                   check=_check_origin)),
+                                          flag="--allow-origin")
+    demo: bool = _opt(False, "Run the embedded demo chain feeding live events.", _Bool(),
+                      reload=False)
+    echo: bool = _opt(False, "Plain WebSocket echo server (text and binary, up to 16 MiB) for "
+                      "protocol-conformance testing.", _Bool(), reload=False)
+    log_level: str = _opt("info", "Logging level.", _Choice(LOG_LEVELS))
+    log_format: str = _opt("text", "Log line format.", _Choice(LOG_FORMATS))
+    ping_interval: float = _opt(25.0, "Seconds between server WebSocket pings.", _Seconds(),
+                                unit="s")
+    pong_timeout: float = _opt(10.0, "A connection silent for ping_interval + pong_timeout "
+                               "seconds is closed.", _Seconds(), unit="s")
+    drain_timeout: float = _opt(30.0, "Seconds from SIGTERM to exit; disconnects are spread "
+                                "over this window (code 4001).", _Seconds(positive=False),
+                                unit="s")
+    trusted_proxies: tuple[str, ...] = _opt(("127.0.0.1/8", "::1"),
+                                            "Peers (IP or network) whose last X-Forwarded-For "
+                                            "hop is taken as the client IP.",
+                                            _List(_Str("an IP network", check=_check_network)),
+                                            flag="--trusted-proxy")
+    read_buffer_size: int = _opt(2048, "Initial read buffer per connection (picows), bytes.",
+                                 _Int(64, 16 * 1024 * 1024), reload=False, unit="bytes")
+    siwe_domains: tuple[str, ...] = _opt((), "Domains accepted in Sign-In with Ethereum "
+                                         "messages besides the request's Host; empty = the "
+                                         "server's host only.", _List(_TOKEN),
+                                         flag="--siwe-domain")
+    siwe_chain_ids: tuple[int, ...] = _opt((), "Chain ids accepted in SIWE messages; "
+                                           "empty = any.", _List(_Int(1)),
+                                           flag="--siwe-chain-id")
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``trusted_proxies`` parsed (host bits ignored), for client-IP checks."""
+        return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
+
+
+def _limit(default: int, doc: str, kind: Any, unit: str = "") -> Any:
+    return _opt(default, doc, kind, flag=None, env=(), unit=unit)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``[limits]``: per message, connection, client IP and process. Limits hold per node."""
+
+    max_message_size: int = _limit(65536, "Largest message accepted, bytes; above it the "
+                                   "connection is closed with 1009.", _Int(1), "bytes")
+    max_channel_length: int = _limit(255, "Longest channel name or pattern, bytes.",
+                                     _Int(1, 65535), "bytes")
+    max_subscriptions: int = _limit(256, "Subscriptions per connection.", _Int(1))
+    messages_per_connection: int = _limit(200, "Messages per connection per messages_window; "
+                                          "then error 429, and 4029 if it persists.", _Int(1))
+    messages_window: float = _limit(10.0, "Window of messages_per_connection, seconds.",
+                                    _Seconds(), "s")
+    connections_per_ip: int = _limit(50, "New connections per client IP per "
+                                     "connections_per_ip_window; then HTTP 429 or close 4029.",
+                                     _Int(1))
+    connections_per_ip_window: float = _limit(10.0, "Window of connections_per_ip, seconds.",
+                                              _Seconds(), "s")
+    subscribes_per_connection: int = _limit(0, "Subscribe requests per connection per "
+                                            "subscribes_window; 0 = no limit.", _Int(0))
+    subscribes_window: float = _limit(3600.0, "Window of subscribes_per_connection, "
+                                      "seconds.", _Seconds(), "s")
+    requests_per_ip_per_s: int = _limit(0, "HTTP requests (not upgrades) per client IP per "
+                                        "second; 0 = no limit.", _Int(0))
+    max_connections: int = _limit(0, "Open connections per process; 0 = as many as file "
+                                  "descriptors allow. Above it: close 4504.", _Int(0))
+    send_buffer: int = _limit(1048576, "Bytes queued in the server for one connection; past "
+                              "it the connection is closed with 4008 (slow consumer).",
+                              _Int(1), "bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceConfig:
+    """``[namespaces."*"]`` and ``[namespaces.NAME]``: rules for the channels ``NAME:…``."""
+
+    history_size: int = _limit(100, "Publications kept per channel (0 = no history).", _Int(0))
+    history_ttl: float = _limit(300.0, "Seconds a channel's history is kept after its last "
+                                "publication.", _Seconds(), "s")
+    presence: bool = _limit(False, "Join/leave pushes and presence requests.", _Bool())
+    subscribe: str = _limit("anyone", "Who may subscribe: anyone | authenticated | owner "
+                            "(token `sub` equals the rest of the name) | api (nobody).",
+                            _Choice(PERMISSIONS))
+    publish: str = _limit("api", "Who may publish from a WebSocket: anyone | authenticated | "
+                          "owner | api (only the HTTP API, the CLI, the indexer and Redis).",
+                          _Choice(PERMISSIONS))
+    history_access: str = _limit("subscriber", "Who may request history: subscriber (whoever "
+                                 "may subscribe) | anyone | authenticated | owner | api.",
+                                 _Choice(READ_PERMISSIONS))
+    presence_access: str = _limit("subscriber", "Who may request presence: subscriber | "
+                                  "anyone | authenticated | owner | api.",
+                                  _Choice(READ_PERMISSIONS))
+
+
+def _builtin_namespaces(star: NamespaceConfig) -> dict[str, NamespaceConfig]:
+    """The namespaces that exist without a table: ``*``, and owner ``user``/``wallet``."""
+    out = {DEFAULT_NAMESPACE: star}
+    for name in OWNER_NAMESPACES:
+        out[name] = dataclasses.replace(star, subscribe="owner")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a Config came from, so that :func:`reload` can read it again."""
+
+    flags: Mapping[str, object] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration: ``server``, ``limits`` and resolved ``namespaces``.
+
+    ``namespaces`` maps each namespace name to its fully resolved rules (each table
+    applied key by key over ``"*"``); it always holds ``"*"``, ``"user"`` and
+    ``"wallet"``. Use :meth:`namespace` or :meth:`for_channel` to look rules up.
+    """
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    namespaces: Mapping[str, NamespaceConfig] = field(
+        default_factory=lambda: _builtin_namespaces(NamespaceConfig()))
+    origin: _Origin = field(default_factory=_Origin, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        spaces = dict(self.namespaces)
+        star = spaces.setdefault(DEFAULT_NAMESPACE, NamespaceConfig())
+        for name, rules in _builtin_namespaces(star).items():
+            spaces.setdefault(name, rules)
+        object.__setattr__(self, "namespaces", types.MappingProxyType(spaces))
+
+    def namespace(self, name: str) -> NamespaceConfig:
+        """Rules for a namespace name (``"chat"``) or a channel/pattern (``"chat:room"``).
+
+        A name holding ``:`` is cut at its first ``:``; a namespace without a table
+        (and ``""``) gets the ``"*"`` rules.
+        """
+        ns = name.partition(":")[0]
+        return self.namespaces.get(ns) or self.namespaces[DEFAULT_NAMESPACE]
+
+    def for_channel(self, channel: str) -> NamespaceConfig:
+        """Rules for a channel or pattern; a name without ``:`` gets the ``"*"`` rules."""
+        ns, sep, _ = channel.partition(":")
+        if not sep:
+            return self.namespaces[DEFAULT_NAMESPACE]
+        return self.namespaces.get(ns) or self.namespaces[DEFAULT_NAMESPACE]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _flag_name(f: dataclasses.Field) -> str | None:
+    flag = f.metadata["flag"]
+    if flag == "":
+        return "--" + f.name.replace("_", "-")
+    return flag
+
+
+def _env_names(f: dataclasses.Field) -> tuple[str, ...]:
+    env = f.metadata["env"]
+    if env is not None:
+        return env
+    names = []
+    flag = _flag_name(f)
+    if flag:
+        names.append(ENV_PREFIX + flag[2:].replace("-", "_").upper())
+    names.append(ENV_PREFIX + f.name.upper())
+    return tuple(dict.fromkeys(names))
+
+
+_SERVER_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+_LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(LimitsConfig)}
+_NS_FIELDS = {f.name: f for f in dataclasses.fields(NamespaceConfig)}
+
+
+def _parse(f: dataclasses.Field, value: object, text: bool, label: str) -> Any:
+    try:
+        return f.metadata["kind"].parse(value, text)
+    except ValueError as exc:
+        raise ConfigError(label, str(exc)) from None
+
+
+def _table(value: object, label: str) -> Mapping[str, object]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(label, f"must be a table, got {_got(value)}")
+    return value
+
+
+def _read_file(path: str, label: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(label, f"cannot read {path!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"invalid TOML: {exc}") from None
+
+
+def _section(data: Mapping[str, object], name: str,
+             fields_: Mapping[str, dataclasses.Field], prefix: str) -> dict[str, Any]:
+    """Check one TOML table against ``fields_``; returns {name: parsed value}."""
+    out = {}
+    for key, value in _table(data, prefix.rstrip(".") or name).items():
+        f = fields_.get(key)
+        label = f"{prefix}{key}"
+        if f is None or not f.metadata["file"]:
+            raise ConfigError(label, "unknown key")
+        out[key] = (_parse(f, value, False, label), label)
+    return out
+
+
+def _check_namespace_name(name: str) -> None:
+    if name == DEFAULT_NAMESPACE:
+        return
+    if not _NAMESPACE_RE.match(name) or _NAMESPACE_FORBIDDEN & set(name):
+        raise ConfigError(f'namespaces."{name}"', "a namespace name is 1-255 printable ASCII "
+                          "characters without space, ':', '*', '?', '[', ']' or '\\'")
+
+
+@dataclass(slots=True)
+class _Resolved:
+    """Values collected from every source, before the cross-field checks."""
+
+    server: dict[str, tuple[Any, str]]
+    limits: dict[str, tuple[Any, str]]
+    namespaces: dict[str, dict[str, tuple[Any, str]]]
+
+
+def _collect(flags: Mapping[str, object], env: Mapping[str, str]) -> _Resolved:
+    for key in flags:
+        if key not in _SERVER_FIELDS:
+            raise ConfigError(f"--{key.replace('_', '-')}", "unknown option")
+
+    def from_flags_env(name: str) -> tuple[Any, str] | None:
+        f = _SERVER_FIELDS[name]
+        value = flags.get(name)
+        if value is not None and value != [] and value != ():
+            label = _flag_name(f) or name
+            return _parse(f, value, isinstance(value, str) or (
+                isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)),
+                label), label
+        for var in _env_names(f):
+            text = env.get(var)
+            if text is not None and text.strip() != "":
+                return _parse(f, text, True, var), var
+        return None
+
+    # The config file path itself: flag > environment.
+    found = from_flags_env("config")
+    path, path_label = found if found else (None, "")
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_file(path, path_label)
+
+    for section in data:
+        if section not in ("server", "limits", "namespaces"):
+            raise ConfigError(f"[{section}]", "unknown section (expected [server], [limits], "
+                              "[namespaces.NAME])")
+
+    server = _section(data.get("server", {}), "server", _SERVER_FIELDS, "server.")
+    if path is not None and "jwt_public_key" in server:
+        # A relative key path in the file is relative to the file.
+        key_path, label = server["jwt_public_key"]
+        if key_path is not None:
+            server["jwt_public_key"] = (str(Path(path).parent / key_path), label)
+    for name in _SERVER_FIELDS:
+        found = from_flags_env(name)
+        if found is not None:
+            server[name] = found
+    if path is not None:
+        server["config"] = (path, path_label)
+
+    limits = _section(data.get("limits", {}), "limits", _LIMIT_FIELDS, "limits.")
+
+    spaces: dict[str, dict[str, tuple[Any, str]]] = {}
+    for name, table in _table(data.get("namespaces", {}), "namespaces").items():
+        _check_namespace_name(name)
+        shown = f'"{name}"' if name == DEFAULT_NAMESPACE else name
+        spaces[name] = _section(table, f"namespaces.{shown}", _NS_FIELDS,
+                                f"namespaces.{shown}.")
+    return _Resolved(server, limits, spaces)
+
+
+def _finish(res: _Resolved, origin: _Origin) -> Config:
+    """Cross-field checks, namespace resolution and the frozen result."""
+    srv = {k: v for k, (v, _) in res.server.items()}
+    label = {k: lbl for k, (_, lbl) in res.server.items()}
+    server = ServerConfig(**srv)
+
+    if server.workers > 1 and server.broker == "memory://":
+        raise ConfigError(label.get("workers", "workers"),
+                          f"{server.workers} workers need a shared broker "
+                          "(--broker redis://host:port); memory:// serves one process")
+    if server.jwt_secret is not None and server.jwt_public_key is not None:
+        raise ConfigError(label.get("jwt_public_key", "jwt_public_key"),
+                          "give either a JWT secret or a public key, not both")
+    if server.jwt_public_key is not None:
+        key_path = server.jwt_public_key
+        try:
+            with open(key_path, "rb") as fh:
+                head = fh.read(4096)
+        except OSError as exc:
+            raise ConfigError(label["jwt_public_key"],
+                              f"cannot read {key_path!r}: {exc.strerror or exc}") from None
+        if b"-----BEGIN" not in head:
+            raise ConfigError(label["jwt_public_key"], f"{key_path!r} is not a PEM file")
+
+    limits = LimitsConfig(**{k: v for k, (v, _) in res.limits.items()})
+
+    star_values = {k: v for k, (v, _) in res.namespaces.get(DEFAULT_NAMESPACE, {}).items()}
+    star = NamespaceConfig(**star_values)
+    spaces = _builtin_namespaces(star)
+    for name, values in res.namespaces.items():
+        if name == DEFAULT_NAMESPACE:
+            continue
+        base = spaces.get(name, star)
+        spaces[name] = dataclasses.replace(base, **{k: v for k, (v, _) in values.items()})
+    return Config(server=server, limits=limits, namespaces=spaces, origin=origin)
+
+
+def load_config(flags: Mapping[str, object] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Build the Config from command-line flags, the environment and the config file.
+
+    ``flags`` maps :class:`ServerConfig` field names to values; ``None`` (or an empty
+    list) means "not given". Strings are parsed as on the command line (``"8765"``),
+    other values must already have the field's type. ``env`` defaults to
+    ``os.environ``; only ``FASTWS_*`` names are read. The file is ``flags["config"]``,
+    else ``FASTWS_CONFIG``, else none. Raises :class:`ConfigError` on any bad value.
+    """
+    flags = dict(flags or {})
+    env = dict(os.environ if env is None else env)
+    env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    origin = _Origin(types.MappingProxyType(flags), types.MappingProxyType(env))
+    return _finish(_collect(flags, env), origin)
+
+
+def reload(config: Config) -> Config:
+    """Re-read the config file (SIGHUP) with the original flags and environment.
+
+    Options marked restart-only (host, port, workers, broker, and the others listed
+    in docs/configuration.md) keep their running values. Raises :class:`ConfigError`
+    if the file is now bad; the caller should then keep ``config``.
+    """
+    res = _collect(config.origin.flags, config.origin.env)
+    for f in dataclasses.fields(ServerConfig):
+        if not f.metadata["reload"]:
+            res.server[f.name] = (getattr(config.server, f.name), f.name)
+    return _finish(res, config.origin)
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _default(f: dataclasses.Field) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _cell(text: str) -> str:
+    """Escape a Markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def _md_default(f: dataclasses.Field) -> str:
+    value = _default(f)
+    if value is None:
+        return "unset"
+    unit = f.metadata["unit"]
+    return f"`{_toml_value(value)}`" + (f" {unit}" if unit else "")
+
+
+_PERMISSION_TEXT = """\
+Permissions (`subscribe`, `publish`):
+
+- `anyone`: every connection, with or without a token.
+- `authenticated`: connections that presented a valid token (JWT or SIWE).
+- `owner`: only the connection whose token `sub` equals the rest of the channel name
+  (`user:alice` for `sub` `alice`); the way `user:` and `wallet:` channels are private.
+- `api`: no WebSocket client; only `POST /api/publish`, `fastws publish`, the indexer
+  and raw Redis `PUBLISH`.
+
+`history_access` and `presence_access` take the same values plus `subscriber`
+(whoever may subscribe to the channel, the default).
+"""
+
+
+def markdown() -> str:
+    """The text of docs/configuration.md, generated from the dataclass fields."""
+    out = [
+        "# Configuration",
+        "",
+        "<!-- Generated by `python -m fastws.config --markdown` from fastws/config.py;",
+        "     edit the fields there, not this file. -->",
+        "",
+        "fastws reads its options from four places; for each key the first that sets it",
+        "wins: **command-line flag > `FASTWS_<NAME>` environment variable > config file >",
+        "default**. The config file is TOML, given with `--config FILE` or",
+        "`FASTWS_CONFIG=FILE`; every key in it is optional. List options take a repeated",
+        "flag (`--api-key A --api-key B`), a comma-separated environment value",
+        "(`FASTWS_API_KEY=A,B`) or a TOML array. Booleans in the environment are",
+        "`1/true/yes/on` or `0/false/no/off`.",
+        "",
+        "An unknown key or a bad value stops the server at start-up with exit status 2 and",
+        "one line naming the option, e.g. `fastws: limits.max_subscriptions: must be a",
+        "positive integer, got -3`.",
+        "",
+        "`SIGHUP` re-reads the config file (flags and environment still take precedence)",
+        "and applies it to existing and new connections without closing any. Options",
+        "marked *restart only* keep their running value until a restart. A bad file on",
+        "`SIGHUP` is logged and the running configuration is kept.",
+        "",
+        "Ready-made files: `fastws.example.toml` (every key with its default) and",
+        "`deploy/fastws.strict.toml` (the stricter limits of the first production users).",
+        "",
+        "## `[server]`",
+        "",
+        "| key | flag | environment | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for f in dataclasses.fields(ServerConfig):
+        key = f"`{f.name}`" if f.metadata["file"] else f"{f.name} (not in the file)"
+        flag = _flag_name(f)
+        flag_text = f"`{flag}`" if flag else ""
+        kind = f.metadata["kind"]
+        if isinstance(kind, _List):
+            flag_text += " (repeatable)"
+        envs = ", ".join(f"`{e}`" for e in _env_names(f))
+        doc = f.metadata["doc"]
+        if not f.metadata["reload"]:
+            doc += " *Restart only.*"
+        out.append(f"| {key} | {flag_text} | {envs} | {_md_default(f)} | {_cell(doc)} |")
+
+    out += ["", "## `[limits]`", "",
+            "File only. Limits hold per node.", "",
+            "| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(LimitsConfig):
+        out.append(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |")
+
+    out += ["", '## `[namespaces."*"]` and `[namespaces.NAME]`', "",
+            "File only. A channel `NAME:rest` belongs to namespace `NAME`; channels without",
+            'a `:` follow `[namespaces."*"]`. A `[namespaces.NAME]` table overrides the',
+            '`"*"` table key by key. The namespaces `user` and `wallet` exist without a',
+            'table and have `subscribe = "owner"` (other keys from `"*"`) unless their',
+            "table says otherwise; `wallet:` names are lower-cased. A namespace name is",
+            "printable ASCII without space, `:` or glob characters.", "",
+            "| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(NamespaceConfig):
+        out.append(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |")
+    out += ["", _PERMISSION_TEXT.rstrip(), ""]
+    out += ["## Example", "", "```toml", example_toml().rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def _wrap(text: str, width: int = 88) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    if line:
+        lines.append(line)
+    return lines
+
+
+def example_toml() -> str:
+    """The text of fastws.example.toml: every file key, commented, at its default."""
+    out = ["# fastws configuration (generated by `python -m fastws.config --example-toml`).",
+           "# Every key is optional; the values shown are the defaults. Uncomment to change.",
+           "# Precedence: command-line flag > FASTWS_<NAME> environment > this file > default.",
+           ""]
+
+    def table(header: str, flds: Iterable[dataclasses.Field]) -> None:
+        out.append(header)
+        for f in flds:
+            if not f.metadata["file"]:
+                continue
+            for line in _wrap(f.metadata["doc"]):
+                out.append(f"# {line}")
+            value = _default(f)
+            shown = '""  # unset' if value is None else _toml_value(value)
+            out.append(f"# {f.name} = {shown}")
+        out.append("")
+
+    table("[server]", dataclasses.fields(ServerConfig))
+    table("[limits]", dataclasses.fields(LimitsConfig))
+    table('[namespaces."*"]  # every namespace, and channels without one',
+          dataclasses.fields(NamespaceConfig))
+    out += ["# One namespace: overrides the \"*\" table key by key.",
+            "# [namespaces.chat]",
+            "# presence = true",
+            '# publish = "authenticated"', ""]
+    return "\n".join(out)
+
+
+def _main(argv: list[str]) -> int:
+    if argv == ["--markdown"]:
+        sys.stdout.write(markdown())
+        return 0
+    if argv == ["--example-toml"]:
+        sys.stdout.write(example_toml())
+        return 0
+    sys.stderr.write("usage: python -m fastws.config --markdown | --example-toml\n")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
