@@ -1,0 +1,119 @@
+"""The echo server (`python -m fastws.echo`, later `fastws serve --echo`) against Autobahn.
+
+The conformance run uses kosoku (Autobahn's own case files, driven from Rust) with the
+cases of `kosoku -x '12.*' -x '13.*' -x 7.1.2`: no compression is negotiated, and 7.1.2
+fails inside picows' parser, before our code sees a frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, free_port, wait_port
+from kosoku import FailureError, run_fuzzingclient
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+EXCLUDED = ["12.*", "13.*", "7.1.2"]
+PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
+PASSING_CLOSE = {"OK", "INFORMATIONAL"}
+
+
+@pytest.fixture(scope="module")
+def echo_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """One `python -m fastws.echo` subprocess for the whole module; yields its port."""
+    port = free_port()
+    log: Path = tmp_path_factory.mktemp("echo") / "echo.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastws.echo", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+    try:
+        wait_port(port, proc)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            assert proc.wait(10) == 0, log.read_text()[-2000:]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+
+
+class Recorder(WSListener):
+    """Client side: every frame received, as (msg_type, payload, close code or None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: asyncio.Queue[tuple[int, bytes, int | None]] = asyncio.Queue()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        code = int(frame.get_close_code()) if frame.msg_type == WSMsgType.CLOSE else None
+        self.frames.put_nowait((frame.msg_type, frame.get_payload_as_bytes(), code))
+
+    async def next(self) -> tuple[int, bytes, int | None]:
+        return await asyncio.wait_for(self.frames.get(), 10)
+
+
+async def connect(port: int) -> tuple[WSTransport, Recorder]:
+    return await ws_connect(Recorder, f"ws://127.0.0.1:{port}/", max_frame_size=32 << 20)
+
+
+async def test_text_and_binary_are_echoed(echo_port: int) -> None:
+    transport, client = await connect(echo_port)
+    transport.send(WSMsgType.TEXT, "héllo ☺".encode())
+    assert await client.next() == (WSMsgType.TEXT, "héllo ☺".encode(), None)
+    transport.send(WSMsgType.BINARY, b"\x00\xff\x80")
+    assert await client.next() == (WSMsgType.BINARY, b"\x00\xff\x80", None)
+    big = bytes(range(256)) * 4096 * 4                 # 4 MiB
+    transport.send(WSMsgType.BINARY, big)
+    assert await client.next() == (WSMsgType.BINARY, big, None)
+    transport.send_ping(b"pp")
+    assert await client.next() == (WSMsgType.PONG, b"pp", None)
+    transport.send_close(1000)
+    assert (await client.next())[::2] == (WSMsgType.CLOSE, 1000)
+    await asyncio.wait_for(transport.wait_disconnected(), 10)
+
+
+async def test_fragmented_message_is_echoed_whole(echo_port: int) -> None:
+    transport, client = await connect(echo_port)
+    euro = "€".encode()
+    transport.send(WSMsgType.TEXT, b"ab" + euro[:1], fin=False)
+    transport.send_ping(b"between")
+    transport.send(WSMsgType.CONTINUATION, euro[1:], fin=False)
+    transport.send(WSMsgType.CONTINUATION, b"cd", fin=True)
+    assert await client.next() == (WSMsgType.PONG, b"between", None)
+    assert await client.next() == (WSMsgType.TEXT, b"ab" + euro + b"cd", None)
+    transport.disconnect()
+
+
+async def test_invalid_utf8_closes_1007(echo_port: int) -> None:
+    transport, client = await connect(echo_port)
+    transport.send(WSMsgType.TEXT, b"ok", fin=False)
+    transport.send(WSMsgType.CONTINUATION, b"\xed\xa0\x80", fin=False)   # a surrogate
+    kind, _, code = await client.next()
+    assert (kind, code) == (WSMsgType.CLOSE, 1007)
+    await asyncio.wait_for(transport.wait_disconnected(), 10)
+
+
+async def test_autobahn_cases_pass(echo_port: int) -> None:
+    start = time.monotonic()
+    try:
+        results = await run_fuzzingclient(f"ws://127.0.0.1:{echo_port}",
+                                          exclude_cases=EXCLUDED)
+    except FailureError as exc:
+        failed = [(r.case_id, r.behavior.value, r.behavior_close.value) for r in exc.results]
+        pytest.fail(f"Autobahn cases failed: {failed}")
+    elapsed = time.monotonic() - start
+    assert len(results) >= 300, len(results)          # the selection did not shrink
+    bad = [(r.case_id, r.behavior.value, r.behavior_close.value) for r in results
+           if r.behavior.value not in PASSING or r.behavior_close.value not in PASSING_CLOSE]
+    assert not bad, bad
+    print(f"kosoku: {len(results)} cases passed in {elapsed:.1f}s")
