@@ -1,0 +1,890 @@
+"""Fan-out benchmark: N subscribers on one channel, one publisher, exact accounting.
+
+``python -m loadtest.fanout`` (what ``fastws bench`` runs) starts a fastws server as a
+subprocess (or uses ``--url``), connects ``--subscribers`` WebSocket connections spread
+over ``--procs`` client processes, subscribes each to ``bench:fanout``, then one
+publisher connection keeps ``--inflight`` publications in flight for ``--warmup`` +
+``--duration`` seconds.  Every publication carries ``{"t": time_ns, "seq": n}``; every
+subscriber checks that it sees seq 1, 2, 3, ... exactly once, in order, and records the
+publish-to-receive latency into a fixed-bucket log histogram (no per-message lists).
+
+Reported: deliveries/s over the measuring window (after the warm-up), p50/p99/max
+latency, lost / duplicated / out-of-order deliveries, server RSS per idle connection
+(``/proc/PID/status`` VmRSS before connecting and after connecting + subscribing) and
+server / client CPU use during the window (to see which side was the bottleneck).
+
+Only picows, uvloop and orjson are used: the harness never imports fastws, so it can
+measure any server speaking the fastws protocol (section 4 of docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as _dt
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+CHANNEL = "bench:fanout"
+SERVER_CONFIG = """\
+# written by loadtest.fanout: lets benchmark clients publish on bench:*
+[server]
+drain_timeout = 2
+
+[limits]
+messages_per_connection = 1000000000
+messages_window = 1
+max_connections = 0
+
+[namespaces.bench]
+publish = "anyone"
+history_size = 0
+"""
+FD_HEADROOM = 64  # descriptors each client process keeps for itself
+MAX_PER_PROC_DEFAULT = 19000  # ulimit -n is 20000 here and cannot be raised
+PORTS_PER_SOURCE_IP = 25000  # ephemeral ports per (source IP, server port), with margin
+
+# ---------------------------------------------------------------------------------------
+# Latency histogram: microseconds, exact below 32 µs, then 16 sub-buckets per power of two
+# (≤ 6.25 % relative bucket width).  Index 511 covers everything above ~9 hours.
+# ---------------------------------------------------------------------------------------
+HIST_BUCKETS = 512
+
+
+def hist_index(us: int) -> int:
+    """Bucket index of a latency in microseconds (same arithmetic as the hot path)."""
+    if us < 32:
+        return us if us > 0 else 0
+    s = us.bit_length() - 5
+    idx = (s << 4) + (us >> s)
+    return idx if idx < HIST_BUCKETS else HIST_BUCKETS - 1
+
+
+def hist_bounds(idx: int) -> tuple[int, int]:
+    """Inclusive [low, high] microsecond range of bucket idx."""
+    if idx < 32:
+        return idx, idx
+    s = (idx >> 4) - 1
+    low = ((idx & 15) + 16) << s
+    return low, low + (1 << s) - 1
+
+
+def hist_percentile(hist: list[int], q: float, max_us: int) -> float | None:
+    """Upper bound (µs) of the bucket holding quantile q (0..1), capped at the exact max."""
+    total = sum(hist)
+    if total == 0:
+        return None
+    rank = max(1, int(q * total + 0.999999))
+    acc = 0
+    for idx, n in enumerate(hist):
+        acc += n
+        if acc >= rank:
+            return float(min(hist_bounds(idx)[1], max_us))
+    return float(max_us)
+
+
+# ---------------------------------------------------------------------------------------
+# Client side (runs in the worker processes)
+# ---------------------------------------------------------------------------------------
+class Stats:
+    """Counters shared by all subscribers of one worker process (plain Python ints)."""
+
+    __slots__ = (
+        "win_start", "win_end", "received", "in_window", "duplicates", "gaps", "max_us",
+        "hist", "disconnected", "closing", "close_codes", "bad_frames", "first_error",
+    )
+
+    def __init__(self) -> None:
+        self.win_start = 1 << 62  # time_ns bounds of the measuring window
+        self.win_end = 1 << 62
+        self.received = 0       # every event push received
+        self.in_window = 0      # event pushes received inside the window
+        self.duplicates = 0     # seq <= last seq seen by that subscriber
+        self.gaps = 0           # seq > last + 1 (something skipped, maybe reordered)
+        self.max_us = 0         # exact max latency inside the window
+        self.hist = [0] * HIST_BUCKETS
+        self.disconnected = 0   # connections lost before the harness closed them
+        self.closing = False
+        self.close_codes: dict[int, int] = {}
+        self.bad_frames = 0
+        self.first_error = ""
+
+
+class Subscriber(WSListener):
+    """One subscriber connection: subscribes, then accounts every event push."""
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self.stats = stats
+        self.last = 0
+        self.transport: WSTransport | None = None
+        self.subscribed: asyncio.Future[bytes] | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        """Remember the transport; subscribing is driven by the worker."""
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """Hot path: find "t": and "seq": without a JSON decode, update counters."""
+        if frame.msg_type is not WSMsgType.TEXT:
+            self._control_frame(transport, frame)
+            return
+        buf = frame.get_payload_as_bytes()
+        i = buf.find(b'"t":')
+        if i < 0:
+            self._reply(buf)
+            return
+        st = self.stats
+        now = time.time_ns()
+        try:
+            t = int(buf[i + 4:buf.find(b",", i)])
+            k = buf.find(b'"seq":', i)
+            seq = int(buf[k + 6:buf.find(b",", k)])
+        except ValueError:  # another key order or layout: decode for real
+            try:
+                data = orjson.loads(buf)["data"]
+                t = int(data["t"])
+                seq = int(data["seq"])
+            except Exception:  # noqa: BLE001 - count, never crash the hot path
+                st.bad_frames += 1
+                return
+        st.received += 1
+        last = self.last
+        if seq == last + 1:
+            self.last = seq
+        elif seq <= last:
+            st.duplicates += 1
+        else:
+            st.gaps += 1
+            self.last = seq
+        if st.win_start <= now < st.win_end:
+            st.in_window += 1
+            us = (now - t) // 1000
+            if us < 32:
+                idx = us if us > 0 else 0
+            else:
+                s = us.bit_length() - 5
+                idx = (s << 4) + (us >> s)
+                if idx >= HIST_BUCKETS:
+                    idx = HIST_BUCKETS - 1
+                if us > st.max_us:
+                    st.max_us = us
+            st.hist[idx] += 1
+
+    def _reply(self, buf: bytes) -> None:
+        fut = self.subscribed
+        if fut is not None and not fut.done():
+            fut.set_result(buf)
+            return
+        if b'"error"' in buf and not self.stats.first_error:
+            self.stats.first_error = buf.decode(errors="replace")[:300]
+
+    def _control_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:
+            code = int(frame.get_close_code())
+            codes = self.stats.close_codes
+            codes[code] = codes.get(code, 0) + 1
+            with contextlib.suppress(Exception):
+                transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+        elif frame.msg_type is WSMsgType.BINARY:
+            self.stats.bad_frames += 1
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        """Count connections that the server (or the network) dropped during the run."""
+        if not self.stats.closing:
+            self.stats.disconnected += 1
+        fut = self.subscribed
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectionError("disconnected before subscribed"))
+
+
+async def _connect_one(url: str, stats: Stats, local_addr: tuple[str, int] | None,
+                       timeout: float, attempts: int = 5) -> Subscriber:
+    """Connect and subscribe one subscriber, retrying transient connect failures."""
+    kwargs: dict[str, Any] = {"local_addr": local_addr} if local_addr else {}
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            transport, listener = await ws_connect(
+                lambda: Subscriber(stats), url, websocket_handshake_timeout=timeout,
+                read_buffer_init_size=4096, enable_auto_pong=True, **kwargs)
+            break
+        except Exception as exc:  # noqa: BLE001 - retried, then reported
+            if attempt == attempts - 1:
+                raise ConnectionError(f"connect failed: {exc!r}") from exc
+            await asyncio.sleep(delay)
+            delay *= 2
+    assert isinstance(listener, Subscriber)
+    listener.subscribed = asyncio.get_running_loop().create_future()
+    transport.send(WSMsgType.TEXT,
+                   b'{"id":1,"type":"subscribe","channel":"' + CHANNEL.encode() + b'"}')
+    reply = await asyncio.wait_for(listener.subscribed, timeout)
+    listener.subscribed = None
+    if b'"subscribed"' not in reply:
+        transport.disconnect()
+        raise ConnectionError(f"subscribe refused: {reply[:200]!r}")
+    return listener
+
+
+async def _recv(conn: Connection) -> Any:
+    """Receive one control message from the parent without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = conn.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        while not conn.poll():
+            await fut
+            fut = loop.create_future()
+    finally:
+        loop.remove_reader(fd)
+    return conn.recv()
+
+
+async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
+    stats = Stats()
+    subs: list[Subscriber] = []
+    errors: list[str] = []
+    sem = asyncio.Semaphore(cfg["batch"])
+    local_addr = (cfg["source_ip"], 0) if cfg["source_ip"] else None
+    errors_count = [0]
+
+    async def one() -> None:
+        async with sem:
+            try:
+                subs.append(await _connect_one(cfg["url"], stats, local_addr,
+                                               cfg["connect_timeout"]))
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                if len(errors) < 5:
+                    errors.append(str(exc)[:300])
+                errors_count[0] += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(cfg["n"])))
+    conn.send({"ready": len(subs), "failed": errors_count[0], "errors": errors,
+               "connect_s": time.monotonic() - t0})
+
+    while True:
+        msg = await _recv(conn)
+        cmd = msg[0]
+        if cmd == "window":
+            stats.win_start, stats.win_end = msg[1], msg[2]
+            cpu0 = os.times()
+            conn.send("ok")
+        elif cmd == "finish":
+            n_pub: int = msg[1]
+            deadline = time.monotonic() + msg[2]
+            last_progress, last_received = time.monotonic(), stats.received
+            while time.monotonic() < deadline:
+                if all(s.last >= n_pub for s in subs):
+                    break
+                await asyncio.sleep(0.05)
+                if stats.received != last_received:
+                    last_progress, last_received = time.monotonic(), stats.received
+                elif time.monotonic() - last_progress > 3.0:
+                    break
+            cpu1 = os.times()
+            conn.send({
+                "subscribers": len(subs),
+                "complete": sum(1 for s in subs if s.last >= n_pub),
+                "received": stats.received, "in_window": stats.in_window,
+                "duplicates": stats.duplicates, "gaps": stats.gaps,
+                "max_us": stats.max_us, "hist": stats.hist,
+                "disconnected": stats.disconnected, "close_codes": stats.close_codes,
+                "bad_frames": stats.bad_frames, "first_error": stats.first_error,
+                "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+            })
+        elif cmd == "close":
+            stats.closing = True
+            for s in subs:
+                tr = s.transport
+                if tr is not None and not tr.is_disconnected:
+                    with contextlib.suppress(Exception):
+                        tr.send_close(WSCloseCode.OK)
+                    tr.disconnect(False)
+            await asyncio.sleep(0.2)
+            conn.send("closed")
+            return
+
+
+def worker_entry(conn: Connection, cfg: dict[str, Any]) -> None:
+    """Entry point of one client process: pin, connect, account, report."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C
+    if cfg.get("cpus"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cfg["cpus"])
+    try:
+        uvloop.run(_worker_main(conn, cfg))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Publisher (runs in the parent process)
+# ---------------------------------------------------------------------------------------
+class Publisher(WSListener):
+    """Keeps `inflight` publish requests outstanding; sends the next one from the reply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport: WSTransport | None = None
+        self.seq = 0            # last seq sent
+        self.accepted = 0       # `published` replies
+        self.rejected = 0       # `error` replies
+        self.first_error = ""
+        self.outstanding = 0
+        self.end_ns = 0
+        self.win_start = 0
+        self.win_end = 0
+        self.accepted_in_window = 0
+        self.pad = b"x" * 60
+        self.done: asyncio.Future[None] | None = None
+        self.disconnected = False
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        """Remember the transport."""
+        self.transport = transport
+
+    def send_next(self) -> None:
+        """Send one publication stamped with the current wall-clock time."""
+        self.seq += 1
+        self.outstanding += 1
+        assert self.transport is not None
+        self.transport.send(
+            WSMsgType.TEXT,
+            b'{"id":%d,"type":"publish","channel":"%s","data":{"t":%d,"seq":%d,"pad":"%s"}}'
+            % (self.seq, CHANNEL.encode(), time.time_ns(), self.seq, self.pad))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """One reply: count it and, while time remains, refill the window."""
+        if frame.msg_type is not WSMsgType.TEXT:
+            if frame.msg_type is WSMsgType.CLOSE:
+                self.first_error = self.first_error or f"closed {int(frame.get_close_code())}"
+                transport.disconnect()
+            return
+        buf = frame.get_payload_as_bytes()
+        now = time.time_ns()
+        self.outstanding -= 1
+        if b'"published"' in buf:
+            self.accepted += 1
+            if self.win_start <= now < self.win_end:
+                self.accepted_in_window += 1
+        else:
+            self.rejected += 1
+            if not self.first_error:
+                self.first_error = buf.decode(errors="replace")[:300]
+        if now < self.end_ns and not self.rejected:
+            self.send_next()
+        elif self.outstanding <= 0 and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        """The publisher must not lose its connection: fail the run if it does."""
+        self.disconnected = True
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+
+async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
+                        duration_s: float) -> dict[str, Any]:
+    """Publish from start_ns for warmup + duration seconds; return the publisher counts."""
+    transport, pub = await ws_connect(Publisher, url, websocket_handshake_timeout=10)
+    assert isinstance(pub, Publisher)
+    pub.done = asyncio.get_running_loop().create_future()
+    pub.win_start = start_ns + int(warmup_s * 1e9)
+    pub.win_end = pub.win_start + int(duration_s * 1e9)
+    pub.end_ns = pub.win_end
+    delay = (start_ns - time.time_ns()) / 1e9
+    if delay > 0:
+        await asyncio.sleep(delay)
+    for _ in range(inflight):
+        pub.send_next()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(pub.done, warmup_s + duration_s + 30)
+    result = {"sent": pub.seq, "accepted": pub.accepted, "rejected": pub.rejected,
+              "accepted_in_window": pub.accepted_in_window, "outstanding": pub.outstanding,
+              "first_error": pub.first_error, "disconnected": pub.disconnected}
+    with contextlib.suppress(Exception):
+        transport.send_close(WSCloseCode.OK)
+        transport.disconnect()
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Orchestration (parent process)
+# ---------------------------------------------------------------------------------------
+def read_rss_kib(pid: int) -> int | None:
+    """VmRSS of a process in KiB, or None if it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def read_cpu_s(pid: int) -> float | None:
+    """utime + stime of a process in seconds, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        fields = raw[raw.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(host: str, port: int, proc: subprocess.Popen | None, timeout: float) -> None:
+    """Wait until /healthz answers (or at least the port accepts) within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:  # noqa: BLE001 - not up yet, or no /healthz: try TCP
+            with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
+                time.sleep(0.2)  # accepting: give the server a moment to finish starting
+                with contextlib.suppress(Exception), urllib.request.urlopen(
+                        f"http://{host}:{port}/healthz", timeout=1):
+                    return
+        time.sleep(0.05)
+    raise TimeoutError(f"server at {host}:{port} not ready after {timeout:.0f} s")
+
+
+class ServerProcess:
+    """A `python -m fastws serve` subprocess, optionally pinned with taskset."""
+
+    def __init__(self, port: int, cpu: int | None, config_text: str,
+                 extra: list[str]) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="fastws-bench-"))
+        self.config = self.tmp / "fastws.toml"
+        self.config.write_text(config_text)
+        self.log = self.tmp / "server.log"
+        cmd = [sys.executable, "-m", "fastws", "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--config", str(self.config), *extra]
+        if cpu is not None:
+            taskset = shutil.which("taskset")
+            if taskset:
+                cmd = [taskset, "-c", str(cpu), *cmd]
+        self.cmd = cmd
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTWS_")}
+        root = Path(__file__).resolve().parent.parent
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         env=env, cwd=root)
+        self.pid = self.proc.pid  # taskset execs the server: same pid
+        self.port = port
+
+    def output(self, tail: int = 3000) -> str:
+        """The tail of the server's stdout+stderr."""
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-tail:]
+        return ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait (bounded), SIGKILL; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.proc.returncode
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m loadtest.fanout", description=__doc__.split(
+        "\n\n")[0])
+    p.add_argument("--url", help="benchmark a running server (ws://127.0.0.1:PORT/ws); it "
+                   "must let clients publish on bench:* (default: start one)")
+    p.add_argument("--server-pid", type=int, help="with --url: pid for RSS/CPU readings")
+    p.add_argument("--port", type=int, default=0, help="port for the started server")
+    p.add_argument("--server-cpu", type=int, default=None,
+                   help="pin the started server to this CPU (taskset -c)")
+    p.add_argument("--client-cpus", default=None,
+                   help="CPUs for client processes, e.g. 1 or 1-3 (default: all but the "
+                   "server's)")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra argument for `fastws serve` (repeatable)")
+    p.add_argument("--subscribers", type=int, default=1000)
+    p.add_argument("--procs", type=int, default=None,
+                   help="client processes (default: one per client CPU, at least "
+                   f"subscribers/{MAX_PER_PROC_DEFAULT})")
+    p.add_argument("--inflight", type=int, default=32)
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    p.add_argument("--connect-batch", type=int, default=64,
+                   help="connections being opened at once, over all processes")
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument("--source-ips", action="store_true",
+                   help="bind each client process to its own 127.0.0.x (automatic above "
+                   f"{PORTS_PER_SOURCE_IP} subscribers)")
+    p.add_argument("--smoke", action="store_true",
+                   help="quick check: 1000 subscribers (unless given), 2 s, 0.5 s warm-up")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+    if args.smoke:
+        given = set(argv if argv is not None else sys.argv[1:])
+        if not any(a.startswith("--duration") for a in given):
+            args.duration = 2.0
+        if not any(a.startswith("--warmup") for a in given):
+            args.warmup = 0.5
+        if args.subscribers > 1000:
+            args.subscribers = 1000
+    for name in ("subscribers", "inflight"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.duration <= 0 or args.warmup < 0:
+        p.error("--duration must be > 0 and --warmup >= 0")
+    return args
+
+
+def parse_cpus(spec: str) -> list[int]:
+    """'1', '1-3' or '1,3' → list of CPU numbers."""
+    cpus: list[int] = []
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            cpus.extend(range(int(a), int(b) + 1))
+        elif part.strip():
+            cpus.append(int(part))
+    return cpus
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one benchmark and return the result dict (also printed / written)."""
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(f"[fanout] {msg}", file=sys.stderr, flush=True)
+
+    all_cpus = sorted(os.sched_getaffinity(0))
+    if args.client_cpus:
+        client_cpus = parse_cpus(args.client_cpus)
+    elif args.server_cpu is not None and not args.url:
+        client_cpus = [c for c in all_cpus if c != args.server_cpu] or all_cpus
+    else:
+        client_cpus = all_cpus
+    min_procs = -(-args.subscribers // MAX_PER_PROC_DEFAULT)
+    procs = args.procs or max(1, len(client_cpus) if args.server_cpu is not None
+                              else max(1, len(client_cpus) - 1))
+    procs = max(procs, min_procs)
+    procs = min(procs, args.subscribers)
+
+    server: ServerProcess | None = None
+    if args.url:
+        url = args.url
+        server_pid = args.server_pid
+    else:
+        port = args.port or free_port()
+        server = ServerProcess(port, args.server_cpu, SERVER_CONFIG, args.server_arg)
+        log("server: " + shlex.join(server.cmd))
+        try:
+            wait_ready("127.0.0.1", port, server.proc, 30)
+        except Exception as exc:
+            out = server.output()
+            server.stop()
+            raise RuntimeError(f"fastws server did not start ({exc}):\n{out}") from None
+        url = f"ws://127.0.0.1:{port}/ws"
+        server_pid = server.pid
+    host = urllib.parse.urlsplit(url).hostname or "127.0.0.1"
+    use_source_ips = (args.source_ips or args.subscribers > PORTS_PER_SOURCE_IP) \
+        and host.startswith("127.")
+
+    ctx = mp.get_context("fork")
+    workers: list[tuple[Any, Connection]] = []
+    result: dict[str, Any] = {}
+    try:
+        time.sleep(0.3)
+        rss_before = read_rss_kib(server_pid) if server_pid else None
+        share, extra = divmod(args.subscribers, procs)
+        batch = max(4, args.connect_batch // procs)
+        log(f"connecting {args.subscribers} subscribers over {procs} process(es) "
+            f"on CPUs {client_cpus} to {url}")
+        t_conn = time.monotonic()
+        for k in range(procs):
+            parent_end, child_end = ctx.Pipe()
+            cfg = {"url": url, "n": share + (1 if k < extra else 0), "batch": batch,
+                   "connect_timeout": args.connect_timeout, "cpus": client_cpus,
+                   "source_ip": f"127.0.0.{2 + k}" if use_source_ips else None}
+            proc = ctx.Process(target=worker_entry, args=(child_end, cfg), daemon=True)
+            proc.start()
+            child_end.close()
+            workers.append((proc, parent_end))
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, client_cpus)
+        connected = failed = 0
+        errors: list[str] = []
+        for _, conn in workers:
+            if not conn.poll(args.connect_timeout * 4 + 60):
+                raise RuntimeError("a client process did not finish connecting")
+            ready = conn.recv()
+            connected += ready["ready"]
+            failed += ready["failed"]
+            errors += ready["errors"]
+        connect_s = time.monotonic() - t_conn
+        log(f"{connected} subscribed ({failed} failed) in {connect_s:.1f} s")
+        if failed:
+            log("connect errors: " + " | ".join(errors[:3]))
+        if connected == 0:
+            raise RuntimeError("no subscriber could connect: " + " | ".join(errors[:3]))
+        time.sleep(1.0)  # let the server settle before reading idle RSS
+        rss_idle = read_rss_kib(server_pid) if server_pid else None
+
+        start_ns = time.time_ns() + 200_000_000
+        win_start = start_ns + int(args.warmup * 1e9)
+        win_end = win_start + int(args.duration * 1e9)
+        for _, conn in workers:
+            conn.send(("window", win_start, win_end))
+        for _, conn in workers:
+            if not conn.poll(30):
+                raise RuntimeError("a client process stopped answering")
+            conn.recv()
+        log(f"publishing for {args.warmup:g} s warm-up + {args.duration:g} s, "
+            f"{args.inflight} in flight")
+        cpu_srv0 = read_cpu_s(server_pid) if server_pid else None
+        cpu_self0 = os.times()
+
+        async def publish_with_cpu() -> tuple[dict[str, Any], float | None]:
+            # read the server's CPU time exactly at the window edges
+            srv_cpu: list[float | None] = [None, None]
+
+            async def sample() -> None:
+                await asyncio.sleep(max(0.0, (win_start - time.time_ns()) / 1e9))
+                srv_cpu[0] = read_cpu_s(server_pid) if server_pid else None
+                await asyncio.sleep(max(0.0, (win_end - time.time_ns()) / 1e9))
+                srv_cpu[1] = read_cpu_s(server_pid) if server_pid else None
+
+            sampler = asyncio.ensure_future(sample())
+            pub = await run_publisher(url, args.inflight, start_ns, args.warmup,
+                                      args.duration)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(sampler, 5)
+            a, b = srv_cpu
+            return pub, (b - a if a is not None and b is not None else None)
+
+        pub, srv_cpu_window = uvloop.run(publish_with_cpu())
+        cpu_self1 = os.times()
+        cpu_srv1 = read_cpu_s(server_pid) if server_pid else None
+        log(f"publisher: {pub['accepted']} accepted, {pub['rejected']} rejected")
+        n_pub = pub["accepted"]
+        for _, conn in workers:
+            conn.send(("finish", n_pub, 15.0))
+        parts = []
+        for _, conn in workers:
+            if not conn.poll(60):
+                raise RuntimeError("a client process did not report")
+            parts.append(conn.recv())
+        rss_after = read_rss_kib(server_pid) if server_pid else None
+
+        hist = [0] * HIST_BUCKETS
+        for part in parts:
+            for i, n in enumerate(part["hist"]):
+                hist[i] += n
+        subs = sum(p["subscribers"] for p in parts)
+        received = sum(p["received"] for p in parts)
+        duplicates = sum(p["duplicates"] for p in parts)
+        in_window = sum(p["in_window"] for p in parts)
+        max_us = max((p["max_us"] for p in parts), default=0)
+        if max_us == 0 and in_window:
+            max_us = max(hist_bounds(i)[1] for i, n in enumerate(hist) if n)
+        expected = n_pub * subs
+        close_codes: dict[str, int] = {}
+        for part in parts:
+            for code, n in part["close_codes"].items():
+                close_codes[str(code)] = close_codes.get(str(code), 0) + n
+        client_cpu = sum(p["cpu_s"] for p in parts)
+        per_conn = None
+        if rss_before is not None and rss_idle is not None and connected:
+            per_conn = (rss_idle - rss_before) * 1024 / connected
+
+        def ms(us: float | None) -> float | None:
+            return None if us is None else round(us / 1000, 3)
+
+        result = {
+            "benchmark": "fanout",
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": "python -m loadtest.fanout " + shlex.join(
+                sys.argv[1:] if args._argv is None else args._argv),
+            "machine": machine_info(),
+            "params": {"subscribers": args.subscribers, "procs": procs,
+                       "inflight": args.inflight, "duration_s": args.duration,
+                       "warmup_s": args.warmup, "server_cpu": args.server_cpu,
+                       "client_cpus": client_cpus, "url": url if args.url else None,
+                       "channel": CHANNEL},
+            "connected": connected, "connect_failed": failed, "connect_errors": errors[:3],
+            "connect_s": round(connect_s, 3),
+            "publications": n_pub,
+            "publications_per_s": round(pub["accepted_in_window"] / args.duration, 1),
+            "publish_rejected": pub["rejected"], "publish_error": pub["first_error"],
+            "publisher_disconnected": pub["disconnected"],
+            "deliveries": received,
+            "deliveries_in_window": in_window,
+            "deliveries_per_s": round(in_window / args.duration, 1),
+            "latency_ms": {"p50": ms(hist_percentile(hist, 0.50, max_us)),
+                           "p90": ms(hist_percentile(hist, 0.90, max_us)),
+                           "p99": ms(hist_percentile(hist, 0.99, max_us)),
+                           "p999": ms(hist_percentile(hist, 0.999, max_us)),
+                           "max": ms(max_us if in_window else None)},
+            "expected_deliveries": expected,
+            "lost": expected - (received - duplicates),
+            "duplicates": duplicates,
+            "out_of_order": sum(p["gaps"] for p in parts),
+            "subscribers_complete": sum(p["complete"] for p in parts),
+            "disconnected": sum(p["disconnected"] for p in parts),
+            "close_codes": close_codes,
+            "bad_frames": sum(p["bad_frames"] for p in parts),
+            "client_error": next((p["first_error"] for p in parts if p["first_error"]), ""),
+            "server_pid": server_pid,
+            "server_rss_kib": {"before": rss_before, "idle": rss_idle, "after": rss_after},
+            "server_rss_per_conn_bytes": None if per_conn is None else round(per_conn),
+            "server_cpu_window": None if srv_cpu_window is None
+            else round(srv_cpu_window / args.duration, 3),
+            "server_cpu_s_total": None if cpu_srv0 is None or cpu_srv1 is None
+            else round(cpu_srv1 - cpu_srv0, 3),
+            "client_cpu_s": round(client_cpu, 3),
+            "publisher_cpu_s": round((cpu_self1.user - cpu_self0.user)
+                                     + (cpu_self1.system - cpu_self0.system), 3),
+        }
+        return result
+    except Exception as exc:
+        if server is not None and server.proc.poll() is not None:
+            raise RuntimeError(f"{exc}; the server exited with status "
+                               f"{server.proc.returncode}:\n{server.output()}") from exc
+        if isinstance(exc, RuntimeError):
+            raise
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        for _, conn in workers:
+            with contextlib.suppress(Exception):
+                conn.send(("close",))
+        for proc, conn in workers:
+            with contextlib.suppress(Exception):
+                if conn.poll(10):
+                    conn.recv()
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+        if server is not None:
+            if result and server.proc.poll() is not None:
+                result["server_exit"] = server.proc.returncode
+                result["server_output"] = server.output()
+            server.stop()
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """Human-readable summary of one run."""
+    lat = r["latency_ms"]
+    p = r["params"]
+
+    def f(v: Any, unit: str = "") -> str:
+        return "n/a" if v is None else f"{v:,}{unit}" if isinstance(v, int) else f"{v}{unit}"
+
+    rows = [
+        ("subscribers", f"{r['connected']:,} connected over {p['procs']} process(es)"
+                        + (f", {r['connect_failed']} failed" if r["connect_failed"] else "")),
+        ("window", f"{p['duration_s']:g} s after {p['warmup_s']:g} s warm-up, "
+                   f"{p['inflight']} publications in flight"),
+        ("publications/s", f"{r['publications_per_s']:,.0f}  ({r['publications']:,} total)"),
+        ("deliveries/s", f"{r['deliveries_per_s']:,.0f}"),
+        ("latency p50", f(lat["p50"], " ms")),
+        ("latency p99", f(lat["p99"], " ms")),
+        ("latency max", f(lat["max"], " ms")),
+        ("lost", f(r["lost"])),
+        ("duplicates", f(r["duplicates"])),
+        ("out of order", f(r["out_of_order"])),
+        ("disconnected", f(r["disconnected"])
+         + (f"  close codes {r['close_codes']}" if r["close_codes"] else "")),
+        ("server RSS/conn", f(r["server_rss_per_conn_bytes"], " B")
+         + ("" if r["server_rss_kib"]["idle"] is None else
+            f"  (idle {r['server_rss_kib']['before']:,} → {r['server_rss_kib']['idle']:,} KiB)")),
+        ("server CPU", f(r["server_cpu_window"], " cores busy in the window")),
+        ("client CPU", f"{r['client_cpu_s']:.1f} s subscribers, "
+                       f"{r['publisher_cpu_s']:.1f} s publisher"),
+    ]
+    if r["publish_rejected"] or r["publish_error"]:
+        rows.append(("publish errors", f"{r['publish_rejected']}: {r['publish_error']}"))
+    if r["client_error"]:
+        rows.append(("client error", r["client_error"]))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"fastws fan-out benchmark ({r['date']}, {r['machine']['cpus']} CPUs)"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit 0 when the run is clean (nothing lost, duplicated or dropped)."""
+    args = parse_args(argv)
+    args._argv = argv
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as exc:
+        print(f"fanout: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    clean = (result["lost"] == 0 and result["duplicates"] == 0
+             and result["out_of_order"] == 0 and result["disconnected"] == 0
+             and result["connect_failed"] == 0 and result["publish_rejected"] == 0
+             and not result["publisher_disconnected"] and result["publications"] > 0)
+    return 0 if clean else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
