@@ -367,6 +367,9 @@ class Publisher(WSListener):
         self.pad = b"x" * 60
         self.done: asyncio.Future[None] | None = None
         self.disconnected = False
+        self.paced = False      # --rate: a timer sends, replies only free window slots
+        self.inflight = 0
+        self.skipped = 0        # paced ticks that found the window full
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         """Remember the transport."""
@@ -401,7 +404,8 @@ class Publisher(WSListener):
             if not self.first_error:
                 self.first_error = buf.decode(errors="replace")[:300]
         if now < self.end_ns and not self.rejected:
-            self.send_next()
+            if not self.paced:
+                self.send_next()
         elif self.outstanding <= 0 and self.done is not None and not self.done.done():
             self.done.set_result(None)
 
@@ -413,8 +417,13 @@ class Publisher(WSListener):
 
 
 async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
-                        duration_s: float) -> dict[str, Any]:
-    """Publish from start_ns for warmup + duration seconds; return the publisher counts."""
+                        duration_s: float, rate: float = 0.0) -> dict[str, Any]:
+    """Publish from start_ns for warmup + duration seconds; return the publisher counts.
+
+    rate 0: closed loop, `inflight` publications always outstanding (saturation).
+    rate > 0: open loop, one publication every 1/rate s while fewer than `inflight` are
+    outstanding (latency at a given load).
+    """
     transport, pub = await ws_connect(Publisher, url, websocket_handshake_timeout=10)
     assert isinstance(pub, Publisher)
     pub.done = asyncio.get_running_loop().create_future()
@@ -424,13 +433,36 @@ async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
     delay = (start_ns - time.time_ns()) / 1e9
     if delay > 0:
         await asyncio.sleep(delay)
-    for _ in range(inflight):
-        pub.send_next()
+    loop = asyncio.get_running_loop()
+    pub.inflight = inflight
+    if rate > 0:
+        pub.paced = True
+        interval = 1.0 / rate
+        t0 = loop.time()
+        tick = [0]
+
+        def on_tick() -> None:
+            if pub.disconnected or pub.rejected or time.time_ns() >= pub.end_ns:
+                if pub.outstanding <= 0 and pub.done is not None and not pub.done.done():
+                    pub.done.set_result(None)
+                return
+            if pub.outstanding < pub.inflight:
+                pub.send_next()
+            else:
+                pub.skipped += 1
+            tick[0] += 1
+            loop.call_at(t0 + tick[0] * interval, on_tick)
+
+        on_tick()
+    else:
+        for _ in range(inflight):
+            pub.send_next()
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(pub.done, warmup_s + duration_s + 30)
     result = {"sent": pub.seq, "accepted": pub.accepted, "rejected": pub.rejected,
               "accepted_in_window": pub.accepted_in_window, "outstanding": pub.outstanding,
-              "first_error": pub.first_error, "disconnected": pub.disconnected}
+              "first_error": pub.first_error, "disconnected": pub.disconnected,
+              "skipped": pub.skipped}
     with contextlib.suppress(Exception):
         transport.send_close(WSCloseCode.OK)
         transport.disconnect()
@@ -562,7 +594,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=None,
                    help="client processes (default: one per client CPU, at least "
                    f"subscribers/{MAX_PER_PROC_DEFAULT})")
-    p.add_argument("--inflight", type=int, default=32)
+    p.add_argument("--inflight", type=int, default=32,
+                   help="publications awaiting their `published` reply, at most")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="publications/s, paced (open loop, for latency at a given load); "
+                   "default 0 = as fast as the inflight window allows (saturation)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     p.add_argument("--connect-batch", type=int, default=64,
@@ -693,7 +729,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError("a client process stopped answering")
             conn.recv()
         log(f"publishing for {args.warmup:g} s warm-up + {args.duration:g} s, "
-            f"{args.inflight} in flight")
+            f"{args.inflight} in flight" + (f", {args.rate:g}/s" if args.rate else ""))
         cpu_srv0 = read_cpu_s(server_pid) if server_pid else None
         cpu_self0 = os.times()
 
@@ -709,7 +745,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             sampler = asyncio.ensure_future(sample())
             pub = await run_publisher(url, args.inflight, start_ns, args.warmup,
-                                      args.duration)
+                                      args.duration, args.rate)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sampler, 5)
             a, b = srv_cpu
@@ -760,7 +796,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sys.argv[1:] if args._argv is None else args._argv),
             "machine": machine_info(),
             "params": {"subscribers": args.subscribers, "procs": procs,
-                       "inflight": args.inflight, "duration_s": args.duration,
+                       "inflight": args.inflight, "rate": args.rate or None,
+                       "duration_s": args.duration,
                        "warmup_s": args.warmup, "server_cpu": args.server_cpu,
                        "client_cpus": client_cpus, "url": url if args.url else None,
                        "channel": CHANNEL},
@@ -769,6 +806,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "publications": n_pub,
             "publications_per_s": round(pub["accepted_in_window"] / args.duration, 1),
             "publish_rejected": pub["rejected"], "publish_error": pub["first_error"],
+            "publish_skipped": pub["skipped"],
             "publisher_disconnected": pub["disconnected"],
             "deliveries": received,
             "deliveries_in_window": in_window,
@@ -837,7 +875,9 @@ def format_table(r: dict[str, Any]) -> str:
         ("subscribers", f"{r['connected']:,} connected over {p['procs']} process(es)"
                         + (f", {r['connect_failed']} failed" if r["connect_failed"] else "")),
         ("window", f"{p['duration_s']:g} s after {p['warmup_s']:g} s warm-up, "
-                   f"{p['inflight']} publications in flight"),
+                   + (f"paced at {p['rate']:g}/s (≤ {p['inflight']} in flight"
+                      f", {r['publish_skipped']} ticks skipped)" if p["rate"]
+                      else f"{p['inflight']} publications in flight")),
         ("publications/s", f"{r['publications_per_s']:,.0f}  ({r['publications']:,} total)"),
         ("deliveries/s", f"{r['deliveries_per_s']:,.0f}"),
         ("latency p50", f(lat["p50"], " ms")),
