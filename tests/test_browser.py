@@ -1,0 +1,240 @@
+"""The live page and /fastws.js in a real headless Chromium (Debian's `chromium`).
+
+Driven with Python playwright using the system browser: playwright never downloads a
+browser here.  A missing chromium or playwright fails these tests with a clear message;
+nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import http
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("FASTWS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+TIMEOUT_MS = 20_000
+
+# Every event the page's client emits, recorded in the page for the assertions below.
+RECORDER = """() => {
+  window.__log = [];
+  const names = ["state", "connected", "disconnect", "reconnecting", "subscribed", "error",
+                 "closed"];
+  for (const name of names)
+    window.fastws.on(name, (a) => window.__log.push([name, a && a.message ? a.message : a]));
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's package "
+                    "(`apt-get install -y chromium`, part of `make system-deps`) "
+                    "or point FASTWS_CHROMIUM at a Chromium binary")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: `pip install -e .[test]` (it drives the "
+                    "system Chromium; no browser download is needed)")
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1100, "height": 720})
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.errors = []
+    pg.on("pageerror", lambda exc: pg.errors.append(f"pageerror: {exc}"))
+    pg.on("console", lambda m: m.type == "error" and pg.errors.append(f"console: {m.text}"))
+    try:
+        yield pg
+    finally:
+        ctx.close()
+
+
+def wait_for(predicate, timeout: float = TIMEOUT_MS / 1000, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def open_live_page(page, srv):
+    from playwright.sync_api import expect
+
+    resp = page.goto(srv.http_url + "/")
+    assert resp is not None and resp.status == 200, resp and resp.status
+    expect(page.locator("#state")).to_have_text("connected")
+    page.evaluate(RECORDER)
+
+
+def subscribe_on_page(page, pattern: str) -> None:
+    """Type a pattern, press Enter, wait until the server confirmed the subscription."""
+    page.fill("#pattern", pattern)
+    page.press("#pattern", "Enter")
+    page.wait_for_function(
+        "p => window.__log.some(([n, a]) => n === 'subscribed' && a.channel === p)", arg=pattern)
+
+
+def event_rows(page) -> list[tuple[str, str]]:
+    """(channel, data text) of every row in #events, newest first."""
+    rows = page.eval_on_selector_all(
+        "#events li[data-channel]",
+        "els => els.map(li => [li.dataset.channel, li.querySelector('.data').textContent])")
+    return [tuple(r) for r in rows]
+
+
+def states(page) -> list[str]:
+    return [a for n, a in page.evaluate("window.__log") if n == "state"]
+
+
+def test_static_assets(server):
+    status, headers, body = http("GET", server.http_url + "/fastws.js")
+    assert status == 200
+    ctype = {k.lower(): v for k, v in headers.items()}["content-type"]
+    assert ctype.split(";")[0].strip() == "text/javascript", ctype
+    assert b"export class FastWS" in body
+    status, headers, body = http("GET", server.http_url + "/")
+    assert status == 200
+    assert b'id="pattern"' in body and b'id="events"' in body
+    assert b"http://" not in body and b"https://" not in body  # no external resources
+
+
+def test_live_page_streams_events(page, fastws_server, tmp_path):
+    srv = fastws_server()
+    open_live_page(page, srv)
+    assert page.input_value("#pattern") == "events:*"
+    subscribe_on_page(page, "test:*")
+
+    srv.publish("other:nope", {"n": 0})  # matches nothing on the page
+    sent = [("test:a", {"n": 1, "who": "alice"}), ("test:b:deep", "plain text"),
+            ("test:a", [1, 2, 3]), ("test:c", {"html": "<b>not bold</b>"})]
+    for channel, data in sent:
+        srv.publish(channel, data)
+    wait_for(lambda: len(event_rows(page)) >= len(sent), what="events on the page")
+    time.sleep(0.3)  # anything extra (duplicates, the non-matching channel) would show now
+
+    rows = event_rows(page)
+    want = [(c, d if isinstance(d, str) else json.dumps(d, separators=(",", ":")))
+            for c, d in reversed(sent)]
+    assert rows == want
+    assert page.locator("#events b").count() == 0  # data is shown as text, never as HTML
+    assert page.text_content("#state") == "connected"
+    assert page.text_content("#count") == str(len(sent))
+    assert not page.errors, page.errors
+
+    time.sleep(1.0)  # let the new-row highlight fade
+    page.screenshot(path=str(tmp_path / "live-page.png"))
+    if os.environ.get("FASTWS_UPDATE_SCREENSHOT"):
+        (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ROOT / "docs" / "img" / "live-page.png"))
+
+
+def test_second_subscription_and_unsubscribe(page, fastws_server):
+    srv = fastws_server()
+    open_live_page(page, srv)
+    subscribe_on_page(page, "alpha:[ab]?")
+    subscribe_on_page(page, "beta")
+    for channel in ("alpha:a1", "alpha:c1", "alpha:b22", "beta", "beta:x", "alpha:b2"):
+        srv.publish(channel, channel)
+    wait_for(lambda: len(event_rows(page)) >= 3, what="events")
+    time.sleep(0.3)
+    assert [c for c, _ in event_rows(page)] == ["alpha:b2", "beta", "alpha:a1"]
+
+    page.click('#subscriptions li[data-channel="beta"] button')
+    page.wait_for_function("() => !window.fastws.subscriptions().includes('beta')")
+    time.sleep(0.2)  # let the unsubscribe reach the server
+    srv.publish("beta", "gone")
+    srv.publish("alpha:a2", "still here")
+    wait_for(lambda: event_rows(page)[0][0] == "alpha:a2", what="alpha:a2")
+    time.sleep(0.3)
+    assert [c for c, _ in event_rows(page)].count("beta") == 1
+    assert not page.errors, page.errors
+
+
+def test_page_reconnects_after_server_restart(page, fastws_server):
+    srv = fastws_server()
+    open_live_page(page, srv)
+    subscribe_on_page(page, "live:*")
+    srv.publish("live:1", {"before": True})
+    wait_for(lambda: event_rows(page), what="first event")
+
+    srv.stop(signal.SIGKILL)  # a crash: the page only sees the TCP connection go
+    page.wait_for_function("() => window.fastws.state !== 'connected'")
+    srv2 = fastws_server(port=srv.port)
+    page.wait_for_function("() => window.fastws.state === 'connected'")
+    # The subscription is re-sent by itself (with `since`; a new memory broker is a new
+    # epoch, so the answer is recovered:false and the page shows a gap).
+    page.wait_for_function(
+        "() => window.__log.filter(([n, a]) => n === 'subscribed').length >= 2")
+    srv2.publish("live:2", {"after": True})
+    wait_for(lambda: len(event_rows(page)) >= 2, what="event after the restart")
+
+    assert event_rows(page)[0] == ("live:2", '{"after":true}')
+    seq = states(page)
+    assert seq[:1] == ["disconnected"] and seq[-2:] == ["connecting", "connected"], seq
+    assert "closed" not in seq
+    assert page.text_content("#state") == "connected"
+    assert page.text_content("#reconnects") == "1"
+    notices = page.text_content("#notices")
+    assert "reconnected" in notices and "gap" in notices, notices
+    assert not [e for e in page.errors if "WebSocket" not in e], page.errors
+
+
+def test_page_follows_drain(page, fastws_server):
+    """SIGTERM: the page gets `disconnect` (4001, after_ms), waits, and reconnects."""
+    srv = fastws_server(config="[server]\ndrain_timeout = 2\n")
+    open_live_page(page, srv)
+    subscribe_on_page(page, "drain:*")
+    srv.publish("drain:1", 1)
+    wait_for(lambda: event_rows(page), what="first event")
+    assert srv.stop() == 0
+    page.wait_for_function(
+        "() => window.__log.some(([n, a]) => n === 'disconnect' && a.code === 4001)")
+    srv2 = fastws_server(port=srv.port)
+    page.wait_for_function("() => window.fastws.state === 'connected'")
+    page.wait_for_function(
+        "() => window.__log.filter(([n, a]) => n === 'subscribed').length >= 2")
+    srv2.publish("drain:2", 2)
+    wait_for(lambda: len(event_rows(page)) >= 2, what="event after the drain")
+    assert [c for c, _ in event_rows(page)] == ["drain:2", "drain:1"]
+    assert "closed" not in states(page)
+
+
+def test_glob_matcher_agrees_with_server(page, server):
+    """The JS glob matcher routes exactly as the server's compiled matcher does."""
+    from fastws import _match
+
+    page.goto(server.http_url + "/")
+    patterns = ["*", "events:*", "market:0x*", "a?c", "[abc]*", "[^a]*", "[a-c]:*", "\\[*",
+                "a[", "[", "[]]*", "[^]]*", "*\\*", "[c-a]*", "a\\", "[a\\]]*", "**b", "?*?",
+                "[-a]*", "[a-]*", "\\?*", "[^-]*", "*[", "[ab", "*:*:*", "x\\y"]
+    names = ["events:bet_placed", "market:0xabc", "abc", "a", "b:x", "[x", "a[", "*", "a*",
+             "-", "]", "^", "c", "a:b:c", "xy", "x\\y", "?q", "cab", "", "market:0X1"]
+    got = page.evaluate("""async ([ps, ns]) => {
+      const { globMatch } = await import("/fastws.js");
+      return ps.map(p => ns.map(n => globMatch(p, n)));
+    }""", [patterns, names])
+    for p, row in zip(patterns, got, strict=True):
+        for n, g in zip(names, row, strict=True):
+            assert g == bool(_match.glob_match(p, n)), (p, n, g)
