@@ -1,0 +1,54 @@
+# C-level interface of the broadcast loop (implementation in _fanout.pyx).
+from picows.picows cimport WSListener, WSTransport
+from fastws._match cimport Trie
+
+
+cdef class Conn(WSListener):
+    cdef public WSTransport transport
+    cdef public Hub hub
+    cdef char* _buf                 # frames queued in this loop pass
+    cdef Py_ssize_t _len
+    cdef Py_ssize_t _cap
+    cdef public bint queued         # in the hub's pending list
+    cdef public bint closing        # no more deliveries
+    cdef public bint active         # received something since the last heartbeat sweep
+    cdef public double idle_since
+    cdef public double ping_sent
+
+    cdef int _append(self, const char* ptr, Py_ssize_t size) except -1
+    cdef int _write_out(self) except -1
+    cpdef send_frame(self, bytes frame)
+    cpdef send_text(self, bytes payload)
+    cpdef flush_now(self)
+
+
+cdef class Hub:
+    cdef readonly Trie trie
+    cdef list _pending
+    cdef bint _scheduled
+    cdef object _call_soon
+    cdef object _flush_cb
+    cdef readonly set conns
+    cdef public Py_ssize_t send_buffer
+    cdef public object on_slow          # callable(conn), Python level
+    cdef public object on_heartbeat_timeout
+    # hot-path counters, read at scrape time
+    cdef readonly unsigned long long publications
+    cdef readonly unsigned long long deliveries
+    cdef readonly unsigned long long bytes_sent
+    cdef readonly unsigned long long writes
+    cdef readonly unsigned long long slow_consumers
+    # delivery latency (publication accepted -> written), one observation per publication
+    cdef double* _accepted
+    cdef Py_ssize_t _naccepted
+    cdef Py_ssize_t _accepted_cap
+    cdef unsigned long long _lat_counts[16]
+    cdef double _lat_sum
+    cdef unsigned long long _lat_count
+
+    cpdef Py_ssize_t broadcast(self, str channel, bytes frame, double accepted, bint exact_only=*) except -1
+    cpdef flush(self)
+    cdef int _schedule(self) except -1
+    cdef int _observe_pass(self) except -1
+    cdef _grow_accepted(self)
+    cdef _slow(self, Conn c)

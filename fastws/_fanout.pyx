@@ -1,0 +1,331 @@
+# cython: language_level=3
+"""The broadcast loop: one pre-framed publication, written to every matched connection.
+
+A publication is framed once (``make_frame``) and the same bytes are copied into the
+per-connection queue of every receiver.  All frames queued for one connection during
+one event-loop pass leave in one write (``Hub.flush`` runs once per pass, via
+``call_soon``).  No Python object is created per delivery; counters are C integers.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from libc.stdint cimport uint8_t, uint16_t, uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from picows.picows cimport WSListener, WSMsgType, WSTransport
+
+from fastws._match cimport Trie
+
+import asyncio
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint16_t htons(uint16_t)
+
+cdef extern from "<endian.h>" nogil:
+    uint64_t htobe64(uint64_t)
+
+cdef enum:
+    SHRINK_ABOVE = 65536        # free a connection's queue after a flush if it grew past this
+    LAT_BUCKETS = 14
+
+# Upper bounds (seconds) of the delivery latency histogram buckets; +Inf is implicit.
+cdef double[LAT_BUCKETS] _LAT_BOUNDS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+LATENCY_BUCKETS = tuple(_LAT_BOUNDS[i] for i in range(LAT_BUCKETS))
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cpdef bytes make_frame(bytes payload, int opcode=1):
+    """Return a complete unmasked server frame (FIN set) carrying ``payload``.
+
+    Server frames are never masked, so one such buffer serves every receiver.
+    """
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t hdr = 2 if n < 126 else (4 if n < 65536 else 10)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, hdr + n)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    p[0] = 0x80 | (opcode & 0x0F)
+    if n < 126:
+        p[1] = <uint8_t>n
+    elif n < 65536:
+        p[1] = 126
+        (<uint16_t*>(p + 2))[0] = htons(<uint16_t>n)
+    else:
+        p[1] = 127
+        (<uint64_t*>(p + 2))[0] = htobe64(<uint64_t>n)
+    memcpy(p + hdr, PyBytes_AS_STRING(payload), n)
+    return out
+
+
+cdef class Conn(WSListener):
+    """Per-connection delivery state; the server's listener class derives from it.
+
+    Call :meth:`send_frame` / :meth:`send_text` for everything the application sends,
+    so that replies and pushes keep their order relative to queued publications.
+    """
+
+    def __cinit__(self):
+        self._buf = NULL
+        self._len = 0
+        self._cap = 0
+        self.queued = False
+        self.closing = False
+        self.active = True
+        self.idle_since = 0.0
+        self.ping_sent = 0.0
+
+    def __dealloc__(self):
+        if self._buf != NULL:
+            free(self._buf)
+            self._buf = NULL
+
+    cdef int _append(self, const char* ptr, Py_ssize_t size) except -1:
+        cdef Py_ssize_t need = self._len + size
+        cdef Py_ssize_t cap
+        cdef char* nbuf
+        if need > self._cap:
+            cap = self._cap * 2 if self._cap else 256
+            while cap < need:
+                cap *= 2
+            nbuf = <char*>realloc(self._buf, cap)
+            if nbuf == NULL:
+                raise MemoryError()
+            self._buf = nbuf
+            self._cap = cap
+        memcpy(self._buf + self._len, ptr, size)
+        self._len = need
+        return 0
+
+    cdef int _write_out(self) except -1:
+        cdef WSTransport tr = self.transport
+        cdef Py_ssize_t n = self._len
+        self._len = 0
+        if n == 0 or tr is None or tr.is_disconnected or tr.is_close_frame_sent:
+            return 0
+        tr._fast_write(self._buf, n)
+        if self.hub is not None:
+            self.hub.bytes_sent += n
+            self.hub.writes += 1
+        if self._cap > SHRINK_ABOVE:
+            free(self._buf)
+            self._buf = NULL
+            self._cap = 0
+        return 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued in this loop pass, not yet handed to the transport."""
+        return self._len
+
+    cpdef send_frame(self, bytes frame):
+        """Send a pre-built frame after everything already queued for this connection."""
+        if self.closing:
+            return
+        if self._len == 0 and not self.queued:
+            self._append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+            self._write_out()
+            return
+        self._append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+
+    cpdef send_text(self, bytes payload):
+        """Frame ``payload`` as one TEXT message and send it in order (see send_frame)."""
+        self.send_frame(make_frame(payload, 1))
+
+    cpdef flush_now(self):
+        """Write whatever is queued for this connection now (before a close frame)."""
+        self._write_out()
+
+
+cdef class Hub:
+    """Local registry (a :class:`Trie` of subscriptions) and the fan-out loop."""
+
+    def __cinit__(self):
+        self._accepted = NULL
+        self._naccepted = 0
+        self._accepted_cap = 0
+        cdef int i
+        for i in range(16):
+            self._lat_counts[i] = 0
+        self._lat_sum = 0.0
+        self._lat_count = 0
+
+    def __init__(self, Trie trie, Py_ssize_t send_buffer=1048576, loop=None):
+        self.trie = trie
+        self._pending = []
+        self._scheduled = False
+        loop = loop if loop is not None else asyncio.get_event_loop()
+        self._call_soon = loop.call_soon
+        self._flush_cb = self.flush
+        self.conns = set()
+        self.send_buffer = send_buffer
+        self.on_slow = None
+        self.on_heartbeat_timeout = None
+        self.publications = 0
+        self.deliveries = 0
+        self.bytes_sent = 0
+        self.writes = 0
+        self.slow_consumers = 0
+
+    def __dealloc__(self):
+        if self._accepted != NULL:
+            free(self._accepted)
+
+    cdef int _schedule(self) except -1:
+        if not self._scheduled:
+            self._scheduled = True
+            self._call_soon(self._flush_cb)
+        return 0
+
+    cpdef Py_ssize_t broadcast(self, str channel, bytes frame, double accepted,
+                               bint exact_only=False) except -1:
+        """Queue ``frame`` for every connection subscribed to ``channel``.
+
+        Each connection gets it once however many of its subscriptions match.  With
+        ``exact_only`` pattern subscriptions are ignored (private namespaces).  Returns
+        the number of receivers.  ``accepted`` is the monotonic time the publication
+        was accepted, for the delivery latency histogram.
+        """
+        cdef tuple keys
+        if exact_only:
+            keys = tuple(self.trie.keys(channel))
+        else:
+            keys = self.trie.match(channel)
+        cdef const char* ptr = PyBytes_AS_STRING(frame)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        cdef Py_ssize_t n = 0
+        cdef Conn c
+        cdef object k
+        self.publications += 1
+        for k in keys:
+            c = <Conn>k
+            if c.closing:
+                continue
+            if c._len + size > self.send_buffer:
+                self._slow(c)
+                continue
+            c._append(ptr, size)
+            if not c.queued:
+                c.queued = True
+                self._pending.append(c)
+            n += 1
+        if n:
+            self.deliveries += n
+            if self._naccepted == self._accepted_cap:
+                self._grow_accepted()
+            self._accepted[self._naccepted] = accepted
+            self._naccepted += 1
+            self._schedule()
+        return n
+
+    cdef _grow_accepted(self):
+        cdef Py_ssize_t cap = self._accepted_cap * 2 if self._accepted_cap else 64
+        cdef double* nbuf = <double*>realloc(self._accepted, cap * sizeof(double))
+        if nbuf == NULL:
+            raise MemoryError()
+        self._accepted = nbuf
+        self._accepted_cap = cap
+
+    cdef _slow(self, Conn c):
+        c.closing = True
+        c._len = 0
+        self.slow_consumers += 1
+        if self.on_slow is not None:
+            self.on_slow(c)
+
+    def mark_slow(self, Conn c):
+        """Stop delivering to ``c`` at once and report it through ``on_slow``."""
+        if not c.closing:
+            self._slow(c)
+
+    cpdef flush(self):
+        """Write every connection's queued frames in one write each (runs once per pass)."""
+        self._scheduled = False
+        cdef list pending = self._pending
+        if pending:
+            self._pending = []
+        cdef Conn c
+        cdef object k
+        for k in pending:
+            c = <Conn>k
+            c.queued = False
+            if c.closing:
+                c._len = 0
+                continue
+            try:
+                c._write_out()
+            except Exception:
+                c._len = 0
+                c.closing = True
+        if self._naccepted:
+            self._observe_pass()
+
+    cdef int _observe_pass(self) except -1:
+        cdef double now = _now()
+        cdef double d
+        cdef Py_ssize_t i
+        cdef int b
+        for i in range(self._naccepted):
+            d = now - self._accepted[i]
+            if d < 0:
+                d = 0
+            self._lat_sum += d
+            self._lat_count += 1
+            b = 0
+            while b < LAT_BUCKETS and d > _LAT_BOUNDS[b]:
+                b += 1
+            self._lat_counts[b] += 1
+        self._naccepted = 0
+        return 0
+
+    def latency_snapshot(self):
+        """Return (bucket upper bounds, cumulative counts incl. +Inf, sum, count)."""
+        cdef list cumulative = []
+        cdef unsigned long long acc = 0
+        cdef int i
+        for i in range(LAT_BUCKETS + 1):
+            acc += self._lat_counts[i]
+            cumulative.append(acc)
+        return LATENCY_BUCKETS, cumulative, self._lat_sum, self._lat_count
+
+    def add(self, str name, Conn c) -> bool:
+        """Subscribe ``c`` to a channel or pattern; False if it already was."""
+        return self.trie.add(name, c)
+
+    def remove(self, str name, Conn c) -> bool:
+        """Unsubscribe ``c`` from a channel or pattern; False if it was not subscribed."""
+        return self.trie.remove(name, c)
+
+    def sweep(self, double ping_interval, double pong_timeout):
+        """Heartbeat: ping connections idle for ``ping_interval``; time out silent ones.
+
+        Call about once a second.  A connection that sent nothing for
+        ping_interval + pong_timeout is handed to ``on_heartbeat_timeout``.
+        """
+        cdef double now = _now()
+        cdef Conn c
+        cdef list expired = []
+        for k in self.conns:
+            c = <Conn>k
+            if c.closing:
+                continue
+            if c.active:
+                c.active = False
+                c.idle_since = now
+                c.ping_sent = 0.0
+            elif c.ping_sent == 0.0:
+                if now - c.idle_since >= ping_interval and c.transport is not None:
+                    c.ping_sent = now
+                    c.transport.send_ping()
+            elif now - c.ping_sent >= pong_timeout:
+                expired.append(c)
+        if self.on_heartbeat_timeout is not None:
+            for c in expired:
+                self.on_heartbeat_timeout(c)
+        return len(expired)

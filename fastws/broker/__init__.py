@@ -1,0 +1,23 @@
+"""Brokers carry publications between nodes and keep history (see base.Broker)."""
+
+from __future__ import annotations
+
+from fastws.broker.base import (
+    Broker,
+    BrokerHandler,
+    BrokerUnavailable,
+    HistoryResult,
+    PublishResult,
+)
+
+__all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "HistoryResult", "PublishResult",
+           "create_broker"]
+
+
+def create_broker(url: str) -> Broker:
+    """Build the broker for a ``--broker`` URL."""
+    if url.startswith("memory://"):
+        from fastws.broker.memory import MemoryBroker
+
+        return MemoryBroker()
+    raise BrokerUnavailable(f"broker {url.split('://')[0]}:// is not available in this build")

@@ -1,0 +1,85 @@
+"""The broker contract: outbound calls (`Broker`) and inbound events (`BrokerHandler`).
+
+A node calls the broker to publish, to (un)subscribe the channels and patterns its
+clients hold, and to read history; the broker calls the handler back with every
+publication that reaches this node, in per-channel order.  Data travels as encoded
+JSON bytes so that the frame can be built around it without decoding it again.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "PublishResult", "HistoryResult"]
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot take the call now (HTTP 503 / error 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """Where a publication landed in its channel's stream (offset 0, epoch "" = no history)."""
+
+    offset: int = 0
+    epoch: str = ""
+
+
+@dataclass(slots=True)
+class HistoryResult:
+    """A page of a channel's history, oldest first, and the stream's current top."""
+
+    publications: list[tuple[int, bytes]] = field(default_factory=list)
+    offset: int = 0
+    epoch: str = ""
+    recovered: bool = True
+
+
+class BrokerHandler(Protocol):
+    """Receives what the broker delivers to this node."""
+
+    def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
+                           accepted: float) -> None:
+        """One publication for local subscribers; ``accepted`` is a time.monotonic() stamp."""
+
+
+class Broker(ABC):
+    """Carries publications between nodes; keeps per-channel offsets, epochs and history."""
+
+    up: bool = False
+
+    @abstractmethod
+    async def start(self, handler: BrokerHandler) -> None:
+        """Connect and start delivering to ``handler``."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop delivering and release connections."""
+
+    @abstractmethod
+    async def publish(self, channel: str, data: bytes, *, history_size: int,
+                      history_ttl: float, idempotency_key: str | None = None) -> PublishResult:
+        """Publish encoded JSON ``data``; append to history when ``history_size`` > 0.
+
+        The same ``idempotency_key`` on a channel within 5 minutes returns the first
+        result and publishes nothing more.
+        """
+
+    @abstractmethod
+    async def subscribe(self, name: str) -> None:
+        """Start receiving a channel or pattern on this node (the caller counts references)."""
+
+    @abstractmethod
+    async def unsubscribe(self, name: str) -> None:
+        """Stop receiving a channel or pattern on this node."""
+
+    @abstractmethod
+    async def history(self, channel: str, *, limit: int, since_offset: int | None = None,
+                      since_epoch: str | None = None) -> HistoryResult:
+        """Up to ``limit`` publications with offset > since_offset (all kept if None).
+
+        ``recovered`` is False when the epoch differs or the gap after since_offset is
+        no longer fully in history.
+        """

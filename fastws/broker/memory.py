@@ -1,0 +1,121 @@
+"""The in-memory broker: one process, history in bounded deques, no network.
+
+Every call completes without suspending, so a subscribe that reads history and then
+registers the subscription cannot miss or duplicate a publication in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import deque
+
+from fastws.broker.base import Broker, BrokerHandler, HistoryResult, PublishResult
+
+__all__ = ["MemoryBroker"]
+
+IDEMPOTENCY_TTL = 300.0
+SWEEP_INTERVAL = 5.0
+
+
+class _Stream:
+    """One channel's history: offsets increase by one; the epoch names this stream."""
+
+    __slots__ = ("epoch", "top", "items", "expires")
+
+    def __init__(self) -> None:
+        self.epoch = os.urandom(4).hex()
+        self.top = 0
+        self.items: deque[tuple[int, bytes]] = deque()
+        self.expires = 0.0
+
+
+class MemoryBroker(Broker):
+    """Single-process broker: publications go straight to the handler."""
+
+    def __init__(self) -> None:
+        self._handler: BrokerHandler | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._idem: dict[tuple[str, str], tuple[PublishResult, float]] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
+        self.up = True
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    async def close(self) -> None:
+        self.up = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def publish(self, channel: str, data: bytes, *, history_size: int,
+                      history_ttl: float, idempotency_key: str | None = None) -> PublishResult:
+        accepted = time.monotonic()
+        if idempotency_key is not None:
+            seen = self._idem.get((channel, idempotency_key))
+            if seen is not None and seen[1] > accepted:
+                return seen[0]
+        offset, epoch = 0, ""
+        if history_size > 0:
+            stream = self._streams.get(channel)
+            if stream is None or (stream.expires and stream.expires <= accepted):
+                stream = self._streams[channel] = _Stream()
+            stream.top += 1
+            offset, epoch = stream.top, stream.epoch
+            stream.items.append((offset, data))
+            while len(stream.items) > history_size:
+                stream.items.popleft()
+            stream.expires = accepted + history_ttl
+        result = PublishResult(offset, epoch)
+        if idempotency_key is not None:
+            self._idem[(channel, idempotency_key)] = (result, accepted + IDEMPOTENCY_TTL)
+        if self._handler is not None:
+            self._handler.handle_publication(channel, data, offset, epoch, accepted)
+        return result
+
+    async def subscribe(self, name: str) -> None:
+        return None
+
+    async def unsubscribe(self, name: str) -> None:
+        return None
+
+    async def history(self, channel: str, *, limit: int, since_offset: int | None = None,
+                      since_epoch: str | None = None) -> HistoryResult:
+        stream = self._streams.get(channel)
+        now = time.monotonic()
+        if stream is None or (stream.expires and stream.expires <= now):
+            # Nothing kept: a position in some earlier stream cannot be recovered.
+            recovered = since_offset is None or (since_offset == 0)
+            return HistoryResult([], 0, "", recovered)
+        if since_offset is None:
+            items = list(stream.items)
+            pubs = items[-limit:] if limit else []
+            return HistoryResult(pubs, stream.top, stream.epoch, True)
+        if since_epoch not in (None, "", stream.epoch):
+            return HistoryResult([], stream.top, stream.epoch, False)
+        first_kept = stream.items[0][0] if stream.items else stream.top + 1
+        recovered = since_offset + 1 >= first_kept and since_offset <= stream.top
+        pubs = [item for item in stream.items if item[0] > since_offset][:limit]
+        return HistoryResult(pubs, stream.top, stream.epoch, recovered)
+
+    def channel_count(self) -> int:
+        """Channels holding history now (for tests and metrics)."""
+        return len(self._streams)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Free expired history and idempotency keys without waiting for a read."""
+        now = time.monotonic() if now is None else now
+        for name in [n for n, s in self._streams.items() if s.expires <= now]:
+            del self._streams[name]
+        for key in [k for k, v in self._idem.items() if v[1] <= now]:
+            del self._idem[key]
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep()

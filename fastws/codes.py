@@ -1,0 +1,78 @@
+"""Every number of the wire contract in one place: error codes, close codes, disconnects.
+
+Disconnects are values (:class:`Disconnect`), not strings scattered through the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "Err", "Close", "Disconnect",
+    "DISCONNECT_DRAINING", "DISCONNECT_SLOW", "DISCONNECT_RATE_LIMITED",
+    "DISCONNECT_INSUFFICIENT_STATE", "DISCONNECT_INVALID_TOKEN", "DISCONNECT_ORIGIN",
+    "DISCONNECT_CONNECTION_LIMIT", "DISCONNECT_TOKEN_EXPIRED",
+]
+
+
+class Err:
+    """Error codes carried by `{"type":"error","code":N}` replies (SPEC §4)."""
+
+    BAD_REQUEST = 400
+    UNAUTHORIZED = 401
+    FORBIDDEN = 403
+    UNKNOWN_TYPE = 404
+    ALREADY_SUBSCRIBED = 409
+    TOO_LARGE = 413
+    RATE_LIMITED = 429
+    INTERNAL = 500
+    UNAVAILABLE = 503
+
+
+class Close:
+    """WebSocket close codes used by fastws (RFC 6455 and the 4xxx range of SPEC §4)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_PAYLOAD = 1007
+    POLICY = 1008
+    TOO_BIG = 1009
+    INTERNAL = 1011
+    # 4000-4499: the client should reconnect
+    DRAINING = 4001
+    SLOW_CONSUMER = 4008
+    INSUFFICIENT_STATE = 4010
+    RATE_LIMITED = 4029
+    # 4500-4999: the client should not reconnect
+    INVALID_TOKEN = 4501
+    ORIGIN_NOT_ALLOWED = 4503
+    CONNECTION_LIMIT = 4504
+
+    @staticmethod
+    def should_reconnect(code: int) -> bool:
+        """True for codes after which a client should reconnect (everything but 4500-4999)."""
+        return not 4500 <= code <= 4999
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """A server-initiated close: the `disconnect` push fields and the close frame code."""
+
+    code: int
+    reason: str
+
+    @property
+    def reconnect(self) -> bool:
+        return Close.should_reconnect(self.code)
+
+
+DISCONNECT_DRAINING = Disconnect(Close.DRAINING, "server draining")
+DISCONNECT_SLOW = Disconnect(Close.SLOW_CONSUMER, "slow consumer")
+DISCONNECT_INSUFFICIENT_STATE = Disconnect(Close.INSUFFICIENT_STATE, "insufficient state")
+DISCONNECT_RATE_LIMITED = Disconnect(Close.RATE_LIMITED, "rate limited")
+DISCONNECT_INVALID_TOKEN = Disconnect(Close.INVALID_TOKEN, "invalid token")
+DISCONNECT_TOKEN_EXPIRED = Disconnect(Close.INVALID_TOKEN, "token expired")
+DISCONNECT_ORIGIN = Disconnect(Close.ORIGIN_NOT_ALLOWED, "origin not allowed")
+DISCONNECT_CONNECTION_LIMIT = Disconnect(Close.CONNECTION_LIMIT, "connection limit reached")

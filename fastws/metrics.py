@@ -1,0 +1,104 @@
+"""Prometheus metrics: C counters of the hub and node counters, rendered at scrape time.
+
+Nothing here runs on the delivery path: :class:`NodeCollector` reads the counters
+when ``/metrics`` is scraped and yields metric families; ``prometheus_client`` writes
+the text format 0.0.4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+if TYPE_CHECKING:
+    from fastws.node import Node
+
+__all__ = ["NodeCollector", "Metrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class NodeCollector:
+    """Yields every ``fastws_*`` metric family from one node's counters."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node, hub = self.node, self.node.hub
+        yield GaugeMetricFamily("fastws_connections", "Open WebSocket connections.",
+                                value=len(hub.conns))
+        yield CounterMetricFamily("fastws_connections_accepted", "WebSocket connections accepted.",
+                                  value=node.accepted)
+        closed = CounterMetricFamily("fastws_connections_closed",
+                                     "WebSocket connections closed, by close code.",
+                                     labels=["code"])
+        for code, n in sorted(node.closed.items()):
+            closed.add_metric([str(code)], n)
+        yield closed
+        yield GaugeMetricFamily("fastws_subscriptions",
+                                "(connection, channel or pattern) subscription pairs.",
+                                value=node.subscriptions)
+        yield GaugeMetricFamily("fastws_channels",
+                                "Distinct channels and patterns with a local subscriber.",
+                                value=hub.trie.count())
+        yield CounterMetricFamily("fastws_messages_received", "Client messages received.",
+                                  value=node.messages_received)
+        yield CounterMetricFamily("fastws_publications", "Publications fanned out by this node.",
+                                  value=hub.publications)
+        yield CounterMetricFamily("fastws_deliveries",
+                                  "Publication frames queued to connections.",
+                                  value=hub.deliveries)
+        yield CounterMetricFamily("fastws_bytes_sent",
+                                  "Bytes of WebSocket frames written by the application.",
+                                  value=hub.bytes_sent)
+        yield CounterMetricFamily("fastws_writes", "Socket writes of queued frames.",
+                                  value=hub.writes)
+        yield CounterMetricFamily("fastws_slow_consumer_disconnects",
+                                  "Connections closed with 4008 (send_buffer exceeded).",
+                                  value=hub.slow_consumers)
+        limited = CounterMetricFamily("fastws_rate_limited", "Requests refused by a limit.",
+                                      labels=["limit"])
+        for name, n in sorted(node.rate_limited.items()):
+            limited.add_metric([name], n)
+        yield limited
+        errors = CounterMetricFamily("fastws_errors", "Error replies sent, by code.",
+                                     labels=["code"])
+        for code, n in sorted(node.errors.items()):
+            errors.add_metric([str(code)], n)
+        yield errors
+        yield GaugeMetricFamily("fastws_broker_up", "1 when the broker is connected.",
+                                value=1 if node.broker.up else 0)
+        yield CounterMetricFamily("fastws_broker_reconnects", "Broker reconnections.",
+                                  value=node.broker_reconnects)
+        bounds, cumulative, total, count = hub.latency_snapshot()
+        buckets = [(repr(b), c) for b, c in zip(bounds, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        yield HistogramMetricFamily(
+            "fastws_delivery_latency_seconds",
+            "Publication accepted to written to the socket, one observation per publication.",
+            buckets=buckets, sum_value=total)
+        yield GaugeMetricFamily("fastws_event_loop_lag_seconds",
+                                "Event loop lag measured by the heartbeat timer.",
+                                value=node.loop_lag)
+
+
+class Metrics:
+    """The registry of one process: node metrics plus the standard ``process_*`` ones."""
+
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(NodeCollector(node))
+        self.registry.register(ProcessCollector(registry=None))
+
+    def render(self) -> bytes:
+        """The text exposition format 0.0.4."""
+        return generate_latest(self.registry)

@@ -1,0 +1,351 @@
+"""The node: configuration, the hub, the broker, counters, and the protocol's requests.
+
+``Node`` is what one server process is.  The picows adapter (:mod:`fastws.server`)
+hands it each complete text message of a connection (:meth:`Node.on_message`) and
+each connection's end (:meth:`Node.drop`); the broker hands it every publication
+(:meth:`Node.handle_publication`), which is framed once and fanned out by the hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from fastws import channels, protocol
+from fastws._fanout import Hub, make_frame
+from fastws._match import Trie
+from fastws.broker import Broker, BrokerUnavailable, PublishResult, create_broker
+from fastws.codes import Err
+from fastws.protocol import ProtocolError, Request
+
+if TYPE_CHECKING:
+    from fastws.config import Config, NamespaceConfig
+    from fastws.server import Connection
+
+__all__ = ["Node", "Auth"]
+
+log = logging.getLogger("fastws")
+
+
+class Auth:
+    """Verifies client JWTs with the configured secret or public key (pyjwt)."""
+
+    def __init__(self, secret: str | None, public_key_file: str | None) -> None:
+        self.key: Any = None
+        self.algorithms: list[str] = []
+        if secret:
+            self.key, self.algorithms = secret, ["HS256", "HS384", "HS512"]
+        elif public_key_file:
+            with open(public_key_file, "rb") as fh:
+                self.key = fh.read()
+            self.algorithms = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
+
+    @property
+    def enabled(self) -> bool:
+        return self.key is not None
+
+    def verify(self, token: str) -> str:
+        """Return the token's ``sub``; raise ValueError with a reason if it is not valid."""
+        if not self.enabled:
+            raise ValueError("authentication is not configured on this server")
+        import jwt
+
+        try:
+            claims = jwt.decode(token, self.key, algorithms=self.algorithms,
+                                options={"require": ["sub"]})
+        except jwt.PyJWTError as exc:
+            raise ValueError(f"invalid token: {exc}") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise ValueError("invalid token: sub must be a non-empty string")
+        return sub
+
+
+class Node:
+    """One fastws process: hub + broker + config + counters."""
+
+    def __init__(self, config: Config, broker: Broker | None = None) -> None:
+        self.config = config
+        self.broker = broker if broker is not None else create_broker(config.server.broker)
+        self.trie = Trie()
+        self.hub: Hub | None = None
+        self.auth = Auth(config.server.jwt_secret, config.server.jwt_public_key)
+        self.draining = False
+        self._ids = itertools.count(1)
+        # counters read at scrape time (not on the per-delivery path)
+        self.accepted = 0
+        self.messages_received = 0
+        self.subscriptions = 0
+        self.closed: Counter[int] = Counter()
+        self.errors: Counter[int] = Counter()
+        self.rate_limited: Counter[str] = Counter()
+        self.broker_reconnects = 0
+        self.loop_lag = 0.0
+        self.presence: dict[str, dict[str, str | None]] = {}
+        self._handlers: dict[str, Callable[[Connection, Request], Awaitable[bytes]]] = {
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "publish": self._publish_req,
+            "history": self._history,
+            "presence": self._presence,
+            "auth": self._auth,
+        }
+        self._tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Create the hub on the running loop and connect the broker."""
+        self.hub = Hub(self.trie, self.config.limits.send_buffer, asyncio.get_running_loop())
+        await self.broker.start(self)
+
+    async def close(self) -> None:
+        await self.broker.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.broker.up and not self.draining
+
+    def next_client_id(self) -> str:
+        return f"{next(self._ids):x}"
+
+    def reload(self, config: Config) -> None:
+        """Apply a re-read config (keys, limits, namespace rules) to everything live."""
+        self.config = config
+        self.auth = Auth(config.server.jwt_secret, config.server.jwt_public_key)
+        if self.hub is not None:
+            self.hub.send_buffer = config.limits.send_buffer
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self, channel: str, data: Any, idempotency_key: str | None = None,
+                      *, data_json: bytes | None = None) -> PublishResult:
+        """Publish to a (validated) channel through the broker; returns offset/epoch."""
+        ns = self.config.for_channel(channel)
+        if data_json is None:
+            data_json = orjson.dumps(data)
+        return await self.broker.publish(
+            channel, data_json, history_size=ns.history_size, history_ttl=ns.history_ttl,
+            idempotency_key=idempotency_key,
+        )
+
+    def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
+                           accepted: float) -> None:
+        """Broker callback: frame the publication once and fan it out."""
+        frame = make_frame(protocol.event_payload(channel, data, offset, epoch))
+        private = self.config.for_channel(channel).subscribe == "owner"
+        self.hub.broadcast(channel, frame, accepted, private)
+
+    # ------------------------------------------------------------------ permissions
+
+    @staticmethod
+    def _allowed(rule: str, user: str | None, channel: str) -> int:
+        """0 if allowed, else the error code (401 not authenticated / 403 denied)."""
+        if rule == "anyone":
+            return 0
+        if rule == "api":
+            return Err.FORBIDDEN
+        if user is None:
+            return Err.UNAUTHORIZED
+        if rule == "authenticated":
+            return 0
+        # owner: the rest of the name is the user's id (addresses compare case-insensitively)
+        if channels.is_pattern(channel):
+            return Err.FORBIDDEN
+        owner = channels.owner_of(channel)
+        if owner == user or (channel.startswith("wallet:") and owner == user.lower()):
+            return 0
+        return Err.FORBIDDEN
+
+    def check(self, what: str, user: str | None, channel: str) -> None:
+        """Raise ProtocolError unless ``user`` may ``what`` (subscribe/publish/history/presence)."""
+        ns: NamespaceConfig = self.config.for_channel(channel)
+        if channels.is_pattern(channel) and not channels.namespace_of(channel):
+            ns = self.config.namespace("")
+        rule = getattr(ns, {"subscribe": "subscribe", "publish": "publish",
+                            "history": "history_access", "presence": "presence_access"}[what])
+        if rule == "subscriber":
+            rule = ns.subscribe
+        code = self._allowed(rule, user, channel)
+        if code:
+            msg = ("not authenticated" if code == Err.UNAUTHORIZED
+                   else f"permission denied: {what} {channel}")
+            raise ProtocolError(code, msg)
+
+    # ------------------------------------------------------------------ requests
+
+    def on_message(self, conn: Connection, payload: bytes) -> None:
+        """Handle one complete text message of ``conn``."""
+        self.messages_received += 1
+        try:
+            req = protocol.parse(payload, self.config.limits.max_channel_length)
+        except ProtocolError as exc:
+            self.send_error(conn, exc)
+            return
+        if req.type == "ping":
+            conn.send_text(protocol.reply(req.id, "pong"))
+            return
+        task = asyncio.get_running_loop().create_task(self._run(conn, req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def send_error(self, conn: Connection, exc: ProtocolError) -> None:
+        self.errors[exc.code] += 1
+        conn.send_text(protocol.error_reply(exc.id, exc.code, exc.message))
+
+    async def _run(self, conn: Connection, req: Request) -> None:
+        try:
+            answer = await self._handlers[req.type](conn, req)
+        except ProtocolError as exc:
+            exc.id = req.id
+            self.send_error(conn, exc)
+            return
+        except BrokerUnavailable as exc:
+            self.send_error(conn, ProtocolError(Err.UNAVAILABLE, str(exc), req.id))
+            return
+        except Exception:
+            log.exception("internal error handling %s", req.type)
+            self.send_error(conn, ProtocolError(Err.INTERNAL, "internal error", req.id))
+            return
+        if answer and not conn.closing:
+            conn.send_text(answer)
+
+    async def _subscribe(self, conn: Connection, req: Request) -> bytes:
+        name = req.channel
+        subs = conn.subs
+        if subs is None:
+            subs = conn.subs = set()
+        if name in subs:
+            raise ProtocolError(Err.ALREADY_SUBSCRIBED, f"already subscribed to {name}")
+        if len(subs) >= self.config.limits.max_subscriptions:
+            self.rate_limited["subscriptions"] += 1
+            raise ProtocolError(Err.RATE_LIMITED, "subscription limit of "
+                                f"{self.config.limits.max_subscriptions} reached")
+        self.check("subscribe", conn.user, name)
+        subs.add(name)  # reserve the name while we await the broker
+        try:
+            if not self.trie.keys(name):
+                await self.broker.subscribe(name)
+            extra: dict[str, Any] = {}
+            if req.since is not None:
+                extra["recovered"] = await self._recover(conn, name, req)
+            if conn.closing:
+                subs.discard(name)
+                return b""
+            # no await between the history read above and this line (memory broker)
+            self.trie.add(name, conn)
+        except BaseException:
+            subs.discard(name)
+            raise
+        self.subscriptions += 1
+        if self.config.for_channel(name).presence and not channels.is_pattern(name):
+            self._join(conn, name)
+        return protocol.reply(req.id, "subscribed", channel=name, **extra)
+
+    async def _recover(self, conn: Connection, name: str, req: Request) -> bool:
+        """Send the publications missed since ``req.since`` as event pushes; True if complete."""
+        if channels.is_pattern(name):
+            return False
+        ns = self.config.for_channel(name)
+        if ns.history_size <= 0:
+            return False
+        since = req.since
+        hist = await self.broker.history(name, limit=ns.history_size,
+                                         since_offset=since.offset, since_epoch=since.epoch)
+        if not hist.recovered:
+            return False
+        for offset, data in hist.publications:
+            conn.send_text(protocol.event_payload(name, data, offset, hist.epoch))
+        return True
+
+    async def _unsubscribe(self, conn: Connection, req: Request) -> bytes:
+        if conn.subs and req.channel in conn.subs:
+            self._drop_sub(conn, req.channel)
+        return protocol.reply(req.id, "unsubscribed", channel=req.channel)
+
+    def _drop_sub(self, conn: Connection, name: str) -> None:
+        conn.subs.discard(name)
+        if self.trie.remove(name, conn):
+            self.subscriptions -= 1
+            if not self.trie.keys(name):
+                self._spawn(self.broker.unsubscribe(name))
+            if name in self.presence:
+                self._leave(conn, name)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish_req(self, conn: Connection, req: Request) -> bytes:
+        self.check("publish", conn.user, req.channel)
+        res = await self.publish(req.channel, req.data)
+        return protocol.reply(req.id, "published", offset=res.offset, epoch=res.epoch)
+
+    async def _history(self, conn: Connection, req: Request) -> bytes:
+        if channels.is_pattern(req.channel):
+            raise ProtocolError(Err.BAD_REQUEST, "history needs a channel, not a pattern")
+        self.check("history", conn.user, req.channel)
+        since = req.since
+        hist = await self.broker.history(
+            req.channel, limit=req.limit if req.limit is not None else 100,
+            since_offset=since.offset if since else None,
+            since_epoch=since.epoch if since else None)
+        pubs = [{"offset": o, "data": orjson.Fragment(d)} for o, d in hist.publications]
+        return protocol.reply(req.id, "history", publications=pubs, offset=hist.offset,
+                              epoch=hist.epoch)
+
+    async def _presence(self, conn: Connection, req: Request) -> bytes:
+        if channels.is_pattern(req.channel):
+            raise ProtocolError(Err.BAD_REQUEST, "presence needs a channel, not a pattern")
+        if not self.config.for_channel(req.channel).presence:
+            raise ProtocolError(Err.FORBIDDEN, "presence is not enabled for this namespace")
+        self.check("presence", conn.user, req.channel)
+        members = self.presence.get(req.channel, {})
+        clients = [{"client": cid, "user": user} for cid, user in members.items()]
+        return protocol.reply(req.id, "presence", clients=clients)
+
+    async def _auth(self, conn: Connection, req: Request) -> bytes:
+        try:
+            user = self.auth.verify(req.token)
+        except ValueError as exc:
+            raise ProtocolError(Err.UNAUTHORIZED, str(exc)) from None
+        conn.user = user
+        return protocol.reply(req.id, "authed", user=user)
+
+    # ------------------------------------------------------------------ presence
+
+    def _join(self, conn: Connection, channel: str) -> None:
+        self.presence.setdefault(channel, {})[conn.client_id] = conn.user
+        self._presence_push("join", conn, channel)
+
+    def _leave(self, conn: Connection, channel: str) -> None:
+        members = self.presence.get(channel)
+        if members is None or members.pop(conn.client_id, 0) == 0:
+            return
+        if not members:
+            del self.presence[channel]
+        self._presence_push("leave", conn, channel)
+
+    def _presence_push(self, typ: str, conn: Connection, channel: str) -> None:
+        payload = orjson.dumps({"type": typ, "channel": channel, "client": conn.client_id,
+                                "user": conn.user})
+        self.hub.broadcast(channel, make_frame(payload), time.monotonic(), True)
+
+    # ------------------------------------------------------------------ connections
+
+    def drop(self, conn: Connection, close_code: int) -> None:
+        """A connection ended: remove its subscriptions and count its close code."""
+        self.closed[close_code] += 1
+        self.hub.conns.discard(conn)
+        conn.closing = True
+        if conn.subs:
+            for name in list(conn.subs):
+                self._drop_sub(conn, name)

@@ -1,0 +1,153 @@
+"""Protocol v1, sans I/O: client messages in, validated requests and reply bytes out.
+
+Nothing here touches sockets, picows, asyncio or a broker.  :func:`parse` turns one
+text frame into a :class:`Request` or raises :class:`ProtocolError` carrying the
+error reply's code; the ``reply_*`` helpers build the exact bytes the server sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from fastws import channels
+from fastws.codes import Err
+
+__all__ = [
+    "TYPES", "Since", "Request", "ProtocolError", "parse", "reply", "error_reply",
+    "event_payload", "disconnect_payload",
+]
+
+TYPES = frozenset(
+    {"subscribe", "unsubscribe", "publish", "history", "presence", "auth", "ping"}
+)
+_MAX_ID = 2**63 - 1
+MAX_HISTORY_LIMIT = 1000
+
+
+@dataclass(slots=True, frozen=True)
+class Since:
+    """A stream position: the last offset a client has, in a given epoch."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(slots=True)
+class Request:
+    """One validated client request."""
+
+    type: str
+    id: int | None = None
+    channel: str = ""
+    data: Any = None
+    since: Since | None = None
+    limit: int | None = None
+    token: str = ""
+
+
+class ProtocolError(Exception):
+    """A request that gets an ``error`` reply (the connection stays open)."""
+
+    def __init__(self, code: int, message: str, id: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+
+def _since(value: object, id: int | None) -> Since:
+    if not isinstance(value, dict):
+        raise ProtocolError(Err.BAD_REQUEST, "since must be an object {offset, epoch}", id)
+    offset = value.get("offset")
+    epoch = value.get("epoch", "")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ProtocolError(Err.BAD_REQUEST, "since.offset must be a non-negative integer", id)
+    if not isinstance(epoch, str):
+        raise ProtocolError(Err.BAD_REQUEST, "since.epoch must be a string", id)
+    return Since(offset, epoch)
+
+
+def parse(payload: bytes | str, max_channel_length: int = 255) -> Request:
+    """Parse and validate one client message.
+
+    Raises ProtocolError(400) for bad JSON or fields, (404) for an unknown type.
+    """
+    try:
+        msg = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(Err.BAD_REQUEST, "invalid JSON") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(Err.BAD_REQUEST, "message must be a JSON object")
+    id = msg.get("id")
+    if id is not None and (not isinstance(id, int) or isinstance(id, bool)
+                           or not 0 <= id <= _MAX_ID):
+        raise ProtocolError(Err.BAD_REQUEST, "id must be a non-negative integer")
+    typ = msg.get("type")
+    if not isinstance(typ, str):
+        raise ProtocolError(Err.BAD_REQUEST, "type must be a string", id)
+    if typ not in TYPES:
+        raise ProtocolError(Err.UNKNOWN_TYPE, f"unknown type {typ[:40]!r}", id)
+    req = Request(typ, id)
+    if typ in ("ping",):
+        return req
+    if typ == "auth":
+        token = msg.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError(Err.BAD_REQUEST, "token must be a non-empty string", id)
+        req.token = token
+        return req
+    if "channel" not in msg:
+        raise ProtocolError(Err.BAD_REQUEST, "channel is required", id)
+    try:
+        req.channel = channels.validate(
+            msg["channel"], max_channel_length, allow_pattern=typ in ("subscribe", "unsubscribe")
+        )
+    except channels.ChannelError as exc:
+        raise ProtocolError(Err.BAD_REQUEST, str(exc), id) from None
+    if typ == "publish":
+        if "data" not in msg:
+            raise ProtocolError(Err.BAD_REQUEST, "data is required", id)
+        req.data = msg["data"]
+    elif typ in ("subscribe", "history"):
+        if msg.get("since") is not None:
+            req.since = _since(msg["since"], id)
+        if typ == "history":
+            limit = msg.get("limit", 100)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ProtocolError(Err.BAD_REQUEST, "limit must be a non-negative integer", id)
+            req.limit = min(limit, MAX_HISTORY_LIMIT)
+    return req
+
+
+def reply(id: int | None, typ: str, **fields: Any) -> bytes:
+    """Bytes of a reply ``{"id":…,"type":…,…}`` (``id`` left out when None)."""
+    msg: dict[str, Any] = {"id": id} if id is not None else {}
+    msg["type"] = typ
+    msg.update(fields)
+    return orjson.dumps(msg)
+
+
+def error_reply(id: int | None, code: int, message: str) -> bytes:
+    """Bytes of an ``error`` reply."""
+    return reply(id, "error", code=code, message=message)
+
+
+def event_payload(channel: str, data_json: bytes, offset: int = 0, epoch: str = "") -> bytes:
+    """Bytes of an ``event`` push; ``data_json`` is already-encoded JSON.
+
+    ``offset``/``epoch`` are left out for publications without history (offset 0).
+    """
+    if offset:
+        return orjson.dumps({"type": "event", "channel": channel, "offset": offset,
+                             "epoch": epoch, "data": orjson.Fragment(data_json)})
+    return orjson.dumps({"type": "event", "channel": channel,
+                         "data": orjson.Fragment(data_json)})
+
+
+def disconnect_payload(code: int, reason: str, reconnect: bool, after_ms: int) -> bytes:
+    """Bytes of a ``disconnect`` push sent before a server-initiated close."""
+    return orjson.dumps({"type": "disconnect", "code": code, "reason": reason,
+                         "reconnect": reconnect, "after_ms": after_ms})

@@ -1,0 +1,625 @@
+"""The picows adapter and the process lifecycle: one port for WebSocket and HTTP.
+
+Each accepted socket starts as an :class:`HttpFront` that reads the request head.
+A WebSocket upgrade is handed to picows (the transport switches to picows'
+``WSProtocol``, which calls :meth:`App.listener_for` with the parsed request); any
+other request (``/healthz``, ``/readyz``, ``/metrics``, ``POST /api/publish``, the
+live page, ``/fastws.js``) is answered here, with keep-alive.
+
+``run(config)`` is what ``fastws serve`` calls: startup → serve → drain → exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import sys
+import time
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import uvloop
+from picows import (
+    WSAutoPingStrategy,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
+from picows.picows import WSProtocol
+
+from fastws import channels, protocol
+from fastws._fanout import Conn
+from fastws._frames import MessageAssembler, close_with, receive
+from fastws._version import __version__
+from fastws.broker import BrokerUnavailable
+from fastws.codes import (
+    DISCONNECT_CONNECTION_LIMIT,
+    DISCONNECT_DRAINING,
+    DISCONNECT_INVALID_TOKEN,
+    DISCONNECT_ORIGIN,
+    DISCONNECT_SLOW,
+    Close,
+    Disconnect,
+)
+from fastws.config import Config
+from fastws.metrics import CONTENT_TYPE, Metrics
+from fastws.node import Node
+
+__all__ = ["Connection", "App", "run", "serve"]
+
+log = logging.getLogger("fastws")
+
+MAX_HEAD = 16 * 1024
+MAX_BODY = 1024 * 1024
+SLOW_ABORT_AFTER = 2.0          # seconds between a 4008 close and dropping the socket
+HEARTBEAT_TICK = 1.0
+WS_PATHS = ("/", "/ws")
+
+
+class _PicowsLog:
+    """Logger-like object for picows: one shared object (no per-connection child logger),
+    with picows' per-connection info lines demoted to debug."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self.name = logger.name
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging API
+        return self._log.isEnabledFor(min(level, logging.DEBUG))
+
+    def log(self, level: int, msg: str, *args: Any, **kw: Any) -> None:
+        self._log.log(min(level, logging.DEBUG), msg, *args, **kw)
+
+    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._log.debug(msg, *args, **kw)
+
+    info = debug
+
+    def warning(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._log.warning(msg, *args, **kw)
+
+    def error(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._log.error(msg, *args, **kw)
+
+    def exception(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._log.exception(msg, *args, **kw)
+
+
+class Connection(Conn):
+    """One protocol connection: the picows listener, with the session's state."""
+
+    __slots__ = ("node", "client_id", "user", "subs", "assembler", "close_code", "pending_close",
+                 "msg_window", "msg_count")
+
+    def __init__(self, node: Node, user: str | None, pending_close: Disconnect | None) -> None:
+        self.node = node
+        self.client_id = node.next_client_id()
+        self.user = user
+        self.subs: set[str] | None = None
+        self.assembler = MessageAssembler(node.config.limits.max_message_size)
+        self.close_code = 0
+        self.pending_close = pending_close
+        self.msg_window = 0.0
+        self.msg_count = 0
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        node = self.node
+        self.hub = node.hub
+        node.accepted += 1
+        if self.pending_close is not None:
+            self.disconnect(self.pending_close)
+            return
+        node.hub.conns.add(self)
+        transport.underlying_transport.set_write_buffer_limits(
+            high=node.config.limits.send_buffer)
+
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        self.active = True
+        msg = receive(self.assembler, transport, frame)
+        if msg is None or self.closing:
+            return
+        opcode, payload = msg
+        if opcode != WSMsgType.TEXT:
+            self.close(Close.UNSUPPORTED_DATA, "binary messages are not supported")
+            return
+        if self._rate_limited():
+            return
+        self.node.on_message(self, payload)
+
+    def _rate_limited(self) -> bool:
+        limits = self.node.config.limits
+        now = time.monotonic()
+        if now - self.msg_window >= limits.messages_window:
+            self.msg_window = now
+            self.msg_count = 0
+        self.msg_count += 1
+        if self.msg_count <= limits.messages_per_connection:
+            return False
+        self.node.rate_limited["messages"] += 1
+        if self.msg_count > 2 * limits.messages_per_connection:
+            from fastws.codes import DISCONNECT_RATE_LIMITED
+            self.disconnect(DISCONNECT_RATE_LIMITED)
+        else:
+            self.node.send_error(self, protocol.ProtocolError(
+                429, f"rate limited: more than {limits.messages_per_connection} messages "
+                f"per {limits.messages_window:g} s"))
+        return True
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        code = self.close_code
+        hs = transport.close_handshake
+        if not code and hs is not None:
+            info = hs.recv if hs.recv is not None else hs.sent
+            code = int(info.code) if info is not None else 0
+        self.node.drop(self, code or 1006)
+
+    def pause_writing(self) -> None:
+        """The transport holds more than send_buffer bytes: a slow consumer."""
+        if not self.closing:
+            self.hub.mark_slow(self)
+
+    def resume_writing(self) -> None:
+        pass
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Flush what is queued, then close with ``code``."""
+        if self.transport is None or self.transport.is_close_frame_sent:
+            return
+        self.flush_now()
+        self.closing = True
+        self.close_code = code
+        close_with(self.transport, code, reason)
+
+    def disconnect(self, d: Disconnect, after_ms: int | None = None) -> None:
+        """Send the ``disconnect`` push after everything queued, then close with its code."""
+        if self.transport is None or self.transport.is_close_frame_sent:
+            return
+        if after_ms is None:
+            after_ms = random.randint(0, 5000) if d.reconnect else 0
+        self.send_text(protocol.disconnect_payload(d.code, d.reason, d.reconnect, after_ms))
+        self.close(d.code, d.reason)
+
+
+class App:
+    """Routes HTTP requests and WebSocket upgrades for one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.metrics = Metrics(node)
+        self.loop = asyncio.get_running_loop()
+        static = resources.files("fastws") / "static"
+        self.static = {
+            "/": (static / "index.html").read_bytes(),
+            "/fastws.js": (static / "fastws.js").read_bytes(),
+        }
+        self.picows_log = _PicowsLog(logging.getLogger("fastws.picows"))
+
+    # ------------------------------------------------------------------ WebSocket
+
+    def make_ws_protocol(self) -> WSProtocol:
+        cfg = self.node.config
+        return WSProtocol(
+            None, None, False, self.listener_for, self.picows_log,
+            True,                       # disconnect_on_exception
+            10,                         # handshake timeout
+            False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,  # our own heartbeat sweep
+            False,                      # auto-pong off: the assembler answers PINGs
+            cfg.limits.max_message_size,
+            None,
+            cfg.server.read_buffer_size,
+        )
+
+    def listener_for(self, request: WSUpgradeRequest) -> Any:
+        """picows calls this with a parsed upgrade request; returns the listener."""
+        node = self.node
+        url = urlsplit(request.path.decode("latin-1"))
+        if url.path not in WS_PATHS:
+            return _http_response(404, b"not found\n")
+        if node.draining:
+            return _http_response(503, b"server draining\n", {"Retry-After": "5"})
+        pending: Disconnect | None = None
+        limits = node.config.limits
+        if limits.max_connections and len(node.hub.conns) >= limits.max_connections:
+            pending = DISCONNECT_CONNECTION_LIMIT
+        origins = node.config.server.allow_origins
+        if origins and request.headers.get("origin", "") not in origins:
+            pending = DISCONNECT_ORIGIN
+        user = None
+        token = parse_qs(url.query).get("token", [None])[0]
+        authz = request.headers.get("authorization", "")
+        if token is None and authz.lower().startswith("bearer "):
+            token = authz[7:].strip()
+        if token and pending is None:
+            try:
+                user = node.auth.verify(token)
+            except ValueError:
+                pending = DISCONNECT_INVALID_TOKEN
+        return Connection(node, user, pending)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def handle_http(self, method: str, path: str, headers: dict[str, str],
+                    body: bytes) -> bytes | asyncio.Future:
+        """Answer one plain HTTP request (bytes, or a future of bytes)."""
+        route = urlsplit(path).path
+        if route == "/api/publish":
+            if method != "POST":
+                return _response(405, b'{"error":"use POST"}', {"Allow": "POST"})
+            return self.loop.create_task(self._api_publish(headers, body))
+        if method not in ("GET", "HEAD"):
+            return _response(405, b'{"error":"method not allowed"}', {"Allow": "GET"})
+        if route == "/healthz":
+            return _json(200, {"status": "ok"})
+        if route == "/readyz":
+            if self.node.ready:
+                return _json(200, {"status": "ready"})
+            reason = "draining" if self.node.draining else "broker unavailable"
+            return _json(503, {"status": "not ready", "reason": reason})
+        if route == "/metrics":
+            return _response(200, self.metrics.render(), {"Content-Type": CONTENT_TYPE})
+        if route == "/fastws.js":
+            return _response(200, self.static["/fastws.js"],
+                             {"Content-Type": "text/javascript; charset=utf-8",
+                              "Cache-Control": "no-cache"})
+        if route in ("/", "/index.html"):
+            return _response(200, self.static["/"], {"Content-Type": "text/html; charset=utf-8"})
+        return _json(404, {"error": "not found"})
+
+    async def _api_publish(self, headers: dict[str, str], body: bytes) -> bytes:
+        keys = self.node.config.server.api_keys
+        authz = headers.get("authorization", "")
+        if not keys or not authz.lower().startswith("bearer ") or authz[7:].strip() not in keys:
+            return _json(401, {"error": "a valid API key is required (Authorization: Bearer)"},
+                         {"WWW-Authenticate": "Bearer"})
+        try:
+            msg = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _json(400, {"error": "body must be JSON"})
+        if not isinstance(msg, dict):
+            return _json(400, {"error": "body must be a JSON object"})
+        unknown = set(msg) - {"channel", "data", "idempotency_key"}
+        if unknown:
+            return _json(400, {"error": f"unknown field {sorted(unknown)[0]!r}"})
+        if "data" not in msg:
+            return _json(400, {"error": "data is required"})
+        try:
+            channel = channels.validate(msg.get("channel"),
+                                        self.node.config.limits.max_channel_length,
+                                        allow_pattern=False)
+        except channels.ChannelError as exc:
+            return _json(400, {"error": str(exc)})
+        key = msg.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 255):
+            return _json(400, {"error": "idempotency_key must be a string of 1-255 chars"})
+        try:
+            res = await self.node.publish(channel, msg["data"], key)
+        except BrokerUnavailable as exc:
+            return _json(503, {"error": f"broker unavailable: {exc}"}, {"Retry-After": "1"})
+        return _json(200, {"offset": res.offset, "epoch": res.epoch})
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+
+def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
+            f"Content-Length: {len(body)}", f"Server: fastws/{__version__}"]
+    hdrs = {"Content-Type": "application/json"}
+    hdrs.update(headers or {})
+    head += [f"{k}: {v}" for k, v in hdrs.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> bytes:
+    return _response(status, orjson.dumps(obj) + b"\n", headers)
+
+
+def _http_response(status: int, body: bytes, headers: dict[str, str] | None = None):
+    resp = WSUpgradeResponse.create_error_response(status, body)
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return WSUpgradeResponseWithListener(resp, None)
+
+
+class HttpFront(asyncio.Protocol):
+    """Reads HTTP request heads; answers plain requests, hands upgrades to picows."""
+
+    __slots__ = ("app", "transport", "buf", "busy", "closing")
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.busy = False
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.busy:
+            self._process()
+
+    def _fail(self, status: int, message: str) -> None:
+        self.transport.write(_json(status, {"error": message}, {"Connection": "close"}))
+        self.transport.close()
+        self.closing = True
+        self.buf = b""
+
+    def _process(self) -> None:
+        while self.transport is not None and not self.closing and not self.busy:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > MAX_HEAD:
+                    self._fail(431, "request head too large")
+                return
+            head = self.buf[:end].decode("latin-1")
+            lines = head.split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                self._fail(400, "malformed request line")
+                return
+            method, path, version = parts
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep:
+                    self._fail(400, "malformed header")
+                    return
+                headers[name.strip().lower()] = value.strip()
+            if headers.get("upgrade", "").lower() == "websocket":
+                self._upgrade()
+                return
+            try:
+                length = int(headers.get("content-length", "0"))
+            except ValueError:
+                self._fail(400, "bad Content-Length")
+                return
+            if "transfer-encoding" in headers:
+                self._fail(400, "Transfer-Encoding is not supported; send Content-Length")
+                return
+            if length < 0 or length > MAX_BODY:
+                self._fail(413, "body too large")
+                return
+            if len(self.buf) < end + 4 + length:
+                return
+            body = self.buf[end + 4:end + 4 + length]
+            self.buf = self.buf[end + 4 + length:]
+            keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+            try:
+                answer = self.app.handle_http(method, path, headers, body)
+            except Exception:
+                log.exception("internal error answering %s %s", method, path)
+                answer = _json(500, {"error": "internal error"})
+            if isinstance(answer, bytes):
+                self._send(answer, keep, method)
+            else:
+                self.busy = True
+                answer.add_done_callback(lambda fut, k=keep, m=method: self._done(fut, k, m))
+
+    def _done(self, fut: asyncio.Future, keep: bool, method: str) -> None:
+        self.busy = False
+        try:
+            answer = fut.result()
+        except Exception:
+            log.exception("internal error in an HTTP handler")
+            answer = _json(500, {"error": "internal error"})
+        self._send(answer, keep, method)
+        self._process()
+
+    def _send(self, answer: bytes, keep: bool, method: str) -> None:
+        if self.transport is None:
+            return
+        if method == "HEAD":
+            answer = answer[:answer.find(b"\r\n\r\n") + 4]
+        if not keep:
+            answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        self.transport.write(answer)
+        if not keep:
+            self.transport.close()
+            self.closing = True
+
+    def _upgrade(self) -> None:
+        transport, data = self.transport, self.buf
+        self.buf = b""
+        self.transport = None
+        ws = self.app.make_ws_protocol()
+        transport.set_protocol(ws)
+        ws.connection_made(transport)
+        buf = ws.get_buffer(len(data))
+        n = min(len(data), len(buf))
+        memoryview(buf)[:n] = data[:n]
+        ws.buffer_updated(n)
+        if n < len(data):  # more than the initial buffer: feed the rest
+            rest = data[n:]
+            while rest:
+                buf = ws.get_buffer(len(rest))
+                k = min(len(rest), len(buf))
+                memoryview(buf)[:k] = rest[:k]
+                ws.buffer_updated(k)
+                rest = rest[k:]
+
+
+# ---------------------------------------------------------------------- lifecycle
+
+
+class Server:
+    """One serving process: startup → serve → drain → shutdown (uvicorn-style)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node = Node(config)
+        self.stopped = asyncio.Event()
+        self.exit_code = 0
+        self._listener: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.node.start()
+        hub = self.node.hub
+        hub.on_slow = self._on_slow
+        hub.on_heartbeat_timeout = self._on_heartbeat_timeout
+        self.app = App(self.node)
+        cfg = self.config.server
+        self._listener = await loop.create_server(
+            lambda: HttpFront(self.app), cfg.host, cfg.port, backlog=4096, reuse_address=True)
+        for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGINT, self.drain),
+                             (signal.SIGHUP, self.reload)):
+            loop.add_signal_handler(sig, handler)
+        self._tasks.append(loop.create_task(self._heartbeat()))
+        if cfg.demo:
+            from fastws.demo import run_demo
+
+            self._tasks.append(loop.create_task(run_demo(self.node)))
+        log.info("fastws %s serving on http://%s:%d (broker %s)", __version__, cfg.host,
+                 cfg.port, cfg.broker)
+
+    def _on_slow(self, conn: Connection) -> None:
+        conn.close_code = Close.SLOW_CONSUMER
+        tr = conn.transport
+        if tr is None or tr.is_disconnected:
+            return
+        with contextlib.suppress(Exception):
+            close_with(tr, Close.SLOW_CONSUMER, DISCONNECT_SLOW.reason)
+        asyncio.get_running_loop().call_later(SLOW_ABORT_AFTER, _abort, tr)
+
+    def _on_heartbeat_timeout(self, conn: Connection) -> None:
+        conn.close(Close.GOING_AWAY, "heartbeat timeout")
+        if conn.transport is not None:
+            asyncio.get_running_loop().call_later(SLOW_ABORT_AFTER, _abort, conn.transport)
+
+    async def _heartbeat(self) -> None:
+        cfg = self.node.config.server
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(HEARTBEAT_TICK)
+            self.node.loop_lag = max(0.0, loop.time() - t0 - HEARTBEAT_TICK)
+            cfg = self.node.config.server
+            self.node.hub.sweep(cfg.ping_interval, cfg.pong_timeout)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; apply keys, limits and namespace rules."""
+        from fastws.config import ConfigError, reload
+
+        try:
+            new = reload(self.node.config)
+        except (ConfigError, OSError) as exc:
+            log.error("SIGHUP: config not reloaded: %s", exc)
+            return
+        self.node.reload(new)
+        for conn in list(self.node.hub.conns):
+            conn.assembler.max_message_size = new.limits.max_message_size
+        log.info("SIGHUP: configuration reloaded")
+
+    def drain(self) -> None:
+        """SIGTERM: refuse new connections, disconnect the rest over the drain window."""
+        if self.node.draining:
+            return
+        self.node.draining = True
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        timeout = self.node.config.server.drain_timeout
+        log.info("draining: %d connections over %.1f s", len(self.node.hub.conns), timeout)
+        if self._listener is not None:
+            self._listener.close()
+        deadline = time.monotonic() + timeout
+        conns = list(self.node.hub.conns)
+        random.shuffle(conns)
+        window = timeout * 0.5
+        batches = max(1, min(10, len(conns)))
+        per = -(-len(conns) // batches) if conns else 0
+        for i in range(batches):
+            for conn in conns[i * per:(i + 1) * per]:
+                conn.disconnect(DISCONNECT_DRAINING,
+                                random.randint(0, int(timeout * 1000)))
+            if i + 1 < batches:
+                await asyncio.sleep(window / batches)
+        while self.node.hub.conns and time.monotonic() < deadline - 0.2:
+            await asyncio.sleep(0.05)
+        self.stopped.set()
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for conn in list(self.node.hub.conns):
+            if conn.transport is not None:
+                conn.transport.disconnect(False)
+        await self.node.close()
+
+
+def _abort(transport: WSTransport) -> None:
+    if not transport.is_disconnected:
+        transport.disconnect(False)
+
+
+async def serve(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT has drained; return the exit status."""
+    server = Server(config)
+    try:
+        await server.startup()
+    except OSError as exc:
+        print(f"fastws: cannot listen on {config.server.host}:{config.server.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except BrokerUnavailable as exc:
+        print(f"fastws: --broker: {exc}", file=sys.stderr)
+        return 2
+    await server.stopped.wait()
+    await server.shutdown()
+    return server.exit_code
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    """Configure the root logger: ``text`` lines or one JSON object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                       "logger": record.name, "msg": record.getMessage()}
+                if record.exc_info:
+                    out["exc"] = self.formatException(record.exc_info)
+                return orjson.dumps(out).decode()
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def run(config: Config) -> int:
+    """Run one server process with uvloop (what ``fastws serve`` calls)."""
+    setup_logging(config.server.log_level, config.server.log_format)
+    try:
+        return uvloop.run(serve(config))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from fastws.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))
