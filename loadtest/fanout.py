@@ -59,6 +59,7 @@ max_connections = 0
 publish = "anyone"
 history_size = 0
 """
+_time_ns = time.time_ns
 FD_HEADROOM = 64  # descriptors each client process keeps for itself
 MAX_PER_PROC_DEFAULT = 19000  # ulimit -n is 20000 here and cannot be raised
 PORTS_PER_SOURCE_IP = 25000  # ephemeral ports per (source IP, server port), with margin
@@ -144,21 +145,29 @@ class Subscriber(WSListener):
         self.transport = transport
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        """Hot path: find "t": and "seq": without a JSON decode, update counters."""
-        if frame.msg_type is not WSMsgType.TEXT:
-            self._control_frame(transport, frame)
-            return
+        """Hot path: find "t": and "seq": without a JSON decode, update counters.
+
+        ``frame.msg_type`` costs ~0.3 µs (it builds an enum), so the payload is searched
+        first and the type is only looked at for frames that are not event pushes.
+        """
         buf = frame.get_payload_as_bytes()
         i = buf.find(b'"t":')
         if i < 0:
-            self._reply(buf)
+            if frame.msg_type is WSMsgType.TEXT:
+                self._reply(buf)
+            else:
+                self._control_frame(transport, frame)
             return
         st = self.stats
-        now = time.time_ns()
+        now = _time_ns()
+        j = buf.find(b",", i)
         try:
-            t = int(buf[i + 4:buf.find(b",", i)])
-            k = buf.find(b'"seq":', i)
-            seq = int(buf[k + 6:buf.find(b",", k)])
+            t = int(buf[i + 4:j])
+            if buf.startswith(b'"seq":', j + 1):
+                seq = int(buf[j + 7:buf.find(b",", j + 7)])
+            else:
+                k = buf.find(b'"seq":', i)
+                seq = int(buf[k + 6:buf.find(b",", k)])
         except ValueError:  # another key order or layout: decode for real
             try:
                 data = orjson.loads(buf)["data"]
