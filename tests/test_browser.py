@@ -238,3 +238,32 @@ def test_glob_matcher_agrees_with_server(page, server):
     for p, row in zip(patterns, got, strict=True):
         for n, g in zip(names, row, strict=True):
             assert g == bool(_match.glob_match(p, n)), (p, n, g)
+
+
+def test_page_recovers_missed_events(page, fastws_server):
+    """A dropped connection resubscribes with `since`; what was missed is replayed, once."""
+    srv = fastws_server()
+    open_live_page(page, srv)
+    subscribe_on_page(page, "rec:room")
+    srv.publish("rec:room", 1)
+    srv.publish("rec:room", 2)
+    wait_for(lambda: len(event_rows(page)) >= 2, what="first events")
+    # Make the next reconnect wait exactly 2 s, then drop the socket from the page.
+    page.evaluate("""() => {
+      window.fastws.options.random = () => 1;
+      window.fastws.options.minDelay = 2000;
+      window.fastws._ws.close();
+    }""")
+    page.wait_for_function("() => window.fastws.state === 'disconnected'")
+    for n in (3, 4, 5):
+        srv.publish("rec:room", n)
+    page.wait_for_function(
+        "() => window.__log.filter(([n, a]) => n === 'subscribed').length >= 2")
+    info = [a for n, a in page.evaluate("window.__log") if n == "subscribed"][-1]
+    assert info["recovered"] is True and info["replayed"] == 3, info
+    srv.publish("rec:room", 6)
+    wait_for(lambda: len(event_rows(page)) >= 6, what="replayed and live events")
+    time.sleep(0.3)
+    assert [int(d) for _, d in event_rows(page)] == [6, 5, 4, 3, 2, 1]
+    assert "recovered, 3 missed" in page.text_content("#notices")
+    assert page.text_content("#state") == "connected"
