@@ -267,3 +267,23 @@ def test_page_recovers_missed_events(page, fastws_server):
     assert [int(d) for _, d in event_rows(page)] == [6, 5, 4, 3, 2, 1]
     assert "recovered, 3 missed" in page.text_content("#notices")
     assert page.text_content("#state") == "connected"
+
+
+def test_backoff_is_full_jitter(page, server):
+    """After the n-th failed attempt the delay is uniform in [0, min(20 s, 0.5 s * 2^n)]."""
+    page.goto(server.http_url + "/")
+    got = page.evaluate("""async () => {
+      const { backoffDelay } = await import("/fastws.js");
+      const out = [];
+      for (let n = 0; n < 10; n++) {
+        const top = backoffDelay(n, { random: () => 0.999999 });
+        const low = backoffDelay(n, { random: () => 0 });
+        let max = 0;
+        for (let i = 0; i < 2000; i++) max = Math.max(max, backoffDelay(n));
+        out.push([low, top, max]);
+      }
+      return out;
+    }""")
+    for n, (low, top, seen_max) in enumerate(got):
+        cap = min(20_000, 500 * 2**n)
+        assert low == 0 and cap * 0.999 < top <= cap and cap * 0.9 < seen_max <= cap, (n, got[n])
