@@ -239,14 +239,14 @@ class Node:
             if conn.closing:
                 subs.discard(name)
                 return b""
+            if self.config.for_channel(name).presence and not channels.is_pattern(name):
+                self._join(conn, name)  # pushed to the others, before we are one of them
             # no await between the history read above and this line (memory broker)
             self.trie.add(name, conn)
         except BaseException:
             subs.discard(name)
             raise
         self.subscriptions += 1
-        if self.config.for_channel(name).presence and not channels.is_pattern(name):
-            self._join(conn, name)
         return protocol.reply(req.id, "subscribed", channel=name, **extra)
 
     async def _recover(self, conn: Connection, name: str, req: Request) -> bool:

@@ -206,3 +206,14 @@ def shared_redis() -> Iterator[RedisProc]:
     r = start_redis()
     yield r
     r.stop()
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """GET /metrics and return {'name{labels}': value} for every sample."""
+    _, _, body = http("GET", base_url + "/metrics")
+    values: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values

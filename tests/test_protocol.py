@@ -1,0 +1,92 @@
+"""Protocol v1 parsing and reply bytes, with no sockets (fastws.protocol, fastws.channels)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from fastws import channels, protocol
+from fastws.protocol import ProtocolError, Since, parse
+
+
+def err(payload: bytes | str) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        parse(payload)
+    return info.value
+
+
+def test_subscribe_with_since() -> None:
+    req = parse(b'{"id":1,"type":"subscribe","channel":"events:*",'
+                b'"since":{"offset":41,"epoch":"e"}}')
+    assert (req.id, req.type, req.channel) == (1, "subscribe", "events:*")
+    assert req.since == Since(41, "e")
+
+
+def test_requests_of_every_type() -> None:
+    assert parse('{"type":"ping"}').id is None
+    assert parse('{"id":3,"type":"publish","channel":"a:b","data":{"x":[1]}}').data == {"x": [1]}
+    assert parse('{"id":4,"type":"history","channel":"a:b"}').limit == 100
+    assert parse('{"id":4,"type":"history","channel":"a:b","limit":5000}').limit == 1000
+    assert parse('{"id":5,"type":"presence","channel":"a:b"}').channel == "a:b"
+    assert parse('{"id":6,"type":"auth","token":"t"}').token == "t"
+    assert parse('{"id":2,"type":"unsubscribe","channel":"a:*"}').channel == "a:*"
+
+
+def test_wallet_names_are_lowercased() -> None:
+    assert parse('{"type":"subscribe","channel":"wallet:0xAbC"}').channel == "wallet:0xabc"
+    assert channels.normalize("user:AbC") == "user:AbC"
+
+
+@pytest.mark.parametrize(("payload", "code", "fragment"), [
+    (b"not json", 400, "invalid JSON"),
+    (b"[1,2]", 400, "JSON object"),
+    (b'{"id":"1","type":"ping"}', 400, "id must be"),
+    (b'{"id":true,"type":"ping"}', 400, "id must be"),
+    (b'{"id":-1,"type":"ping"}', 400, "id must be"),
+    (b'{"id":1}', 400, "type must be"),
+    (b'{"id":1,"type":"dance"}', 404, "unknown type"),
+    (b'{"id":1,"type":"subscribe"}', 400, "channel is required"),
+    (b'{"id":1,"type":"subscribe","channel":""}', 400, "empty"),
+    (b'{"id":1,"type":"subscribe","channel":"a b"}', 400, "without space"),
+    (b'{"id":1,"type":"subscribe","channel":7}', 400, "must be a string"),
+    ('{"id":1,"type":"subscribe","channel":"caf\u00e9"}'.encode(), 400, "ASCII"),
+    (b'{"id":1,"type":"subscribe","channel":"' + b"x" * 256 + b'"}', 400, "longer than 255"),
+    (b'{"id":1,"type":"publish","channel":"a:*","data":1}', 400, "pattern"),
+    (b'{"id":1,"type":"publish","channel":"a:b"}', 400, "data is required"),
+    (b'{"id":1,"type":"subscribe","channel":"a","since":5}', 400, "since must be"),
+    (b'{"id":1,"type":"subscribe","channel":"a","since":{"offset":-1}}', 400, "since.offset"),
+    (b'{"id":1,"type":"subscribe","channel":"a","since":{"offset":1,"epoch":2}}', 400,
+     "since.epoch"),
+    (b'{"id":1,"type":"history","channel":"a","limit":"x"}', 400, "limit"),
+    (b'{"id":1,"type":"auth"}', 400, "token"),
+])
+def test_errors(payload: bytes, code: int, fragment: str) -> None:
+    exc = err(payload)
+    assert exc.code == code
+    assert fragment in exc.message
+    if b'"id":1' in payload:
+        assert exc.id == 1
+
+
+def test_reply_bytes() -> None:
+    assert protocol.reply(1, "pong") == b'{"id":1,"type":"pong"}'
+    assert protocol.reply(None, "pong") == b'{"type":"pong"}'
+    assert orjson.loads(protocol.error_reply(2, 404, "x")) == {
+        "id": 2, "type": "error", "code": 404, "message": "x"}
+
+
+def test_event_payload_is_exact() -> None:
+    assert protocol.event_payload("events:x", b'{"a":1}', 42, "e") == (
+        b'{"type":"event","channel":"events:x","offset":42,"epoch":"e","data":{"a":1}}')
+    assert protocol.event_payload("events:x", b'"raw"') == (
+        b'{"type":"event","channel":"events:x","data":"raw"}')
+
+
+def test_namespaces_and_patterns() -> None:
+    assert channels.namespace_of("events:x") == "events"
+    assert channels.namespace_of("events:*") == "events"
+    assert channels.namespace_of("*:x") == ""
+    assert channels.namespace_of("plain") == ""
+    assert channels.is_pattern("a\\b") and channels.is_pattern("a[b]")
+    assert not channels.is_pattern("a:b")
+    assert channels.owner_of("wallet:0xab") == "0xab"
