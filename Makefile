@@ -18,9 +18,13 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-# Debian packages the test-suite talks to for real (redis-server).
+# Debian packages the test-suite talks to for real: redis-server, and chromium for
+# the browser client (playwright drives the system browser; it downloads nothing).
 system-deps:
-	@command -v redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
 
 serve: build
 	$(VENV)/bin/fastws serve --demo --host 127.0.0.1 --port 8765
