@@ -453,6 +453,8 @@ class Client:
                 self._set_state("connecting")
                 try:
                     conn = await self._open()
+                except _Terminal:
+                    raise
                 except _RetryAfter as exc:
                     log.info("fastws client: %s asks to retry after %s s", self.url, exc.seconds)
                     min_wait = exc.seconds

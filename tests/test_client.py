@@ -1,0 +1,573 @@
+"""Tests of the Python client (fastws.client): unit tests, a scripted fake server, a real one.
+
+The fake server (picows, in this process) makes the protocol corner cases deterministic:
+close codes, `disconnect` pushes, recovery replays, a silent peer. The tests at the end
+run against a real `fastws serve` subprocess (the `fastws_server` fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import random
+import signal
+import socket
+import time
+from typing import Any
+
+import orjson
+import pytest
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
+
+from fastws.client import Client, Event, backoff_delay, connect, is_pattern
+from fastws.errors import (
+    AuthError,
+    ConnectionClosed,
+    FastWSError,
+    RequestError,
+    RequestTimeout,
+)
+
+FAST = {"backoff_base": 0.02, "backoff_cap": 0.1, "request_timeout": 5.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- unit tests
+
+
+def test_backoff_full_jitter_and_cap() -> None:
+    # rand() == 1 gives the ceiling: 0.5 * 2**n, capped at 20 s.
+    top = [backoff_delay(n, rand=lambda: 1.0) for n in range(10)]
+    assert top == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 20.0, 20.0, 20.0]
+    assert backoff_delay(3, rand=lambda: 0.0) == 0.0
+    assert backoff_delay(2, rand=lambda: 0.25) == 0.5
+    assert backoff_delay(10_000, rand=lambda: 1.0) == 20.0  # no overflow
+    # An injected cap and base.
+    assert backoff_delay(5, base=0.1, cap=1.0, rand=lambda: 1.0) == 1.0
+    # Drawn uniformly: a seeded RNG spreads over the whole [0, ceiling] range.
+    rng = random.Random(42)
+    draws = [backoff_delay(6, rand=rng.random) for _ in range(2000)]
+    assert all(0.0 <= d <= 20.0 for d in draws)
+    assert min(draws) < 1.0 and max(draws) > 19.0
+    assert 8.5 < sum(draws) / len(draws) < 11.5
+    assert len(set(draws)) > 1900  # jittered, not a fixed schedule
+
+
+def test_event_and_pattern_helpers() -> None:
+    e = Event("events:x", {"a": 1}, 3, "e1")
+    assert (e.channel, e.data, e.offset, e.epoch) == ("events:x", {"a": 1}, 3, "e1")
+    assert not hasattr(e, "__dict__")
+    assert e == Event("events:x", {"a": 1}, 3, "e1")
+    assert "events:x" in repr(e)
+    assert is_pattern("events:*") and is_pattern("a?") and is_pattern("[ab]") and is_pattern("a\\*")
+    assert not is_pattern("events:bet_placed")
+
+
+def test_error_tree() -> None:
+    assert issubclass(AuthError, ConnectionClosed)
+    for cls in (ConnectionClosed, RequestError, RequestTimeout):
+        assert issubclass(cls, FastWSError)
+    exc = ConnectionClosed(4503, "origin not allowed")
+    assert (exc.code, exc.reason, exc.final) == (4503, "origin not allowed", True)
+    err = RequestError(403, "permission denied")
+    assert (err.code, err.message) == (403, "permission denied")
+    assert "403" in str(err)
+
+
+async def test_not_started_client_raises() -> None:
+    c = Client("ws://127.0.0.1:1/ws")
+    with pytest.raises(FastWSError):
+        await c.publish("a", 1)
+    with pytest.raises(FastWSError):
+        await c.subscribe("a")
+
+
+# ------------------------------------------------------------------- scripted fake server
+
+
+class _FakeConn(WSListener):
+    def __init__(self, server: FakeServer, request: WSUpgradeRequest) -> None:
+        super().__init__()
+        self.server = server
+        self.request = request
+        self.transport: WSTransport | None = None
+        self.subs: set[str] = set()
+        self.silent = False
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.server.conns.append(self)
+        self.server.connected.set()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self in self.server.conns:
+            self.server.conns.remove(self)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        assert self.transport is not None
+        self.transport.send(WSMsgType.TEXT, orjson.dumps(msg))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+            return
+        if frame.msg_type != WSMsgType.TEXT or self.silent:
+            return
+        msg = orjson.loads(frame.get_payload_as_bytes())
+        self.server.received.append(msg)
+        self.server.handle(self, msg)
+
+
+class FakeServer:
+    """A minimal fastws-protocol server with knobs for the cases under test."""
+
+    def __init__(self) -> None:
+        self.conns: list[_FakeConn] = []
+        self.received: list[dict[str, Any]] = []
+        self.upgrades: list[WSUpgradeRequest] = []
+        self.connected = asyncio.Event()
+        self.reject_status: int | None = None
+        self.epoch = "e1"
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.replay_overlap = 0  # replay this many already-delivered events on recovery
+        self.ignore_types: set[str] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, port: int = 0) -> FakeServer:
+        def factory(request: WSUpgradeRequest) -> Any:
+            self.upgrades.append(request)
+            if self.reject_status is not None:
+                return WSUpgradeResponseWithListener(
+                    WSUpgradeResponse.create_error_response(self.reject_status, b"bad token"),
+                    None)
+            return _FakeConn(self, request)
+
+        self.server = await ws_create_server(factory, "127.0.0.1", port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def stop(self) -> None:
+        for c in list(self.conns):
+            assert c.transport is not None
+            c.transport.disconnect(False)
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def wait_conns(self, n: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.conns) < n:
+                await asyncio.sleep(0.005)
+
+    def handle(self, conn: _FakeConn, msg: dict[str, Any]) -> None:
+        kind, rid = msg.get("type"), msg.get("id")
+        if kind in self.ignore_types:
+            return
+        if kind == "subscribe":
+            ch = msg["channel"]
+            if ch.startswith("private:"):
+                conn.send({"id": rid, "type": "error", "code": 403, "message": "permission denied"})
+                return
+            conn.subs.add(ch)
+            reply: dict[str, Any] = {"id": rid, "type": "subscribed", "channel": ch}
+            since = msg.get("since")
+            if since is not None:
+                reply["recovered"] = since.get("epoch") == self.epoch
+                if reply["recovered"]:
+                    for name, pubs in self.history.items():
+                        if not fnmatch.fnmatchcase(name, ch):
+                            continue
+                        start = since["offset"] - self.replay_overlap
+                        for p in pubs:
+                            if p["offset"] > start:
+                                conn.send(p)
+            conn.send(reply)
+        elif kind == "unsubscribe":
+            conn.subs.discard(msg["channel"])
+            conn.send({"id": rid, "type": "unsubscribed", "channel": msg["channel"]})
+        elif kind == "ping":
+            conn.send({"id": rid, "type": "pong"})
+        elif kind == "publish":
+            conn.send({"id": rid, "type": "error", "code": 403, "message": "permission denied"})
+        elif kind == "history":
+            pubs = self.history.get(msg["channel"], [])
+            conn.send({"id": rid, "type": "history", "epoch": self.epoch,
+                       "offset": pubs[-1]["offset"] if pubs else 0,
+                       "publications": [{"offset": p["offset"], "data": p["data"]}
+                                        for p in pubs][-msg.get("limit", 100):]})
+        else:
+            conn.send({"id": rid, "type": "error", "code": 404, "message": "unknown type"})
+
+    def publish(self, channel: str, data: Any) -> dict[str, Any]:
+        pubs = self.history.setdefault(channel, [])
+        push = {"type": "event", "channel": channel, "offset": len(pubs) + 1,
+                "epoch": self.epoch, "data": data}
+        pubs.append(push)
+        for c in self.conns:
+            if any(fnmatch.fnmatchcase(channel, s) for s in c.subs):
+                c.send(push)
+        return push
+
+    def push_all(self, msg: dict[str, Any]) -> None:
+        for c in self.conns:
+            c.send(msg)
+
+    def close_all(self, code: int, reason: str = "") -> None:
+        for c in list(self.conns):
+            assert c.transport is not None
+            c.transport.send_close(WSCloseCode(code), reason.encode())
+            c.transport.disconnect()
+
+    def drop_all(self) -> None:
+        for c in list(self.conns):
+            assert c.transport is not None
+            c.transport.disconnect(False)
+
+
+@pytest.fixture
+async def fake():
+    srv = await FakeServer().start()
+    yield srv
+    await srv.stop()
+
+
+async def _take(c: Client, n: int, timeout: float = 5.0) -> list[Event]:
+    out = []
+    async with asyncio.timeout(timeout):
+        async for ev in c:
+            out.append(ev)
+            if len(out) == n:
+                break
+    return out
+
+
+async def test_fake_subscribe_receive_in_order(fake: FakeServer) -> None:
+    async with connect(fake.url, **FAST) as c:
+        sub = await c.subscribe("events:a")
+        assert fake.received[-1]["type"] == "subscribe"
+        for i in range(50):
+            fake.publish("events:a", {"i": i})
+        evs = await _take(c, 50)
+        assert [e.data["i"] for e in evs] == list(range(50))
+        assert [e.offset for e in evs] == list(range(1, 51))
+        assert {e.epoch for e in evs} == {"e1"} and {e.channel for e in evs} == {"events:a"}
+        assert (sub.offset, sub.epoch) == (50, "e1")
+        assert await c.ping() >= 0
+
+
+async def test_fake_callback_and_unsubscribe(fake: FakeServer) -> None:
+    got: list[Event] = []
+    async with connect(fake.url, **FAST) as c:
+        sub = await c.subscribe("events:cb", got.append)
+        fake.publish("events:cb", 1)
+        fake.publish("events:cb", 2)
+        async with asyncio.timeout(5):
+            while len(got) < 2:
+                await asyncio.sleep(0.01)
+        assert [e.data for e in got] == [1, 2]
+        await sub.unsubscribe()
+        assert fake.received[-1] == {"id": fake.received[-1]["id"], "type": "unsubscribe",
+                                     "channel": "events:cb"}
+        assert "events:cb" not in c.subscriptions
+        with pytest.raises(RequestError) as ei:
+            await c.subscribe("private:x")
+        assert ei.value.code == 403
+        assert "private:x" not in c.subscriptions
+
+
+async def test_fake_error_reply_and_timeout(fake: FakeServer) -> None:
+    fake.ignore_types.add("history")
+    async with connect(fake.url, **{**FAST, "request_timeout": 0.3}) as c:
+        with pytest.raises(RequestError) as ei:
+            await c.publish("events:a", {"x": 1})
+        assert (ei.value.code, ei.value.message) == (403, "permission denied")
+        with pytest.raises(RequestError) as ei:
+            await c.request({"type": "nope"})
+        assert ei.value.code == 404
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            await c.history("events:a", limit=10)
+        assert 0.25 < time.monotonic() - t0 < 2
+        assert c.connected  # the connection stays open after errors and timeouts
+
+
+async def test_fake_close_45xx_raises_from_async_for(fake: FakeServer) -> None:
+    async with connect(fake.url, **FAST) as c:
+        await c.subscribe("events:a")
+        fake.publish("events:a", "before")
+        await asyncio.sleep(0.05)
+        fake.close_all(4504, "connection limit")
+        with pytest.raises(ConnectionClosed) as ei:
+            async with asyncio.timeout(5):
+                async for ev in c:
+                    assert ev.data == "before"  # queued events are delivered first
+        assert (ei.value.code, ei.value.reason) == (4504, "connection limit")
+        assert not isinstance(ei.value, AuthError)
+        with pytest.raises(ConnectionClosed):  # later calls raise too
+            await c.ping()
+        await asyncio.sleep(0.2)
+        assert len(fake.upgrades) == 1  # stopped for good: no reconnect
+
+
+async def test_fake_close_4501_is_auth_error(fake: FakeServer) -> None:
+    async with connect(fake.url, **FAST) as c:
+        pending = asyncio.ensure_future(c.history("events:a"))
+        fake.ignore_types.add("history")
+        await asyncio.sleep(0)
+        fake.close_all(4501, "invalid token")
+        with pytest.raises(AuthError) as ei:
+            await c.next_event(timeout=5)
+        assert ei.value.code == 4501
+        with pytest.raises((AuthError, RequestError)):
+            await pending
+
+
+async def test_fake_disconnect_push_reconnect_false(fake: FakeServer) -> None:
+    async with connect(fake.url, **FAST) as c:
+        await c.subscribe("events:a")
+        fake.push_all({"type": "disconnect", "code": 4001, "reason": "bye",
+                       "reconnect": False, "after_ms": 0})
+        fake.close_all(4001, "bye")
+        with pytest.raises(ConnectionClosed) as ei:
+            await c.next_event(timeout=5)
+        assert ei.value.code == 4001
+        await asyncio.sleep(0.2)
+        assert len(fake.upgrades) == 1
+
+
+async def test_fake_upgrade_rejected_is_auth_error(fake: FakeServer) -> None:
+    fake.reject_status = 403
+    with pytest.raises(AuthError) as ei:
+        async with connect(fake.url, token="nope", **FAST):
+            pass
+    assert ei.value.code == 403
+    assert len(fake.upgrades) == 1
+    assert fake.upgrades[0].headers["Authorization"] == "Bearer nope"
+
+
+async def test_fake_token_callable_called_before_each_connect(fake: FakeServer) -> None:
+    calls = 0
+
+    async def token() -> str:
+        nonlocal calls
+        calls += 1
+        return f"tok{calls}"
+
+    async with connect(fake.url, token=token, **FAST) as c:
+        await fake.wait_conns(1)
+        fake.drop_all()
+        await fake.wait_conns(1)
+        await c.ping()
+    assert calls == 2
+    assert [u.headers["Authorization"] for u in fake.upgrades] == ["Bearer tok1", "Bearer tok2"]
+
+
+async def test_fake_reconnect_recovers_from_last_position_and_dedupes(fake: FakeServer) -> None:
+    fake.replay_overlap = 2  # the server replays two events the client already has
+    states: list[str] = []
+    async with connect(fake.url, on_state=states.append, **FAST) as c:
+        sub = await c.subscribe("events:*")
+        for i in range(5):
+            fake.publish("events:a", i)
+        assert [e.data for e in await _take(c, 5)] == [0, 1, 2, 3, 4]
+        fake.drop_all()
+        await asyncio.sleep(0.01)
+        for i in range(5, 8):  # published while the client is away
+            fake.publish("events:a", i)
+        await fake.wait_conns(1)
+        evs = await _take(c, 3)
+        assert [e.data for e in evs] == [5, 6, 7]
+        fake.publish("events:a", 8)
+        assert (await c.next_event(timeout=5)).data == 8
+        subs = [m for m in fake.received if m["type"] == "subscribe"]
+        assert subs[0].get("since") is None
+        assert subs[1]["since"] == {"offset": 5, "epoch": "e1"}
+        assert sub.recovered is True and c.reconnects == 1
+        # Nothing more (no duplicates) is queued.
+        with pytest.raises(RequestTimeout):
+            await c.next_event(timeout=0.1)
+    assert states[:2] == ["connecting", "connected"]
+    assert "disconnected" in states and states[-1] == "closed"
+
+
+async def test_fake_disconnect_push_after_ms_is_respected(fake: FakeServer) -> None:
+    async with connect(fake.url, **FAST) as c:
+        await c.subscribe("events:a")
+        fake.push_all({"type": "disconnect", "code": 4001, "reason": "draining",
+                       "reconnect": True, "after_ms": 400})
+        t0 = time.monotonic()
+        fake.close_all(4001, "draining")
+        await asyncio.sleep(0.05)
+        await fake.wait_conns(1)
+        assert time.monotonic() - t0 >= 0.39
+        await c.ping()
+        assert c.subscriptions.keys() == {"events:a"}
+
+
+async def test_fake_ping_timeout_reconnects(fake: FakeServer) -> None:
+    async with connect(fake.url, ping_interval=0.2, ping_timeout=0.1, **FAST) as c:
+        await fake.wait_conns(1)
+        first = fake.conns[0]
+        first.silent = True  # the server goes quiet: no data, no replies
+        async with asyncio.timeout(5):
+            while fake.conns == [first] or not fake.conns:
+                await asyncio.sleep(0.02)
+        await c.ping()
+        assert c.reconnects >= 1
+
+
+async def test_fake_publish_in_flight_not_resent(fake: FakeServer) -> None:
+    fake.ignore_types.add("publish")
+    async with connect(fake.url, **FAST) as c:
+        task = asyncio.ensure_future(c.publish("events:a", 1))
+        await asyncio.sleep(0.05)
+        fake.drop_all()
+        with pytest.raises(ConnectionClosed) as ei:
+            await task
+        assert ei.value.final is False
+        await fake.wait_conns(1)
+        await c.ping()  # the client itself carried on
+        assert sum(m["type"] == "publish" for m in fake.received) == 1
+
+
+async def test_connect_retries_until_a_server_listens() -> None:
+    port = _free_port()
+    draws: list[float] = []
+
+    def rand() -> float:
+        draws.append(1.0)
+        return 1.0
+
+    fake = FakeServer()
+    client = connect(f"ws://127.0.0.1:{port}/ws", backoff_base=0.01, backoff_cap=0.05,
+                     rand=rand)
+    entering = asyncio.ensure_future(client.__aenter__())
+    await asyncio.sleep(0.4)
+    assert not entering.done()
+    assert len(draws) >= 4  # it kept retrying
+    await fake.start(port)
+    try:
+        async with asyncio.timeout(5):
+            await entering
+        assert client.connected
+        await client.ping()
+    finally:
+        await client.close()
+        await fake.stop()
+
+
+# ---------------------------------------------------------------- real fastws server
+
+
+async def _publish(srv: Any, channel: str, data: Any) -> dict:
+    return await asyncio.to_thread(srv.publish, channel, data)
+
+
+async def test_real_subscribe_receive_in_order(fastws_server) -> None:
+    srv = fastws_server()
+    async with connect(srv.ws_url, **FAST) as c:
+        await c.subscribe("events:a")
+        for i in range(20):
+            await _publish(srv, "events:a", {"i": i})
+        evs = await _take(c, 20)
+        assert [e.data["i"] for e in evs] == list(range(20))
+        offsets = [e.offset for e in evs]
+        assert offsets == sorted(offsets) and len(set(offsets)) == 20
+        assert all(e.channel == "events:a" and e.epoch for e in evs)
+        assert await c.ping() >= 0
+
+
+async def test_real_pattern_subscription(fastws_server) -> None:
+    srv = fastws_server()
+    async with connect(srv.ws_url, **FAST) as c:
+        await c.subscribe("events:*")
+        await _publish(srv, "other:x", 0)
+        await _publish(srv, "events:bet_placed", 1)
+        await _publish(srv, "events:market_created", 2)
+        await _publish(srv, "eventsX", 3)
+        evs = await _take(c, 2)
+        assert [(e.channel, e.data) for e in evs] == [
+            ("events:bet_placed", 1), ("events:market_created", 2)]
+        with pytest.raises(RequestTimeout):
+            await c.next_event(timeout=0.2)
+
+
+async def test_real_error_replies(fastws_server) -> None:
+    srv = fastws_server()
+    async with connect(srv.ws_url, **FAST) as c:
+        with pytest.raises(RequestError) as ei:  # clients may not publish by default
+            await c.publish("events:a", {"x": 1})
+        assert ei.value.code == 403
+        with pytest.raises(RequestError) as ei:
+            await c.request({"type": "no_such_type"})
+        assert ei.value.code == 404
+        await c.subscribe("events:a")
+        with pytest.raises(RequestError) as ei:
+            await c.request({"type": "subscribe", "channel": "events:a"})
+        assert ei.value.code == 409
+        assert c.connected
+
+
+async def test_real_server_restart_client_resumes(fastws_server) -> None:
+    srv = fastws_server()
+    async with connect(srv.ws_url, **FAST) as c:
+        sub = await c.subscribe("events:*")
+        for i in range(3):
+            await _publish(srv, "events:a", i)
+        assert [e.data for e in await _take(c, 3)] == [0, 1, 2]
+        srv.stop(signal.SIGKILL)
+        srv2 = fastws_server(port=srv.port)
+        # The client reconnects and resubscribes by itself; wait until it has.
+        async with asyncio.timeout(10):
+            while c.reconnects < 1 or sub.recovered is None:
+                await asyncio.sleep(0.02)
+        assert sub.recovered is False  # memory broker: the epoch changed
+        for i in range(3, 8):
+            await _publish(srv2, "events:a", i)
+        evs = await _take(c, 5, timeout=10)
+        assert [e.data for e in evs] == [3, 4, 5, 6, 7]
+
+
+async def test_real_connect_waits_for_server(fastws_server) -> None:
+    port = _free_port()
+    client = connect(f"ws://127.0.0.1:{port}/ws", backoff_base=0.05, backoff_cap=0.2)
+    entering = asyncio.ensure_future(client.__aenter__())
+    await asyncio.sleep(0.5)
+    assert not entering.done()
+    srv = await asyncio.to_thread(fastws_server, port=port)
+    try:
+        async with asyncio.timeout(10):
+            await entering
+        await client.subscribe("events:a")
+        await _publish(srv, "events:a", "hello")
+        assert (await client.next_event(timeout=5)).data == "hello"
+    finally:
+        await client.close()
+
+
+async def test_real_rejected_token_is_auth_error(fastws_server) -> None:
+    srv = fastws_server("--jwt-secret", "s3cret")
+    with pytest.raises(AuthError):
+        async with connect(srv.ws_url, token="not-a-jwt", **FAST) as c:
+            await c.ping()
