@@ -1,4 +1,4 @@
-"""The echo server (`python -m fastws.echo`, later `fastws serve --echo`) against Autobahn.
+"""The echo server (`fastws serve --echo`) against Autobahn (kosoku) and direct checks.
 
 The conformance run uses kosoku (Autobahn's own case files, driven from Rust) with the
 cases of `kosoku -x '12.*' -x '13.*' -x 7.1.2`: no compression is negotiated, and 7.1.2
@@ -26,12 +26,13 @@ PASSING_CLOSE = {"OK", "INFORMATIONAL"}
 
 @pytest.fixture(scope="module")
 def echo_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """One `python -m fastws.echo` subprocess for the whole module; yields its port."""
+    """One `fastws serve --echo` subprocess for the whole module; yields its port."""
     port = free_port()
     log: Path = tmp_path_factory.mktemp("echo") / "echo.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fastws.echo", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "fastws", "serve", "--echo", "--host", "127.0.0.1",
+             "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
         )
     try:
