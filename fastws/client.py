@@ -113,12 +113,13 @@ class Subscription:
 
     ``offset``/``epoch`` hold the position of the last event delivered for it (the
     ``since`` of its next recovery); ``recovered`` is the flag of the latest
-    ``subscribed`` reply. Events go to ``callback`` when one was given, else to the
-    client's ``async for``.
+    ``subscribed`` reply; ``subscribed`` is True while the current connection holds it
+    (False while disconnected or resubscribing). Events go to ``callback`` when one was
+    given, else to the client's ``async for``.
     """
 
     __slots__ = ("client", "channel", "callback", "pattern", "offset", "epoch",
-                 "recovered", "active", "error", "_ready")
+                 "recovered", "subscribed", "active", "error", "_ready")
 
     def __init__(self, client: Client, channel: str, callback: EventCallback | None,
                  since: dict[str, Any] | None) -> None:
@@ -129,6 +130,7 @@ class Subscription:
         self.offset: int | None = since.get("offset") if since else None
         self.epoch: str | None = since.get("epoch") if since else None
         self.recovered: bool | None = None
+        self.subscribed = False
         self.active = True
         self.error: FastWSError | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -481,6 +483,8 @@ class Client:
                     self._connected.clear()
                     self._conn = None
                 self._set_state("disconnected")
+                for sub in self._subs.values():
+                    sub.subscribed = False
                 code = conn.close_code if conn.close_code is not None else 1006
                 reason = conn.close_reason
                 push = conn.disconnect_push
@@ -687,6 +691,7 @@ class Client:
             self._send_subscribe(conn, sub)
 
     def _send_subscribe(self, conn: _Conn, sub: Subscription) -> None:
+        sub.subscribed = False
         rid = self._new_id()
         msg: dict[str, Any] = {"id": rid, "type": "subscribe", "channel": sub.channel}
         since = sub.since()
@@ -724,6 +729,7 @@ class Client:
             conn.pending.pop(rid, None)
 
     def _subscribed(self, sub: Subscription, reply: dict[str, Any]) -> None:
+        sub.subscribed = True
         if "recovered" in reply:
             sub.recovered = bool(reply["recovered"])
         if not sub.recovered and "offset" in reply and "epoch" in reply \
@@ -734,6 +740,7 @@ class Client:
 
     def _drop(self, sub: Subscription) -> None:
         sub.active = False
+        sub.subscribed = False
         if self._subs.get(sub.channel) is sub:
             del self._subs[sub.channel]
 

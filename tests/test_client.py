@@ -403,7 +403,7 @@ async def test_fake_reconnect_recovers_from_last_position_and_dedupes(fake: Fake
         subs = [m for m in fake.received if m["type"] == "subscribe"]
         assert subs[0].get("since") is None
         assert subs[1]["since"] == {"offset": 5, "epoch": "e1"}
-        assert sub.recovered is True and c.reconnects == 1
+        assert sub.recovered is True and sub.subscribed and c.reconnects == 1
         # Nothing more (no duplicates) is queued.
         with pytest.raises(RequestTimeout):
             await c.next_event(timeout=0.1)
@@ -540,7 +540,7 @@ async def test_real_server_restart_client_resumes(fastws_server) -> None:
         srv2 = fastws_server(port=srv.port)
         # The client reconnects and resubscribes by itself; wait until it has.
         async with asyncio.timeout(10):
-            while c.reconnects < 1 or sub.recovered is None:
+            while c.reconnects < 1 or not sub.subscribed:
                 await asyncio.sleep(0.02)
         assert sub.recovered is False  # memory broker: the epoch changed
         for i in range(3, 8):
@@ -571,3 +571,41 @@ async def test_real_rejected_token_is_auth_error(fastws_server) -> None:
     with pytest.raises(AuthError):
         async with connect(srv.ws_url, token="not-a-jwt", **FAST) as c:
             await c.ping()
+
+
+async def test_real_history_and_presence(fastws_server) -> None:
+    srv = fastws_server()
+    async with connect(srv.ws_url, **FAST) as c:
+        await c.subscribe("events:h")
+        for i in range(5):
+            await _publish(srv, "events:h", i)
+        await _take(c, 5)
+        h = await c.history("events:h")
+        assert [p["data"] for p in h["publications"]] == [0, 1, 2, 3, 4]
+        assert h["epoch"] and h["offset"] == h["publications"][-1]["offset"]
+        first = (await c.history("events:h", limit=2, since={"offset": 0, "epoch": h["epoch"]}))
+        offs = [p["offset"] for p in first["publications"]]
+        nxt = await c.history("events:h", limit=2,
+                              since={"offset": offs[-1], "epoch": h["epoch"]})
+        assert [p["data"] for p in first["publications"] + nxt["publications"]] == [0, 1, 2, 3]
+        with pytest.raises(RequestError):  # presence is off by default
+            await c.presence("events:h")
+
+
+async def test_real_drain_disconnect_then_reconnect(fastws_server) -> None:
+    cfg = "[server]\ndrain_timeout = 1\n"
+    srv = fastws_server(config=cfg)
+    async with connect(srv.ws_url, **FAST) as c:
+        sub = await c.subscribe("events:d")
+        for i in range(10):
+            await _publish(srv, "events:d", i)
+        # SIGTERM: every publication accepted before it arrives, then disconnect 4001.
+        assert await asyncio.to_thread(srv.stop) == 0
+        assert [e.data for e in await _take(c, 10)] == list(range(10))
+        srv2 = await asyncio.to_thread(fastws_server, port=srv.port, config=cfg)
+        async with asyncio.timeout(10):
+            while c.reconnects < 1 or not sub.subscribed:
+                await asyncio.sleep(0.02)
+        assert sub.recovered is False  # a new memory broker: new epoch
+        await _publish(srv2, "events:d", "after")
+        assert (await c.next_event(timeout=5)).data == "after"
