@@ -609,3 +609,39 @@ async def test_real_drain_disconnect_then_reconnect(fastws_server) -> None:
         assert sub.recovered is False  # a new memory broker: new epoch
         await _publish(srv2, "events:d", "after")
         assert (await c.next_event(timeout=5)).data == "after"
+
+
+async def test_real_recovery_after_connection_loss(fastws_server) -> None:
+    srv = fastws_server()
+    # rand() == 1: the reconnect waits exactly backoff_base, a gap long enough to publish in.
+    async with connect(srv.ws_url, backoff_base=0.5, backoff_cap=0.5, rand=lambda: 1.0) as c:
+        sub = await c.subscribe("events:r")
+        for i in range(3):
+            await _publish(srv, "events:r", i)
+        assert [e.data for e in await _take(c, 3)] == [0, 1, 2]
+        assert c._conn is not None
+        c._conn.abort()  # the network drops the connection
+        for i in range(3, 6):  # published while the client is away
+            await _publish(srv, "events:r", i)
+        evs = await _take(c, 3, timeout=10)
+        assert [e.data for e in evs] == [3, 4, 5]
+        assert c.reconnects == 1 and sub.recovered is True
+        await _publish(srv, "events:r", 6)
+        assert (await c.next_event(timeout=5)).data == 6
+        with pytest.raises(RequestTimeout):  # exactly once: nothing more
+            await c.next_event(timeout=0.2)
+
+
+async def test_real_overlapping_subscriptions_deliver_once(fastws_server) -> None:
+    srv = fastws_server()
+    seen: list[Event] = []
+    async with connect(srv.ws_url, **FAST) as c:
+        await c.subscribe("events:*")
+        await c.subscribe("events:o")
+        await c.subscribe("events:[op]", seen.append)
+        for i in range(5):
+            await _publish(srv, "events:o", i)
+        assert [e.data for e in await _take(c, 5)] == [0, 1, 2, 3, 4]
+        with pytest.raises(RequestTimeout):
+            await c.next_event(timeout=0.2)
+        assert [e.data for e in seen] == [0, 1, 2, 3, 4]
