@@ -617,7 +617,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="bind each client process to its own 127.0.0.x (automatic above "
                    f"{PORTS_PER_SOURCE_IP} subscribers)")
     p.add_argument("--smoke", action="store_true",
-                   help="quick check: 1000 subscribers (unless given), 2 s, 0.5 s warm-up")
+                   help="quick check: 1000 subscribers (at most), 2 s after 0.5 s warm-up, "
+                   "100 publications/s (each unless given)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
@@ -629,6 +630,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.warmup = 0.5
         if args.subscribers > 1000:
             args.subscribers = 1000
+        if not any(a.startswith("--rate") for a in given):
+            args.rate = 100.0  # paced: far below capacity, so a busy box cannot drop anyone
     for name in ("subscribers", "inflight"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -908,6 +911,9 @@ def format_table(r: dict[str, Any]) -> str:
         rows.append(("publish errors", f"{r['publish_rejected']}: {r['publish_error']}"))
     if r["client_error"]:
         rows.append(("client error", r["client_error"]))
+    if r["disconnected"]:
+        rows.append(("note", "subscribers were dropped by the server: offered load beyond what "
+                     "the clients read (slow consumer, 4008?); lower --rate or add client CPUs"))
     width = max(len(k) for k, _ in rows)
     lines = [f"fastws fan-out benchmark ({r['date']}, {r['machine']['cpus']} CPUs)"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]

@@ -54,7 +54,7 @@ def test_fanout_smoke_1000_subscribers(tmp_path: Path) -> None:
     """1,000 subscribers on bench:fanout: nothing lost, duplicated or reordered."""
     out = tmp_path / "fanout.json"
     cmd = [sys.executable, "-m", "loadtest.fanout", "--smoke", "--subscribers", "1000",
-           "--duration", "2", "--warmup", "0.5", "--json", str(out)]
+           "--duration", "2", "--warmup", "0.5", "--rate", "100", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=80)
     assert out.exists(), f"no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     r = json.loads(out.read_text())
