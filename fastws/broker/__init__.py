@@ -20,4 +20,9 @@ def create_broker(url: str) -> Broker:
         from fastws.broker.memory import MemoryBroker
 
         return MemoryBroker()
+    scheme = url.partition("://")[0].lower()
+    if scheme in ("redis", "rediss", "redis+sentinel"):
+        from fastws.broker.redis import RedisBroker
+
+        return RedisBroker(url)
     raise BrokerUnavailable(f"broker {url.split('://')[0]}:// is not available in this build")

@@ -1,0 +1,570 @@
+"""The Redis broker: many processes and machines behind one Redis (docs/scaling.md).
+
+Two kinds of connection per node:
+
+* **one pub/sub connection**, owned by this module (an asyncio protocol feeding a
+  hiredis reader): it SUBSCRIBEs the channels and PSUBSCRIBEs the patterns that local
+  clients hold (the node counts references), pipelining every (un)subscribe issued in
+  one loop pass into one write.  It reads continuously, whatever the node is doing, so
+  Redis' pub/sub output buffer never grows on our account; a ``PING`` every second
+  measures how far behind the reader is (``fastws_broker_lag_seconds``) and detects a
+  dead link.
+* **a small pool of command connections** (redis-py asyncio + hiredis) for publish and
+  history, which run as Lua scripts (:mod:`fastws.broker.redis_scripts`).
+
+**Exactly once per node.**  A node holding ``SUBSCRIBE events:x`` and ``PSUBSCRIBE
+events:*`` gets one ``PUBLISH events:x`` twice from Redis (a ``message`` and a
+``pmessage``).  Redis executes a ``PUBLISH`` atomically, so all the copies one
+connection gets are contiguous in its stream, and the subscription confirmations in
+the same stream say exactly which channels and patterns were active when it ran.  The
+reader keeps that confirmed set in a matcher; on the first copy of a publication it
+counts the active subscriptions that match the channel (``k``), hands the publication
+to the node once and skips the next ``k - 1`` messages (checked: same channel, same
+bytes).  The node then fans it out once per connection, however many of the
+connection's subscriptions match.
+
+**Faults.**  When the pub/sub connection drops, :attr:`up` turns False at once
+(``/readyz`` 503, publications refused with :class:`BrokerUnavailable`); the broker
+reconnects with jittered exponential backoff, resubscribes everything, and then tells
+the handler (``handle_gap``) that publications may have been lost, so that the node
+closes its subscribed connections with 4010 and their clients recover with ``since``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import random
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.connection import SSLConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from fastws._match import Trie, is_pattern
+from fastws.broker.base import (
+    Broker,
+    BrokerHandler,
+    BrokerUnavailable,
+    HistoryResult,
+    PublishResult,
+)
+from fastws.broker.redis_scripts import ENVELOPE_PREFIX, HISTORY_LUA, PUBLISH_LUA, keys_for
+
+__all__ = ["RedisBroker", "encode_command", "decode_payload"]
+
+log = logging.getLogger("fastws.broker")
+
+IDEMPOTENCY_TTL_MS = 300_000
+PING_INTERVAL = 1.0          # seconds between pub/sub PINGs (lag probe + liveness)
+DEAD_AFTER = 10.0            # a PING unanswered this long: the link is dead, reconnect
+CONNECT_TIMEOUT = 3.0
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 5.0
+BATCH = 1000                 # names per SUBSCRIBE command
+_UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
+                        "NOREPLICAS", "BUSY")
+_ENV_LEN = len(ENVELOPE_PREFIX)
+_SUB_KINDS = {b"subscribe", b"psubscribe", b"ssubscribe"}
+_UNSUB_KINDS = {b"unsubscribe", b"punsubscribe", b"sunsubscribe"}
+
+
+def encode_command(*args: str | bytes | int) -> bytes:
+    """One command in RESP (what the pub/sub connection writes)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        elif isinstance(a, int):
+            a = b"%d" % a
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+def decode_payload(payload: bytes, now: float) -> tuple[bytes, int, str, float]:
+    """(JSON data, offset, epoch, accepted monotonic time) of one pub/sub payload.
+
+    A fastws envelope carries offset, epoch and the publisher's clock; anything else is
+    a raw publication: delivered as is when it is JSON, else as a JSON string.
+    """
+    if payload.startswith(ENVELOPE_PREFIX):
+        nl = payload.find(b"\n", _ENV_LEN)
+        offset, epoch, stamp = payload[_ENV_LEN:nl].split(b" ")
+        delay = time.time() - float(stamp)
+        return payload[nl + 1:], int(offset), epoch.decode(), now - delay if delay > 0 else now
+    try:
+        orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return orjson.dumps(payload.decode("utf-8", "replace")), 0, "", now
+    return payload, 0, "", now
+
+
+class _Link(asyncio.Protocol):
+    """The pub/sub socket: feeds a hiredis reader and hands every reply to the broker."""
+
+    def __init__(self, on_reply: Callable[[Any], None], on_lost: Callable[[], None]) -> None:
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self._on_reply = on_reply
+        self._on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        on_reply = self._on_reply
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return
+            on_reply(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._on_lost()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Target:
+    """Where the pub/sub connection goes: host, port, credentials, TLS (from the URL)."""
+
+    def __init__(self, url: str) -> None:
+        scheme = url.partition("://")[0].lower()
+        self.sentinel: tuple[list[tuple[str, int]], str] | None = None
+        if scheme == "redis+sentinel":
+            parts = urlsplit(url)
+            hosts = []
+            for hp in parts.netloc.rpartition("@")[2].split(","):
+                host, _, port = hp.rpartition(":") if ":" in hp else (hp, "", "26379")
+                hosts.append((host.strip("[]"), int(port or 26379)))
+            path = [p for p in parts.path.split("/") if p]
+            self.sentinel = (hosts, path[0] if path else "mymaster")
+            self.db = int(path[1]) if len(path) > 1 else 0
+            self.username = unquote(parts.username) if parts.username else None
+            self.password = unquote(parts.password) if parts.password else None
+            self.host, self.port, self.ssl = hosts[0][0], hosts[0][1], None
+            return
+        params = parse_url(url)
+        self.host = params.get("host", "localhost")
+        self.port = int(params.get("port", 6379))
+        self.db = int(params.get("db", 0) or 0)
+        self.username = params.get("username")
+        self.password = params.get("password")
+        self.ssl: ssl.SSLContext | None = None
+        if params.get("connection_class") is SSLConnection:
+            ctx = ssl.create_default_context(cafile=params.get("ssl_ca_certs"))
+            if str(params.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self.ssl = ctx
+
+
+class RedisBroker(Broker):
+    """Broker on one Redis (``redis://``, ``rediss://``) or a Sentinel-watched master."""
+
+    def __init__(self, url: str, *, max_connections: int = 64) -> None:
+        self.url = url
+        self.target = _Target(url)
+        retry = Retry(NoBackoff(), 0)  # never re-send a publish that may have run
+        common: dict[str, Any] = {"retry": retry, "socket_connect_timeout": 2.0,
+                                  "socket_timeout": 5.0}
+        self._sentinel: Any = None
+        if self.target.sentinel is not None:
+            from redis.asyncio.sentinel import Sentinel
+
+            hosts, master = self.target.sentinel
+            self._sentinel = Sentinel(hosts, password=self.target.password,
+                                      username=self.target.username, db=self.target.db,
+                                      **common)
+            self.redis = self._sentinel.master_for(master)
+        else:
+            pool = BlockingConnectionPool.from_url(url, max_connections=max_connections,
+                                                   timeout=5.0, **common)
+            self.redis = Redis(connection_pool=pool)
+        self._publish_script = self.redis.register_script(PUBLISH_LUA)
+        self._history_script = self.redis.register_script(HISTORY_LUA)
+        self.up = False
+        self.reconnects = 0
+        self.publish_command = "PUBLISH"
+        self._handler: BrokerHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._link: _Link | None = None
+        self._lost: asyncio.Event | None = None
+        self._closed = False
+        self._runner: asyncio.Task | None = None
+        self._pinger: asyncio.Task | None = None
+        # subscriptions: what the node wants, what was sent on this link, what Redis
+        # confirmed on this link (a matcher over the confirmed names)
+        self._wanted: set[str] = set()
+        self._sent: set[str] = set()
+        self._active = Trie()
+        self._confirm: dict[str, asyncio.Future] = {}
+        self._expect: collections.deque[tuple[str, Any]] = collections.deque()
+        self._flush_scheduled = False
+        self._skip = 0
+        self._skip_channel = b""
+        self._skip_data = b""
+        self._lag = 0.0
+        self._pings: collections.deque[float] = collections.deque()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, handler: BrokerHandler) -> None:
+        """Start the pub/sub link; returns after the first attempt (connected or not)."""
+        self._handler = handler
+        self._loop = asyncio.get_running_loop()
+        first = self._loop.create_future()
+        self._runner = self._loop.create_task(self._run(first))
+        await first
+
+    async def close(self) -> None:
+        self._closed = True
+        self.up = False
+        for task in (self._runner, self._pinger):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._link is not None:
+            self._link.abort()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        if self._sentinel is None:
+            with contextlib.suppress(Exception):
+                await self.redis.connection_pool.disconnect()
+
+    @property
+    def lag(self) -> float:
+        """Seconds the pub/sub reader is behind Redis (the oldest unanswered PING)."""
+        if self._pings:
+            return max(self._lag, time.monotonic() - self._pings[0])
+        return self._lag
+
+    async def _address(self) -> tuple[str, int]:
+        if self._sentinel is not None:
+            return await self._sentinel.discover_master(self.target.sentinel[1])
+        return self.target.host, self.target.port
+
+    async def _run(self, first: asyncio.Future) -> None:
+        attempt = 0
+        ever_up = False
+        while not self._closed:
+            try:
+                await self._connect()
+            except (TimeoutError, OSError, BrokerUnavailable, ResponseError,
+                    RedisConnectionError, RedisTimeoutError) as exc:
+                self._drop_link()
+                if attempt == 0:
+                    log.warning("redis pub/sub: cannot connect to %s: %s; retrying",
+                                _safe(self.url), exc or type(exc).__name__)
+                if not first.done():
+                    first.set_result(None)
+                attempt += 1
+                delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(attempt, 10))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            attempt = 0
+            self.up = True
+            if ever_up:
+                self.reconnects += 1
+                log.warning("redis pub/sub: reconnected, %d channels and patterns "
+                            "resubscribed; closing subscribers with 4010", len(self._wanted))
+                gap = getattr(self._handler, "handle_gap", None)
+                if gap is not None:
+                    try:
+                        gap()
+                    except Exception:
+                        log.exception("handle_gap failed")
+            ever_up = True
+            if not first.done():
+                first.set_result(None)
+            await self._lost.wait()
+            self.up = False
+            if not self._closed:
+                log.warning("redis pub/sub: connection to %s lost; reconnecting",
+                            _safe(self.url))
+
+    async def _connect(self) -> None:
+        loop = self._loop
+        host, port = await asyncio.wait_for(self._address(), CONNECT_TIMEOUT)
+        self._lost = asyncio.Event()
+        link = _Link(self._on_reply, self._on_lost)
+        await asyncio.wait_for(
+            loop.create_connection(lambda: link, host, port, ssl=self.target.ssl,
+                                   server_hostname=host if self.target.ssl else None),
+            CONNECT_TIMEOUT)
+        self._link = link
+        waits = []
+        if self.target.password:
+            auth = ((self.target.username, self.target.password) if self.target.username
+                    else (self.target.password,))
+            waits.append(self._command("AUTH", *auth))
+        waits.append(self._command("CLIENT", "SETNAME", f"fastws-pubsub-{os.getpid()}"))
+        waits.extend(self._flush())
+        self._ping()
+        await asyncio.wait_for(asyncio.gather(*waits), CONNECT_TIMEOUT * 2)
+        if self._pinger is None or self._pinger.done():
+            self._pinger = loop.create_task(self._ping_loop())
+
+    def _command(self, *args: str | bytes | int) -> asyncio.Future:
+        fut = self._loop.create_future()
+        self._expect.append(("reply", fut))
+        self._link.write(encode_command(*args))
+        return fut
+
+    def _ping(self) -> None:
+        now = time.monotonic()
+        self._pings.append(now)
+        self._expect.append(("pong", None))
+        self._link.write(encode_command("PING", "lag"))
+
+    async def _ping_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(PING_INTERVAL)
+            link = self._link
+            if link is None or link.transport is None:
+                continue
+            if self._pings and time.monotonic() - self._pings[0] > DEAD_AFTER:
+                log.warning("redis pub/sub: no answer for %.0f s; reconnecting", DEAD_AFTER)
+                link.abort()
+                continue
+            self._ping()
+
+    def _on_lost(self) -> None:
+        self._drop_link()
+        if self._lost is not None:
+            self._lost.set()
+
+    def _drop_link(self) -> None:
+        """Forget everything about the current link; fail whoever waits on it."""
+        self.up = False
+        if self._link is not None:
+            self._link.abort()
+            self._link = None
+        exc = BrokerUnavailable("redis connection lost")
+        for _, fut in self._expect:
+            _fail(fut, exc)
+        for fut in self._confirm.values():
+            _fail(fut, exc)
+        self._expect.clear()
+        self._confirm.clear()
+        self._sent.clear()
+        self._active = Trie()
+        self._pings.clear()
+        self._skip = 0
+
+    # ------------------------------------------------------------------ pub/sub replies
+
+    def _on_reply(self, reply: Any) -> None:
+        if reply.__class__ is list:
+            kind = reply[0]
+            if kind == b"message" or kind == b"smessage":
+                self._on_message(reply[1], reply[2])
+                return
+            if kind == b"pmessage":
+                self._on_message(reply[2], reply[3])
+                return
+            if kind in _SUB_KINDS or kind in _UNSUB_KINDS:
+                self._on_confirm(kind, reply[1])
+                return
+        # a reply to PING / AUTH / CLIENT: in order
+        if not self._expect:
+            log.warning("redis pub/sub: unexpected reply %r", reply)
+            return
+        what, fut = self._expect.popleft()
+        if what == "pong":
+            sent = self._pings.popleft() if self._pings else time.monotonic()
+            self._lag = time.monotonic() - sent
+        elif fut is not None and not fut.done():
+            if isinstance(reply, Exception):
+                fut.set_exception(BrokerUnavailable(f"redis: {reply}"))
+                fut.exception()
+                self._link.abort()
+            else:
+                fut.set_result(reply)
+
+    def _on_confirm(self, kind: bytes, raw: bytes) -> None:
+        self._skip = 0
+        name = raw.decode("utf-8", "replace")
+        if self._expect and self._expect[0][0] == "sub":
+            _, fut = self._expect.popleft()
+        else:  # not ours: Redis moved a sharded channel away (cluster); resubscribe
+            fut = None
+            if kind in _UNSUB_KINDS and self._link is not None:
+                log.warning("redis pub/sub: server unsubscribed %s; reconnecting", name)
+                self._link.abort()
+                return
+        if kind in _SUB_KINDS:
+            self._active.add(name, name)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        else:
+            self._active.remove(name, name)
+
+    def _on_message(self, channel: bytes, payload: bytes) -> None:
+        if self._skip:
+            if channel == self._skip_channel and payload == self._skip_data:
+                self._skip -= 1
+                return
+            self._skip = 0
+        name = channel.decode("utf-8", "replace")
+        copies = len(self._active.match(name))
+        if copies > 1:
+            self._skip = copies - 1
+            self._skip_channel = channel
+            self._skip_data = payload
+        try:
+            data, offset, epoch, accepted = decode_payload(payload, time.monotonic())
+            self._handler.handle_publication(name, data, offset, epoch, accepted)
+        except Exception:
+            log.exception("redis pub/sub: cannot deliver a publication on %s", name)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def subscribe(self, name: str) -> None:
+        """Return once Redis confirmed the (P)SUBSCRIBE: later publications reach us."""
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        self._wanted.add(name)
+        fut = self._confirm.get(name)
+        if fut is None:
+            fut = self._confirm[name] = self._loop.create_future()
+            self._schedule_flush()
+        await asyncio.shield(fut)
+
+    async def unsubscribe(self, name: str) -> None:
+        self._wanted.discard(name)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> list[asyncio.Future]:
+        """Send the (un)subscribes that make Redis hold exactly what is wanted (one write)."""
+        self._flush_scheduled = False
+        link = self._link
+        if link is None or link.transport is None:
+            return []
+        add = self._wanted - self._sent
+        remove = self._sent - self._wanted
+        for name in [n for n in self._confirm if n not in self._wanted and n not in self._sent]:
+            fut = self._confirm.pop(name)
+            if not fut.done():
+                fut.set_result(None)  # subscribed and unsubscribed in one pass
+        out: list[bytes] = []
+        futs: list[asyncio.Future] = []
+        for names, verb in ((sorted(n for n in add if not is_pattern(n)), "SUBSCRIBE"),
+                            (sorted(n for n in add if is_pattern(n)), "PSUBSCRIBE")):
+            for i in range(0, len(names), BATCH):
+                chunk = names[i:i + BATCH]
+                out.append(encode_command(verb, *chunk))
+                for n in chunk:
+                    fut = self._confirm.get(n)
+                    if fut is None:
+                        fut = self._confirm[n] = self._loop.create_future()
+                    self._expect.append(("sub", fut))
+                    futs.append(fut)
+        for names, verb in ((sorted(n for n in remove if not is_pattern(n)), "UNSUBSCRIBE"),
+                            (sorted(n for n in remove if is_pattern(n)), "PUNSUBSCRIBE")):
+            for i in range(0, len(names), BATCH):
+                chunk = names[i:i + BATCH]
+                out.append(encode_command(verb, *chunk))
+                for n in chunk:
+                    self._confirm.pop(n, None)
+                    self._expect.append(("sub", None))
+        self._sent |= add
+        self._sent -= remove
+        if out:
+            link.write(b"".join(out))
+        return futs
+
+    # ------------------------------------------------------------------ commands
+
+    async def publish(self, channel: str, data: bytes, *, history_size: int,
+                      history_ttl: float, idempotency_key: str | None = None) -> PublishResult:
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        meta, stream, idem = keys_for(channel)
+        keys = [meta, stream]
+        if idempotency_key is not None:
+            keys.append(idem + idempotency_key)
+        args = [channel, data, max(0, history_size), max(1, int(history_ttl * 1000)),
+                os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS,
+                self.publish_command]
+        res = await self._call(self._publish_script, keys, args)
+        offset, _, epoch = res.partition(b" ")
+        return PublishResult(int(offset), epoch.decode())
+
+    async def history(self, channel: str, *, limit: int, since_offset: int | None = None,
+                      since_epoch: str | None = None) -> HistoryResult:
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        meta, stream, _ = keys_for(channel)
+        since = "" if since_offset is None else str(min(since_offset, 2**62))
+        res = await self._call(self._history_script, [meta, stream], [max(0, limit), since])
+        if not res:
+            return HistoryResult([], 0, "", since_offset is None or since_offset == 0)
+        top, epoch = int(res[0]), res[1].decode()
+        first = int(res[2].partition(b"-")[0]) if res[2] else top + 1
+        items = [(int(eid.partition(b"-")[0]), fields[1]) for eid, fields in res[3]]
+        if since_offset is None:
+            items.reverse()
+            return HistoryResult(items, top, epoch, True)
+        if since_epoch not in (None, "", epoch):
+            return HistoryResult([], top, epoch, False)
+        recovered = since_offset + 1 >= first and since_offset <= top
+        return HistoryResult(items, top, epoch, recovered)
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from None
+        except ResponseError as exc:
+            if str(exc).startswith(_UNAVAILABLE_REPLIES):
+                raise BrokerUnavailable(f"redis: {exc}") from None
+            raise
+
+    # ------------------------------------------------------------------ for tests
+
+    def wanted(self) -> frozenset[str]:
+        """The channels and patterns this node holds in Redis (after pending flushes)."""
+        return frozenset(self._wanted)
+
+
+def _fail(fut: asyncio.Future | None, exc: Exception) -> None:
+    if fut is not None and not fut.done():
+        fut.set_exception(exc)
+        fut.exception()  # retrieved: no "never retrieved" warning when nobody waits
+
+
+def _safe(url: str) -> str:
+    """The URL without its password (for logs)."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url

@@ -1,0 +1,88 @@
+"""The Lua scripts of the Redis broker, and the key layout they use.
+
+Every key of a channel carries the channel's hash slot as a hash tag, so that one
+script touches one slot (Redis Cluster) and the sharded channel of the same name
+lives in that slot too::
+
+    fws:{TAG}:CHANNEL:m      hash: o = last offset, e = epoch (history meta)
+    fws:{TAG}:CHANNEL:h      stream of the kept publications, ids OFFSET-0, field d
+    fws:{TAG}:CHANNEL:i:KEY  "OFFSET EPOCH" of an idempotent publish (5 minutes)
+
+``TAG`` is what Redis hashes for the channel name itself: the part between the first
+``{`` and the next ``}`` when it is not empty, else the whole name.
+
+What goes over pub/sub for a publication made through fastws is an *envelope*:
+``ENVELOPE_PREFIX + b"OFFSET EPOCH UNIXTIME\\n" + DATA``.  Anything else on a channel
+is a raw publication (a producer's ``PUBLISH``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ENVELOPE_PREFIX", "PUBLISH_LUA", "HISTORY_LUA", "hash_tag", "keys_for"]
+
+ENVELOPE_PREFIX = b"\x00fws\x00"
+
+# KEYS: meta, stream[, idempotency]
+# ARGV: channel, data, history_size, history_ttl_ms, epoch candidate, unix time,
+#       idempotency ttl ms, publish command (PUBLISH or SPUBLISH)
+PUBLISH_LUA = r"""
+if #KEYS == 3 then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return seen end
+end
+local size = tonumber(ARGV[3])
+local offset, epoch = 0, ''
+if size > 0 then
+  epoch = redis.call('HGET', KEYS[1], 'e')
+  if not epoch then
+    epoch = ARGV[5]
+    redis.call('DEL', KEYS[2])
+    redis.call('HSET', KEYS[1], 'e', epoch)
+  end
+  offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call(ARGV[8], ARGV[1],
+           '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2])
+local res = offset .. ' ' .. epoch
+if #KEYS == 3 then redis.call('SET', KEYS[3], res, 'PX', ARGV[7]) end
+return res
+"""
+
+# KEYS: meta, stream.  ARGV: limit, since offset ('' = the newest `limit`).
+# Returns {top, epoch, first kept offset, entries} ({} when the channel has no meta).
+HISTORY_LUA = r"""
+local meta = redis.call('HMGET', KEYS[1], 'o', 'e')
+if not meta[1] or not meta[2] then return {} end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local first_off = ''
+if #first > 0 then first_off = first[1][1] end
+local limit = tonumber(ARGV[1])
+local items = {}
+if limit > 0 then
+  if ARGV[2] == '' then
+    items = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
+  else
+    items = redis.call('XRANGE', KEYS[2], '(' .. ARGV[2] .. '-0', '+', 'COUNT', limit)
+  end
+end
+return {meta[1], meta[2], first_off, items}
+"""
+
+
+def hash_tag(channel: str) -> str:
+    """The part of ``channel`` that Redis Cluster hashes (its hash tag, else all of it)."""
+    start = channel.find("{")
+    if start >= 0:
+        end = channel.find("}", start + 1)
+        if end > start + 1:
+            return channel[start + 1:end]
+    return channel
+
+
+def keys_for(channel: str) -> tuple[str, str, str]:
+    """(meta key, stream key, idempotency key prefix) of ``channel``."""
+    base = f"fws:{{{hash_tag(channel)}}}:{channel}:"
+    return base + "m", base + "h", base + "i:"

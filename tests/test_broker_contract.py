@@ -1,0 +1,212 @@
+"""One contract, every broker: the same tests run against memory:// and redis://.
+
+A broker publishes with offsets and epochs per channel, keeps exact-size history with
+a TTL, honours idempotency keys, answers history pages with ``recovered`` semantics, and
+hands each publication to its handler once per node, in per-channel order, however
+many of the node's subscriptions match it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from fastws.broker import Broker, create_broker
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Collector:
+    """A BrokerHandler that records publications and lets tests await them."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes, int, str]] = []
+        self._changed = asyncio.Event()
+        self.gaps = 0
+
+    def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
+                           accepted: float) -> None:
+        assert accepted <= time.monotonic() + 1e-3
+        self.got.append((channel, data, offset, epoch))
+        self._changed.set()
+
+    def handle_gap(self) -> None:
+        self.gaps += 1
+
+    async def wait_for(self, pred, timeout: float = 10.0) -> None:
+        async def loop() -> None:
+            while not pred():
+                self._changed.clear()
+                await self._changed.wait()
+        await asyncio.wait_for(loop(), timeout)
+
+    async def wait_count(self, n: int, channel: str | None = None) -> list:
+        def items() -> list:
+            return [g for g in self.got if channel is None or g[0] == channel]
+        await self.wait_for(lambda: len(items()) >= n)
+        return items()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request, shared_redis) -> AsyncIterator[tuple[Broker, Collector]]:
+    url = "memory://" if request.param == "memory" else shared_redis.url
+    b = create_broker(url)
+    h = Collector()
+    await b.start(h)
+    assert b.up
+    yield b, h
+    await b.close()
+
+
+def uniq(prefix: str = "t") -> str:
+    return f"{prefix}:{uuid.uuid4().hex[:12]}"
+
+
+async def pub(b: Broker, ch: str, data: object, size: int = 10, ttl: float = 60.0,
+              key: str | None = None):
+    return await b.publish(ch, orjson.dumps(data), history_size=size, history_ttl=ttl,
+                           idempotency_key=key)
+
+
+async def test_offsets_epochs_and_delivery(broker):
+    b, h = broker
+    ch = uniq()
+    await b.subscribe(ch)
+    results = [await pub(b, ch, i) for i in range(3)]
+    assert [r.offset for r in results] == [1, 2, 3]
+    assert len({r.epoch for r in results}) == 1 and results[0].epoch
+    got = await h.wait_count(3, ch)
+    assert [(g[1], g[2], g[3]) for g in got] == [
+        (orjson.dumps(i), i + 1, results[0].epoch) for i in range(3)]
+
+
+async def test_no_history_means_offset_zero(broker):
+    b, h = broker
+    ch = uniq()
+    await b.subscribe(ch)
+    r = await pub(b, ch, {"a": 1}, size=0)
+    assert (r.offset, r.epoch) == (0, "")
+    got = await h.wait_count(1, ch)
+    assert got[0][1:] == (b'{"a":1}', 0, "")
+    hist = await b.history(ch, limit=10)
+    assert hist.publications == [] and hist.offset == 0
+
+
+async def test_channels_have_independent_streams(broker):
+    b, _ = broker
+    a, c = uniq(), uniq()
+    ra = [await pub(b, a, i) for i in range(2)]
+    rc = await pub(b, c, 0)
+    assert [r.offset for r in ra] == [1, 2] and rc.offset == 1
+    assert ra[0].epoch != rc.epoch
+
+
+async def test_idempotency_key(broker):
+    b, h = broker
+    ch = uniq()
+    await b.subscribe(ch)
+    first = await pub(b, ch, "x", key="k1")
+    again = await pub(b, ch, "y", key="k1")
+    other = await pub(b, ch, "z", key="k2")
+    assert again == first and other.offset == first.offset + 1
+    await h.wait_count(2, ch)
+    await pub(b, ch, "end")
+    got = await h.wait_count(3, ch)
+    assert [g[1] for g in got] == [b'"x"', b'"z"', b'"end"']
+    # the key is per channel
+    elsewhere = await pub(b, uniq(), "x", key="k1")
+    assert elsewhere.offset == 1 and elsewhere.epoch != first.epoch
+
+
+async def test_history_pages_and_recovery(broker):
+    b, _ = broker
+    ch = uniq()
+    rs = [await pub(b, ch, i, size=5) for i in range(8)]
+    epoch = rs[0].epoch
+    hist = await b.history(ch, limit=100)
+    assert [o for o, _ in hist.publications] == [4, 5, 6, 7, 8]
+    assert [d for _, d in hist.publications] == [orjson.dumps(i) for i in range(3, 8)]
+    assert (hist.offset, hist.epoch, hist.recovered) == (8, epoch, True)
+    newest = await b.history(ch, limit=2)
+    assert [o for o, _ in newest.publications] == [7, 8]
+    assert (await b.history(ch, limit=0)).publications == []
+    page = await b.history(ch, limit=2, since_offset=3, since_epoch=epoch)
+    assert [o for o, _ in page.publications] == [4, 5] and page.recovered
+    page = await b.history(ch, limit=2, since_offset=5, since_epoch=epoch)
+    assert [o for o, _ in page.publications] == [6, 7] and page.recovered
+    top = await b.history(ch, limit=10, since_offset=8, since_epoch=epoch)
+    assert top.publications == [] and top.recovered and top.offset == 8
+    gone = await b.history(ch, limit=10, since_offset=2, since_epoch=epoch)
+    assert not gone.recovered
+    other = await b.history(ch, limit=10, since_offset=6, since_epoch="another")
+    assert not other.recovered and other.publications == []
+    ahead = await b.history(ch, limit=10, since_offset=99, since_epoch=epoch)
+    assert not ahead.recovered
+    no_epoch = await b.history(ch, limit=10, since_offset=7, since_epoch="")
+    assert no_epoch.recovered and [o for o, _ in no_epoch.publications] == [8]
+
+
+async def test_history_of_unknown_channel(broker):
+    b, _ = broker
+    ch = uniq()
+    empty = await b.history(ch, limit=10)
+    assert (empty.publications, empty.offset, empty.epoch, empty.recovered) == ([], 0, "", True)
+    assert (await b.history(ch, limit=10, since_offset=0, since_epoch="")).recovered
+    assert not (await b.history(ch, limit=10, since_offset=3, since_epoch="e")).recovered
+
+
+async def test_history_ttl_gives_a_new_epoch(broker):
+    b, _ = broker
+    ch = uniq()
+    first = await pub(b, ch, 1, ttl=0.3)
+    deadline = time.monotonic() + 10
+    while (await b.history(ch, limit=10)).offset != 0:
+        assert time.monotonic() < deadline, "history did not expire"
+        await asyncio.sleep(0.05)
+    lost = await b.history(ch, limit=10, since_offset=1, since_epoch=first.epoch)
+    assert not lost.recovered
+    again = await pub(b, ch, 2, ttl=60)
+    assert again.offset == 1 and again.epoch != first.epoch
+
+
+async def test_once_per_node_with_overlapping_subscriptions(broker):
+    b, h = broker
+    base = uniq("ov")
+    ch = base + ":x"
+    for name in (ch, base + ":*", "*:x", base + ":?"):
+        await b.subscribe(name)
+    for i in range(5):
+        await pub(b, ch, i)
+    marker = base + ":end"
+    await pub(b, marker, "end")
+    await h.wait_count(1, marker)
+    got = [g for g in h.got if g[0] == ch]
+    assert [g[2] for g in got] == [1, 2, 3, 4, 5]
+
+
+async def test_identical_payloads_are_distinct_publications(broker):
+    b, h = broker
+    base = uniq("same")
+    ch = base + ":x"
+    await b.subscribe(ch)
+    await b.subscribe(base + ":*")
+    for _ in range(3):
+        await pub(b, ch, "same", size=0)
+    await pub(b, base + ":end", "end", size=0)
+    await h.wait_count(1, base + ":end")
+    assert [g[1] for g in h.got if g[0] == ch] == [b'"same"'] * 3
+
+
+async def test_order_per_channel_under_concurrency(broker):
+    b, h = broker
+    ch = uniq()
+    await b.subscribe(ch)
+    results = await asyncio.gather(*(pub(b, ch, i, size=100) for i in range(200)))
+    assert sorted(r.offset for r in results) == list(range(1, 201))
+    got = await h.wait_count(200, ch)
+    assert [g[2] for g in got] == list(range(1, 201))
