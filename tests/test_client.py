@@ -625,6 +625,9 @@ async def test_real_recovery_after_connection_loss(fastws_server) -> None:
             await _publish(srv, "events:r", i)
         evs = await _take(c, 3, timeout=10)
         assert [e.data for e in evs] == [3, 4, 5]
+        async with asyncio.timeout(5):  # the replay comes before `subscribed`
+            while not sub.subscribed:
+                await asyncio.sleep(0.01)
         assert c.reconnects == 1 and sub.recovered is True
         await _publish(srv, "events:r", 6)
         assert (await c.next_event(timeout=5)).data == 6
