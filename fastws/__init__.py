@@ -15,4 +15,24 @@ except ImportError as exc:  # pragma: no cover - exercised by packaging tests
         "(needs Cython and a C compiler)."
     ) from exc
 
-__all__ = ["__version__"]
+from fastws.client import Client, Event, Subscription, connect  # noqa: E402
+from fastws.errors import (  # noqa: E402
+    AuthError,
+    ConnectionClosed,
+    FastWSError,
+    RequestError,
+    RequestTimeout,
+)
+
+__all__ = [
+    "AuthError",
+    "Client",
+    "ConnectionClosed",
+    "Event",
+    "FastWSError",
+    "RequestError",
+    "RequestTimeout",
+    "Subscription",
+    "__version__",
+    "connect",
+]
