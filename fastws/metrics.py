@@ -79,6 +79,9 @@ class NodeCollector:
                                 value=1 if node.broker.up else 0)
         yield CounterMetricFamily("fastws_broker_reconnects", "Broker reconnections.",
                                   value=node.broker_reconnects)
+        yield GaugeMetricFamily("fastws_broker_lag_seconds",
+                                "How far the broker's pub/sub reader is behind (Redis PING).",
+                                value=getattr(node.broker, "lag", 0.0))
         bounds, cumulative, total, count = hub.latency_snapshot()
         buckets = [(repr(b), c) for b, c in zip(bounds, cumulative, strict=False)]
         buckets.append(("+Inf", cumulative[-1]))

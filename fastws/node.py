@@ -98,6 +98,10 @@ class Node:
             "auth": self._auth,
         }
         self._tasks: set[asyncio.Task] = set()
+        # subscribes awaiting the broker, per name (no broker unsubscribe meanwhile)
+        self._pending: Counter[str] = Counter()
+        # per channel, buffers of connections recovering with `since` (see _recover)
+        self._recovering: dict[str, list[list[tuple[int, str, bytes]]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -139,9 +143,25 @@ class Node:
     def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
                            accepted: float) -> None:
         """Broker callback: frame the publication once and fan it out."""
+        if self._recovering:
+            waiting = self._recovering.get(channel)
+            if waiting:
+                for buf in waiting:
+                    buf.append((offset, epoch, data))
         frame = make_frame(protocol.event_payload(channel, data, offset, epoch))
         private = self.config.for_channel(channel).subscribe == "owner"
         self.hub.broadcast(channel, frame, accepted, private)
+
+    def handle_gap(self) -> None:
+        """Broker callback after it reconnected and resubscribed: publications may have
+        been lost meanwhile, so every subscribed connection is closed with 4010 and its
+        client recovers with ``since``."""
+        from fastws.codes import DISCONNECT_INSUFFICIENT_STATE
+
+        self.broker_reconnects += 1
+        for conn in list(self.hub.conns):
+            if conn.subs and not conn.closing:
+                conn.disconnect(DISCONNECT_INSUFFICIENT_STATE)
 
     # ------------------------------------------------------------------ permissions
 
@@ -230,6 +250,7 @@ class Node:
                                 f"{self.config.limits.max_subscriptions} reached")
         self.check("subscribe", conn.user, name)
         subs.add(name)  # reserve the name while we await the broker
+        self._pending[name] += 1
         try:
             if not self.trie.keys(name):
                 await self.broker.subscribe(name)
@@ -246,6 +267,12 @@ class Node:
         except BaseException:
             subs.discard(name)
             raise
+        finally:
+            self._pending[name] -= 1
+            if not self._pending[name]:
+                del self._pending[name]
+                if not self.trie.keys(name):
+                    self._spawn(self.broker.unsubscribe(name))
         self.subscriptions += 1
         return protocol.reply(req.id, "subscribed", channel=name, **extra)
 
@@ -257,13 +284,26 @@ class Node:
         if ns.history_size <= 0:
             return False
         since = req.since
-        hist = await self.broker.history(name, limit=ns.history_size,
-                                         since_offset=since.offset, since_epoch=since.epoch)
-        if not hist.recovered:
-            return False
-        for offset, data in hist.publications:
-            conn.send_text(protocol.event_payload(name, data, offset, hist.epoch))
-        return True
+        # The broker delivers this channel already: publications that arrive while
+        # history is read are kept and sent after it (without repeating what it held).
+        buf: list[tuple[int, str, bytes]] = []
+        waiting = self._recovering.setdefault(name, [])
+        waiting.append(buf)
+        try:
+            hist = await self.broker.history(name, limit=ns.history_size,
+                                             since_offset=since.offset,
+                                             since_epoch=since.epoch)
+        finally:
+            waiting.remove(buf)
+            if not waiting:
+                self._recovering.pop(name, None)
+        if hist.recovered:
+            for offset, data in hist.publications:
+                conn.send_text(protocol.event_payload(name, data, offset, hist.epoch))
+        for offset, epoch, data in buf:
+            if offset == 0 or epoch != hist.epoch or offset > hist.offset:
+                conn.send_text(protocol.event_payload(name, data, offset, epoch))
+        return hist.recovered
 
     async def _unsubscribe(self, conn: Connection, req: Request) -> bytes:
         if conn.subs and req.channel in conn.subs:
@@ -274,7 +314,7 @@ class Node:
         conn.subs.discard(name)
         if self.trie.remove(name, conn):
             self.subscriptions -= 1
-            if not self.trie.keys(name):
+            if not self.trie.keys(name) and not self._pending.get(name):
                 self._spawn(self.broker.unsubscribe(name))
             if name in self.presence:
                 self._leave(conn, name)
