@@ -16,3 +16,4 @@ cdef class Trie:
     cpdef bint remove(self, str pattern, object key) except -1
     cpdef tuple match(self, str channel)
     cpdef Py_ssize_t count(self)
+    cpdef tuple keys(self, str pattern)   # keys under exactly this name (no glob)

@@ -419,7 +419,7 @@ cdef class Trie:
         """Distinct channels and patterns with at least one key."""
         return len(self._exact) + self._npatterns
 
-    def keys(self, str pattern) -> tuple:
+    cpdef tuple keys(self, str pattern):
         """Keys registered under exactly this channel or pattern string."""
         cdef dict keys
         cdef _Node node
