@@ -1,10 +1,10 @@
 # C-level interface of the broadcast loop (implementation in _fanout.pyx).
-from picows.picows cimport WSListener, WSTransport
+from picows.picows cimport MemoryBuffer, WSListener, WSTransport
 from fastws._match cimport Trie
 
 
 cdef class Conn(WSListener):
-    cdef public WSTransport transport
+    cdef WSTransport tr               # Python: the `transport` property (adopts on set)
     cdef public Hub hub
     cdef char* _buf                 # frames queued in this loop pass
     cdef Py_ssize_t _len
@@ -16,6 +16,7 @@ cdef class Conn(WSListener):
     cdef public double ping_sent
 
     cdef int _append(self, const char* ptr, Py_ssize_t size) except -1
+    cdef int _send_raw(self, const char* ptr, Py_ssize_t size) except -1
     cdef int _write_out(self) except -1
     cpdef send_frame(self, bytes frame)
     cpdef send_text(self, bytes payload)

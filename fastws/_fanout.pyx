@@ -13,7 +13,7 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from picows.picows cimport WSListener, WSMsgType, WSTransport
+from picows.picows cimport MemoryBuffer, WSListener, WSMsgType, WSTransport
 
 from fastws._match cimport Trie
 
@@ -27,8 +27,11 @@ cdef extern from "<endian.h>" nogil:
     uint64_t htobe64(uint64_t)
 
 cdef enum:
-    SHRINK_ABOVE = 65536        # free a connection's queue after a flush if it grew past this
     LAT_BUCKETS = 14
+
+# A server PING frame with no payload (FIN, opcode 9, unmasked): the heartbeat writes it
+# like any queued frame, without touching picows' per-transport write buffer.
+cdef bytes _PING_FRAME = b"\x89\x00"
 
 # Upper bounds (seconds) of the delivery latency histogram buckets; +Inf is implicit.
 cdef double[LAT_BUCKETS] _LAT_BOUNDS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
@@ -86,6 +89,24 @@ cdef class Conn(WSListener):
             free(self._buf)
             self._buf = NULL
 
+    @property
+    def transport(self):
+        """The picows transport (None before ``on_ws_connected``).
+
+        Setting it (once, in ``on_ws_connected``) also drops what picows keeps per
+        connection and a server never reads again (see ``_trim_transport``): ~2.7 KB
+        of an idle connection's ~5.5 KB.  picows is pinned (2.3.1) and
+        tests/test_loadtest_memory.py checks these fields, so an upgrade that moves
+        them fails there.
+        """
+        return self.tr
+
+    @transport.setter
+    def transport(self, WSTransport value):
+        self.tr = value
+        if value is not None:
+            _trim_transport(value)
+
     cdef int _append(self, const char* ptr, Py_ssize_t size) except -1:
         cdef Py_ssize_t need = self._len + size
         cdef Py_ssize_t cap
@@ -104,19 +125,43 @@ cdef class Conn(WSListener):
         return 0
 
     cdef int _write_out(self) except -1:
-        cdef WSTransport tr = self.transport
+        """Hand the queue to the transport in one write; an idle connection keeps no queue."""
+        cdef WSTransport tr = self.tr
         cdef Py_ssize_t n = self._len
+        cdef char* buf = self._buf
         self._len = 0
+        self._buf = NULL
+        self._cap = 0
         if n == 0 or tr is None or tr.is_disconnected or tr.is_close_frame_sent:
+            free(buf)
             return 0
-        tr._fast_write(self._buf, n)
+        try:
+            tr._fast_write(buf, n)
+        finally:
+            free(buf)
         if self.hub is not None:
             self.hub.bytes_sent += n
             self.hub.writes += 1
-        if self._cap > SHRINK_ABOVE:
-            free(self._buf)
-            self._buf = NULL
-            self._cap = 0
+        return 0
+
+    cdef int _send_raw(self, const char* ptr, Py_ssize_t size) except -1:
+        """Send ``size`` bytes of whole frames after everything already queued.
+
+        With nothing queued they go straight to the transport (no copy, no queue).
+        """
+        cdef WSTransport tr
+        if self.queued:
+            return self._append(ptr, size)
+        if self._len:
+            self._append(ptr, size)
+            return self._write_out()
+        tr = self.tr
+        if tr is None or tr.is_disconnected or tr.is_close_frame_sent:
+            return 0
+        tr._fast_write(<char*>ptr, size)
+        if self.hub is not None:
+            self.hub.bytes_sent += size
+            self.hub.writes += 1
         return 0
 
     @property
@@ -128,11 +173,7 @@ cdef class Conn(WSListener):
         """Send a pre-built frame after everything already queued for this connection."""
         if self.closing:
             return
-        if self._len == 0 and not self.queued:
-            self._append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
-            self._write_out()
-            return
-        self._append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        self._send_raw(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
 
     cpdef send_text(self, bytes payload):
         """Frame ``payload`` as one TEXT message and send it in order (see send_frame)."""
@@ -141,6 +182,39 @@ cdef class Conn(WSListener):
     cpdef flush_now(self):
         """Write whatever is queued for this connection now (before a close frame)."""
         self._write_out()
+
+
+# What _trim_transport shares between all the transports of one thread (one loop).
+cdef MemoryBuffer _shared_write_buffer = None
+cdef object _done_loop = None
+cdef object _done_future = None
+
+
+cdef int _trim_transport(WSTransport tr) except -1:
+    """Drop what picows keeps per connection and a server never reads again.
+
+    * ``request``/``response``: the parsed upgrade and the 101 answer, read by nobody
+      after ``on_ws_connected`` (~1.5 KB with their header multidicts);
+    * ``listener_proxy``: a weakref proxy only picows' auto-ping loop uses (we run our
+      own heartbeat, auto-ping is off);
+    * ``_write_buffer``: picows builds a frame there in ``send``/``send_close``/
+      ``send_pong`` and hands it to the socket (or a copy to the transport) before
+      returning, so one buffer per thread serves every transport instead of 1 KiB each;
+    * ``disconnected_future``: one already-done future per loop instead of one pending
+      future per connection (``wait_disconnected()`` is a client-side API).
+    """
+    global _shared_write_buffer, _done_loop, _done_future
+    tr.request = None
+    tr.response = None
+    tr.listener_proxy = None
+    if tr._loop is not _done_loop:     # first transport of this loop
+        _done_loop = tr._loop
+        _done_future = _done_loop.create_future()
+        _done_future.set_result(None)
+        _shared_write_buffer = MemoryBuffer(1024)
+    tr._write_buffer = _shared_write_buffer
+    tr.disconnected_future = _done_future
+    return 0
 
 
 cdef class Hub:
@@ -320,9 +394,9 @@ cdef class Hub:
                 c.idle_since = now
                 c.ping_sent = 0.0
             elif c.ping_sent == 0.0:
-                if now - c.idle_since >= ping_interval and c.transport is not None:
+                if now - c.idle_since >= ping_interval and c.tr is not None:
                     c.ping_sent = now
-                    c.transport.send_ping()
+                    c._send_raw(PyBytes_AS_STRING(_PING_FRAME), 2)
             elif now - c.ping_sent >= pong_timeout:
                 expired.append(c)
         if self.on_heartbeat_timeout is not None:
