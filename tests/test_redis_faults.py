@@ -1,0 +1,138 @@
+"""Redis goes away mid-stream: 503s (never a silent drop), resubscription, 4010, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import RedisProc, free_port, http, scrape, wait_port
+from wsclient import connect
+
+import fastws
+
+pytestmark = pytest.mark.timeout(120)
+
+CONFIG = """
+[namespaces."*"]
+history_size = 2000
+"""
+
+
+def start_durable_redis(port: int, directory: str) -> RedisProc:
+    """A redis-server whose data survives a restart (AOF fsynced before each reply)."""
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+         "--appendfsync", "always", "--dir", directory],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return RedisProc(port, proc)
+
+
+@pytest.fixture
+def durable_redis() -> Iterator[tuple[int, str, list[RedisProc]]]:
+    directory = tempfile.mkdtemp(prefix="fastws-redis-")
+    procs = [start_durable_redis(free_port(), directory)]
+    yield procs[0].port, directory, procs
+    for p in procs:
+        p.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def until(pred, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(pred):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+class Publisher(threading.Thread):
+    """Publishes 0, 1, 2, … through the HTTP API; remembers which ones got 200."""
+
+    def __init__(self, url: str, channel: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.channel = url, channel
+        self.ok: list[int] = []
+        self.refused: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        seq = 0
+        while not self.stop.is_set():
+            status, _, body = http("POST", self.url + "/api/publish",
+                                   {"channel": self.channel, "data": seq},
+                                   headers={"Authorization": "Bearer test-key"})
+            if status == 200:
+                self.ok.append(seq)
+            else:
+                assert status == 503, (status, body)
+                self.refused.append(seq)
+            seq += 1
+            self.stop.wait(0.01)
+
+
+async def test_redis_restart_mid_stream_two_nodes(durable_redis, fastws_server):
+    port, directory, procs = durable_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    n1 = fastws_server("--broker", url, config=CONFIG)
+    n2 = fastws_server("--broker", url, config=CONFIG)
+    channel = "events:restart"
+
+    received: list[int] = []
+    async with fastws.connect(n2.ws_url) as client:
+        await client.subscribe(channel)
+
+        async def consume() -> None:
+            async for event in client:
+                received.append(event.data)
+        consumer = asyncio.create_task(consume())
+        raw = await connect(n1.ws_url)
+        await raw.request({"id": 1, "type": "subscribe", "channel": channel})
+
+        pub = Publisher(n1.http_url, channel)
+        pub.start()
+        await until(lambda: len(pub.ok) >= 20, what="publications before the restart")
+
+        procs[0].stop()                                   # Redis goes away
+        for node in (n1, n2):
+            await until(lambda n=node: http("GET", n.http_url + "/readyz")[0] == 503,
+                        what="readyz 503")
+            assert scrape(node.http_url)["fastws_broker_up"] == 0
+        await until(lambda: pub.refused, what="a refused publication")
+
+        procs.append(start_durable_redis(port, directory))  # and comes back
+        for node in (n1, n2):
+            await until(lambda n=node: http("GET", n.http_url + "/readyz")[0] == 200,
+                        what="readyz 200 again")
+        # the raw subscriber of n1 is told its stream may have a gap
+        while True:
+            msg = await raw.recv()
+            if msg["type"] == "disconnect":
+                break
+        assert msg["code"] == 4010 and msg["reconnect"] is True
+        assert await raw.wait_closed() == 4010
+
+        after = len(pub.ok)
+        await until(lambda: len(pub.ok) >= after + 20, what="publications after the restart")
+        pub.stop.set()
+        await asyncio.to_thread(pub.join)
+        # every publication answered 200 reaches the subscriber, once, in order
+        await until(lambda: len(received) >= len(pub.ok), what="recovery of every publication")
+        consumer.cancel()
+    # Every publication answered 200 arrived, once, in order.  A 503 answered while the
+    # script was in flight (Redis shut down before replying) may still have happened:
+    # its outcome is unknown to the API, and a publisher retries it with an idempotency key.
+    assert received == sorted(set(received))
+    assert set(pub.ok) <= set(received)
+    assert set(received) - set(pub.ok) <= set(pub.refused)
+    for node in (n1, n2):
+        metrics = scrape(node.http_url)
+        assert metrics["fastws_broker_up"] == 1
+        assert metrics["fastws_broker_reconnects_total"] >= 1
+    assert scrape(n2.http_url)['fastws_connections_closed_total{code="4010"}'] >= 1
