@@ -55,30 +55,34 @@ from fastws.node import Node
 __all__ = ["Connection", "App", "run", "serve"]
 
 log = logging.getLogger("fastws")
+conn_log = logging.getLogger("fastws.conn")   # one debug line per connection event
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
 SLOW_ABORT_AFTER = 2.0          # seconds between a 4008 close and dropping the socket
 HEARTBEAT_TICK = 1.0
+DRAIN_GRACE = 0.25              # seconds between SIGTERM and the first drain batch
+PICOWS_CHATTER = 5              # log level of picows' per-connection lines (below DEBUG)
 WS_PATHS = ("/", "/ws")
 
 
 class _PicowsLog:
     """Logger-like object for picows: one shared object (no per-connection child logger),
-    with picows' per-connection info lines demoted to debug."""
+    with picows' per-connection info and debug lines demoted below debug (``fastws.conn``
+    logs one line per connection event instead)."""
 
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
         self.name = logger.name
 
     def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging API
-        return self._log.isEnabledFor(min(level, logging.DEBUG))
+        return self._log.isEnabledFor(min(level, PICOWS_CHATTER))
 
     def log(self, level: int, msg: str, *args: Any, **kw: Any) -> None:
-        self._log.log(min(level, logging.DEBUG), msg, *args, **kw)
+        self._log.log(min(level, PICOWS_CHATTER), msg, *args, **kw)
 
     def debug(self, msg: str, *args: Any, **kw: Any) -> None:
-        self._log.debug(msg, *args, **kw)
+        self._log.log(PICOWS_CHATTER, msg, *args, **kw)
 
     info = debug
 
@@ -120,6 +124,10 @@ class Connection(Conn):
         node.hub.conns.add(self)
         transport.underlying_transport.set_write_buffer_limits(
             high=node.config.limits.send_buffer)
+        if conn_log.isEnabledFor(logging.DEBUG):
+            conn_log.debug("connection open", extra={
+                "client": self.client_id, "user": self.user,
+                "peer": _peer(transport)})
 
     def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
         self.active = True
@@ -160,6 +168,9 @@ class Connection(Conn):
             info = hs.recv if hs.recv is not None else hs.sent
             code = int(info.code) if info is not None else 0
         self.node.drop(self, code or 1006)
+        if conn_log.isEnabledFor(logging.DEBUG):
+            conn_log.debug("connection closed", extra={
+                "client": self.client_id, "user": self.user, "code": code or 1006})
 
     def pause_writing(self) -> None:
         """The transport holds more than send_buffer bytes: a slow consumer."""
@@ -229,6 +240,8 @@ class App:
         limits = node.config.limits
         if limits.max_connections and len(node.hub.conns) >= limits.max_connections:
             pending = DISCONNECT_CONNECTION_LIMIT
+            log.warning("connection limit reached: closing a new connection with 4504",
+                        extra={"limit": limits.max_connections})
         origins = node.config.server.allow_origins
         if origins and request.headers.get("origin", "") not in origins:
             pending = DISCONNECT_ORIGIN
@@ -492,6 +505,8 @@ class Server:
 
     def _on_slow(self, conn: Connection) -> None:
         conn.close_code = Close.SLOW_CONSUMER
+        log.warning("slow consumer: send_buffer exceeded, closing with 4008",
+                    extra={"client": conn.client_id, "user": conn.user})
         tr = conn.transport
         if tr is None or tr.is_disconnected:
             return
@@ -526,6 +541,10 @@ class Server:
         self.node.reload(new)
         for conn in list(self.node.hub.conns):
             conn.assembler.max_message_size = new.limits.max_message_size
+            tr = conn.transport
+            if tr is not None and not tr.is_disconnected:
+                tr.underlying_transport.set_write_buffer_limits(high=new.limits.send_buffer)
+        logging.getLogger().setLevel(new.server.log_level.upper())
         log.info("SIGHUP: configuration reloaded")
 
     def drain(self) -> None:
@@ -539,14 +558,17 @@ class Server:
     async def _drain(self) -> None:
         timeout = self.node.config.server.drain_timeout
         log.info("draining: %d connections over %.1f s", len(self.node.hub.conns), timeout)
-        if self._listener is not None:
-            self._listener.close()
+        # The listener stays open until exit: /readyz answers 503, upgrades get 503 with
+        # Retry-After (a proxy retries them on another node), /metrics stays scrapeable.
         deadline = time.monotonic() + timeout
         conns = list(self.node.hub.conns)
         random.shuffle(conns)
         window = timeout * 0.5
         batches = max(1, min(10, len(conns)))
         per = -(-len(conns) // batches) if conns else 0
+        # publications a shared broker accepted just before SIGTERM may still be on
+        # their way to this node: let them arrive before the first disconnect
+        await asyncio.sleep(min(DRAIN_GRACE, timeout / 10))
         for i in range(batches):
             for conn in conns[i * per:(i + 1) * per]:
                 conn.disconnect(DISCONNECT_DRAINING,
@@ -555,9 +577,12 @@ class Server:
                 await asyncio.sleep(window / batches)
         while self.node.hub.conns and time.monotonic() < deadline - 0.2:
             await asyncio.sleep(0.05)
+        log.info("drained: %d connections left, exiting", len(self.node.hub.conns))
         self.stopped.set()
 
     async def shutdown(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -567,6 +592,12 @@ class Server:
             if conn.transport is not None:
                 conn.transport.disconnect(False)
         await self.node.close()
+
+
+def _peer(transport: WSTransport) -> str:
+    """``host:port`` of the socket peer (the proxy, behind one), for log lines."""
+    peer = transport.underlying_transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 def _abort(transport: WSTransport) -> None:
@@ -591,20 +622,44 @@ async def serve(config: Config) -> int:
     return server.exit_code
 
 
+# Structured fields a log call may pass as ``extra=``: JSON keys, or ``key=value`` in text.
+LOG_FIELDS = ("client", "user", "peer", "code", "limit")
+
+
+class _TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message key=value…``"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = [f"{k}={v}" for k in LOG_FIELDS
+                  if (v := getattr(record, k, None)) is not None]
+        if not fields:
+            return line
+        head, sep, tail = line.partition("\n")  # keep a traceback below the fields
+        return head + " " + " ".join(fields) + sep + tail
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, the fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+               "logger": record.name, "msg": record.getMessage()}
+        for k in LOG_FIELDS:
+            if (v := getattr(record, k, None)) is not None:
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
 def setup_logging(level: str, fmt: str) -> None:
     """Configure the root logger: ``text`` lines or one JSON object per line."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        class _Json(logging.Formatter):
-            def format(self, record: logging.LogRecord) -> str:
-                out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                       "logger": record.name, "msg": record.getMessage()}
-                if record.exc_info:
-                    out["exc"] = self.formatException(record.exc_info)
-                return orjson.dumps(out).decode()
-        handler.setFormatter(_Json())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
