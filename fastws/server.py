@@ -34,7 +34,7 @@ from picows import (
 )
 from picows.picows import WSProtocol
 
-from fastws import channels, protocol
+from fastws import channels, protocol, workers
 from fastws._fanout import Conn
 from fastws._frames import MessageAssembler, close_with, receive
 from fastws._version import __version__
@@ -277,6 +277,8 @@ class App:
             reason = "draining" if self.node.draining else "broker unavailable"
             return _json(503, {"status": "not ready", "reason": reason})
         if route == "/metrics":
+            if workers.CURRENT is not None:  # the sum over every worker
+                return self.loop.create_task(self._metrics_all(workers.CURRENT))
             return _response(200, self.metrics.render(), {"Content-Type": CONTENT_TYPE})
         if route == "/fastws.js":
             return _response(200, self.static["/fastws.js"],
@@ -285,6 +287,10 @@ class App:
         if route in ("/", "/index.html"):
             return _response(200, self.static["/"], {"Content-Type": "text/html; charset=utf-8"})
         return _json(404, {"error": "not found"})
+
+    async def _metrics_all(self, worker: workers.Worker) -> bytes:
+        body = await worker.metrics(self.metrics.registry)
+        return _response(200, body, {"Content-Type": CONTENT_TYPE})
 
     async def _api_publish(self, headers: dict[str, str], body: bytes) -> bytes:
         keys = self.node.config.server.api_keys
@@ -491,7 +497,10 @@ class Server:
         self.app = App(self.node)
         cfg = self.config.server
         self._listener = await loop.create_server(
-            lambda: HttpFront(self.app), cfg.host, cfg.port, backlog=4096, reuse_address=True)
+            lambda: HttpFront(self.app), cfg.host, cfg.port, backlog=4096, reuse_address=True,
+            reuse_port=workers.CURRENT is not None)
+        if workers.CURRENT is not None:
+            await workers.CURRENT.start(self.app.metrics.registry)
         for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGINT, self.drain),
                              (signal.SIGHUP, self.reload)):
             loop.add_signal_handler(sig, handler)
@@ -668,6 +677,8 @@ def setup_logging(level: str, fmt: str) -> None:
 def run(config: Config) -> int:
     """Run one server process with uvloop (what ``fastws serve`` calls)."""
     setup_logging(config.server.log_level, config.server.log_format)
+    if config.server.workers > 1 and workers.CURRENT is None:
+        return workers.supervise(config)
     try:
         return uvloop.run(serve(config))
     except KeyboardInterrupt:
