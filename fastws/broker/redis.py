@@ -51,7 +51,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fastws._match import Trie, is_pattern
@@ -102,7 +102,7 @@ def decode_payload(payload: bytes, now: float) -> tuple[bytes, int, str, float]:
     """
     if payload.startswith(ENVELOPE_PREFIX):
         nl = payload.find(b"\n", _ENV_LEN)
-        offset, epoch, stamp = payload[_ENV_LEN:nl].split(b" ")
+        offset, epoch, stamp = payload[_ENV_LEN:nl].split(b" ", 3)[:3]
         delay = time.time() - float(stamp)
         return payload[nl + 1:], int(offset), epoch.decode(), now - delay if delay > 0 else now
     try:
@@ -181,43 +181,25 @@ class _Target:
             self.ssl = ctx
 
 
-class RedisBroker(Broker):
-    """Broker on one Redis (``redis://``, ``rediss://``) or a Sentinel-watched master."""
+class _PubSub:
+    """One pub/sub connection and its subscriptions (what is wanted, sent, confirmed).
 
-    def __init__(self, url: str, *, max_connections: int = 64) -> None:
-        self.url = url
-        self.target = _Target(url)
-        retry = Retry(NoBackoff(), 0)  # never re-send a publish that may have run
-        common: dict[str, Any] = {"retry": retry, "socket_connect_timeout": 2.0,
-                                  "socket_timeout": 5.0}
-        self._sentinel: Any = None
-        if self.target.sentinel is not None:
-            from redis.asyncio.sentinel import Sentinel
+    ``exact`` and ``pattern`` are the verbs it subscribes with (``SUBSCRIBE`` /
+    ``PSUBSCRIBE``, or ``SSUBSCRIBE`` and no patterns for a cluster shard).  Every
+    publication it reads goes to ``deliver(channel, payload)`` once, however many of
+    its confirmed subscriptions match (see the module docstring).
+    """
 
-            hosts, master = self.target.sentinel
-            self._sentinel = Sentinel(hosts, password=self.target.password,
-                                      username=self.target.username, db=self.target.db,
-                                      **common)
-            self.redis = self._sentinel.master_for(master)
-        else:
-            pool = BlockingConnectionPool.from_url(url, max_connections=max_connections,
-                                                   timeout=5.0, **common)
-            self.redis = Redis(connection_pool=pool)
-        self._publish_script = self.redis.register_script(PUBLISH_LUA)
-        self._history_script = self.redis.register_script(HISTORY_LUA)
-        self.up = False
-        self.reconnects = 0
-        self.publish_command = "PUBLISH"
-        self._handler: BrokerHandler | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._link: _Link | None = None
-        self._lost: asyncio.Event | None = None
-        self._closed = False
-        self._runner: asyncio.Task | None = None
-        self._pinger: asyncio.Task | None = None
-        # subscriptions: what the node wants, what was sent on this link, what Redis
-        # confirmed on this link (a matcher over the confirmed names)
-        self._wanted: set[str] = set()
+    def __init__(self, label: str, deliver: Callable[[bytes, bytes], None],
+                 on_lost: Callable[[], None], exact: str = "SUBSCRIBE",
+                 pattern: str | None = "PSUBSCRIBE") -> None:
+        self.label = label
+        self.exact, self.pattern = exact, pattern
+        self._deliver = deliver
+        self._on_lost_cb = on_lost
+        self.link: _Link | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.wanted: set[str] = set()
         self._sent: set[str] = set()
         self._active = Trie()
         self._confirm: dict[str, asyncio.Future] = {}
@@ -226,143 +208,60 @@ class RedisBroker(Broker):
         self._skip = 0
         self._skip_channel = b""
         self._skip_data = b""
-        self._lag = 0.0
+        self.lag = 0.0
         self._pings: collections.deque[float] = collections.deque()
 
-    # ------------------------------------------------------------------ lifecycle
-
-    async def start(self, handler: BrokerHandler) -> None:
-        """Start the pub/sub link; returns after the first attempt (connected or not)."""
-        self._handler = handler
-        self._loop = asyncio.get_running_loop()
-        first = self._loop.create_future()
-        self._runner = self._loop.create_task(self._run(first))
-        await first
-
-    async def close(self) -> None:
-        self._closed = True
-        self.up = False
-        for task in (self._runner, self._pinger):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if self._link is not None:
-            self._link.abort()
-        with contextlib.suppress(Exception):
-            await self.redis.aclose()
-        if self._sentinel is None:
-            with contextlib.suppress(Exception):
-                await self.redis.connection_pool.disconnect()
-
     @property
-    def lag(self) -> float:
-        """Seconds the pub/sub reader is behind Redis (the oldest unanswered PING)."""
-        if self._pings:
-            return max(self._lag, time.monotonic() - self._pings[0])
-        return self._lag
+    def connected(self) -> bool:
+        return self.link is not None and self.link.transport is not None
 
-    async def _address(self) -> tuple[str, int]:
-        if self._sentinel is not None:
-            return await self._sentinel.discover_master(self.target.sentinel[1])
-        return self.target.host, self.target.port
-
-    async def _run(self, first: asyncio.Future) -> None:
-        attempt = 0
-        ever_up = False
-        while not self._closed:
-            try:
-                await self._connect()
-            except (TimeoutError, OSError, BrokerUnavailable, ResponseError,
-                    RedisConnectionError, RedisTimeoutError) as exc:
-                self._drop_link()
-                if attempt == 0:
-                    log.warning("redis pub/sub: cannot connect to %s: %s; retrying",
-                                _safe(self.url), exc or type(exc).__name__)
-                if not first.done():
-                    first.set_result(None)
-                attempt += 1
-                delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(attempt, 10))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                continue
-            attempt = 0
-            self.up = True
-            if ever_up:
-                self.reconnects += 1
-                log.warning("redis pub/sub: reconnected, %d channels and patterns "
-                            "resubscribed; closing subscribers with 4010", len(self._wanted))
-                gap = getattr(self._handler, "handle_gap", None)
-                if gap is not None:
-                    try:
-                        gap()
-                    except Exception:
-                        log.exception("handle_gap failed")
-            ever_up = True
-            if not first.done():
-                first.set_result(None)
-            await self._lost.wait()
-            self.up = False
-            if not self._closed:
-                log.warning("redis pub/sub: connection to %s lost; reconnecting",
-                            _safe(self.url))
-
-    async def _connect(self) -> None:
-        loop = self._loop
-        host, port = await asyncio.wait_for(self._address(), CONNECT_TIMEOUT)
-        self._lost = asyncio.Event()
-        link = _Link(self._on_reply, self._on_lost)
+    async def connect(self, host: str, port: int, target: _Target) -> None:
+        """Open the connection, authenticate, (re)subscribe everything wanted; wait for it."""
+        self.loop = loop = asyncio.get_running_loop()
+        link = _Link(self._on_reply, self._lost)
         await asyncio.wait_for(
-            loop.create_connection(lambda: link, host, port, ssl=self.target.ssl,
-                                   server_hostname=host if self.target.ssl else None),
+            loop.create_connection(lambda: link, host, port, ssl=target.ssl,
+                                   server_hostname=host if target.ssl else None),
             CONNECT_TIMEOUT)
-        self._link = link
+        self.link = link
         waits = []
-        if self.target.password:
-            auth = ((self.target.username, self.target.password) if self.target.username
-                    else (self.target.password,))
+        if target.password:
+            auth = ((target.username, target.password) if target.username
+                    else (target.password,))
             waits.append(self._command("AUTH", *auth))
-        waits.append(self._command("CLIENT", "SETNAME", f"fastws-pubsub-{os.getpid()}"))
-        waits.extend(self._flush())
-        self._ping()
+        waits.append(self._command("CLIENT", "SETNAME", f"fastws-{os.getpid()}-{self.label}"))
+        waits.extend(self.flush())
+        self.ping()
         await asyncio.wait_for(asyncio.gather(*waits), CONNECT_TIMEOUT * 2)
-        if self._pinger is None or self._pinger.done():
-            self._pinger = loop.create_task(self._ping_loop())
 
     def _command(self, *args: str | bytes | int) -> asyncio.Future:
-        fut = self._loop.create_future()
+        fut = self.loop.create_future()
         self._expect.append(("reply", fut))
-        self._link.write(encode_command(*args))
+        self.link.write(encode_command(*args))
         return fut
 
-    def _ping(self) -> None:
-        now = time.monotonic()
-        self._pings.append(now)
+    def ping(self) -> None:
+        """Send a PING down the connection; its answer, in order, measures the lag."""
+        if not self.connected:
+            return
+        self._pings.append(time.monotonic())
         self._expect.append(("pong", None))
-        self._link.write(encode_command("PING", "lag"))
+        self.link.write(encode_command("PING", "lag"))
 
-    async def _ping_loop(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(PING_INTERVAL)
-            link = self._link
-            if link is None or link.transport is None:
-                continue
-            if self._pings and time.monotonic() - self._pings[0] > DEAD_AFTER:
-                log.warning("redis pub/sub: no answer for %.0f s; reconnecting", DEAD_AFTER)
-                link.abort()
-                continue
-            self._ping()
+    def current_lag(self) -> float:
+        if self._pings:
+            return max(self.lag, time.monotonic() - self._pings[0])
+        return self.lag
 
-    def _on_lost(self) -> None:
-        self._drop_link()
-        if self._lost is not None:
-            self._lost.set()
+    def _lost(self) -> None:
+        self.drop()
+        self._on_lost_cb()
 
-    def _drop_link(self) -> None:
-        """Forget everything about the current link; fail whoever waits on it."""
-        self.up = False
-        if self._link is not None:
-            self._link.abort()
-            self._link = None
+    def drop(self) -> None:
+        """Close the connection and forget its state; fail whoever waits on it."""
+        if self.link is not None:
+            self.link.abort()
+            self.link = None
         exc = BrokerUnavailable("redis connection lost")
         for _, fut in self._expect:
             _fail(fut, exc)
@@ -375,7 +274,7 @@ class RedisBroker(Broker):
         self._pings.clear()
         self._skip = 0
 
-    # ------------------------------------------------------------------ pub/sub replies
+    # ------------------------------------------------------------------ replies
 
     def _on_reply(self, reply: Any) -> None:
         if reply.__class__ is list:
@@ -396,12 +295,13 @@ class RedisBroker(Broker):
         what, fut = self._expect.popleft()
         if what == "pong":
             sent = self._pings.popleft() if self._pings else time.monotonic()
-            self._lag = time.monotonic() - sent
+            self.lag = time.monotonic() - sent
         elif fut is not None and not fut.done():
             if isinstance(reply, Exception):
                 fut.set_exception(BrokerUnavailable(f"redis: {reply}"))
                 fut.exception()
-                self._link.abort()
+                if self.link is not None:
+                    self.link.abort()
             else:
                 fut.set_result(reply)
 
@@ -410,12 +310,11 @@ class RedisBroker(Broker):
         name = raw.decode("utf-8", "replace")
         if self._expect and self._expect[0][0] == "sub":
             _, fut = self._expect.popleft()
-        else:  # not ours: Redis moved a sharded channel away (cluster); resubscribe
-            fut = None
-            if kind in _UNSUB_KINDS and self._link is not None:
+        else:  # not ours: Redis moved a sharded channel away (cluster); start again
+            if kind in _UNSUB_KINDS and self.link is not None:
                 log.warning("redis pub/sub: server unsubscribed %s; reconnecting", name)
-                self._link.abort()
-                return
+                self.link.abort()
+            return
         if kind in _SUB_KINDS:
             self._active.add(name, name)
             if fut is not None and not fut.done():
@@ -429,12 +328,230 @@ class RedisBroker(Broker):
                 self._skip -= 1
                 return
             self._skip = 0
-        name = channel.decode("utf-8", "replace")
-        copies = len(self._active.match(name))
+        copies = len(self._active.match(channel.decode("utf-8", "replace")))
         if copies > 1:
             self._skip = copies - 1
             self._skip_channel = channel
             self._skip_data = payload
+        self._deliver(channel, payload)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    def subscribe(self, name: str) -> asyncio.Future:
+        """Want ``name``; the future is done once Redis confirmed it on this connection."""
+        self.wanted.add(name)
+        fut = self._confirm.get(name)
+        if fut is None:
+            fut = self._confirm[name] = self.loop.create_future()
+            self._schedule_flush()
+        return fut
+
+    def unsubscribe(self, name: str) -> None:
+        self.wanted.discard(name)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self.loop is not None:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> list[asyncio.Future]:
+        """Send the (un)subscribes that make Redis hold exactly what is wanted (one write)."""
+        self._flush_scheduled = False
+        if not self.connected:
+            return []
+        add = self.wanted - self._sent
+        remove = self._sent - self.wanted
+        for name in [n for n in self._confirm if n not in self.wanted and n not in self._sent]:
+            fut = self._confirm.pop(name)
+            if not fut.done():
+                fut.set_result(None)  # subscribed and unsubscribed in one pass
+        out: list[bytes] = []
+        futs: list[asyncio.Future] = []
+        for names, verb in self._by_verb(add, subscribe=True):
+            for i in range(0, len(names), BATCH):
+                chunk = names[i:i + BATCH]
+                out.append(encode_command(verb, *chunk))
+                for n in chunk:
+                    fut = self._confirm.get(n)
+                    if fut is None:
+                        fut = self._confirm[n] = self.loop.create_future()
+                    self._expect.append(("sub", fut))
+                    futs.append(fut)
+        for names, verb in self._by_verb(remove, subscribe=False):
+            for i in range(0, len(names), BATCH):
+                chunk = names[i:i + BATCH]
+                out.append(encode_command(verb, *chunk))
+                for n in chunk:
+                    self._confirm.pop(n, None)
+                    self._expect.append(("sub", None))
+        self._sent |= add
+        self._sent -= remove
+        if out:
+            self.link.write(b"".join(out))
+        return futs
+
+    def _by_verb(self, names: set[str], subscribe: bool) -> list[tuple[list[str], str]]:
+        exact = sorted(n for n in names if not is_pattern(n))
+        patterns = sorted(n for n in names if is_pattern(n))
+        verb = self.exact if subscribe else self.exact.replace("SUB", "UNSUB", 1)
+        out = [(exact, verb)]
+        if self.pattern is not None:
+            pverb = self.pattern if subscribe else self.pattern.replace("SUB", "UNSUB", 1)
+            out.append((patterns, pverb))
+        return out
+
+
+class RedisBroker(Broker):
+    """Broker on one Redis (``redis://``, ``rediss://``) or a Sentinel-watched master."""
+
+    def __init__(self, url: str, *, max_connections: int = 64) -> None:
+        self.url = url
+        self.target = _Target(url)
+        self.up = False
+        self.reconnects = 0
+        self._handler: BrokerHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lost: asyncio.Event | None = None
+        self._closed = False
+        self._runner: asyncio.Task | None = None
+        self._pinger: asyncio.Task | None = None
+        self._wanted: set[str] = set()
+        self._setup_commands(url, max_connections)
+        self._publish_script = self.redis.register_script(PUBLISH_LUA)
+        self._history_script = self.redis.register_script(HISTORY_LUA)
+
+    def _setup_commands(self, url: str, max_connections: int) -> None:
+        """The command client (a pool) and the pub/sub connection(s)."""
+        common = _command_options()
+        self._sentinel: Any = None
+        if self.target.sentinel is not None:
+            from redis.asyncio.sentinel import Sentinel
+
+            hosts, master = self.target.sentinel
+            self._sentinel = Sentinel(hosts, password=self.target.password,
+                                      username=self.target.username, db=self.target.db,
+                                      **common)
+            self.redis = self._sentinel.master_for(master)
+        else:
+            pool = BlockingConnectionPool.from_url(url, max_connections=max_connections,
+                                                   timeout=5.0, **common)
+            self.redis = Redis(connection_pool=pool)
+        self._main = _PubSub("pubsub", self._deliver, self._on_link_lost)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, handler: BrokerHandler) -> None:
+        """Start the pub/sub link(s); returns after the first attempt (connected or not)."""
+        self._handler = handler
+        self._loop = asyncio.get_running_loop()
+        first = self._loop.create_future()
+        self._runner = self._loop.create_task(self._run(first))
+        await first
+
+    async def close(self) -> None:
+        self._closed = True
+        self.up = False
+        for task in (self._runner, self._pinger):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for link in self._links():
+            link.drop()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        if self._sentinel is None:
+            with contextlib.suppress(Exception):
+                await self.redis.connection_pool.disconnect()
+
+    @property
+    def lag(self) -> float:
+        """Seconds the pub/sub reader is behind Redis (the oldest unanswered PING)."""
+        return max((link.current_lag() for link in self._links()), default=0.0)
+
+    def _links(self) -> list[_PubSub]:
+        return [self._main]
+
+    async def _connect(self) -> None:
+        """Connect every pub/sub link and resubscribe what the node holds."""
+        if self._sentinel is not None:
+            host, port = await asyncio.wait_for(
+                self._sentinel.discover_master(self.target.sentinel[1]), CONNECT_TIMEOUT)
+        else:
+            host, port = self.target.host, self.target.port
+        self._main.wanted = set(self._wanted)
+        await self._main.connect(host, port, self.target)
+
+    async def _run(self, first: asyncio.Future) -> None:
+        attempt = 0
+        ever_up = False
+        while not self._closed:
+            self._lost = asyncio.Event()
+            try:
+                await self._connect()
+            except (TimeoutError, OSError, BrokerUnavailable, ResponseError,
+                    RedisConnectionError, RedisTimeoutError, RedisClusterException) as exc:
+                for link in self._links():
+                    link.drop()
+                if attempt == 0:
+                    log.warning("redis pub/sub: cannot connect to %s: %s; retrying",
+                                _safe(self.url), exc or type(exc).__name__)
+                if not first.done():
+                    first.set_result(None)
+                attempt += 1
+                delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(attempt, 10))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            if self._lost.is_set():  # lost while connecting
+                continue
+            attempt = 0
+            self.up = True
+            if self._pinger is None or self._pinger.done():
+                self._pinger = self._loop.create_task(self._ping_loop())
+            if ever_up:
+                self.reconnects += 1
+                log.warning("redis pub/sub: reconnected, %d channels and patterns "
+                            "resubscribed; closing subscribers with 4010", len(self._wanted))
+                gap = getattr(self._handler, "handle_gap", None)
+                if gap is not None:
+                    try:
+                        gap()
+                    except Exception:
+                        log.exception("handle_gap failed")
+            ever_up = True
+            if not first.done():
+                first.set_result(None)
+            await self._lost.wait()
+            if not self._closed:
+                log.warning("redis pub/sub: connection to %s lost; reconnecting",
+                            _safe(self.url))
+
+    def _on_link_lost(self) -> None:
+        """Any pub/sub link lost: not up; drop them all and start again (gap afterwards)."""
+        self.up = False
+        for link in self._links():
+            link.drop()
+        if self._lost is not None:
+            self._lost.set()
+
+    async def _ping_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(PING_INTERVAL)
+            for link in self._links():
+                if not link.connected:
+                    continue
+                if link.current_lag() > DEAD_AFTER:
+                    log.warning("redis pub/sub: no answer for %.0f s; reconnecting",
+                                DEAD_AFTER)
+                    link.link.abort()
+                    break
+                link.ping()
+
+    # ------------------------------------------------------------------ delivery
+
+    def _deliver(self, channel: bytes, payload: bytes) -> None:
+        name = channel.decode("utf-8", "replace")
         try:
             data, offset, epoch, accepted = decode_payload(payload, time.monotonic())
             self._handler.handle_publication(name, data, offset, epoch, accepted)
@@ -448,61 +565,18 @@ class RedisBroker(Broker):
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         self._wanted.add(name)
-        fut = self._confirm.get(name)
-        if fut is None:
-            fut = self._confirm[name] = self._loop.create_future()
-            self._schedule_flush()
-        await asyncio.shield(fut)
+        await asyncio.shield(self._main.subscribe(name))
 
     async def unsubscribe(self, name: str) -> None:
         self._wanted.discard(name)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> list[asyncio.Future]:
-        """Send the (un)subscribes that make Redis hold exactly what is wanted (one write)."""
-        self._flush_scheduled = False
-        link = self._link
-        if link is None or link.transport is None:
-            return []
-        add = self._wanted - self._sent
-        remove = self._sent - self._wanted
-        for name in [n for n in self._confirm if n not in self._wanted and n not in self._sent]:
-            fut = self._confirm.pop(name)
-            if not fut.done():
-                fut.set_result(None)  # subscribed and unsubscribed in one pass
-        out: list[bytes] = []
-        futs: list[asyncio.Future] = []
-        for names, verb in ((sorted(n for n in add if not is_pattern(n)), "SUBSCRIBE"),
-                            (sorted(n for n in add if is_pattern(n)), "PSUBSCRIBE")):
-            for i in range(0, len(names), BATCH):
-                chunk = names[i:i + BATCH]
-                out.append(encode_command(verb, *chunk))
-                for n in chunk:
-                    fut = self._confirm.get(n)
-                    if fut is None:
-                        fut = self._confirm[n] = self._loop.create_future()
-                    self._expect.append(("sub", fut))
-                    futs.append(fut)
-        for names, verb in ((sorted(n for n in remove if not is_pattern(n)), "UNSUBSCRIBE"),
-                            (sorted(n for n in remove if is_pattern(n)), "PUNSUBSCRIBE")):
-            for i in range(0, len(names), BATCH):
-                chunk = names[i:i + BATCH]
-                out.append(encode_command(verb, *chunk))
-                for n in chunk:
-                    self._confirm.pop(n, None)
-                    self._expect.append(("sub", None))
-        self._sent |= add
-        self._sent -= remove
-        if out:
-            link.write(b"".join(out))
-        return futs
+        self._main.unsubscribe(name)
 
     # ------------------------------------------------------------------ commands
+
+    def _publish_args(self, channel: str, data: bytes, history_size: int,
+                      history_ttl: float) -> list[Any]:
+        return [channel, data, max(0, history_size), max(1, int(history_ttl * 1000)),
+                os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS, "PUBLISH", ""]
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None) -> PublishResult:
@@ -512,9 +586,7 @@ class RedisBroker(Broker):
         keys = [meta, stream]
         if idempotency_key is not None:
             keys.append(idem + idempotency_key)
-        args = [channel, data, max(0, history_size), max(1, int(history_ttl * 1000)),
-                os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS,
-                self.publish_command]
+        args = self._publish_args(channel, data, history_size, history_ttl)
         res = await self._call(self._publish_script, keys, args)
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
@@ -542,7 +614,8 @@ class RedisBroker(Broker):
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             return await script(keys=keys, args=args)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError,
+                RedisClusterException) as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
         except ResponseError as exc:
             if str(exc).startswith(_UNAVAILABLE_REPLIES):
@@ -552,8 +625,15 @@ class RedisBroker(Broker):
     # ------------------------------------------------------------------ for tests
 
     def wanted(self) -> frozenset[str]:
-        """The channels and patterns this node holds in Redis (after pending flushes)."""
+        """The channels and patterns this node holds in Redis."""
         return frozenset(self._wanted)
+
+
+def _command_options() -> dict[str, Any]:
+    """Options of command connections: short timeouts, and never a retry, so that a
+    publication whose outcome is unknown is reported (503), not sent twice."""
+    return {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 2.0,
+            "socket_timeout": 5.0}
 
 
 def _fail(fut: asyncio.Future | None, exc: Exception) -> None:

@@ -12,7 +12,7 @@ lives in that slot too::
 ``{`` and the next ``}`` when it is not empty, else the whole name.
 
 What goes over pub/sub for a publication made through fastws is an *envelope*:
-``ENVELOPE_PREFIX + b"OFFSET EPOCH UNIXTIME\\n" + DATA``.  Anything else on a channel
+``ENVELOPE_PREFIX + b"OFFSET EPOCH UNIXTIME[ ID]\\n" + DATA``.  Anything else on a channel
 is a raw publication (a producer's ``PUBLISH``).
 """
 
@@ -23,8 +23,9 @@ __all__ = ["ENVELOPE_PREFIX", "PUBLISH_LUA", "HISTORY_LUA", "hash_tag", "keys_fo
 ENVELOPE_PREFIX = b"\x00fws\x00"
 
 # KEYS: meta, stream[, idempotency]
-# ARGV: channel, data, history_size, history_ttl_ms, epoch candidate, unix time,
-#       idempotency ttl ms, publish command (PUBLISH or SPUBLISH)
+# ARGV: channel, data, history_size, history_ttl_ms, epoch candidate, unix time (and
+#       an id, space-separated), idempotency ttl ms, publish command (PUBLISH or
+#       SPUBLISH), a second publish command or '' (a cluster's PUBLISH for patterns)
 PUBLISH_LUA = r"""
 if #KEYS == 3 then
   local seen = redis.call('GET', KEYS[3])
@@ -44,8 +45,9 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
-redis.call(ARGV[8], ARGV[1],
-           '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2])
+local env = '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
+redis.call(ARGV[8], ARGV[1], env)
+if ARGV[9] ~= '' then redis.call(ARGV[9], ARGV[1], env) end
 local res = offset .. ' ' .. epoch
 if #KEYS == 3 then redis.call('SET', KEYS[3], res, 'PX', ARGV[7]) end
 return res
