@@ -20,11 +20,16 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 # Debian packages the test-suite talks to for real: redis-server, and chromium for
-# the browser client (playwright drives the system browser; it downloads nothing).
+# the browser client (playwright drives the system browser; it downloads nothing);
+# nginx + openssl for the TLS proxy in front of two nodes (tests/test_deploy.py), and
+# prometheus for its `promtool`, which checks and unit-tests deploy/prometheus/.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
 
 serve: build
