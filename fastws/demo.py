@@ -1,59 +1,108 @@
-"""A built-in demo publisher: seed-style prediction-market events for `serve --demo`.
+"""``serve --demo``: an embedded chain, a demo driver and the indexer, in-process.
 
-It publishes through the node like any producer, to ``events:<event>`` and
-``market:<address>``, with the field names the first users' indexers use.
+:func:`run_demo` starts one thread that holds an eth-tester (py-evm) chain with two
+``PredictionMarket`` contracts, a driver that sends one transaction every ``interval``
+seconds or so (create a market, bet on one, resolve one), and the real indexer
+(:mod:`fastws.indexer`) reading that chain and publishing into the node, as
+``fastws index`` would: ``events:market_created``, ``events:bet_placed``,
+``events:market_resolved`` and ``market:<contract address>``.  The chain lives in its
+own thread so that py-evm's CPU work does not stall the server's event loop; the
+publications hop onto the node's loop.
+
+The demo indexes with 1 confirmation (the embedded chain never reorganizes) so events
+show up as soon as their block is mined.  Needs ``web3[tester]``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import random
-import time
+import contextlib
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
 
-from fastws.node import Node
+if TYPE_CHECKING:
+    from fastws.node import Node
 
-__all__ = ["run_demo", "demo_events"]
+__all__ = ["run_demo"]
+
+log = logging.getLogger("fastws.demo")
+STOP_TIMEOUT = 5.0
 
 
-def _address() -> str:
-    return "0x" + os.urandom(20).hex()
+async def run_demo(node: Node, interval: float = 1.0, contracts: int = 2) -> None:
+    """Run the demo chain, driver and indexer for ``node`` until cancelled."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    state: dict[str, Any] = {}
 
-
-def demo_events(rng: random.Random):
-    """Yield an endless stream of (event_name, data) like an indexer would publish."""
-    markets: list[str] = []
-    block = 1_000_000
-    while True:
-        block += 1
-        if len(markets) < 3 or rng.random() < 0.1:
-            name, event = "market_created", "MarketCreated"
-            market = _address()
-            markets.append(market)
-            args = {"question": rng.choice(["Will ETH close above 5k?",
-                                            "Will it rain in Paris tomorrow?",
-                                            "Will the next block be even?"]),
-                    "endTime": int(time.time()) + 3600}
-        elif rng.random() < 0.1 and len(markets) > 3:
-            name, event = "market_resolved", "MarketResolved"
-            market = markets.pop(0)
-            args = {"outcome": rng.choice(["YES", "NO"])}
+    def finish(exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
         else:
-            name, event = "bet_placed", "BetPlaced"
-            market = rng.choice(markets)
-            args = {"bettor": _address(), "outcome": rng.choice(["YES", "NO"]),
-                    "amount": str(rng.randrange(10**15, 10**19))}
-        yield name, market, {
-            "eventType": event, "marketAddress": market, "blockNumber": block,
-            "txHash": "0x" + os.urandom(32).hex(), "logIndex": 0,
-            "timestamp": int(time.time()), "args": args,
-        }
+            done.set_exception(exc)
+
+    def thread_main() -> None:
+        error: BaseException | None = None
+        try:
+            import uvloop
+
+            uvloop.run(_demo(node, loop, interval, contracts, state))
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the server's loop
+            error = exc
+        with contextlib.suppress(RuntimeError):   # the server's loop may be closed
+            loop.call_soon_threadsafe(finish, error)
+
+    thread = threading.Thread(target=thread_main, name="fastws-demo-chain", daemon=True)
+    thread.start()
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        demo_loop, task = state.get("loop"), state.get("task")
+        if demo_loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):
+                demo_loop.call_soon_threadsafe(task.cancel)
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+            await asyncio.wait_for(asyncio.shield(done), STOP_TIMEOUT)
+        raise
 
 
-async def run_demo(node: Node, interval: float = 1.0) -> None:
-    """Publish one demo event every ``interval`` seconds until cancelled."""
-    rng = random.Random()
-    for name, market, data in demo_events(rng):
-        await node.publish(f"events:{name}", data)
-        await node.publish(f"market:{market}", data)
-        await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
+async def _demo(node: Node, node_loop: asyncio.AbstractEventLoop, interval: float,
+                contracts: int, state: dict[str, Any]) -> None:
+    state["loop"] = asyncio.get_running_loop()
+    state["task"] = asyncio.current_task()
+    from fastws.indexer.checkpoint import MemoryCheckpoint
+    from fastws.indexer.demo_chain import DemoChain
+    from fastws.indexer.mapping import EventCodec
+    from fastws.indexer.metrics import IndexerCollector
+    from fastws.indexer.publish import NodePublisher
+    from fastws.indexer.runner import Indexer, IndexerStats
+    from fastws.indexer.source import LogSource, TesterRpc
+
+    chain = DemoChain(contracts)
+    stats = IndexerStats()
+    extra = getattr(node, "extra_collectors", None)
+    if isinstance(extra, list):
+        extra.append(IndexerCollector(stats))
+    source = LogSource(TesterRpc(chain.request), chain.addresses, on_fault=stats.fault)
+    indexer = Indexer(source, EventCodec(chain.abi), NodePublisher(node, node_loop),
+                      MemoryCheckpoint(), confirmations=1, from_block=0,
+                      poll_interval=min(0.25, interval), stats=stats)
+    await indexer.open()
+    log.info("demo chain: contracts %s", ", ".join(chain.addresses))
+    idx = asyncio.get_running_loop().create_task(indexer.run())
+    rng = chain.rng
+    try:
+        while True:
+            if idx.done():
+                idx.result()         # the indexer died: surface why
+            chain.tick()
+            await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
+    finally:
+        idx.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await idx

@@ -1,0 +1,284 @@
+"""``fastws index``: publish a contract's logs to fastws channels.
+
+Each log of the watched contracts is published, once it has ``--confirmations``
+blocks (its own counts as one), to ``events:<event name in snake_case>`` and
+``market:<contract address, lowercase>`` with data ``{eventType, marketAddress,
+blockNumber, blockHash, txHash, logIndex, timestamp, args}``; a reorg publishes
+retractions (the data plus ``"removed": true``) before the new chain's events.  See
+docs/indexer.md.
+
+The package is never imported by the server's hot path; importing it is cheap (web3
+and friends load when :func:`main` runs).  Parts: ``mapping`` (ABI decoding, sans
+I/O), ``source`` (RPC, retries, adaptive getLogs ranges), ``runner`` (confirmations,
+reorgs, checkpoints), ``checkpoint``, ``publish``, ``metrics``, ``demo_chain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main", "parse_args", "IndexArgs", "UsageError"]
+
+PROG = "fastws index"
+DEFAULT_URL = "http://127.0.0.1:8765"
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+log = logging.getLogger("fastws.indexer")
+
+
+class UsageError(Exception):
+    """A bad flag or value: one line naming it, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        if message.startswith("argument "):
+            message = message[len("argument "):]
+        raise UsageError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexArgs:
+    """The validated options of one ``fastws index`` run."""
+
+    rpc: str
+    contracts: tuple[str, ...]
+    abi: list[dict[str, Any]]
+    from_block: int | None
+    confirmations: int
+    broker: str | None
+    url: str
+    api_key: str | None
+    checkpoint: Path
+    poll_interval: float
+    max_range: int
+    metrics_port: int
+    log_level: str
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(f"FASTWS_{name}")
+    return value if value not in (None, "") else None
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[1].replace("\n", " "),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rpc", metavar="URL", help="JSON-RPC HTTP endpoint of a node [FASTWS_RPC]")
+    p.add_argument("--contract", metavar="ADDR[,ADDR]",
+                   help="contract address(es) to index [FASTWS_CONTRACT]")
+    p.add_argument("--abi", metavar="FILE",
+                   help="ABI JSON (a list, or an object with an \"abi\" key); default: the "
+                        "bundled PredictionMarket ABI [FASTWS_ABI]")
+    p.add_argument("--from-block", metavar="N",
+                   help="where a first run starts (default: new blocks only); a checkpoint "
+                        "wins [FASTWS_FROM_BLOCK]")
+    p.add_argument("--confirmations", metavar="N",
+                   help="publish once a block has N confirmations, its own included "
+                        "(default 2) [FASTWS_CONFIRMATIONS]")
+    p.add_argument("--broker", metavar="URL",
+                   help="redis://… to publish into the shared broker (not available yet); "
+                        "memory:// or unset: through --url [FASTWS_BROKER]")
+    p.add_argument("--url", metavar="URL",
+                   help=f"fastws server to publish to over HTTP (default {DEFAULT_URL}) "
+                        "[FASTWS_URL]")
+    p.add_argument("--api-key", metavar="KEY", help="the server's API key [FASTWS_API_KEY]")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="checkpoint file (default .fastws-index-<contracts hash>.json) "
+                        "[FASTWS_CHECKPOINT]")
+    p.add_argument("--poll-interval", metavar="SECONDS",
+                   help="seconds between polls of the head (default 1) [FASTWS_POLL_INTERVAL]")
+    p.add_argument("--max-range", metavar="N",
+                   help="most blocks per eth_getLogs call (default 2000; narrower when the "
+                        "node refuses) [FASTWS_MAX_RANGE]")
+    p.add_argument("--metrics-port", metavar="PORT",
+                   help="serve Prometheus /metrics on 127.0.0.1:PORT (default 0: off) "
+                        "[FASTWS_METRICS_PORT]")
+    p.add_argument("--log-level", metavar="LEVEL",
+                   help="debug, info, warning, error (default info) [FASTWS_LOG_LEVEL]")
+    return p
+
+
+def _int(flag: str, value: str | None, default: int | None, minimum: int) -> int | None:
+    if value is None:
+        return default
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise UsageError(f"{flag}: {value!r} is not an integer") from None
+    if n < minimum:
+        raise UsageError(f"{flag}: must be at least {minimum}, got {n}")
+    return n
+
+
+def _load_abi(path: str | None) -> list[dict[str, Any]]:
+    if path is None:
+        from fastws.indexer.demo_chain import load_artifact
+
+        return load_artifact()["abi"]
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"--abi: cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"--abi: {path} is not JSON ({exc})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("abi"), list):
+        doc = doc["abi"]
+    if not isinstance(doc, list) or not all(isinstance(i, dict) for i in doc):
+        raise UsageError(f"--abi: {path} holds no ABI (a list of entries, or {{\"abi\": [...]}})")
+    if not any(i.get("type") == "event" and not i.get("anonymous") for i in doc):
+        raise UsageError(f"--abi: {path} declares no (non-anonymous) event")
+    return doc
+
+
+def parse_args(argv: list[str]) -> IndexArgs:
+    """Flags > ``FASTWS_*`` environment > defaults; raises :class:`UsageError`."""
+    ns = _build_parser().parse_args(argv)
+
+    def pick(attr: str, env: str) -> str | None:
+        value = getattr(ns, attr)
+        return value if value is not None else _env(env)
+
+    rpc = pick("rpc", "RPC")
+    if not rpc:
+        raise UsageError("--rpc: required (the node's JSON-RPC URL)")
+    if not rpc.startswith(("http://", "https://")):
+        raise UsageError(f"--rpc: {rpc!r} is not an http:// or https:// URL")
+    raw_contracts = pick("contract", "CONTRACT")
+    if not raw_contracts:
+        raise UsageError("--contract: required (one or more 0x addresses, comma-separated)")
+    contracts: list[str] = []
+    for item in raw_contracts.split(","):
+        item = item.strip()
+        if not _ADDRESS.match(item):
+            raise UsageError(f"--contract: {item!r} is not a 0x address of 40 hex digits")
+        if item.lower() not in contracts:
+            contracts.append(item.lower())
+    abi = _load_abi(pick("abi", "ABI"))
+    from_block = _int("--from-block", pick("from_block", "FROM_BLOCK"), None, 0)
+    confirmations = _int("--confirmations", pick("confirmations", "CONFIRMATIONS"), 2, 1)
+    broker = pick("broker", "BROKER")
+    url = pick("url", "URL")
+    if broker and broker.startswith(("redis://", "rediss://", "redis+")):
+        if ns.url is not None:
+            raise UsageError("--broker: give either --broker redis://… or --url, not both")
+        raise UsageError("--broker: publishing straight into Redis is not available yet; "
+                         "publish through a server with --url URL --api-key KEY")
+    if broker and not broker.startswith("memory://"):
+        raise UsageError(f"--broker: {broker!r} is not memory:// or redis://host:port/db")
+    url = url or DEFAULT_URL
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url: {url!r} is not an http:// or https:// URL")
+    api_key = pick("api_key", "API_KEY")
+    if api_key and "," in api_key and ns.api_key is None:
+        api_key = api_key.split(",")[0].strip()   # FASTWS_API_KEY may list the server's keys
+    checkpoint = pick("checkpoint", "CHECKPOINT")
+    if checkpoint is None:
+        digest = hashlib.sha256(",".join(sorted(contracts)).encode()).hexdigest()[:12]
+        checkpoint = f".fastws-index-{digest}.json"
+    cp_path = Path(checkpoint)
+    if cp_path.is_dir() or not cp_path.resolve().parent.is_dir():
+        raise UsageError(f"--checkpoint: {checkpoint} is not a file in an existing directory")
+    poll_raw = pick("poll_interval", "POLL_INTERVAL") or "1"
+    try:
+        poll = float(poll_raw)
+    except ValueError:
+        raise UsageError(f"--poll-interval: {poll_raw!r} is not a number") from None
+    if not 0 < poll <= 3600:
+        raise UsageError(f"--poll-interval: must be in (0, 3600] seconds, got {poll_raw}")
+    max_range = _int("--max-range", pick("max_range", "MAX_RANGE"), 2000, 1)
+    metrics_port = _int("--metrics-port", pick("metrics_port", "METRICS_PORT"), 0, 0)
+    if metrics_port is not None and metrics_port > 65535:
+        raise UsageError(f"--metrics-port: {metrics_port} is not a TCP port")
+    level = (pick("log_level", "LOG_LEVEL") or "info").lower()
+    if level not in ("debug", "info", "warning", "error", "critical"):
+        raise UsageError(f"--log-level: {level!r} is not debug, info, warning or error")
+    assert confirmations is not None and max_range is not None and metrics_port is not None
+    return IndexArgs(rpc=rpc, contracts=tuple(contracts), abi=abi, from_block=from_block,
+                     confirmations=confirmations, broker=broker, url=url, api_key=api_key,
+                     checkpoint=cp_path, poll_interval=poll, max_range=max_range,
+                     metrics_port=metrics_port, log_level=level)
+
+
+async def _run(args: IndexArgs) -> int:
+    from fastws.indexer.checkpoint import CheckpointMismatch, FileCheckpoint
+    from fastws.indexer.mapping import EventCodec
+    from fastws.indexer.metrics import serve_metrics
+    from fastws.indexer.publish import HttpPublisher, PublishRefused
+    from fastws.indexer.runner import Indexer, IndexerStats
+    from fastws.indexer.source import HttpRpc, LogSource
+
+    stats = IndexerStats()
+    if args.metrics_port:
+        try:
+            serve_metrics(stats, args.metrics_port)
+        except OSError as exc:
+            _say(f"--metrics-port: cannot listen on {args.metrics_port}: {exc.strerror or exc}")
+            return 2
+    rpc = HttpRpc(args.rpc)
+    publisher = HttpPublisher(args.url, args.api_key)
+    source = LogSource(rpc, args.contracts, max_range=args.max_range, on_fault=stats.fault)
+    indexer = Indexer(source, EventCodec(args.abi), publisher, FileCheckpoint(args.checkpoint),
+                      confirmations=args.confirmations, from_block=args.from_block,
+                      poll_interval=args.poll_interval, stats=stats)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("indexing %s from %s into %s (%d confirmations)", ",".join(args.contracts),
+             args.rpc, args.url, args.confirmations)
+    try:
+        opened = asyncio.ensure_future(indexer.open())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({opened, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not opened.done():
+            opened.cancel()
+            return 0
+        stopped.cancel()
+        opened.result()
+        await indexer.run(stop)
+    except CheckpointMismatch as exc:
+        _say(f"--checkpoint: {args.checkpoint} {exc}; give another --checkpoint file")
+        return 2
+    except PublishRefused as exc:
+        _say(str(exc))
+        return 1
+    finally:
+        await publisher.close()
+        await rpc.close()
+    log.info("stopped after block %d", stats.last_block)
+    return 0
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {' '.join(message.split())}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``fastws index`` with ``argv``; returns the exit status (2: bad flag)."""
+    try:
+        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        _say(str(exc))
+        return 2
+    except SystemExit as exc:   # --help
+        return int(exc.code or 0)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        return uvloop.run(_run(args))
+    except KeyboardInterrupt:
+        return 0

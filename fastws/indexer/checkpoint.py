@@ -1,0 +1,144 @@
+"""Where the indexer remembers how far it got: the checkpoint and its stores.
+
+The checkpoint names the last fully processed block and keeps what a reorg needs
+after a restart: the hashes of the recent blocks (the reorg window) and the events
+published from them (to retract them).  It is saved after every processed range, once
+all of the range's publications were accepted, so a restart re-publishes at most one
+range, and the idempotency keys make the server drop those repeats.
+
+Stores: :class:`FileCheckpoint` (a local JSON file, replaced atomically) with the HTTP
+publisher; :class:`MemoryCheckpoint` for the in-process demo.  A Redis store (a key
+next to the broker's data) is for when ``--broker redis://`` is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["Checkpoint", "CheckpointMismatch", "CheckpointStore", "FileCheckpoint",
+           "MemoryCheckpoint", "PublishedEvent"]
+
+VERSION = 1
+
+
+class CheckpointMismatch(Exception):
+    """The stored checkpoint belongs to another chain or another set of contracts."""
+
+
+@dataclass(slots=True)
+class PublishedEvent:
+    """An event published from a block that may still be reorganized away."""
+
+    key: str                 # the idempotency key it was published with
+    data: dict[str, Any]     # its data, as published
+
+    @property
+    def block(self) -> int:
+        return int(self.data["blockNumber"])
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """The indexer's durable state."""
+
+    chain_id: int
+    contracts: list[str]
+    block: int                                    # last fully processed block
+    hashes: dict[int, str] = field(default_factory=dict)       # recent block → hash
+    recent: list[PublishedEvent] = field(default_factory=list)  # published, in the window
+    retracted: list[str] = field(default_factory=list)         # txHash:logIndex, recent
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (block numbers as keys become a list of pairs)."""
+        return {
+            "version": VERSION,
+            "chainId": self.chain_id,
+            "contracts": self.contracts,
+            "block": self.block,
+            "hashes": sorted([n, h] for n, h in self.hashes.items()),
+            "recent": [{"key": e.key, "data": e.data} for e in self.recent],
+            "retracted": self.retracted,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Checkpoint:
+        """Read what :meth:`to_json` wrote."""
+        if doc.get("version") != VERSION:
+            raise ValueError(f"unknown checkpoint version {doc.get('version')!r}")
+        return cls(
+            chain_id=int(doc["chainId"]),
+            contracts=[str(a) for a in doc["contracts"]],
+            block=int(doc["block"]),
+            hashes={int(n): str(h) for n, h in doc.get("hashes", ())},
+            recent=[PublishedEvent(str(e["key"]), dict(e["data"])) for e in doc.get("recent", ())],
+            retracted=[str(u) for u in doc.get("retracted", ())],
+        )
+
+    def check(self, chain_id: int, contracts: list[str]) -> None:
+        """Raise :class:`CheckpointMismatch` unless it was written for this chain/contracts."""
+        if self.chain_id != chain_id:
+            raise CheckpointMismatch(f"written for chain id {self.chain_id}, not {chain_id}")
+        if sorted(self.contracts) != sorted(contracts):
+            raise CheckpointMismatch(f"written for contracts {','.join(self.contracts)}")
+
+
+class CheckpointStore(Protocol):
+    """Loads and saves one checkpoint."""
+
+    async def load(self) -> Checkpoint | None:
+        """The saved checkpoint, or None before the first save."""
+        ...
+
+    async def save(self, checkpoint: Checkpoint) -> None:
+        """Persist ``checkpoint`` (atomically: a crash leaves the old or the new one)."""
+        ...
+
+
+class MemoryCheckpoint:
+    """A checkpoint that lives as long as the process (the in-process demo)."""
+
+    def __init__(self) -> None:
+        self.doc: dict[str, Any] | None = None
+        self.saves = 0
+
+    async def load(self) -> Checkpoint | None:
+        return Checkpoint.from_json(self.doc) if self.doc is not None else None
+
+    async def save(self, checkpoint: Checkpoint) -> None:
+        self.doc = json.loads(json.dumps(checkpoint.to_json()))
+        self.saves += 1
+
+
+class FileCheckpoint:
+    """A JSON file, written to a temporary file, fsynced and renamed over the old one."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    async def load(self) -> Checkpoint | None:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        return Checkpoint.from_json(json.loads(text))
+
+    async def save(self, checkpoint: Checkpoint) -> None:
+        body = json.dumps(checkpoint.to_json(), separators=(",", ":")).encode()
+        folder = self.path.parent
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise

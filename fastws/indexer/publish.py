@@ -1,0 +1,142 @@
+"""Where indexed events go: a small publisher interface and its implementations.
+
+A :class:`Publisher` takes ``(channel, data, idempotency_key)`` and returns once the
+publication is accepted; it retries what can succeed later (the server restarting,
+HTTP 429/5xx) and raises :class:`PublishRefused` for what cannot (a wrong API key, a
+channel the server rejects), which stops the indexer.
+
+- :class:`HttpPublisher`: ``POST /api/publish`` of a fastws server (``--url``,
+  ``--api-key``): the way to feed a separate server when it runs ``memory://``.
+- :class:`NodePublisher`: straight into a :class:`fastws.node.Node` of this process,
+  possibly from another thread (the ``serve --demo`` chain runs in its own thread).
+- A Redis publisher (``--broker redis://``) writes to the shared broker directly; it
+  comes with the Redis broker and is not available yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from fastws.indexer.source import Backoff
+
+if TYPE_CHECKING:
+    from fastws.node import Node
+
+__all__ = ["HttpPublisher", "NodePublisher", "PublishRefused", "Publisher"]
+
+log = logging.getLogger("fastws.indexer")
+
+
+class PublishRefused(Exception):
+    """The server refused a publication for good (401, 400): retrying cannot help."""
+
+
+class Publisher(Protocol):
+    """Delivers one publication; returns once the server accepted it."""
+
+    async def publish(self, channel: str, data: dict[str, Any], idempotency_key: str) -> None:
+        """Publish ``data`` to ``channel`` at most once per ``idempotency_key``."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class HttpPublisher:
+    """Publishes through a fastws server's ``POST /api/publish`` (keep-alive session)."""
+
+    def __init__(self, url: str, api_key: str | None, *, timeout: float = 10.0,
+                 backoff: Backoff | None = None) -> None:
+        self.endpoint = url.rstrip("/") + "/api/publish"
+        self.api_key = api_key
+        self.timeout = timeout
+        self.backoff = backoff or Backoff(base=0.1, cap=5.0)
+        self.retries = 0
+        self._session: Any = None
+
+    async def _client(self) -> Any:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"Content-Type": "application/json",
+                         **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})})
+        return self._session
+
+    async def publish(self, channel: str, data: dict[str, Any], idempotency_key: str) -> None:
+        import aiohttp
+
+        body = orjson.dumps({"channel": channel, "data": data, "idempotency_key": idempotency_key})
+        session = await self._client()
+        attempt = 0
+        while True:
+            retry_after: float | None = None
+            try:
+                async with session.post(self.endpoint, data=body) as resp:
+                    text = await resp.read()
+                    if resp.status == 200:
+                        return
+                    reason = _reason(text) or resp.reason or ""
+                    if resp.status in (401, 403):
+                        raise PublishRefused(f"HTTP {resp.status} from {self.endpoint}: {reason}"
+                                             " (check --api-key)")
+                    if resp.status != 429 and resp.status < 500:
+                        raise PublishRefused(f"HTTP {resp.status} for {channel}: {reason}")
+                    retry_after = _float(resp.headers.get("Retry-After"))
+                    problem = f"HTTP {resp.status} {reason}".strip()
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            self.retries += 1
+            delay = self.backoff.delay(attempt, retry_after)
+            log.warning("publish to %s: %s; retry in %.2fs", self.endpoint, problem, delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class NodePublisher:
+    """Publishes into a node of this process; ``loop`` is the node's loop when the
+    indexer runs on another thread's loop."""
+
+    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.node = node
+        self.loop = loop
+
+    async def publish(self, channel: str, data: dict[str, Any], idempotency_key: str) -> None:
+        coro = self.node.publish(channel, data, idempotency_key)
+        if self.loop is None or self.loop is asyncio.get_running_loop():
+            await coro
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def close(self) -> None:
+        return None
+
+
+def _reason(body: bytes) -> str:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return " ".join(body.decode("utf-8", "replace").split())[:200]
+    if isinstance(doc, dict):
+        for key in ("error", "reason", "message"):
+            if isinstance(doc.get(key), str):
+                return doc[key]
+    return ""
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None

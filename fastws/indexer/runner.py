@@ -1,0 +1,272 @@
+"""The indexer's loop: confirmations, reorg tracking, publication, checkpoints.
+
+Each poll (:meth:`Indexer.step`):
+
+1. reads the head; a block is *safe* once it has ``confirmations`` blocks counting
+   itself (``number <= head - confirmations + 1``);
+2. checks that the last processed block is still canonical (its hash, or the parent
+   hash of the next block); if not, a reorg happened: it walks back through the
+   stored hashes of the reorg window to the common ancestor, publishes a retraction
+   (the event's data plus ``"removed": true``) for every event published from the
+   abandoned blocks, newest first, and rewinds the checkpoint to the ancestor;
+3. fetches the logs of the next safe range (bounded, adaptive: see
+   :class:`~fastws.indexer.source.LogSource`), the headers of the blocks it needs
+   (every block inside the reorg window, plus the blocks holding logs), checks that
+   logs and headers agree and link up, publishes each event to
+   ``events:<snake_case name>`` and ``market:<contract address>`` in (block, logIndex)
+   order, and saves the checkpoint.
+
+Exactly once: an event is published with the idempotency key ``txHash:logIndex``;
+the checkpoint is saved after the range's publications were accepted, so a crash
+re-publishes at most that range and the server drops the repeats (it remembers keys
+for 5 minutes).  A retraction's key is the event's key plus ``:removed``; an event that
+comes back in another block after a retraction gets ``txHash:logIndex:<blockHash>``,
+so that the server does not take it for a repeat of the retracted one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastws.indexer.checkpoint import Checkpoint, CheckpointStore, PublishedEvent
+from fastws.indexer.mapping import EventCodec, RawLog, event_data, snake_case
+from fastws.indexer.publish import Publisher
+from fastws.indexer.source import BlockHeader, LogSource
+
+__all__ = ["Indexer", "IndexerStats"]
+
+log = logging.getLogger("fastws.indexer")
+
+RETRACTED_KEPT = 4096        # txHash:logIndex of recent retractions remembered
+MAX_HEADERS_PER_STEP = 200   # inside the reorg window: one header per block
+
+
+@dataclass(slots=True)
+class IndexerStats:
+    """Counters and gauges of one indexer, read by its metrics collector."""
+
+    head_block: int = 0
+    last_block: int = -1
+    events: int = 0
+    retractions: int = 0
+    reorgs: int = 0
+    skipped_logs: int = 0
+    rpc_faults: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lag_blocks(self) -> int:
+        """Blocks between the chain head and the last processed block."""
+        return max(0, self.head_block - self.last_block) if self.last_block >= 0 else 0
+
+    def fault(self, kind: str) -> None:
+        """Count one RPC fault of ``kind`` (transient, error, range)."""
+        self.rpc_faults[kind] = self.rpc_faults.get(kind, 0) + 1
+
+
+class Indexer:
+    """Indexes the logs of ``source.addresses`` into ``publisher``.
+
+    ``from_block`` sets where a first run starts (default: the first block that is
+    not yet safe, i.e. new events only); a stored checkpoint always wins over it.
+    ``reorg_window`` is how many recent blocks are kept to survive reorgs.
+    """
+
+    def __init__(self, source: LogSource, codec: EventCodec, publisher: Publisher,
+                 store: CheckpointStore, *, confirmations: int = 2,
+                 from_block: int | None = None, poll_interval: float = 1.0,
+                 reorg_window: int = 128, stats: IndexerStats | None = None) -> None:
+        if confirmations < 1:
+            raise ValueError("confirmations must be at least 1")
+        self.source = source
+        self.codec = codec
+        self.publisher = publisher
+        self.store = store
+        self.confirmations = confirmations
+        self.from_block = from_block
+        self.poll_interval = poll_interval
+        self.reorg_window = max(1, reorg_window)
+        self.stats = stats or IndexerStats()
+        self.cp: Checkpoint | None = None
+        self._unknown_topics: set[str] = set()
+        self.progress = asyncio.Event()    # set after each step that saved a checkpoint
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> Checkpoint:
+        """Load the checkpoint (checked against chain and contracts), or start one."""
+        chain_id = await self.source.chain_id()
+        contracts = list(self.source.addresses)
+        cp = await self.store.load()
+        if cp is not None:
+            cp.check(chain_id, contracts)
+            log.info("resuming after block %d (checkpoint)", cp.block)
+        else:
+            if self.from_block is not None:
+                start = self.from_block
+            else:
+                start = max(0, await self.source.head() - self.confirmations + 2)
+            cp = Checkpoint(chain_id=chain_id, contracts=contracts, block=start - 1)
+            log.info("first run: starting at block %d", start)
+        self.cp = cp
+        self.stats.last_block = cp.block
+        return cp
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Poll until ``stop`` is set (or forever); the caller handles cancellation."""
+        if self.cp is None:
+            await self.open()
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            more = await self.step()
+            if not more:
+                try:
+                    await asyncio.wait_for(stop.wait(), self.poll_interval)
+                except TimeoutError:
+                    pass
+
+    # ------------------------------------------------------------------ one poll
+
+    async def step(self) -> bool:
+        """One poll; True when it moved forward and more safe blocks may be waiting."""
+        cp = self.cp
+        assert cp is not None, "call open() first"
+        src = self.source
+        head = await src.head()
+        self.stats.head_block = head
+        safe = head - self.confirmations + 1
+        tip, tip_hash = cp.block, cp.hashes.get(cp.block)
+        if safe <= tip:
+            if tip_hash is not None:
+                hdr = await src.header(tip)
+                if hdr is None or hdr.hash != tip_hash:
+                    await self._reorg()
+                    return True
+            return False
+        start = tip + 1
+        window_from = safe - self.reorg_window + 1        # first block inside the window
+        end = safe
+        if end >= window_from:
+            end = min(end, max(start, window_from) + MAX_HEADERS_PER_STEP - 1)
+        logs, last = await src.logs(start, end)
+
+        wanted = {lg.block_number for lg in logs} | {last}
+        wanted.update(range(max(start, window_from), last + 1))
+        if tip_hash is not None:
+            wanted.add(start)
+        headers: dict[int, BlockHeader] = {}
+        for n in sorted(wanted):
+            hdr = await src.header(n)
+            if hdr is None:        # the chain got shorter since eth_blockNumber
+                return False
+            headers[n] = hdr
+
+        if tip_hash is not None and headers[start].parent_hash != tip_hash:
+            await self._reorg()
+            return True
+        for lg in logs:
+            if headers[lg.block_number].hash != lg.block_hash:
+                log.info("block %d changed while reading it; reading again", lg.block_number)
+                return False
+        for n in range(max(start, window_from) + 1, last + 1):
+            if headers[n].parent_hash != headers[n - 1].hash:
+                log.info("blocks %d..%d do not link up; reading again", n - 1, n)
+                return False
+
+        for lg in logs:
+            await self._publish_log(lg, headers[lg.block_number].timestamp, window_from)
+        for n, hdr in headers.items():
+            if n >= window_from:
+                cp.hashes[n] = hdr.hash
+        cp.hashes[last] = headers[last].hash
+        cp.block = last
+        self._prune(last)
+        await self.store.save(cp)
+        self.stats.last_block = last
+        self.progress.set()
+        return last < safe
+
+    async def _publish_log(self, lg: RawLog, timestamp: int, window_from: int) -> None:
+        cp = self.cp
+        assert cp is not None
+        spec = self.codec.spec_for(lg)
+        if spec is None:
+            self.stats.skipped_logs += 1
+            topic = lg.topics[0] if lg.topics else "(anonymous)"
+            if topic not in self._unknown_topics:
+                self._unknown_topics.add(topic)
+                log.warning("log with topic %s of %s is not in the ABI; skipped",
+                            topic, lg.address)
+            return
+        try:
+            data = event_data(spec, lg, timestamp)
+        except Exception as exc:  # a log that does not decode with its ABI entry
+            self.stats.skipped_logs += 1
+            log.warning("cannot decode %s in tx %s: %s; skipped", spec.signature, lg.tx_hash, exc)
+            return
+        key = lg.uid if lg.uid not in cp.retracted else f"{lg.uid}:{lg.block_hash}"
+        await self._send(spec.channel_name, data, key)
+        self.stats.events += 1
+        if lg.block_number >= window_from:
+            cp.recent.append(PublishedEvent(key, data))
+
+    async def _send(self, name: str, data: dict[str, Any], key: str) -> None:
+        await self.publisher.publish(f"events:{name}", data, key)
+        await self.publisher.publish(f"market:{data['marketAddress']}", data, key)
+
+    # ------------------------------------------------------------------ reorgs
+
+    async def _reorg(self) -> None:
+        """Rewind to the common ancestor, retracting what was published after it."""
+        cp = self.cp
+        assert cp is not None
+        self.stats.reorgs += 1
+        ancestor: int | None = None
+        for n in sorted(cp.hashes, reverse=True):
+            hdr = await self.source.header(n)
+            if hdr is not None and hdr.hash == cp.hashes[n]:
+                ancestor = n
+                break
+        if ancestor is None:
+            ancestor = (min(cp.hashes) - 1) if cp.hashes else cp.block
+            log.error("reorg deeper than the %d-block window; rewinding to block %d",
+                      self.reorg_window, ancestor)
+        gone = [e for e in cp.recent if e.block > ancestor]
+        log.warning("reorg: blocks after %d replaced; retracting %d events",
+                    ancestor, len(gone))
+        names = {spec.name: spec.channel_name for spec in self.codec.events.values()}
+        for ev in reversed(gone):
+            data = dict(ev.data, removed=True)
+            channel_name = names.get(data["eventType"]) or snake_case(data["eventType"])
+            await self._send(channel_name, data, ev.key + ":removed")
+            self.stats.retractions += 1
+            uid = f"{data['txHash']}:{data['logIndex']}"
+            if uid not in cp.retracted:
+                cp.retracted.append(uid)
+        del cp.retracted[:-RETRACTED_KEPT]
+        cp.recent = [e for e in cp.recent if e.block <= ancestor]
+        cp.hashes = {n: h for n, h in cp.hashes.items() if n <= ancestor}
+        cp.block = ancestor
+        await self.store.save(cp)
+        self.stats.last_block = ancestor
+
+    def _prune(self, last: int) -> None:
+        cp = self.cp
+        assert cp is not None
+        keep_from = last - self.reorg_window + 1
+        cp.hashes = {n: h for n, h in cp.hashes.items() if n >= keep_from}
+        cp.recent = [e for e in cp.recent if e.block >= keep_from]
+
+
+def contract_list(value: str | Sequence[str]) -> list[str]:
+    """``"0xA,0xB"`` (or a list) as lowercase addresses, order kept, duplicates dropped."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        a = item.strip().lower()
+        if a and a not in out:
+            out.append(a)
+    return out

@@ -1,0 +1,431 @@
+"""The indexer against a real chain (eth-tester / py-evm) and a real fastws server.
+
+One chain per module (py-evm costs ~1.5 s to start), served over HTTP JSON-RPC by
+``RpcServer`` in a thread; each test deploys its own PredictionMarket contract.  The
+server gets the events through ``POST /api/publish`` and a raw WebSocket client checks
+what subscribers see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, free_port, scrape
+from eth_account import Account
+from wsclient import connect
+
+from fastws.indexer.checkpoint import FileCheckpoint, MemoryCheckpoint
+from fastws.indexer.demo_chain import DemoChain, RpcServer
+from fastws.indexer.mapping import EventCodec
+from fastws.indexer.publish import HttpPublisher
+from fastws.indexer.runner import Indexer
+from fastws.indexer.source import Backoff, HttpRpc, LogSource
+
+WEI = 10**18
+FAST = Backoff(base=0.01, cap=0.05)
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[DemoChain]:
+    c = DemoChain(contracts=0)
+    c.rpc = RpcServer(c).start()   # type: ignore[attr-defined]
+    yield c
+    c.rpc.stop()                   # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def rpc(chain: DemoChain) -> Iterator[RpcServer]:
+    server: RpcServer = chain.rpc  # type: ignore[attr-defined]
+    server.fault = None
+    yield server
+    server.fault = None
+
+
+async def subscribe(c: Any, channel: str, rid: int) -> None:
+    reply = await c.request({"id": rid, "type": "subscribe", "channel": channel})
+    assert reply["type"] == "subscribed", reply
+
+
+async def events(c: Any, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The next ``n`` event pushes (other pushes skipped)."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        m = await c.recv(timeout=max(0.01, deadline - time.monotonic()))
+        if m.get("type") == "event":
+            out.append(m)
+    return out
+
+
+def block(chain: DemoChain, number: int) -> Any:
+    with chain.lock:
+        return chain.w3.eth.get_block(number)
+
+
+def tx_of(chain: DemoChain, number: int) -> str:
+    """The hash of the only transaction of block ``number``."""
+    return "0x" + bytes(block(chain, number)["transactions"][0]).hex()
+
+
+def start_indexer(*args: str, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTWS_")}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "fastws", "index", *args], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+async def until(cond: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    """Await a condition that another process makes true (short polls, bounded)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.02)
+
+
+async def catch_up(ix: Indexer, chain: DemoChain, confirmations: int = 1) -> None:
+    """Step the in-process indexer until every safe block is processed."""
+    for _ in range(500):
+        more = await ix.step()
+        assert ix.cp is not None
+        if not more and ix.cp.block >= chain.head() - confirmations + 1:
+            return
+    raise AssertionError("the indexer did not catch up")
+
+
+def in_process(chain: DemoChain, rpc: RpcServer, srv: Any, address: str, start: int, *,
+               confirmations: int = 1, timeout: float = 10.0) -> Indexer:
+    source = LogSource(HttpRpc(rpc.url, timeout=timeout), [address], backoff=FAST)
+    ix = Indexer(source, EventCodec(chain.abi), HttpPublisher(srv.http_url, srv.api_key),
+                 MemoryCheckpoint(), confirmations=confirmations, from_block=start,
+                 poll_interval=0.02)
+    ix.stats.rpc_faults.clear()
+    source.on_fault = ix.stats.fault
+    return ix
+
+
+async def close(ix: Indexer) -> None:
+    await ix.publisher.close()
+    await ix.source.rpc.close()
+
+
+# --------------------------------------------------------------------------- fields
+
+
+async def test_cli_publishes_confirmed_events_with_their_fields(chain, rpc, fastws_server,
+                                                                tmp_path) -> None:
+    srv = fastws_server()
+    addr = chain.deploy()
+    first = chain.head() + 1
+    c = await connect(srv.ws_url)
+    await subscribe(c, "events:*", 1)
+    await subscribe(c, f"market:{addr}", 2)
+    mid = chain.create_market(addr, "Will it rain in Paris tomorrow?")
+    chain.place_bet(addr, mid, True, 3 * WEI, bettor=2)
+    chain.resolve(addr, mid, False)
+    b1, b2, b3 = first, first + 1, first + 2
+    assert chain.head() == b3
+    mport = free_port()
+    proc = start_indexer("--rpc", rpc.url, "--contract", addr, "--from-block", str(first),
+                         "--url", srv.http_url, "--api-key", srv.api_key, "--checkpoint",
+                         str(tmp_path / "cp.json"), "--poll-interval", "0.05",
+                         "--metrics-port", str(mport), log=tmp_path / "indexer.log")
+    try:
+        got = await events(c, 4)      # b1 and b2 have 2 confirmations: 2 events × 2 channels
+        assert [(e["channel"], e["data"]["eventType"]) for e in got] == [
+            ("events:market_created", "MarketCreated"), (f"market:{addr}", "MarketCreated"),
+            ("events:bet_placed", "BetPlaced"), (f"market:{addr}", "BetPlaced")]
+        assert got[0]["data"] == got[1]["data"] and got[2]["data"] == got[3]["data"]
+        blk1, blk2 = block(chain, b1), block(chain, b2)
+        assert got[0]["data"] == {
+            "eventType": "MarketCreated", "marketAddress": addr, "blockNumber": b1,
+            "blockHash": "0x" + bytes(blk1["hash"]).hex(), "txHash": tx_of(chain, b1),
+            "logIndex": 0, "timestamp": blk1["timestamp"],
+            "args": {"marketId": mid, "creator": chain.owner.lower(),
+                     "question": "Will it rain in Paris tomorrow?",
+                     "endTime": block(chain, b1 - 1)["timestamp"] + 3600},
+        }
+        bet = got[2]["data"]
+        assert bet["blockNumber"] == b2 and bet["timestamp"] == blk2["timestamp"]
+        assert bet["blockHash"] == "0x" + bytes(blk2["hash"]).hex()
+        assert bet["txHash"] == tx_of(chain, b2)
+        assert bet["args"] == {"marketId": mid, "bettor": chain.accounts[2].lower(),
+                               "outcome": True, "amount": str(3 * WEI),
+                               "yesPool": str(3 * WEI), "noPool": 0}
+        assert all(isinstance(e["offset"], int) and e["epoch"] for e in got)
+
+        # b3 has one confirmation: the indexer has seen it and holds its event back
+        def seen() -> bool:
+            m = scrape(f"http://127.0.0.1:{mport}")
+            return (m.get("fastws_indexer_head_block") == b3
+                    and m.get("fastws_indexer_checkpoint_block") == b2)
+        await until(seen, what="indexer at head b3, checkpoint b2")
+        metrics = scrape(f"http://127.0.0.1:{mport}")
+        assert metrics["fastws_indexer_events_total"] == 2
+        assert metrics["fastws_indexer_lag_blocks"] == 1
+        assert c.messages.empty()
+        chain.mine(1)
+        resolved = await events(c, 2)
+        assert [e["data"]["eventType"] for e in resolved] == ["MarketResolved"] * 2
+        assert resolved[0]["channel"] == "events:market_resolved"
+        assert resolved[0]["data"]["args"] == {"marketId": mid, "outcome": False,
+                                               "totalPool": str(3 * WEI)}
+    finally:
+        assert stop(proc) == 0, (tmp_path / "indexer.log").read_text()
+
+
+# --------------------------------------------------------------------------- restart
+
+
+async def test_restart_resumes_from_the_checkpoint_without_loss_or_duplicates(
+        chain, rpc, fastws_server, tmp_path) -> None:
+    srv = fastws_server()
+    addr = chain.deploy()
+    first = chain.head() + 1
+    c = await connect(srv.ws_url)
+    await subscribe(c, f"market:{addr}", 1)
+    cp_file = tmp_path / "cp.json"
+    log = tmp_path / "indexer.log"
+    args = ["--rpc", rpc.url, "--contract", addr, "--from-block", str(first), "--url",
+            srv.http_url, "--api-key", srv.api_key, "--checkpoint", str(cp_file),
+            "--poll-interval", "0.05"]
+    mid = chain.create_market(addr, "Will the launch happen on time?")
+    chain.place_bet(addr, mid, True, WEI, bettor=1)
+    chain.place_bet(addr, mid, False, 2 * WEI, bettor=2)
+    chain.mine(1)
+
+    proc = start_indexer(*args, log=log)
+    got = await events(c, 3)
+    assert stop(proc) == 0, log.read_text()
+    saved = json.loads(cp_file.read_text())
+    assert saved["block"] >= first + 2 and saved["contracts"] == [addr]
+
+    # while the indexer is down: more events; the restart picks them up, once
+    chain.place_bet(addr, mid, True, 5 * WEI, bettor=3)
+    chain.place_bet(addr, mid, True, 7 * WEI, bettor=4)
+    chain.mine(1)
+    proc = start_indexer(*args, log=log)
+    got += await events(c, 2)
+    assert stop(proc) == 0, log.read_text()
+
+    # a crash after publishing and before saving: the checkpoint is behind what was
+    # published; the restart publishes those events again and the server drops them
+    stale = await FileCheckpoint(cp_file).load()
+    assert stale is not None
+    stale.block = first
+    stale.hashes = {n: h for n, h in stale.hashes.items() if n <= first}
+    stale.recent = [e for e in stale.recent if e.block <= first]
+    await FileCheckpoint(cp_file).save(stale)
+    chain.resolve(addr, mid, True)
+    chain.mine(1)
+    proc = start_indexer(*args, log=log)
+    try:
+        got += await events(c, 1)
+    finally:
+        assert stop(proc) == 0, log.read_text()
+
+    kinds = [e["data"]["eventType"] for e in got]
+    assert kinds == ["MarketCreated"] + ["BetPlaced"] * 4 + ["MarketResolved"]
+    keys = [(e["data"]["txHash"], e["data"]["logIndex"]) for e in got]
+    assert len(set(keys)) == len(keys)
+    assert [e["offset"] for e in got] == list(range(got[0]["offset"], got[0]["offset"] + 6))
+    assert [e["data"]["args"]["amount"] for e in got if e["data"]["eventType"] == "BetPlaced"] \
+        == [str(WEI), str(2 * WEI), str(5 * WEI), str(7 * WEI)]
+    reply = await c.request({"id": 9, "type": "history", "channel": f"market:{addr}",
+                             "limit": 100})
+    assert len(reply["publications"]) == 6
+
+
+# --------------------------------------------------------------------------- reorg
+
+
+async def test_reorg_publishes_retractions_before_the_new_chain(chain, rpc, fastws_server) -> None:
+    srv = fastws_server()
+    addr = chain.deploy()
+    bettor = Account.create()
+    with chain.lock:
+        chain.w3.eth.send_transaction({"from": chain.owner, "to": bettor.address,
+                                       "value": 100 * WEI, "gas": 21000})
+    mid = chain.create_market(addr, "Will the next block number be even?")
+    created_at = chain.head()
+    c = await connect(srv.ws_url)
+    await subscribe(c, f"market:{addr}", 1)
+    await subscribe(c, "events:*", 2)
+    ix = in_process(chain, rpc, srv, addr, created_at)
+    try:
+        await ix.open()
+        await catch_up(ix, chain)
+        assert [e["data"]["eventType"] for e in await events(c, 2)] == ["MarketCreated"] * 2
+
+        contract = chain.w3.eth.contract(address=chain.contracts[-1].address, abi=chain.abi)
+        with chain.lock:
+            nonce = chain.w3.eth.get_transaction_count(bettor.address)
+            tx = contract.functions.placeBet(mid, True).build_transaction({
+                "from": bettor.address, "nonce": nonce, "value": 2 * WEI, "gas": 300_000,
+                "maxFeePerGas": 10**10, "maxPriorityFeePerGas": 10**9})
+        raw_a = bettor.sign_transaction(tx).raw_transaction
+        snap = chain.snapshot()
+        with chain.lock:
+            tx_a = "0x" + bytes(chain.w3.eth.send_raw_transaction(raw_a)).hex()
+        chain.place_bet(addr, mid, False, 3 * WEI, bettor=2)
+        await catch_up(ix, chain)
+        old = [e["data"] for e in await events(c, 4) if e["channel"].startswith("market:")]
+        assert [d["txHash"] for d in old][0] == tx_a and len(old) == 2
+
+        # the fork: an empty block, then bet A again (same tx, another block), then bet C
+        chain.revert(snap)
+        chain.mine(1)
+        with chain.lock:
+            chain.w3.eth.send_raw_transaction(raw_a)
+        chain.place_bet(addr, mid, True, 4 * WEI, bettor=3)
+        await catch_up(ix, chain)
+        got = [e for e in await events(c, 8) if e["channel"].startswith("market:")]
+        retractions, fresh = got[:2], got[2:]
+        assert [e["data"] for e in retractions] == [dict(old[1], removed=True),
+                                                    dict(old[0], removed=True)]
+        assert all("removed" not in e["data"] for e in fresh)
+        assert fresh[0]["data"]["txHash"] == tx_a          # same tx, same logIndex, new block
+        assert fresh[0]["data"]["blockHash"] != old[0]["blockHash"]
+        assert fresh[0]["data"]["blockNumber"] == old[0]["blockNumber"] + 1
+        assert fresh[1]["data"]["args"]["amount"] == str(4 * WEI)
+        assert ix.stats.reorgs == 1 and ix.stats.retractions == 2
+    finally:
+        await close(ix)
+
+
+# --------------------------------------------------------------------------- RPC faults
+
+
+async def test_get_logs_range_limits_are_followed(chain, rpc, fastws_server) -> None:
+    srv = fastws_server()
+    addr = chain.deploy()
+    start = chain.head() + 1
+    mid = chain.create_market(addr, "Will gas stay under 20 gwei today?")
+    for i in range(6):
+        chain.mine(2)
+        chain.place_bet(addr, mid, i % 2 == 0, (i + 1) * WEI, bettor=1 + i % 5)
+    ranges: list[int] = []
+
+    def refuse_big_ranges(method: str, params: list[Any]) -> tuple[int, dict, bytes] | None:
+        if method == "eth_getLogs":
+            f = params[0]
+            span = int(f["toBlock"], 16) - int(f["fromBlock"], 16) + 1
+            ranges.append(span)
+            if span > 4:
+                body = {"jsonrpc": "2.0", "id": 1, "error": {
+                    "code": -32005, "message": "query exceeds max block range 4"}}
+                return 200, {}, json.dumps(body).encode()
+        return None
+
+    rpc.fault = refuse_big_ranges
+    c = await connect(srv.ws_url)
+    await subscribe(c, f"market:{addr}", 1)
+    ix = in_process(chain, rpc, srv, addr, start)
+    try:
+        await ix.open()
+        await catch_up(ix, chain)
+        got = await events(c, 7)
+    finally:
+        await close(ix)
+    assert [e["data"]["eventType"] for e in got] == ["MarketCreated"] + ["BetPlaced"] * 6
+    assert [e["data"]["args"]["amount"] for e in got[1:]] == [str(i * WEI) for i in range(1, 7)]
+    assert ranges[0] > 4 and ix.stats.rpc_faults.get("range", 0) >= 1
+    assert ix.source.span <= 4 + 4 // 2
+
+
+async def test_rpc_faults_are_retried_with_backoff(chain, rpc, fastws_server) -> None:
+    srv = fastws_server()
+    addr = chain.deploy()
+    start = chain.head() + 1
+    mid = chain.create_market(addr, "Will BTC dominance exceed 60% by Friday?")
+    chain.place_bet(addr, mid, True, WEI, bettor=1)
+    injected: list[str] = []
+    plan = {  # method → faults to answer with, in turn
+        "eth_blockNumber": ["429", "timeout"],
+        "eth_getLogs": ["503", "rpc-error"],
+        "eth_getBlockByNumber": ["500", "garbage"],
+    }
+
+    def faults(method: str, params: list[Any]) -> tuple[int, dict, bytes] | None:
+        todo = plan.get(method)
+        if not todo:
+            return None
+        kind = todo.pop(0)
+        injected.append(f"{method}:{kind}")
+        if kind == "429":
+            return 429, {"Retry-After": "0"}, b'{"error":"rate limited"}'
+        if kind == "timeout":
+            time.sleep(0.6)
+            return None
+        if kind == "rpc-error":   # a one-block range refused: retried as an error
+            body = {"jsonrpc": "2.0", "id": 1,
+                    "error": {"code": -32603, "message": "internal error"}}
+            return 200, {}, json.dumps(body).encode()
+        if kind == "garbage":
+            return 502, {"Content-Type": "text/html"}, b"<html>bad gateway</html>"
+        return int(kind), {}, b"{}"
+
+    rpc.fault = faults
+    c = await connect(srv.ws_url)
+    await subscribe(c, f"market:{addr}", 1)
+    ix = in_process(chain, rpc, srv, addr, start, timeout=0.3)
+    ix.source.max_range = ix.source.span = 1
+    try:
+        await ix.open()
+        await catch_up(ix, chain)
+        got = await events(c, 2)
+    finally:
+        await close(ix)
+    assert [e["data"]["eventType"] for e in got] == ["MarketCreated", "BetPlaced"]
+    assert sorted(injected) == sorted(f"{m}:{k}" for m, ks in {
+        "eth_blockNumber": ["429", "timeout"], "eth_getLogs": ["503", "rpc-error"],
+        "eth_getBlockByNumber": ["500", "garbage"]}.items() for k in ks)
+    assert ix.stats.rpc_faults.get("transient", 0) == 5
+    assert ix.stats.rpc_faults.get("error", 0) == 1
+
+
+async def test_publisher_waits_for_the_server(chain, rpc, fastws_server) -> None:
+    port = free_port()
+    addr = chain.deploy()
+    start = chain.head() + 1
+    chain.create_market(addr, "Will it rain in Paris tomorrow?")
+
+    class Late:   # the server's address before it listens
+        http_url = f"http://127.0.0.1:{port}"
+        api_key = "test-key"
+
+    ix = in_process(chain, rpc, Late, addr, start)
+    ix.publisher.backoff = FAST
+    try:
+        await ix.open()
+        task = asyncio.ensure_future(catch_up(ix, chain))
+        await until(lambda: ix.publisher.retries >= 2, what="publish retries")
+        srv = fastws_server(port=port)
+        c = await connect(srv.ws_url)
+        reply = await c.request({"id": 1, "type": "history", "channel": f"market:{addr}",
+                                 "limit": 10})
+        await task
+        reply = await c.request({"id": 2, "type": "history", "channel": f"market:{addr}",
+                                 "limit": 10})
+        assert [p["data"]["eventType"] for p in reply["publications"]] == ["MarketCreated"]
+    finally:
+        await close(ix)
