@@ -200,23 +200,10 @@ class Subscriber(WSListener):
             st.hist[idx] += 1
 
     def _reply(self, buf: bytes) -> None:
-        fut = self.subscribed
-        if fut is not None and not fut.done():
-            fut.set_result(buf)
-            return
-        if b'"error"' in buf and not self.stats.first_error:
-            self.stats.first_error = buf.decode(errors="replace")[:300]
+        on_reply(self, buf)
 
     def _control_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type is WSMsgType.CLOSE:
-            code = int(frame.get_close_code())
-            codes = self.stats.close_codes
-            codes[code] = codes.get(code, 0) + 1
-            with contextlib.suppress(Exception):
-                transport.send_close(WSCloseCode.OK)
-            transport.disconnect()
-        elif frame.msg_type is WSMsgType.BINARY:
-            self.stats.bad_frames += 1
+        on_control(self, transport, frame)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         """Count connections that the server (or the network) dropped during the run."""
@@ -227,15 +214,61 @@ class Subscriber(WSListener):
             fut.set_exception(ConnectionError("disconnected before subscribed"))
 
 
-async def _connect_one(url: str, stats: Stats, local_addr: tuple[str, int] | None,
-                       timeout: float, attempts: int = 5) -> Subscriber:
-    """Connect and subscribe one subscriber, retrying transient connect failures."""
+def on_reply(sub: Any, buf: bytes) -> None:
+    """A TEXT frame that is not an event push: the `subscribed` reply, or an error."""
+    fut = sub.subscribed
+    if fut is not None and not fut.done():
+        fut.set_result(buf)
+        return
+    if b'"error"' in buf and not sub.stats.first_error:
+        sub.stats.first_error = buf.decode(errors="replace")[:300]
+
+
+def on_control(sub: Any, transport: WSTransport, frame: WSFrame) -> None:
+    """CLOSE (count its code, answer, disconnect) or an unexpected BINARY frame."""
+    if frame.msg_type is WSMsgType.CLOSE:
+        code = int(frame.get_close_code())
+        codes = sub.stats.close_codes
+        codes[code] = codes.get(code, 0) + 1
+        with contextlib.suppress(Exception):
+            transport.send_close(WSCloseCode.OK)
+        transport.disconnect()
+    elif frame.msg_type is WSMsgType.BINARY:
+        sub.stats.bad_frames += 1
+
+
+def subscriber_classes(client: str) -> tuple[Any, Any, str]:
+    """(stats class, listener factory taking stats, client name) for --client."""
+    if client in ("auto", "compiled"):
+        try:
+            from loadtest._build import load_fastsub
+
+            fast = load_fastsub()
+            return (fast.CStats,
+                    lambda st: fast.FastSubscriber(st, on_reply, on_control), "compiled")
+        except Exception as exc:  # noqa: BLE001 - no compiler: fall back, say so
+            if client == "compiled":
+                raise
+            print(f"[fanout] compiled subscriber unavailable ({exc!r}); using Python",
+                  file=sys.stderr)
+    return Stats, Subscriber, "python"
+
+
+async def _connect_one(url: str, stats: Any, local_addr: tuple[str, int] | None,
+                       timeout: float, attempts: int = 5, factory: Any = None,
+                       raw: bool = False) -> Any:
+    """Connect and subscribe one subscriber, retrying transient connect failures.
+
+    ``raw``: the server has no subscribe request (an anchor: a connection is a
+    subscription); the connection counts as subscribed once the handshake is done.
+    """
     kwargs: dict[str, Any] = {"local_addr": local_addr} if local_addr else {}
+    factory = factory or Subscriber
     delay = 0.05
     for attempt in range(attempts):
         try:
             transport, listener = await ws_connect(
-                lambda: Subscriber(stats), url, websocket_handshake_timeout=timeout,
+                lambda: factory(stats), url, websocket_handshake_timeout=timeout,
                 read_buffer_init_size=4096, enable_auto_pong=True, **kwargs)
             break
         except Exception as exc:  # noqa: BLE001 - retried, then reported
@@ -243,7 +276,8 @@ async def _connect_one(url: str, stats: Stats, local_addr: tuple[str, int] | Non
                 raise ConnectionError(f"connect failed: {exc!r}") from exc
             await asyncio.sleep(delay)
             delay *= 2
-    assert isinstance(listener, Subscriber)
+    if raw:
+        return listener
     listener.subscribed = asyncio.get_running_loop().create_future()
     transport.send(WSMsgType.TEXT,
                    b'{"id":1,"type":"subscribe","channel":"' + CHANNEL.encode() + b'"}')
@@ -276,8 +310,10 @@ async def _recv(conn: Connection) -> Any:
 
 
 async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
-    stats = Stats()
-    subs: list[Subscriber] = []
+    stats_cls, factory, _ = subscriber_classes(cfg.get("client", "auto"))
+    stats = stats_cls()
+    raw = cfg.get("protocol", "fastws") == "raw"
+    subs: list[Any] = []
     errors: list[str] = []
     sem = asyncio.Semaphore(cfg["batch"])
     local_addr = (cfg["source_ip"], 0) if cfg["source_ip"] else None
@@ -287,7 +323,8 @@ async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
         async with sem:
             try:
                 subs.append(await _connect_one(cfg["url"], stats, local_addr,
-                                               cfg["connect_timeout"]))
+                                               cfg["connect_timeout"], factory=factory,
+                                               raw=raw))
             except Exception as exc:  # noqa: BLE001 - reported to the parent
                 if len(errors) < 5:
                     errors.append(str(exc)[:300])
@@ -379,6 +416,7 @@ class Publisher(WSListener):
         self.paced = False      # --rate: a timer sends, replies only free window slots
         self.inflight = 0
         self.skipped = 0        # paced ticks that found the window full
+        self.raw = False        # an anchor: send the bare payload, any reply is the ack
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         """Remember the transport."""
@@ -388,11 +426,16 @@ class Publisher(WSListener):
         """Send one publication stamped with the current wall-clock time."""
         self.seq += 1
         self.outstanding += 1
+        if self.raw:
+            self._write(b'{"t":%d,"seq":%d,"pad":"%s"}' % (time.time_ns(), self.seq, self.pad))
+        else:
+            self._write(
+                b'{"id":%d,"type":"publish","channel":"%s","data":{"t":%d,"seq":%d,"pad":"%s"}}'
+                % (self.seq, CHANNEL.encode(), time.time_ns(), self.seq, self.pad))
+
+    def _write(self, payload: bytes) -> None:
         assert self.transport is not None
-        self.transport.send(
-            WSMsgType.TEXT,
-            b'{"id":%d,"type":"publish","channel":"%s","data":{"t":%d,"seq":%d,"pad":"%s"}}'
-            % (self.seq, CHANNEL.encode(), time.time_ns(), self.seq, self.pad))
+        self.transport.send(WSMsgType.TEXT, payload)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """One reply: count it and, while time remains, refill the window."""
@@ -401,10 +444,13 @@ class Publisher(WSListener):
                 self.first_error = self.first_error or f"closed {int(frame.get_close_code())}"
                 transport.disconnect()
             return
-        buf = frame.get_payload_as_bytes()
+        self._answer(frame.get_payload_as_bytes())
+
+    def _answer(self, buf: bytes, ok: bool | None = None) -> None:
+        """One reply (``ok`` None: judge by the payload): count it, refill the window."""
         now = time.time_ns()
         self.outstanding -= 1
-        if b'"published"' in buf:
+        if ok if ok is not None else (self.raw or b'"published"' in buf):
             self.accepted += 1
             if self.win_start <= now < self.win_end:
                 self.accepted_in_window += 1
@@ -425,16 +471,86 @@ class Publisher(WSListener):
             self.done.set_result(None)
 
 
+class HttpPublisher(Publisher):
+    """Publishes with pipelined ``POST`` requests on one keep-alive HTTP/1.1 connection
+    (nginx+Nchan's publisher location); each response is the ack."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.raw = True
+        u = urllib.parse.urlsplit(url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
+        self.path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        self.writer: asyncio.StreamWriter | None = None
+        self.reader_task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.reader_task = asyncio.ensure_future(self._read(reader))
+
+    def _write(self, payload: bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
+                          b"\r\nContent-Length: %d\r\n\r\n%s"
+                          % (self.path.encode(), self.host.encode(), len(payload), payload))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                status = await reader.readline()
+                if not status:
+                    raise ConnectionError("publisher connection closed")
+                code = int(status.split()[1])
+                length, chunked = 0, False
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    name = name.strip().lower()
+                    if name == b"content-length":
+                        length = int(value)
+                    elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                        chunked = True
+                body = b""
+                if chunked:
+                    while (size := int((await reader.readline()).strip() or b"0", 16)):
+                        body += await reader.readexactly(size + 2)
+                    await reader.readline()
+                elif length:
+                    body = await reader.readexactly(length)
+                self._answer(body, 200 <= code < 300)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+            self.first_error = self.first_error or f"HTTP publisher: {exc!r}"
+            self.disconnected = True
+            if self.done is not None and not self.done.done():
+                self.done.set_result(None)
+
+    def close(self) -> None:
+        if self.reader_task is not None:
+            self.reader_task.cancel()
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
-                        duration_s: float, rate: float = 0.0) -> dict[str, Any]:
+                        duration_s: float, rate: float = 0.0,
+                        mode: str = "fastws") -> dict[str, Any]:
     """Publish from start_ns for warmup + duration seconds; return the publisher counts.
 
     rate 0: closed loop, `inflight` publications always outstanding (saturation).
     rate > 0: open loop, one publication every 1/rate s while fewer than `inflight` are
-    outstanding (latency at a given load).
+    outstanding (latency at a given load).  ``mode``: ``fastws`` (publish requests on a
+    WebSocket), ``raw`` (bare payloads on a WebSocket, any reply acks one) or ``http``
+    (``url`` is an HTTP publish endpoint, one POST per publication).
     """
-    transport, pub = await ws_connect(Publisher, url, websocket_handshake_timeout=10)
-    assert isinstance(pub, Publisher)
+    transport: Any = None
+    pub: Publisher
+    if mode == "http":
+        pub = HttpPublisher(url)
+        await pub.open()
+    else:
+        transport, listener = await ws_connect(Publisher, url, websocket_handshake_timeout=10)
+        assert isinstance(listener, Publisher)
+        pub = listener
+        pub.raw = mode == "raw"
     pub.done = asyncio.get_running_loop().create_future()
     pub.win_start = start_ns + int(warmup_s * 1e9)
     pub.win_end = pub.win_start + int(duration_s * 1e9)
@@ -472,6 +588,8 @@ async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
               "accepted_in_window": pub.accepted_in_window, "outstanding": pub.outstanding,
               "first_error": pub.first_error, "disconnected": pub.disconnected,
               "skipped": pub.skipped}
+    if isinstance(pub, HttpPublisher):
+        pub.close()
     with contextlib.suppress(Exception):
         transport.send_close(WSCloseCode.OK)
         transport.disconnect()
@@ -619,6 +737,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="quick check: 1000 subscribers (at most), 2 s after 0.5 s warm-up, "
                    "100 publications/s (each unless given)")
+    p.add_argument("--client", choices=("auto", "compiled", "python"), default="auto",
+                   help="subscriber hot path: compiled (Cython, built on first use into "
+                   "loadtest/build/), python, or auto (compiled if it builds)")
+    p.add_argument("--protocol", choices=("fastws", "raw"), default="fastws",
+                   help="raw: the server has no subscribe request (an anchor; with --url)")
+    p.add_argument("--pub-url", help="publish here instead of --url (an anchor's publisher)")
+    p.add_argument("--pub-mode", choices=("fastws", "raw", "http"), default=None,
+                   help="publish requests (fastws), bare payloads on a WebSocket (raw) or "
+                   "HTTP POSTs (http); default: follows --protocol")
+    p.add_argument("--label", default="fastws", help="name of the server in the results")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
@@ -694,6 +822,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     workers: list[tuple[Any, Connection]] = []
     result: dict[str, Any] = {}
+    client_name = subscriber_classes(args.client)[2]  # builds it once, before forking
     try:
         time.sleep(0.3)
         rss_before = read_rss_kib(server_pid) if server_pid else None
@@ -705,6 +834,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for k in range(procs):
             parent_end, child_end = ctx.Pipe()
             cfg = {"url": url, "n": share + (1 if k < extra else 0), "batch": batch,
+                   "client": args.client, "protocol": args.protocol,
                    "connect_timeout": args.connect_timeout, "cpus": client_cpus,
                    "source_ip": f"127.0.0.{2 + k}" if use_source_ips else None}
             proc = ctx.Process(target=worker_entry, args=(child_end, cfg), daemon=True)
@@ -756,8 +886,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 srv_cpu[1] = read_cpu_s(server_pid) if server_pid else None
 
             sampler = asyncio.ensure_future(sample())
-            pub = await run_publisher(url, args.inflight, start_ns, args.warmup,
-                                      args.duration, args.rate)
+            pub = await run_publisher(args.pub_url or url, args.inflight, start_ns,
+                                      args.warmup, args.duration, args.rate,
+                                      args.pub_mode or args.protocol)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sampler, 5)
             a, b = srv_cpu
@@ -812,7 +943,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "duration_s": args.duration,
                        "warmup_s": args.warmup, "server_cpu": args.server_cpu,
                        "client_cpus": client_cpus, "url": url if args.url else None,
-                       "channel": CHANNEL},
+                       "channel": CHANNEL, "client": client_name,
+                       "protocol": args.protocol},
+            "server": args.label,
             "connected": connected, "connect_failed": failed, "connect_errors": errors[:3],
             "connect_s": round(connect_s, 3),
             "publications": n_pub,
@@ -915,7 +1048,8 @@ def format_table(r: dict[str, Any]) -> str:
         rows.append(("note", "subscribers were dropped by the server: offered load beyond what "
                      "the clients read (slow consumer, 4008?); lower --rate or add client CPUs"))
     width = max(len(k) for k, _ in rows)
-    lines = [f"fastws fan-out benchmark ({r['date']}, {r['machine']['cpus']} CPUs)"]
+    lines = [f"{r.get('server', 'fastws')} fan-out benchmark ({r['date']}, "
+             f"{r['machine']['cpus']} CPUs, {p.get('client', 'python')} subscribers)"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
 

@@ -1,0 +1,165 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled subscriber hot path for loadtest.fanout (built on first use by loadtest._build).
+
+``FastSubscriber.on_ws_frame`` is a picows vtable call; for an event push it finds
+``"t":`` and ``"seq":`` in the payload with ``memmem``, parses two integers, does the
+seq accounting and the latency histogram in C: no Python object per delivery.
+Anything else (replies, close frames) goes to the Python-level methods of the same
+shape as loadtest.fanout.Subscriber.
+"""
+
+from libc.stdint cimport int64_t
+from libc.string cimport memcmp
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
+from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
+
+cdef extern from "<string.h>" nogil:
+    void* memmem(const void* haystack, size_t haystacklen, const void* needle, size_t needlelen)
+
+cdef enum:
+    HIST_BUCKETS = 512   # = loadtest.fanout.HIST_BUCKETS
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline int _bit_length(int64_t v) noexcept nogil:
+    cdef int n = 0
+    while v:
+        v >>= 1
+        n += 1
+    return n
+
+
+cdef inline const char* _parse_int(const char* p, const char* end, int64_t* out) noexcept nogil:
+    """Parse a non-negative decimal at p; return the first byte after it (NULL: none)."""
+    cdef int64_t v = 0
+    cdef const char* start = p
+    while p < end and p[0] == 32:   # ' '
+        p += 1
+    start = p
+    while p < end and 48 <= p[0] <= 57:   # '0'..'9'
+        v = v * 10 + (p[0] - 48)
+        p += 1
+    if p == start:
+        return NULL
+    out[0] = v
+    return p
+
+
+cdef class CStats:
+    """Counters of all subscribers of one process, C integers (same names as fanout.Stats)."""
+
+    cdef public int64_t win_start, win_end
+    cdef public int64_t received, in_window, duplicates, gaps, max_us
+    cdef public int64_t disconnected, bad_frames
+    cdef public bint closing
+    cdef public dict close_codes
+    cdef public str first_error
+    cdef int64_t _hist[HIST_BUCKETS]
+
+    def __cinit__(self):
+        self.win_start = 1 << 62
+        self.win_end = 1 << 62
+        self.close_codes = {}
+        self.first_error = ""
+        cdef int i
+        for i in range(HIST_BUCKETS):
+            self._hist[i] = 0
+
+    @property
+    def hist(self):
+        """The latency histogram as a list (fanout.hist_index buckets)."""
+        return [self._hist[i] for i in range(HIST_BUCKETS)]
+
+    cdef inline void account(self, int64_t t, int64_t now) noexcept:
+        cdef int64_t us
+        cdef int s
+        cdef int64_t idx
+        if self.win_start <= now < self.win_end:
+            self.in_window += 1
+            us = (now - t) // 1000
+            if us < 32:
+                idx = us if us > 0 else 0
+            else:
+                s = _bit_length(us) - 5
+                idx = (s << 4) + (us >> s)
+                if idx >= HIST_BUCKETS:
+                    idx = HIST_BUCKETS - 1
+                if us > self.max_us:
+                    self.max_us = us
+            self._hist[idx] += 1
+
+
+cdef class FastSubscriber(WSListener):
+    """One subscriber connection; the event path is C, the rest calls Python methods."""
+
+    cdef public CStats stats
+    cdef public int64_t last
+    cdef public object transport
+    cdef public object subscribed
+    cdef public object on_reply       # callable(self, bytes) for non-event TEXT frames
+    cdef public object on_control     # callable(self, transport, frame) for the rest
+
+    def __init__(self, CStats stats, on_reply, on_control):
+        self.stats = stats
+        self.last = 0
+        self.transport = None
+        self.subscribed = None
+        self.on_reply = on_reply
+        self.on_control = on_control
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        self.transport = transport
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef const char* p = frame.payload_ptr
+        cdef Py_ssize_t n = frame.payload_size
+        cdef const char* end = p + n
+        cdef const char* q
+        cdef const char* r
+        cdef int64_t t = 0, seq = 0, now
+        cdef CStats st = self.stats
+        if frame.msg_type != WSMsgType.TEXT:
+            self.on_control(self, transport, frame)
+            return
+        q = <const char*>memmem(p, n, b'"t":', 4)
+        if q == NULL:
+            self.on_reply(self, frame.get_payload_as_bytes())
+            return
+        now = _now_ns()
+        q = _parse_int(q + 4, end, &t)
+        if q == NULL:
+            st.bad_frames += 1
+            return
+        if end - q >= 7 and memcmp(q, b',"seq":', 7) == 0:
+            r = q + 7
+        else:
+            r = <const char*>memmem(p, n, b'"seq":', 6)
+            if r == NULL:
+                st.bad_frames += 1
+                return
+            r += 6
+        if _parse_int(r, end, &seq) == NULL:
+            st.bad_frames += 1
+            return
+        st.received += 1
+        if seq == self.last + 1:
+            self.last = seq
+        elif seq <= self.last:
+            st.duplicates += 1
+        else:
+            st.gaps += 1
+            self.last = seq
+        st.account(t, now)
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        if not self.stats.closing:
+            self.stats.disconnected += 1
+        fut = self.subscribed
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectionError("disconnected before subscribed"))

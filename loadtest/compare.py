@@ -1,0 +1,239 @@
+"""fastws against the anchors in one run: ``python -m loadtest.compare``.
+
+Runs :mod:`loadtest.fanout` with the same parameters against fastws and each anchor of
+:mod:`loadtest.anchors` (nginx+Nchan with one worker, Node ``ws``, python
+``websockets``, a bare picows broadcaster), one server at a time, each pinned to
+``--server-cpu`` with the subscribers and the publisher on the other CPUs.  With
+``--repeat N`` the servers take turns (fastws, nchan, …, fastws, nchan, …) so that a
+burst of noise on a shared box hits them alike, and the median run of each is
+reported.  Writes a Markdown table to stdout, everything to ``--json``, and a PNG plot
+(deliveries/s and p99 latency per server, against subscribers when several
+``--subscribers`` are given) to ``--png`` if matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loadtest import anchors, fanout
+
+__all__ = ["main", "run_one", "summarize"]
+
+SERVERS = ("fastws", *anchors.ANCHORS)
+
+
+def run_one(server: str, subscribers: int, common: list[str], server_cpu: int | None,
+            log: Any) -> dict[str, Any]:
+    """One fanout run against ``server``; returns fanout's result dict (or an error)."""
+    argv = ["--subscribers", str(subscribers), "--quiet", "--label", server, *common]
+    if server_cpu is not None:
+        argv += ["--server-cpu", str(server_cpu)]
+    anchor = None
+    try:
+        if server != "fastws":
+            anchor = anchors.start(server, fanout.free_port(), server_cpu)
+            argv += ["--url", anchor.sub_url, "--server-pid", str(anchor.pid),
+                     "--protocol", "raw", "--pub-url", anchor.pub_url,
+                     "--pub-mode", anchor.pub_mode]
+        args = fanout.parse_args(argv)
+        args._argv = argv
+        r = fanout.run(args)
+        if anchor is not None:
+            r["server_versions"] = anchor.notes
+            if anchor.proc.poll() is not None:
+                r["server_output"] = anchor.output()
+        r["clean"] = (r["lost"] == 0 and r["duplicates"] == 0 and r["out_of_order"] == 0
+                      and r["disconnected"] == 0 and r["connect_failed"] == 0
+                      and r["publications"] > 0)
+        log(f"{server:>10} {subscribers:>6} subs: {r['deliveries_per_s']:>10,.0f} deliveries/s"
+            f"  p99 {r['latency_ms']['p99']} ms  lost {r['lost']}  "
+            f"RSS/conn {r['server_rss_per_conn_bytes']} B  server CPU {r['server_cpu_window']}")
+        return r
+    except Exception as exc:  # noqa: BLE001 - one failed server must not end the comparison
+        log(f"{server}: failed: {exc}")
+        out = anchor.output() if anchor is not None else ""
+        return {"server": server, "error": f"{exc}"[:2000], "server_output": out,
+                "params": {"subscribers": subscribers}}
+    finally:
+        if anchor is not None:
+            anchor.stop()
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return None
+    ok.sort(key=lambda r: r["deliveries_per_s"])
+    return ok[(len(ok) - 1) // 2]
+
+
+def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One row per (server, subscribers): medians over the repeats."""
+    rows = []
+    for server, by_n in results.items():
+        for n, runs in sorted(by_n.items()):
+            ok = [r for r in runs if "error" not in r]
+            med = _median_run(runs)
+            if med is None:
+                rows.append({"server": server, "subscribers": n, "error": runs[0].get("error")})
+                continue
+
+            def mid(values: list[float | None]) -> float | None:
+                vals = [v for v in values if v is not None]
+                return round(statistics.median(vals), 3) if vals else None
+
+            rows.append({
+                "server": server, "subscribers": n, "runs": len(ok),
+                "deliveries_per_s": mid([r["deliveries_per_s"] for r in ok]),
+                "deliveries_per_s_runs": [r["deliveries_per_s"] for r in ok],
+                "p50_ms": mid([r["latency_ms"]["p50"] for r in ok]),
+                "p99_ms": mid([r["latency_ms"]["p99"] for r in ok]),
+                "p99_ms_runs": [r["latency_ms"]["p99"] for r in ok],
+                "lost": sum(r["lost"] for r in ok),
+                "duplicates": sum(r["duplicates"] for r in ok),
+                "disconnected": sum(r["disconnected"] for r in ok),
+                "rss_per_conn_bytes": mid([r["server_rss_per_conn_bytes"] for r in ok]),
+                "server_cpu": mid([r["server_cpu_window"] for r in ok]),
+                "client_cpu_s": mid([r["client_cpu_s"] for r in ok]),
+                "clean": all(r["clean"] for r in ok),
+                "versions": med.get("server_versions", {}),
+            })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (medians), ratios against fastws."""
+    base = {r["subscribers"]: r.get("deliveries_per_s") for r in rows if r["server"] == "fastws"}
+    out = ["| server | subscribers | deliveries/s (median) | fastws ÷ it | p50 | p99 | "
+           "lost/dup/dropped | server CPU | RSS/conn |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['server']} | {r['subscribers']:,} | failed: "
+                       f"{str(r['error'])[:80]} | | | | | | |")
+            continue
+        b = base.get(r["subscribers"])
+        ratio = f"{b / r['deliveries_per_s']:.2f}×" if b and r["deliveries_per_s"] else ""
+        runs = ", ".join(f"{x / 1000:,.0f}k" for x in r["deliveries_per_s_runs"])
+        out.append(
+            f"| {r['server']} | {r['subscribers']:,} | **{r['deliveries_per_s']:,.0f}** "
+            f"({runs}) | {ratio} | {r['p50_ms']} ms | {r['p99_ms']} ms | "
+            f"{r['lost']}/{r['duplicates']}/{r['disconnected']} | {r['server_cpu']} | "
+            f"{r['rss_per_conn_bytes']:,} B |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], path: str, title: str) -> bool:
+    """Deliveries/s and p99 per server (bars, or lines against subscribers)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("compare: matplotlib is not installed; no plot (pip install matplotlib)",
+              file=sys.stderr)
+        return False
+    ok = [r for r in rows if "error" not in r]
+    servers = list(dict.fromkeys(r["server"] for r in ok))
+    counts = sorted({r["subscribers"] for r in ok})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if len(counts) == 1:
+        vals = [next(r for r in ok if r["server"] == s) for s in servers]
+        colors = ["#d62728" if s == "fastws" else "#7f7f7f" for s in servers]
+        ax1.bar(servers, [v["deliveries_per_s"] / 1000 for v in vals], color=colors)
+        ax2.bar(servers, [v["p99_ms"] for v in vals], color=colors)
+        for ax in (ax1, ax2):
+            ax.tick_params(axis="x", rotation=20)
+        ax1.set_xlabel(f"{counts[0]:,} subscribers, one channel")
+        ax2.set_xlabel(f"{counts[0]:,} subscribers, one channel")
+    else:
+        for s in servers:
+            pts = sorted((r["subscribers"], r) for r in ok if r["server"] == s)
+            xs = [p[0] for p in pts]
+            ax1.plot(xs, [p[1]["deliveries_per_s"] / 1000 for p in pts], marker="o", label=s)
+            ax2.plot(xs, [p[1]["p99_ms"] for p in pts], marker="o", label=s)
+        for ax in (ax1, ax2):
+            ax.set_xlabel("subscribers (one channel)")
+            ax.set_xscale("log")
+        ax1.legend()
+    ax1.set_ylabel("deliveries/s (thousands, median)")
+    ax2.set_ylabel("p99 publish→receive (ms, median)")
+    ax2.set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit 0 when every run was clean."""
+    p = argparse.ArgumentParser(prog="python -m loadtest.compare",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help=f"comma-separated, from {', '.join(SERVERS)}")
+    p.add_argument("--subscribers", default="1000", help="one count or several: 1000,5000")
+    p.add_argument("--repeat", type=int, default=3, help="runs per server (median)")
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--inflight", type=int, default=32)
+    p.add_argument("--rate", type=float, default=0.0, help="paced publications/s (0: closed "
+                   "loop, --inflight outstanding)")
+    p.add_argument("--server-cpu", type=int, default=0)
+    p.add_argument("--client", default="compiled", choices=("compiled", "python", "auto"))
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--png", metavar="FILE")
+    args = p.parse_args(argv)
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    bad = [s for s in servers if s not in SERVERS]
+    if bad:
+        p.error(f"unknown server(s): {', '.join(bad)}")
+    missing = {k: v for k, v in anchors.available().items() if v and k in servers}
+    for name, why in missing.items():
+        print(f"compare: skipping {name}: {why}", file=sys.stderr)
+    servers = [s for s in servers if s not in missing]
+    counts = [int(x) for x in args.subscribers.split(",")]
+    common = ["--duration", str(args.duration), "--warmup", str(args.warmup),
+              "--inflight", str(args.inflight), "--client", args.client]
+    if args.rate:
+        common += ["--rate", str(args.rate)]
+
+    def log(msg: str) -> None:
+        print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {s: {} for s in servers}
+    for n in counts:
+        for i in range(args.repeat):
+            for s in servers:
+                log(f"run {i + 1}/{args.repeat}: {s}, {n:,} subscribers")
+                results[s].setdefault(n, []).append(
+                    run_one(s, n, common, args.server_cpu, log))
+    rows = summarize(results)
+    machine = fanout.machine_info()
+    date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python -m loadtest.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"{cmd}\n{date}, {machine['cpus']} CPUs ({machine['cpu_model']}), "
+          f"server pinned to CPU {args.server_cpu}\n")
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(
+            {"command": cmd, "date": date, "machine": machine, "rows": rows,
+             "runs": results}, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    if args.png:
+        mode = f"{args.rate:g} publications/s" if args.rate else \
+            f"{args.inflight} publications in flight"
+        plot(rows, args.png, f"fan-out, ~100 B payloads, {mode}; {machine['cpus']} CPUs, "
+             f"server on one core; {date}")
+    clean = all(r.get("clean") for r in rows)
+    return 0 if clean else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The fan-out harness's compiled subscriber and anchor mode (loadtest/_fastsub.pyx,
+loadtest/anchors.py), checked for exact accounting, never for speed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from picows import WSMsgType
+from picows.picows import _make_test_ws_frame
+
+from loadtest import anchors, fanout
+from loadtest._build import load_fastsub
+
+
+def _event(t: int, seq: int) -> bytes:
+    return (b'{"type":"event","channel":"bench:fanout","data":{"t":%d,"seq":%d,'
+            b'"pad":"xx"}}' % (t, seq))
+
+
+def _feed(sub: object, payloads: list[bytes]) -> None:
+    for p in payloads:
+        sub.on_ws_frame(None, _make_test_ws_frame(WSMsgType.TEXT, p, True, False))
+
+
+def test_compiled_subscriber_accounts_like_the_python_one() -> None:
+    """Same frames → same counters and histogram in both hot paths."""
+    fast = load_fastsub()
+    now = time.time_ns()
+    seqs = [1, 2, 3, 3, 5, 4, 6, 7]           # a duplicate, a gap, a late one
+    payloads = [_event(now - 1000 * (100 + 37 * s), s) for s in seqs]
+    payloads.append(b'{"t":%d,"seq":8}' % now)   # an anchor's bare payload
+    payloads.append(b'{"id":1,"type":"error","code":400,"message":"x"}')
+    replies: list[bytes] = []
+
+    py_stats = fanout.Stats()
+    c_stats = fast.CStats()
+    for st in (py_stats, c_stats):
+        st.win_start, st.win_end = now - 10**10, now + 10**10
+    py_sub = fanout.Subscriber(py_stats)
+    c_sub = fast.FastSubscriber(c_stats, lambda s, b: (replies.append(b),
+                                                      fanout.on_reply(s, b)),
+                                fanout.on_control)
+    _feed(py_sub, payloads)
+    _feed(c_sub, payloads)
+    for name in ("received", "in_window", "duplicates", "gaps", "bad_frames"):
+        assert getattr(c_stats, name) == getattr(py_stats, name), name
+    assert (c_stats.received, c_stats.duplicates, c_stats.gaps) == (9, 2, 1)
+    assert c_sub.last == py_sub.last == 8
+    assert sum(c_stats.hist) == sum(py_stats.hist) == 9
+    assert c_stats.first_error.startswith('{"id":1,"type":"error"')
+    assert replies and b'"error"' in replies[0]
+    # the latencies land in the same buckets (clocks differ by the feed time only)
+    assert abs(c_stats.max_us - py_stats.max_us) < 50_000
+
+
+@pytest.mark.timeout(120)
+def test_raw_protocol_against_the_picows_anchor() -> None:
+    """--protocol raw + --pub-mode raw: a bare broadcaster, exact accounting."""
+    a = anchors.start("picows", fanout.free_port())
+    try:
+        args = fanout.parse_args(["--url", a.sub_url, "--server-pid", str(a.pid),
+                                  "--protocol", "raw", "--pub-url", a.pub_url,
+                                  "--pub-mode", "raw", "--label", "picows",
+                                  "--subscribers", "100", "--procs", "1", "--duration", "1",
+                                  "--warmup", "0.3", "--rate", "200", "--quiet"])
+        args._argv = None
+        r = fanout.run(args)
+    finally:
+        a.stop()
+    assert r["connected"] == 100 and r["publications"] > 0, r
+    assert r["lost"] == r["duplicates"] == r["out_of_order"] == r["disconnected"] == 0, r
+    assert r["deliveries"] == r["publications"] * 100
+    assert r["params"]["client"] in ("compiled", "python")
