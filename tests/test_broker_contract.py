@@ -1,4 +1,5 @@
-"""One contract, every broker: the same tests run against memory:// and redis://.
+"""One contract, every broker: the same tests run against memory://, redis:// and a
+3-master redis+cluster://.
 
 A broker publishes with offsets and epochs per channel, keeps exact-size history with
 a TTL, honours idempotency keys, answers history pages with ``recovered`` semantics, and
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import orjson
 import pytest
@@ -52,9 +53,24 @@ class Collector:
         return items()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def contract_cluster() -> Iterator[str]:
+    """A 3-master Redis Cluster for the cluster run of the contract (started once)."""
+    from test_redis_cluster import start_cluster
+
+    cluster = start_cluster()
+    yield cluster.url
+    cluster.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def broker(request, shared_redis) -> AsyncIterator[tuple[Broker, Collector]]:
-    url = "memory://" if request.param == "memory" else shared_redis.url
+    if request.param == "memory":
+        url = "memory://"
+    elif request.param == "redis":
+        url = shared_redis.url
+    else:
+        url = request.getfixturevalue("contract_cluster")
     b = create_broker(url)
     h = Collector()
     await b.start(h)

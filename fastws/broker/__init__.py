@@ -25,4 +25,8 @@ def create_broker(url: str) -> Broker:
         from fastws.broker.redis import RedisBroker
 
         return RedisBroker(url)
+    if scheme == "redis+cluster":
+        from fastws.broker.cluster import RedisClusterBroker
+
+        return RedisClusterBroker(url)
     raise BrokerUnavailable(f"broker {url.split('://')[0]}:// is not available in this build")

@@ -50,6 +50,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, parse_url
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -153,18 +154,20 @@ class _Target:
     def __init__(self, url: str) -> None:
         scheme = url.partition("://")[0].lower()
         self.sentinel: tuple[list[tuple[str, int]], str] | None = None
-        if scheme == "redis+sentinel":
+        self.hosts: list[tuple[str, int]] = []
+        if scheme in ("redis+sentinel", "redis+cluster"):
+            default = 26379 if scheme == "redis+sentinel" else 6379
             parts = urlsplit(url)
-            hosts = []
             for hp in parts.netloc.rpartition("@")[2].split(","):
-                host, _, port = hp.rpartition(":") if ":" in hp else (hp, "", "26379")
-                hosts.append((host.strip("[]"), int(port or 26379)))
+                host, _, port = hp.rpartition(":") if ":" in hp else (hp, "", "")
+                self.hosts.append((host.strip("[]"), int(port or default)))
             path = [p for p in parts.path.split("/") if p]
-            self.sentinel = (hosts, path[0] if path else "mymaster")
+            if scheme == "redis+sentinel":
+                self.sentinel = (self.hosts, path[0] if path else "mymaster")
             self.db = int(path[1]) if len(path) > 1 else 0
             self.username = unquote(parts.username) if parts.username else None
             self.password = unquote(parts.password) if parts.password else None
-            self.host, self.port, self.ssl = hosts[0][0], hosts[0][1], None
+            self.host, self.port, self.ssl = self.hosts[0][0], self.hosts[0][1], None
             return
         params = parse_url(url)
         self.host = params.get("host", "localhost")
@@ -247,6 +250,10 @@ class _PubSub:
         self._pings.append(time.monotonic())
         self._expect.append(("pong", None))
         self.link.write(encode_command("PING", "lag"))
+
+    def holds(self, name: str) -> bool:
+        """True if Redis confirmed ``name`` on this connection (as it reads now)."""
+        return bool(self._active.keys(name))
 
     def current_lag(self) -> float:
         if self._pings:
@@ -368,38 +375,42 @@ class _PubSub:
                 fut.set_result(None)  # subscribed and unsubscribed in one pass
         out: list[bytes] = []
         futs: list[asyncio.Future] = []
-        for names, verb in self._by_verb(add, subscribe=True):
-            for i in range(0, len(names), BATCH):
-                chunk = names[i:i + BATCH]
-                out.append(encode_command(verb, *chunk))
-                for n in chunk:
-                    fut = self._confirm.get(n)
-                    if fut is None:
-                        fut = self._confirm[n] = self.loop.create_future()
-                    self._expect.append(("sub", fut))
-                    futs.append(fut)
-        for names, verb in self._by_verb(remove, subscribe=False):
-            for i in range(0, len(names), BATCH):
-                chunk = names[i:i + BATCH]
-                out.append(encode_command(verb, *chunk))
-                for n in chunk:
-                    self._confirm.pop(n, None)
-                    self._expect.append(("sub", None))
+        for chunk, verb in self._commands(add, subscribe=True):
+            out.append(encode_command(verb, *chunk))
+            for n in chunk:
+                fut = self._confirm.get(n)
+                if fut is None:
+                    fut = self._confirm[n] = self.loop.create_future()
+                self._expect.append(("sub", fut))
+                futs.append(fut)
+        for chunk, verb in self._commands(remove, subscribe=False):
+            out.append(encode_command(verb, *chunk))
+            for n in chunk:
+                self._confirm.pop(n, None)
+                self._expect.append(("sub", None))
         self._sent |= add
         self._sent -= remove
         if out:
             self.link.write(b"".join(out))
         return futs
 
-    def _by_verb(self, names: set[str], subscribe: bool) -> list[tuple[list[str], str]]:
+    def _commands(self, names: set[str], subscribe: bool) -> list[tuple[list[str], str]]:
+        """(names, verb) of each command that (un)subscribes ``names``: at most BATCH
+        names per command; sharded verbs take the names of one hash slot at a time."""
         exact = sorted(n for n in names if not is_pattern(n))
-        patterns = sorted(n for n in names if is_pattern(n))
         verb = self.exact if subscribe else self.exact.replace("SUB", "UNSUB", 1)
-        out = [(exact, verb)]
+        groups: list[tuple[list[str], str]] = []
+        if verb.startswith("S"):
+            by_slot: dict[int, list[str]] = {}
+            for n in exact:
+                by_slot.setdefault(key_slot(n.encode()), []).append(n)
+            groups.extend((g, verb) for g in by_slot.values())
+        else:
+            groups.append((exact, verb))
         if self.pattern is not None:
             pverb = self.pattern if subscribe else self.pattern.replace("SUB", "UNSUB", 1)
-            out.append((patterns, pverb))
-        return out
+            groups.append((sorted(n for n in names if is_pattern(n)), pverb))
+        return [(g[i:i + BATCH], v) for g, v in groups for i in range(0, len(g), BATCH)]
 
 
 class RedisBroker(Broker):

@@ -25,7 +25,7 @@ ENVELOPE_PREFIX = b"\x00fws\x00"
 # KEYS: meta, stream[, idempotency]
 # ARGV: channel, data, history_size, history_ttl_ms, epoch candidate, unix time (and
 #       an id, space-separated), idempotency ttl ms, publish command (PUBLISH or
-#       SPUBLISH), a second publish command or '' (a cluster's PUBLISH for patterns)
+#       SPUBLISH), '' or the feed of the channel's slot (cluster: see broker/cluster.py)
 PUBLISH_LUA = r"""
 if #KEYS == 3 then
   local seen = redis.call('GET', KEYS[3])
@@ -47,7 +47,7 @@ if size > 0 then
 end
 local env = '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
 redis.call(ARGV[8], ARGV[1], env)
-if ARGV[9] ~= '' then redis.call(ARGV[9], ARGV[1], env) end
+if ARGV[9] ~= '' then redis.call('SPUBLISH', ARGV[9], ARGV[1] .. '\n' .. env) end
 local res = offset .. ' ' .. epoch
 if #KEYS == 3 then redis.call('SET', KEYS[3], res, 'PX', ARGV[7]) end
 return res
