@@ -47,6 +47,7 @@ __all__ = [
     "SiweMessage",
     "attach",
     "granted",
+    "http_auth",
     "is_address",
     "parse_siwe_message",
     "same_owner",
@@ -596,6 +597,38 @@ class Siwe:
             return
         for k in [k for k, exp in self.used.items() if exp <= now]:
             del self.used[k]
+
+
+def http_auth(siwe: Siwe, method: str, route: str, headers: dict[str, str],
+              body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Answer ``GET /auth/nonce`` and ``POST /auth/siwe``: (status, JSON body, headers).
+
+    ``headers`` are the request's, lower-cased; ``host`` is the domain a SIWE
+    message must name (unless it names a configured ``siwe_domains`` entry).
+    """
+    import orjson
+
+    nocache = {"Cache-Control": "no-store"}
+    try:
+        if route == "/auth/nonce":
+            if method not in ("GET", "HEAD"):
+                return 405, {"error": "use GET"}, {"Allow": "GET"}
+            return 200, {"nonce": siwe.nonce()}, nocache
+        if route == "/auth/siwe":
+            if method != "POST":
+                return 405, {"error": "use POST"}, {"Allow": "POST"}
+            try:
+                msg = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return 400, {"error": "body must be JSON"}, {}
+            if not isinstance(msg, dict):
+                return 400, {"error": "body must be a JSON object"}, {}
+            out = siwe.sign_in(msg.get("message"), msg.get("signature"), headers.get("host"))
+            return 200, out, nocache
+    except SiweError as exc:
+        extra = {"Retry-After": "1"} if exc.status == 503 else {}
+        return exc.status, {"error": str(exc)}, extra
+    return 404, {"error": "not found"}, {}
 
 
 def _recover(message: str, signature: str) -> str | None:

@@ -35,6 +35,7 @@ __all__ = [
     "Network",
     "client_ip",
     "json_depth",
+    "request_id",
     "retry_after",
 ]
 
@@ -118,6 +119,21 @@ class KeyedLimiter:
 def retry_after(wait: float) -> str:
     """The ``Retry-After`` header value (whole seconds, at least 1) for a wait."""
     return str(max(1, math.ceil(wait)))
+
+
+def request_id(payload: bytes) -> int | None:
+    """The ``id`` of a refused request, so its error reply can carry it (None if the
+    message has no valid id).  Only refused messages pay for this second parse."""
+    import orjson
+
+    try:
+        msg = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    mid = msg.get("id") if isinstance(msg, dict) else None
+    if isinstance(mid, int) and not isinstance(mid, bool) and 0 <= mid < 2**63:
+        return mid
+    return None
 
 
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from fastws import channels, protocol
+from fastws import auth, channels, protocol
 from fastws._fanout import Hub, make_frame
 from fastws._match import Trie
+from fastws.auth import Auth
 from fastws.broker import Broker, BrokerUnavailable, PublishResult, create_broker
 from fastws.codes import Err
+from fastws.limits import MAX_JSON_DEPTH, Bucket, json_depth
 from fastws.protocol import ProtocolError, Request
 
 if TYPE_CHECKING:
@@ -34,40 +36,6 @@ __all__ = ["Node", "Auth"]
 log = logging.getLogger("fastws")
 
 
-class Auth:
-    """Verifies client JWTs with the configured secret or public key (pyjwt)."""
-
-    def __init__(self, secret: str | None, public_key_file: str | None) -> None:
-        self.key: Any = None
-        self.algorithms: list[str] = []
-        if secret:
-            self.key, self.algorithms = secret, ["HS256", "HS384", "HS512"]
-        elif public_key_file:
-            with open(public_key_file, "rb") as fh:
-                self.key = fh.read()
-            self.algorithms = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
-
-    @property
-    def enabled(self) -> bool:
-        return self.key is not None
-
-    def verify(self, token: str) -> str:
-        """Return the token's ``sub``; raise ValueError with a reason if it is not valid."""
-        if not self.enabled:
-            raise ValueError("authentication is not configured on this server")
-        import jwt
-
-        try:
-            claims = jwt.decode(token, self.key, algorithms=self.algorithms,
-                                options={"require": ["sub"]})
-        except jwt.PyJWTError as exc:
-            raise ValueError(f"invalid token: {exc}") from None
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub:
-            raise ValueError("invalid token: sub must be a non-empty string")
-        return sub
-
-
 class Node:
     """One fastws process: hub + broker + config + counters."""
 
@@ -77,6 +45,8 @@ class Node:
         self.trie = Trie()
         self.hub: Hub | None = None
         self.auth = Auth(config.server.jwt_secret, config.server.jwt_public_key)
+        self.siwe = auth.Siwe(self.auth, config.server.siwe_domains,
+                              config.server.siwe_chain_ids)
         self.draining = False
         self._ids = itertools.count(1)
         # counters read at scrape time (not on the per-delivery path)
@@ -124,6 +94,10 @@ class Node:
         """Apply a re-read config (keys, limits, namespace rules) to everything live."""
         self.config = config
         self.auth = Auth(config.server.jwt_secret, config.server.jwt_public_key)
+        used = self.siwe.used
+        self.siwe = auth.Siwe(self.auth, config.server.siwe_domains,
+                              config.server.siwe_chain_ids)
+        self.siwe.used = used
         if self.hub is not None:
             self.hub.send_buffer = config.limits.send_buffer
 
@@ -134,6 +108,9 @@ class Node:
         """Publish to a (validated) channel through the broker; returns offset/epoch."""
         ns = self.config.for_channel(channel)
         if data_json is None:
+            if json_depth(data) > MAX_JSON_DEPTH:
+                raise ProtocolError(Err.BAD_REQUEST,
+                                    f"data nests deeper than {MAX_JSON_DEPTH} levels")
             data_json = orjson.dumps(data)
         return await self.broker.publish(
             channel, data_json, history_size=ns.history_size, history_ttl=ns.history_ttl,
@@ -149,7 +126,8 @@ class Node:
                 for buf in waiting:
                     buf.append((offset, epoch, data))
         frame = make_frame(protocol.event_payload(channel, data, offset, epoch))
-        private = self.config.for_channel(channel).subscribe == "owner"
+        # owner and api namespaces reach exact subscribers only (each passed check())
+        private = self.config.for_channel(channel).subscribe in ("owner", "api")
         self.hub.broadcast(channel, frame, accepted, private)
 
     def handle_gap(self) -> None:
@@ -179,25 +157,44 @@ class Node:
         # owner: the rest of the name is the user's id (addresses compare case-insensitively)
         if channels.is_pattern(channel):
             return Err.FORBIDDEN
-        owner = channels.owner_of(channel)
-        if owner == user or (channel.startswith("wallet:") and owner == user.lower()):
-            return 0
-        return Err.FORBIDDEN
+        return 0 if auth.same_owner(channels.owner_of(channel), user) else Err.FORBIDDEN
 
-    def check(self, what: str, user: str | None, channel: str) -> None:
-        """Raise ProtocolError unless ``user`` may ``what`` (subscribe/publish/history/presence)."""
+    def _pattern_reach(self, pattern: str) -> str | None:
+        """For a pattern spanning namespaces (``*``, ``*:x``, ``vip*``): the first
+        ``authenticated`` namespace it may reach, else None.  (Owner and api
+        namespaces never deliver to patterns: see :meth:`handle_publication`.)"""
+        for name, ns in self.config.namespaces.items():
+            if (ns.subscribe == "authenticated" and name != "*"
+                    and auth.may_match_prefix(pattern, name + ":")):
+                return name
+        return None
+
+    def check(self, what: str, user: str | None, channel: str,
+              grants: tuple[str, ...] | None = None) -> None:
+        """Raise ProtocolError unless ``user`` may ``what`` (subscribe/publish/history/presence).
+
+        ``grants`` is the ``channels`` claim of the connection's token, if it had one:
+        the channel (or every channel a pattern can match) must be one it allows.
+        """
         ns: NamespaceConfig = self.config.for_channel(channel)
-        if channels.is_pattern(channel) and not channels.namespace_of(channel):
+        cross = channels.is_pattern(channel) and not channels.namespace_of(channel)
+        if cross:
             ns = self.config.namespace("")
         rule = getattr(ns, {"subscribe": "subscribe", "publish": "publish",
                             "history": "history_access", "presence": "presence_access"}[what])
         if rule == "subscriber":
             rule = ns.subscribe
         code = self._allowed(rule, user, channel)
+        if not code and cross and user is None and (reach := self._pattern_reach(channel)):
+            raise ProtocolError(Err.UNAUTHORIZED, f"not authenticated: {channel} may match "
+                                f"channels of namespace {reach}, which needs a token")
         if code:
             msg = ("not authenticated" if code == Err.UNAUTHORIZED
                    else f"permission denied: {what} {channel}")
             raise ProtocolError(code, msg)
+        if grants is not None and not auth.granted(grants, channel):
+            raise ProtocolError(Err.FORBIDDEN, f"permission denied: {what} {channel} "
+                                "(not in the token's channels)")
 
     # ------------------------------------------------------------------ requests
 
@@ -248,7 +245,8 @@ class Node:
             self.rate_limited["subscriptions"] += 1
             raise ProtocolError(Err.RATE_LIMITED, "subscription limit of "
                                 f"{self.config.limits.max_subscriptions} reached")
-        self.check("subscribe", conn.user, name)
+        self.check("subscribe", conn.user, name, conn.grants)
+        self._take_subscribe(conn)
         subs.add(name)  # reserve the name while we await the broker
         self._pending[name] += 1
         try:
@@ -275,6 +273,22 @@ class Node:
                     self._spawn(self.broker.unsubscribe(name))
         self.subscriptions += 1
         return protocol.reply(req.id, "subscribed", channel=name, **extra)
+
+    def _take_subscribe(self, conn: Connection) -> None:
+        """Spend one of the connection's subscribe tokens (subscribes_per_connection)."""
+        limits = self.config.limits
+        if not limits.subscribes_per_connection:
+            return
+        now = time.monotonic()
+        if conn.sub_bucket is None:
+            conn.sub_bucket = Bucket(limits.subscribes_per_connection, now)
+        if conn.sub_bucket.take(limits.subscribes_per_connection, limits.subscribes_window,
+                                now):
+            self.rate_limited["subscribes"] += 1
+            conn.refused()
+            raise ProtocolError(Err.RATE_LIMITED, "rate limited: more than "
+                                f"{limits.subscribes_per_connection} subscribes per "
+                                f"{limits.subscribes_window:g} s")
 
     async def _recover(self, conn: Connection, name: str, req: Request) -> bool:
         """Send the publications missed since ``req.since`` as event pushes; True if complete."""
@@ -325,14 +339,14 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
     async def _publish_req(self, conn: Connection, req: Request) -> bytes:
-        self.check("publish", conn.user, req.channel)
+        self.check("publish", conn.user, req.channel, conn.grants)
         res = await self.publish(req.channel, req.data)
         return protocol.reply(req.id, "published", offset=res.offset, epoch=res.epoch)
 
     async def _history(self, conn: Connection, req: Request) -> bytes:
         if channels.is_pattern(req.channel):
             raise ProtocolError(Err.BAD_REQUEST, "history needs a channel, not a pattern")
-        self.check("history", conn.user, req.channel)
+        self.check("history", conn.user, req.channel, conn.grants)
         since = req.since
         hist = await self.broker.history(
             req.channel, limit=req.limit if req.limit is not None else 100,
@@ -347,18 +361,28 @@ class Node:
             raise ProtocolError(Err.BAD_REQUEST, "presence needs a channel, not a pattern")
         if not self.config.for_channel(req.channel).presence:
             raise ProtocolError(Err.FORBIDDEN, "presence is not enabled for this namespace")
-        self.check("presence", conn.user, req.channel)
+        self.check("presence", conn.user, req.channel, conn.grants)
         members = self.presence.get(req.channel, {})
         clients = [{"client": cid, "user": user} for cid, user in members.items()]
         return protocol.reply(req.id, "presence", clients=clients)
 
     async def _auth(self, conn: Connection, req: Request) -> bytes:
+        """``auth``: authenticate, or refresh the token (and its expiry) of the same user."""
         try:
-            user = self.auth.verify(req.token)
-        except ValueError as exc:
+            ident = self.auth.verify(req.token)
+        except auth.AuthError as exc:
             raise ProtocolError(Err.UNAUTHORIZED, str(exc)) from None
-        conn.user = user
-        return protocol.reply(req.id, "authed", user=user)
+        if conn.user is not None and not auth.same_owner(conn.user, ident.user):
+            raise ProtocolError(Err.FORBIDDEN, "this connection is authenticated as another "
+                                "user; open a new connection to switch users")
+        for name in list(conn.subs or ()):  # a narrower channels claim may not drop one
+            try:
+                self.check("subscribe", ident.user, name, ident.channels)
+            except ProtocolError as exc:
+                raise ProtocolError(Err.FORBIDDEN, f"the token does not allow the "
+                                    f"subscription {name}; unsubscribe first") from exc
+        auth.attach(conn, ident, asyncio.get_running_loop())
+        return protocol.reply(req.id, "authed", user=ident.user)
 
     # ------------------------------------------------------------------ presence
 

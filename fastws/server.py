@@ -34,7 +34,7 @@ from picows import (
 )
 from picows.picows import WSProtocol
 
-from fastws import channels, protocol, workers
+from fastws import auth, channels, protocol, workers
 from fastws._fanout import Conn
 from fastws._frames import MessageAssembler, close_with, receive
 from fastws._version import __version__
@@ -44,11 +44,14 @@ from fastws.codes import (
     DISCONNECT_DRAINING,
     DISCONNECT_INVALID_TOKEN,
     DISCONNECT_ORIGIN,
+    DISCONNECT_RATE_LIMITED,
     DISCONNECT_SLOW,
+    DISCONNECT_TOKEN_EXPIRED,
     Close,
     Disconnect,
 )
 from fastws.config import Config
+from fastws.limits import Bucket, KeyedLimiter, client_ip, request_id, retry_after
 from fastws.metrics import CONTENT_TYPE, Metrics
 from fastws.node import Node
 
@@ -59,6 +62,8 @@ conn_log = logging.getLogger("fastws.conn")   # one debug line per connection ev
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
+HEAD_TIMEOUT = 10.0             # seconds to send a whole request head (slowloris)
+KEEPALIVE_TIMEOUT = 75.0        # seconds an idle keep-alive HTTP connection stays open
 SLOW_ABORT_AFTER = 2.0          # seconds between a 4008 close and dropping the socket
 HEARTBEAT_TICK = 1.0
 DRAIN_GRACE = 0.25              # seconds between SIGTERM and the first drain batch
@@ -100,7 +105,7 @@ class Connection(Conn):
     """One protocol connection: the picows listener, with the session's state."""
 
     __slots__ = ("node", "client_id", "user", "subs", "assembler", "close_code", "pending_close",
-                 "msg_window", "msg_count")
+                 "grants", "expiry", "msg_bucket", "strikes", "sub_bucket")
 
     def __init__(self, node: Node, user: str | None, pending_close: Disconnect | None) -> None:
         self.node = node
@@ -110,8 +115,11 @@ class Connection(Conn):
         self.assembler = MessageAssembler(node.config.limits.max_message_size)
         self.close_code = 0
         self.pending_close = pending_close
-        self.msg_window = 0.0
-        self.msg_count = 0
+        self.grants: tuple[str, ...] | None = None   # the token's channels claim
+        self.expiry: asyncio.TimerHandle | None = None  # closes 4501 at the token's exp
+        self.msg_bucket: Bucket | None = None        # messages_per_connection
+        self.strikes: Bucket | None = None           # refused requests, then 4029
+        self.sub_bucket: Bucket | None = None        # subscribes_per_connection
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -138,30 +146,42 @@ class Connection(Conn):
         if opcode != WSMsgType.TEXT:
             self.close(Close.UNSUPPORTED_DATA, "binary messages are not supported")
             return
-        if self._rate_limited():
+        if self._rate_limited(payload):
             return
         self.node.on_message(self, payload)
 
-    def _rate_limited(self) -> bool:
+    def _rate_limited(self, payload: bytes) -> bool:
+        """Spend a message token; when none is left answer 429 (or close 4029)."""
         limits = self.node.config.limits
         now = time.monotonic()
-        if now - self.msg_window >= limits.messages_window:
-            self.msg_window = now
-            self.msg_count = 0
-        self.msg_count += 1
-        if self.msg_count <= limits.messages_per_connection:
+        bucket = self.msg_bucket
+        if bucket is None:
+            bucket = self.msg_bucket = Bucket(limits.messages_per_connection, now)
+        if not bucket.take(limits.messages_per_connection, limits.messages_window, now):
             return False
         self.node.rate_limited["messages"] += 1
-        if self.msg_count > 2 * limits.messages_per_connection:
-            from fastws.codes import DISCONNECT_RATE_LIMITED
-            self.disconnect(DISCONNECT_RATE_LIMITED)
-        else:
+        if self.refused():
             self.node.send_error(self, protocol.ProtocolError(
                 429, f"rate limited: more than {limits.messages_per_connection} messages "
-                f"per {limits.messages_window:g} s"))
+                f"per {limits.messages_window:g} s", request_id(payload)))
+        return True
+
+    def refused(self) -> bool:
+        """Count one request refused by a rate limit.  When refusals persist (more than
+        messages_per_connection of them per messages_window) the connection is closed
+        with 4029 and this returns False; otherwise True (answer error 429)."""
+        limits = self.node.config.limits
+        now = time.monotonic()
+        if self.strikes is None:
+            self.strikes = Bucket(limits.messages_per_connection, now)
+        if self.strikes.take(limits.messages_per_connection, limits.messages_window, now):
+            self.disconnect(DISCONNECT_RATE_LIMITED)
+            return False
         return True
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
         code = self.close_code
         hs = transport.close_handshake
         if not code and hs is not None:
@@ -212,6 +232,37 @@ class App:
             "/fastws.js": (static / "fastws.js").read_bytes(),
         }
         self.picows_log = _PicowsLog(logging.getLogger("fastws.picows"))
+        self.ip_connections = KeyedLimiter()   # connections_per_ip
+        self.ip_requests = KeyedLimiter()      # requests_per_ip_per_s
+        self._trusted: tuple[Any, Any] = (None, ())
+
+    def ip_limit(self, transport: asyncio.BaseTransport, headers: dict[str, str],
+                 upgrade: bool) -> float:
+        """Per-client-IP limits (SPEC §5): 0.0 if allowed, else seconds to wait.
+
+        Upgrades spend a connections_per_ip token, other requests a
+        requests_per_ip_per_s one, of the client IP (:func:`fastws.limits.client_ip`).
+        """
+        limits = self.node.config.limits
+        if upgrade:
+            cap, window, limiter = (limits.connections_per_ip, limits.connections_per_ip_window,
+                                    self.ip_connections)
+        elif limits.requests_per_ip_per_s:
+            cap, window, limiter = limits.requests_per_ip_per_s, 1.0, self.ip_requests
+        else:
+            return 0.0
+        server = self.node.config.server
+        if self._trusted[0] is not server:
+            self._trusted = (server, server.trusted_networks())
+        peer = transport.get_extra_info("peername")
+        ip, exempt = client_ip(peer[0] if isinstance(peer, tuple) else None,
+                               headers.get("x-forwarded-for"), self._trusted[1])
+        if exempt:
+            return 0.0
+        wait = limiter.take(ip, cap, window, time.monotonic())
+        if wait:
+            self.node.rate_limited["connections" if upgrade else "requests"] += 1
+        return wait
 
     # ------------------------------------------------------------------ WebSocket
 
@@ -243,19 +294,23 @@ class App:
             log.warning("connection limit reached: closing a new connection with 4504",
                         extra={"limit": limits.max_connections})
         origins = node.config.server.allow_origins
-        if origins and request.headers.get("origin", "") not in origins:
-            pending = DISCONNECT_ORIGIN
-        user = None
+        origin = request.headers.get("origin", "").rstrip("/").lower()
+        if origins and origin and origin not in origins and "*" not in origins:
+            pending = DISCONNECT_ORIGIN  # (no Origin: not a browser, nothing to protect)
+        ident = None
         token = parse_qs(url.query).get("token", [None])[0]
         authz = request.headers.get("authorization", "")
         if token is None and authz.lower().startswith("bearer "):
             token = authz[7:].strip()
         if token and pending is None:
             try:
-                user = node.auth.verify(token)
-            except ValueError:
-                pending = DISCONNECT_INVALID_TOKEN
-        return Connection(node, user, pending)
+                ident = node.auth.verify(token)
+            except auth.AuthError as exc:
+                pending = DISCONNECT_TOKEN_EXPIRED if exc.expired else DISCONNECT_INVALID_TOKEN
+        conn = Connection(node, None, pending)
+        if ident is not None:
+            auth.attach(conn, ident, self.loop)
+        return conn
 
     # ------------------------------------------------------------------ HTTP
 
@@ -267,6 +322,9 @@ class App:
             if method != "POST":
                 return _response(405, b'{"error":"use POST"}', {"Allow": "POST"})
             return self.loop.create_task(self._api_publish(headers, body))
+        if route in ("/auth/nonce", "/auth/siwe"):
+            status, obj, hdrs = auth.http_auth(self.node.siwe, method, route, headers, body)
+            return _json(status, obj, hdrs)
         if method not in ("GET", "HEAD"):
             return _response(405, b'{"error":"method not allowed"}', {"Allow": "GET"})
         if route == "/healthz":
@@ -322,10 +380,13 @@ class App:
             res = await self.node.publish(channel, msg["data"], key)
         except BrokerUnavailable as exc:
             return _json(503, {"error": f"broker unavailable: {exc}"}, {"Retry-After": "1"})
+        except protocol.ProtocolError as exc:
+            return _json(400, {"error": exc.message})
         return _json(200, {"offset": res.offset, "epoch": res.epoch})
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+            404: "Not Found", 501: "Not Implemented",
             405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             503: "Service Unavailable", 505: "HTTP Version Not Supported"}
@@ -354,7 +415,7 @@ def _http_response(status: int, body: bytes, headers: dict[str, str] | None = No
 class HttpFront(asyncio.Protocol):
     """Reads HTTP request heads; answers plain requests, hands upgrades to picows."""
 
-    __slots__ = ("app", "transport", "buf", "busy", "closing")
+    __slots__ = ("app", "transport", "buf", "busy", "closing", "timer")
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -362,20 +423,37 @@ class HttpFront(asyncio.Protocol):
         self.buf = b""
         self.busy = False
         self.closing = False
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._arm(HEAD_TIMEOUT)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._arm(None)
+
+    def _arm(self, delay: float | None) -> None:
+        """(Re)start the deadline for the next request head; None cancels it."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = None if delay is None else self.app.loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        """No complete request head in time (slowloris, half-open, idle keep-alive)."""
+        self.timer = None
+        if self.transport is not None and not self.busy and not self.closing:
+            self.transport.abort()
+            self.transport = None
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if not self.busy:
             self._process()
 
-    def _fail(self, status: int, message: str) -> None:
-        self.transport.write(_json(status, {"error": message}, {"Connection": "close"}))
+    def _fail(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self.transport.write(_json(status, {"error": message},
+                                   {**(headers or {}), "Connection": "close"}))
         self.transport.close()
         self.closing = True
         self.buf = b""
@@ -386,6 +464,9 @@ class HttpFront(asyncio.Protocol):
             if end < 0:
                 if len(self.buf) > MAX_HEAD:
                     self._fail(431, "request head too large")
+                return
+            if end > MAX_HEAD:
+                self._fail(431, "request head too large")
                 return
             head = self.buf[:end].decode("latin-1")
             lines = head.split("\r\n")
@@ -401,7 +482,13 @@ class HttpFront(asyncio.Protocol):
                     self._fail(400, "malformed header")
                     return
                 headers[name.strip().lower()] = value.strip()
-            if headers.get("upgrade", "").lower() == "websocket":
+            upgrade = headers.get("upgrade", "").lower() == "websocket"
+            wait = self.app.ip_limit(self.transport, headers, upgrade)
+            if wait:
+                self._fail(429, "too many new connections from this IP" if upgrade else
+                           "too many requests from this IP", {"Retry-After": retry_after(wait)})
+                return
+            if upgrade:
                 self._upgrade()
                 return
             try:
@@ -452,8 +539,11 @@ class HttpFront(asyncio.Protocol):
         if not keep:
             self.transport.close()
             self.closing = True
+        else:
+            self._arm(KEEPALIVE_TIMEOUT if not self.buf else HEAD_TIMEOUT)
 
     def _upgrade(self) -> None:
+        self._arm(None)          # picows has its own handshake timeout, then the heartbeat
         transport, data = self.transport, self.buf
         self.buf = b""
         self.transport = None
