@@ -30,6 +30,7 @@ from conftest import ROOT, ServerProc, free_port, http, scrape, start_server, wa
 from wsclient import RawClient, connect
 
 from fastws.config import load_config
+from fastws.workers import STOP_GRACE
 
 DEPLOY = ROOT / "deploy"
 NGINX_SITE = DEPLOY / "nginx" / "fastws.conf"
@@ -321,7 +322,9 @@ def test_systemd_unit_settings() -> None:
     assert svc["Restart"] == ["on-failure"]
     assert int(svc["LimitNOFILE"][0]) >= 200_000
     stop = int(svc["TimeoutStopSec"][0].rstrip("s"))
-    assert stop > DEFAULTS.drain_timeout, (stop, DEFAULTS.drain_timeout)
+    # --workers: the supervisor SIGKILLs workers STOP_GRACE after drain_timeout
+    assert stop > DEFAULTS.drain_timeout + STOP_GRACE, (stop, DEFAULTS.drain_timeout)
+    assert svc["KillMode"] == ["mixed"]  # SIGTERM to the supervisor, which forwards it
     assert "-HUP" in svc["ExecReload"][0]
     assert svc["User"] != ["root"] and "fastws serve" in svc["ExecStart"][0]
     assert "2" in svc["RestartPreventExitStatus"][0].split()  # a bad config: no restart loop
