@@ -2,8 +2,9 @@
 
 Connections of one node:
 
-* a **command client** (redis-py ``RedisCluster``): the publish and history scripts run
-  on the master of the channel's slot (all of a channel's keys share its hash tag);
+* one **command connection per master** (pipelined, in order): the publish and history
+  scripts run on the master of the channel's slot (all of a channel's keys share its
+  hash tag); redis-py's ``RedisCluster`` only reads the slot map;
 * one **shard link per master**, ``SSUBSCRIBE``-ing the channels local clients hold
   whose slot that master owns: a publication made through fastws is an ``SPUBLISH``
   to the channel itself, so it travels only inside its shard;
@@ -40,8 +41,10 @@ from fastws._match import is_pattern
 from fastws.broker.base import BrokerUnavailable
 from fastws.broker.redis import (
     CONNECT_TIMEOUT,
+    SCRIPTS,
     RedisBroker,
     _command_options,
+    _Commands,
     _PubSub,
 )
 
@@ -85,10 +88,21 @@ class RedisClusterBroker(RedisBroker):
         self._global = _PubSub("global", self._deliver, self._on_link_lost)
         self._main = self._global
         self._shards: dict[str, _PubSub] = {}
+        self._cmds: dict[str, _Commands] = {}
         self._slot_owner: dict[int, str] = {}
 
     def _links(self) -> list[_PubSub]:
         return [self._global, *self._shards.values()]
+
+    def _command_links(self) -> list[_Commands]:
+        return list(self._cmds.values())
+
+    def _command_for(self, channel: str) -> _Commands:
+        owner = self._slot_owner.get(key_slot(channel.encode()))
+        cmd = self._cmds.get(owner) if owner is not None else None
+        if cmd is None:
+            raise BrokerUnavailable("redis cluster: the channel's slot has no master")
+        return cmd
 
     async def start(self, handler: Any) -> None:
         await asyncio.to_thread(slot_tags)
@@ -106,6 +120,8 @@ class RedisClusterBroker(RedisBroker):
             if nodes:
                 self._slot_owner[slot] = nodes[0].name
         self._shards = {}
+        self._cmds = {n.name: _Commands(f"commands-{n.name}", self._on_link_lost)
+                      for n in masters}
         for node in masters:
             link = _PubSub(f"shard-{node.name}", self._deliver, self._on_link_lost,
                            exact="SSUBSCRIBE", pattern=None)
@@ -122,6 +138,8 @@ class RedisClusterBroker(RedisBroker):
         coros = [self._global.connect(entry.host, entry.port, self.target)]
         for node in masters:
             coros.append(self._shards[node.name].connect(node.host, node.port, self.target))
+            coros.append(self._cmds[node.name].connect(node.host, node.port, self.target,
+                                                       SCRIPTS))
         await asyncio.gather(*coros)
 
     def _shard_of_slot(self, slot: int) -> _PubSub:

@@ -65,6 +65,8 @@ from fastws.broker.base import (
 )
 from fastws.broker.redis_scripts import ENVELOPE_PREFIX, HISTORY_LUA, PUBLISH_LUA, keys_for
 
+SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA}
+
 __all__ = ["RedisBroker", "encode_command", "decode_payload"]
 
 log = logging.getLogger("fastws.broker")
@@ -413,6 +415,85 @@ class _PubSub:
         return [(g[i:i + BATCH], v) for g, v in groups for i in range(0, len(g), BATCH)]
 
 
+class _Commands:
+    """One pipelined command connection: commands go out in call order, Redis runs them
+    in that order, and replies come back in that order (a FIFO of futures).
+
+    Publications of one node therefore reach Redis, get their offsets and are fanned
+    out in the order the node issued them (a pool of connections would reorder two
+    publications in flight at once).  The scripts are loaded on every (re)connect,
+    before anything else on the connection.
+    """
+
+    def __init__(self, label: str, on_lost: Callable[[], None]) -> None:
+        self.label = label
+        self._on_lost_cb = on_lost
+        self.link: _Link | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.shas: dict[str, bytes] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.transport is not None
+
+    async def connect(self, host: str, port: int, target: _Target,
+                      scripts: dict[str, str]) -> None:
+        self.loop = loop = asyncio.get_running_loop()
+        link = _Link(self._on_reply, self._lost)
+        await asyncio.wait_for(
+            loop.create_connection(lambda: link, host, port, ssl=target.ssl,
+                                   server_hostname=host if target.ssl else None),
+            CONNECT_TIMEOUT)
+        self.link = link
+        waits = []
+        if target.password:
+            auth = ((target.username, target.password) if target.username
+                    else (target.password,))
+            waits.append(self.call("AUTH", *auth))
+        if target.db:
+            waits.append(self.call("SELECT", target.db))
+        waits.append(self.call("CLIENT", "SETNAME", f"fastws-{os.getpid()}-{self.label}"))
+        names = list(scripts)
+        loads = [self.call("SCRIPT", "LOAD", scripts[n]) for n in names]
+        await asyncio.wait_for(asyncio.gather(*waits), CONNECT_TIMEOUT * 2)
+        shas = await asyncio.wait_for(asyncio.gather(*loads), CONNECT_TIMEOUT * 2)
+        self.shas = dict(zip(names, shas, strict=True))
+
+    def call(self, *args: str | bytes | int) -> asyncio.Future:
+        """Write one command now; the future gets its reply (BrokerUnavailable if lost)."""
+        if not self.connected:
+            raise BrokerUnavailable("redis is not connected")
+        fut = self.loop.create_future()
+        self._waiting.append(fut)
+        self.link.write(encode_command(*args))
+        return fut
+
+    def _on_reply(self, reply: Any) -> None:
+        if not self._waiting:
+            log.warning("redis: unexpected reply %r", reply)
+            return
+        fut = self._waiting.popleft()
+        if fut.done():
+            return
+        if isinstance(reply, hiredis.ReplyError):
+            fut.set_exception(ResponseError(str(reply)))
+        else:
+            fut.set_result(reply)
+
+    def _lost(self) -> None:
+        self.drop()
+        self._on_lost_cb()
+
+    def drop(self) -> None:
+        if self.link is not None:
+            self.link.abort()
+            self.link = None
+        exc = BrokerUnavailable("redis connection lost")
+        while self._waiting:
+            _fail(self._waiting.popleft(), exc)
+
+
 class RedisBroker(Broker):
     """Broker on one Redis (``redis://``, ``rediss://``) or a Sentinel-watched master."""
 
@@ -429,8 +510,6 @@ class RedisBroker(Broker):
         self._pinger: asyncio.Task | None = None
         self._wanted: set[str] = set()
         self._setup_commands(url, max_connections)
-        self._publish_script = self.redis.register_script(PUBLISH_LUA)
-        self._history_script = self.redis.register_script(HISTORY_LUA)
 
     def _setup_commands(self, url: str, max_connections: int) -> None:
         """The command client (a pool) and the pub/sub connection(s)."""
@@ -449,6 +528,7 @@ class RedisBroker(Broker):
                                                    timeout=5.0, **common)
             self.redis = Redis(connection_pool=pool)
         self._main = _PubSub("pubsub", self._deliver, self._on_link_lost)
+        self._cmd = _Commands("commands", self._on_link_lost)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -470,6 +550,8 @@ class RedisBroker(Broker):
                     await task
         for link in self._links():
             link.drop()
+        for cmd in self._command_links():
+            cmd.drop()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         if self._sentinel is None:
@@ -484,6 +566,13 @@ class RedisBroker(Broker):
     def _links(self) -> list[_PubSub]:
         return [self._main]
 
+    def _command_links(self) -> list[_Commands]:
+        return [self._cmd]
+
+    def _command_for(self, channel: str) -> _Commands:
+        """The command connection that runs ``channel``'s scripts."""
+        return self._cmd
+
     async def _connect(self) -> None:
         """Connect every pub/sub link and resubscribe what the node holds."""
         if self._sentinel is not None:
@@ -492,7 +581,8 @@ class RedisBroker(Broker):
         else:
             host, port = self.target.host, self.target.port
         self._main.wanted = set(self._wanted)
-        await self._main.connect(host, port, self.target)
+        await asyncio.gather(self._main.connect(host, port, self.target),
+                             self._cmd.connect(host, port, self.target, SCRIPTS))
 
     async def _run(self, first: asyncio.Future) -> None:
         attempt = 0
@@ -505,6 +595,8 @@ class RedisBroker(Broker):
                     RedisConnectionError, RedisTimeoutError, RedisClusterException) as exc:
                 for link in self._links():
                     link.drop()
+                for cmd in self._command_links():
+                    cmd.drop()
                 if attempt == 0:
                     log.warning("redis pub/sub: cannot connect to %s: %s; retrying",
                                 _safe(self.url), exc or type(exc).__name__)
@@ -543,6 +635,8 @@ class RedisBroker(Broker):
         self.up = False
         for link in self._links():
             link.drop()
+        for cmd in self._command_links():
+            cmd.drop()
         if self._lost is not None:
             self._lost.set()
 
@@ -598,7 +692,7 @@ class RedisBroker(Broker):
         if idempotency_key is not None:
             keys.append(idem + idempotency_key)
         args = self._publish_args(channel, data, history_size, history_ttl)
-        res = await self._call(self._publish_script, keys, args)
+        res = await self._eval(channel, "publish", keys, args)
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
 
@@ -608,7 +702,7 @@ class RedisBroker(Broker):
             raise BrokerUnavailable("redis is not connected")
         meta, stream, _ = keys_for(channel)
         since = "" if since_offset is None else str(min(since_offset, 2**62))
-        res = await self._call(self._history_script, [meta, stream], [max(0, limit), since])
+        res = await self._eval(channel, "history", [meta, stream], [max(0, limit), since])
         if not res:
             return HistoryResult([], 0, "", since_offset is None or since_offset == 0)
         top, epoch = int(res[0]), res[1].decode()
@@ -622,15 +716,24 @@ class RedisBroker(Broker):
         recovered = since_offset + 1 >= first and since_offset <= top
         return HistoryResult(items, top, epoch, recovered)
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _eval(self, channel: str, script: str, keys: list[str],
+                    args: list[Any]) -> Any:
+        """Run one of SCRIPTS for ``channel`` on its command connection, in call order."""
+        link = self._command_for(channel)
         try:
-            return await script(keys=keys, args=args)
-        except (RedisConnectionError, RedisTimeoutError, OSError,
-                RedisClusterException) as exc:
-            raise BrokerUnavailable(f"redis: {exc}") from None
+            sha = link.shas[script]
+            return await link.call("EVALSHA", sha, len(keys), *keys, *args)
+        except KeyError:
+            raise BrokerUnavailable("redis is not connected") from None
         except ResponseError as exc:
-            if str(exc).startswith(_UNAVAILABLE_REPLIES):
-                raise BrokerUnavailable(f"redis: {exc}") from None
+            msg = str(exc)
+            if msg.startswith("NOSCRIPT"):  # flushed behind our back: not run, run it now
+                return await link.call("EVAL", SCRIPTS[script], len(keys), *keys, *args)
+            if msg.startswith(("MOVED", "ASK")):  # cluster slots moved: read them again
+                self._on_link_lost()
+                raise BrokerUnavailable(f"redis: {msg}") from None
+            if msg.startswith(_UNAVAILABLE_REPLIES):
+                raise BrokerUnavailable(f"redis: {msg}") from None
             raise
 
     # ------------------------------------------------------------------ for tests
