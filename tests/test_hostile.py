@@ -451,3 +451,17 @@ async def test_slow_reader_next_to_100_fast_ones(fastws_server) -> None:
     await asyncio.to_thread(alive, srv)
     print(f"fast readers' p99 latency: {p99(baseline) * 1e3:.1f} ms alone, "
           f"{p99(with_slow) * 1e3:.1f} ms next to the stalled reader")
+
+
+def test_fuzz_target_seeds() -> None:
+    """The atheris target (fuzz/fuzz_protocol.py) runs its seeds without atheris."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_protocol.py"
+    spec = importlib.util.spec_from_file_location("fuzz_protocol", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for seed in mod.SEEDS:
+        for cut in range(0, len(seed) + 1, 7):
+            mod.TestOneInput(seed[:cut])
