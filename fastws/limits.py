@@ -161,6 +161,9 @@ def client_ip(peer: str | None, forwarded_for: str | None,
     while a connection that came through a proxy counts against its last hop, even a
     loopback one.  An unparsable last hop counts against the proxy itself.
     """
+    if forwarded_for is None and peer is not None and (peer.startswith("127.")
+                                                       or peer == "::1"):
+        return (peer, True)              # the common local case, without parsing
     addr = _parse_ip(peer) if peer else None
     if addr is None:                     # a Unix socket or an unknown peer: local
         return (peer or "local", not forwarded_for)
