@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import RedisProc, free_port, http, scrape, wait_port
+from conftest import RedisProc, free_port, http, scrape, start_redis, wait_port
 from wsclient import connect
 
 import fastws
@@ -136,3 +136,44 @@ async def test_redis_restart_mid_stream_two_nodes(durable_redis, fastws_server):
         assert metrics["fastws_broker_up"] == 1
         assert metrics["fastws_broker_reconnects_total"] >= 1
     assert scrape(n2.http_url)['fastws_connections_closed_total{code="4010"}'] >= 1
+
+
+async def test_node_starts_without_redis_and_becomes_ready(fastws_server):
+    port = free_port()
+    node = fastws_server("--broker", f"redis://127.0.0.1:{port}/0")
+    assert http("GET", node.http_url + "/readyz")[0] == 503
+    status, headers, _ = http("POST", node.http_url + "/api/publish",
+                              {"channel": "events:x", "data": 1},
+                              headers={"Authorization": "Bearer test-key"})
+    assert status == 503 and headers.get("Retry-After")
+    redis = start_redis(port=port)
+    try:
+        await until(lambda: http("GET", node.http_url + "/readyz")[0] == 200,
+                    what="ready once Redis is there")
+        assert (await asyncio.to_thread(node.publish, "events:x", 1))["offset"] == 1
+    finally:
+        redis.stop()
+
+
+async def test_killed_node_clients_recover_through_redis(redis_server, fastws_server):
+    n1 = fastws_server("--broker", redis_server.url)
+    n2 = fastws_server("--broker", redis_server.url)
+    channel = "events:kill"
+    received: list[int] = []
+    async with fastws.connect(n1.ws_url) as client:
+        await client.subscribe(channel)
+
+        async def consume() -> None:
+            async for event in client:
+                received.append(event.data)
+        consumer = asyncio.create_task(consume())
+        for i in range(3):
+            await asyncio.to_thread(n2.publish, channel, i)
+        await until(lambda: received == [0, 1, 2], what="live events")
+        n1.proc.kill()                                   # no drain, no goodbye
+        n1.proc.wait()
+        for i in range(3, 6):                            # published while it is gone
+            await asyncio.to_thread(n2.publish, channel, i)
+        fastws_server("--broker", redis_server.url, port=n1.port)
+        await until(lambda: received == list(range(6)), what="recovery after the restart")
+        consumer.cancel()

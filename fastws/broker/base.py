@@ -44,6 +44,12 @@ class BrokerHandler(Protocol):
                            accepted: float) -> None:
         """One publication for local subscribers; ``accepted`` is a time.monotonic() stamp."""
 
+    def handle_gap(self) -> None:
+        """Delivery was interrupted and is back (a broker reconnect): publications may
+        have been lost meanwhile for every channel and pattern, so the node tells its
+        subscribed clients to recover (close 4010).  Brokers that cannot lose
+        deliveries never call it."""
+
 
 class Broker(ABC):
     """Carries publications between nodes; keeps per-channel offsets, epochs and history."""

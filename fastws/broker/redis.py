@@ -9,8 +9,11 @@ Two kinds of connection per node:
   Redis' pub/sub output buffer never grows on our account; a ``PING`` every second
   measures how far behind the reader is (``fastws_broker_lag_seconds``) and detects a
   dead link.
-* **a small pool of command connections** (redis-py asyncio + hiredis) for publish and
-  history, which run as Lua scripts (:mod:`fastws.broker.redis_scripts`).
+* **one command connection** (the same protocol, a FIFO of replies) for publish and
+  history, which run as Lua scripts (:mod:`fastws.broker.redis_scripts`): commands run
+  in the order the node issued them, so publications in flight together keep their
+  order.  redis-py is used only to find the master through Sentinel (and the slot map
+  of a cluster, :mod:`fastws.broker.cluster`).
 
 **Exactly once per node.**  A node holding ``SUBSCRIBE events:x`` and ``PSUBSCRIBE
 events:*`` gets one ``PUBLISH events:x`` twice from Redis (a ``message`` and a
@@ -46,7 +49,6 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, parse_url
@@ -431,6 +433,7 @@ class _Commands:
         self.link: _Link | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._out: list[bytes] = []
         self.shas: dict[str, bytes] = {}
 
     @property
@@ -466,8 +469,15 @@ class _Commands:
             raise BrokerUnavailable("redis is not connected")
         fut = self.loop.create_future()
         self._waiting.append(fut)
-        self.link.write(encode_command(*args))
+        if not self._out:  # the first command of this loop pass: write them all at its end
+            self.loop.call_soon(self._write)
+        self._out.append(encode_command(*args))
         return fut
+
+    def _write(self) -> None:
+        out, self._out = self._out, []
+        if self.link is not None and out:
+            self.link.write(b"".join(out))
 
     def _on_reply(self, reply: Any) -> None:
         if not self._waiting:
@@ -489,6 +499,7 @@ class _Commands:
         if self.link is not None:
             self.link.abort()
             self.link = None
+        self._out.clear()
         exc = BrokerUnavailable("redis connection lost")
         while self._waiting:
             _fail(self._waiting.popleft(), exc)
@@ -512,21 +523,15 @@ class RedisBroker(Broker):
         self._setup_commands(url, max_connections)
 
     def _setup_commands(self, url: str, max_connections: int) -> None:
-        """The command client (a pool) and the pub/sub connection(s)."""
-        common = _command_options()
+        """The pub/sub and command connections (and Sentinel, to find the master)."""
+        self.redis: Any = None
         self._sentinel: Any = None
         if self.target.sentinel is not None:
             from redis.asyncio.sentinel import Sentinel
 
-            hosts, master = self.target.sentinel
+            hosts, _master = self.target.sentinel
             self._sentinel = Sentinel(hosts, password=self.target.password,
-                                      username=self.target.username, db=self.target.db,
-                                      **common)
-            self.redis = self._sentinel.master_for(master)
-        else:
-            pool = BlockingConnectionPool.from_url(url, max_connections=max_connections,
-                                                   timeout=5.0, **common)
-            self.redis = Redis(connection_pool=pool)
+                                      username=self.target.username, **_command_options())
         self._main = _PubSub("pubsub", self._deliver, self._on_link_lost)
         self._cmd = _Commands("commands", self._on_link_lost)
 
@@ -552,11 +557,9 @@ class RedisBroker(Broker):
             link.drop()
         for cmd in self._command_links():
             cmd.drop()
-        with contextlib.suppress(Exception):
-            await self.redis.aclose()
-        if self._sentinel is None:
+        if self.redis is not None:
             with contextlib.suppress(Exception):
-                await self.redis.connection_pool.disconnect()
+                await self.redis.aclose()
 
     @property
     def lag(self) -> float:
@@ -729,7 +732,9 @@ class RedisBroker(Broker):
             msg = str(exc)
             if msg.startswith("NOSCRIPT"):  # flushed behind our back: not run, run it now
                 return await link.call("EVAL", SCRIPTS[script], len(keys), *keys, *args)
-            if msg.startswith(("MOVED", "ASK")):  # cluster slots moved: read them again
+            if msg.startswith(("MOVED", "ASK", "READONLY")):
+                # cluster slots moved, or this master became a replica (failover):
+                # find the master(s) again, resubscribe, tell the clients (4010)
                 self._on_link_lost()
                 raise BrokerUnavailable(f"redis: {msg}") from None
             if msg.startswith(_UNAVAILABLE_REPLIES):

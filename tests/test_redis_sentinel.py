@@ -1,0 +1,103 @@
+"""redis+sentinel://: the node finds the master through Sentinel, and again after a failover."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port, http, wait_port
+
+import fastws
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _redis(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([shutil.which("redis-server") or "redis-server", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cli(port: int, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                          text=True, timeout=10).stdout.strip()
+
+
+async def until(pred, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(pred):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def sentinel_setup():
+    """A master, its replica and one Sentinel watching them as ``mymaster``."""
+    directory = tempfile.mkdtemp(prefix="fastws-sentinel-")
+    master, replica, sentinel = free_port(), free_port(), free_port()
+    base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    procs = [_redis("--port", str(master), *base),
+             _redis("--port", str(replica), *base, "--replicaof", "127.0.0.1", str(master))]
+    conf = Path(directory) / "sentinel.conf"
+    conf.write_text(f"port {sentinel}\nbind 127.0.0.1\ndir {directory}\n"
+                    f"sentinel monitor mymaster 127.0.0.1 {master} 1\n"
+                    "sentinel down-after-milliseconds mymaster 1000\n"
+                    "sentinel failover-timeout mymaster 5000\n")
+    try:
+        for port, proc in zip((master, replica), procs, strict=True):
+            wait_port(port, proc)
+        procs.append(_redis(str(conf), "--sentinel"))
+        wait_port(sentinel, procs[-1])
+        deadline = time.monotonic() + 30
+        while "master_link_status:up" not in cli(replica, "info", "replication"):
+            assert time.monotonic() < deadline, "replica did not sync"
+            time.sleep(0.05)
+        yield master, replica, sentinel
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_sentinel_master_and_failover(sentinel_setup, fastws_server):
+    master, replica, sentinel = sentinel_setup
+    node = fastws_server("--broker", f"redis+sentinel://127.0.0.1:{sentinel}/mymaster/0")
+    channel = "events:sentinel"
+    received: list[int] = []
+    async with fastws.connect(node.ws_url) as client:
+        await client.subscribe(channel)
+
+        async def consume() -> None:
+            async for event in client:
+                received.append(event.data)
+        consumer = asyncio.create_task(consume())
+        first = await asyncio.to_thread(node.publish, channel, 1)
+        assert first["offset"] == 1
+        await until(lambda: received == [1], what="first event")
+        assert cli(master, "wait", "1", "2000") == "1"      # replicated before failover
+
+        cli(sentinel, "sentinel", "failover", "mymaster")
+        await until(lambda: "role:master" in cli(replica, "info", "replication"),
+                    what="the replica promoted")
+
+        def publish_ok() -> bool:
+            status, _, body = http("POST", node.http_url + "/api/publish",
+                                   {"channel": channel, "data": 2},
+                                   headers={"Authorization": "Bearer test-key"})
+            assert status in (200, 503), (status, body)
+            return status == 200
+        await until(publish_ok, what="a publication on the new master")
+        await until(lambda: received == [1, 2], what="the event after failover")
+        consumer.cancel()
+    assert http("GET", node.http_url + "/readyz")[0] == 200
+    # the node ends up on the new master (the old one turned replica answers READONLY)
+    await until(lambda: cli(replica, "hexists", "fws:{events:sentinel}:events:sentinel:m",
+                            "o") == "1" and publish_ok()
+                and int(cli(replica, "hget", "fws:{events:sentinel}:events:sentinel:m",
+                                "o")) >= 2, what="publications on the new master")
