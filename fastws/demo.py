@@ -52,7 +52,11 @@ async def run_demo(node: Node, interval: float = 1.0, contracts: int = 2) -> Non
             uvloop.run(_demo(node, loop, interval, contracts, state))
         except asyncio.CancelledError:
             pass
+        except ImportError as exc:
+            log.error("serve --demo needs web3[tester] (eth-tester, py-evm): %s", exc)
+            error = exc
         except BaseException as exc:  # noqa: BLE001 - handed to the server's loop
+            log.exception("the demo chain stopped")
             error = exc
         with contextlib.suppress(RuntimeError):   # the server's loop may be closed
             loop.call_soon_threadsafe(finish, error)

@@ -291,3 +291,19 @@ async def test_log_source_follows_the_providers_range_hint_and_retries_429() -> 
     _, last = await src.logs(5, 5000)
     assert last == 14 and src.span == 10
     assert faults == ["transient", "transient", "range"]
+
+
+async def test_log_source_narrows_the_range_when_get_logs_times_out() -> None:
+    class SlowNode(RangeLimitedRpc):
+        async def request(self, method: str, params: list[Any]) -> Any:
+            lo, hi = int(params[0]["fromBlock"], 16), int(params[0]["toBlock"], 16)
+            if hi - lo + 1 > self.limit:
+                self.ranges.append((lo, hi))
+                raise RpcTransient(method, "TimeoutError", timeout=True)
+            return await super().request(method, params)
+
+    rpc = SlowNode(limit=300)
+    faults: list[str] = []
+    src = LogSource(rpc, [ADDR], max_range=2000, on_fault=faults.append, sleep=_no_sleep)
+    _, last = await src.logs(0, 10_000)
+    assert last == 249 and src.span == 250 and faults == ["transient"] * 3

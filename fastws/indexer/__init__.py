@@ -73,8 +73,9 @@ def _env(name: str) -> str | None:
 
 
 def _build_parser() -> _Parser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[1].replace("\n", " "),
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=PROG, description="Publish each log of the contracts, once confirmed, to "
+                "events:<event_name> and market:<address> of a fastws server; a reorg "
+                "publishes retractions first. See docs/indexer.md.")
     p.add_argument("--rpc", metavar="URL", help="JSON-RPC HTTP endpoint of a node [FASTWS_RPC]")
     p.add_argument("--contract", metavar="ADDR[,ADDR]",
                    help="contract address(es) to index [FASTWS_CONTRACT]")

@@ -43,6 +43,7 @@ log = logging.getLogger("fastws.indexer")
 
 RETRACTED_KEPT = 4096        # txHash:logIndex of recent retractions remembered
 MAX_HEADERS_PER_STEP = 200   # inside the reorg window: one header per block
+HEADER_CONCURRENCY = 8       # header reads in flight at once
 
 
 @dataclass(slots=True)
@@ -157,12 +158,9 @@ class Indexer:
         wanted.update(range(max(start, window_from), last + 1))
         if tip_hash is not None:
             wanted.add(start)
-        headers: dict[int, BlockHeader] = {}
-        for n in sorted(wanted):
-            hdr = await src.header(n)
-            if hdr is None:        # the chain got shorter since eth_blockNumber
-                return False
-            headers[n] = hdr
+        headers = await self._headers(sorted(wanted))
+        if headers is None:        # the chain got shorter since eth_blockNumber
+            return False
 
         if tip_hash is not None and headers[start].parent_hash != tip_hash:
             await self._reorg()
@@ -189,6 +187,20 @@ class Indexer:
         self.progress.set()
         return last < safe
 
+    async def _headers(self, numbers: list[int]) -> dict[int, BlockHeader] | None:
+        """The headers of ``numbers``, fetched HEADER_CONCURRENCY at a time; None if one
+        is past the head."""
+        sem = asyncio.Semaphore(HEADER_CONCURRENCY)
+
+        async def one(n: int) -> BlockHeader | None:
+            async with sem:
+                return await self.source.header(n)
+
+        got = await asyncio.gather(*(one(n) for n in numbers))
+        if any(h is None for h in got):
+            return None
+        return {n: h for n, h in zip(numbers, got, strict=True) if h is not None}
+
     async def _publish_log(self, lg: RawLog, timestamp: int, window_from: int) -> None:
         cp = self.cp
         assert cp is not None
@@ -214,8 +226,11 @@ class Indexer:
             cp.recent.append(PublishedEvent(key, data))
 
     async def _send(self, name: str, data: dict[str, Any], key: str) -> None:
-        await self.publisher.publish(f"events:{name}", data, key)
-        await self.publisher.publish(f"market:{data['marketAddress']}", data, key)
+        """Publish to both channels at once: each channel still gets its events in order,
+        since the next event waits for both."""
+        await asyncio.gather(
+            self.publisher.publish(f"events:{name}", data, key),
+            self.publisher.publish(f"market:{data['marketAddress']}", data, key))
 
     # ------------------------------------------------------------------ reorgs
 

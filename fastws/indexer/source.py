@@ -12,7 +12,8 @@ HTTP 429 and 5xx) is retried with full-jitter exponential backoff, honouring
 ``Retry-After``.  :class:`RpcError` is an answer with a JSON-RPC ``error`` object: for
 ``eth_getLogs`` over more than one block it means the node refused the range (too
 many blocks or results; every provider words it differently), so :class:`LogSource`
-halves the range and asks again, and widens it again (by half) after a run of successes.
+halves the range and asks again, and widens it again (by half) after a run of successes;
+a getLogs call that times out is taken the same way (the node had too much to do).
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ class RpcError(Exception):
 class RpcTransient(Exception):
     """The call did not get an answer: timeout, connection refused, HTTP 429 or 5xx."""
 
-    def __init__(self, method: str, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, method: str, reason: str, retry_after: float | None = None,
+                 timeout: bool = False) -> None:
         super().__init__(f"{method}: {reason}")
         self.method, self.reason, self.retry_after = method, reason, retry_after
+        self.timeout = timeout
 
 
 class Rpc(Protocol):
@@ -97,7 +100,8 @@ class HttpRpc:
                 raise RpcTransient(method, f"HTTP {exc.status}", retry_after) from None
             raise RpcError(method, exc.status, f"HTTP {exc.status} {exc.message}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise RpcTransient(method, f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+            raise RpcTransient(method, f"{type(exc).__name__}: {exc}".rstrip(": "),
+                               timeout=isinstance(exc, TimeoutError)) from None
         except ValueError as exc:   # a body that is not JSON (a proxy's error page)
             raise RpcTransient(method, f"bad response: {exc}") from None
         return _result(method, response)
@@ -241,6 +245,12 @@ class LogSource:
                 raw = await self.rpc.request("eth_getLogs", params)
             except RpcTransient as exc:
                 self.on_fault("transient")
+                if exc.timeout and last > start:   # too much work for the node in one call
+                    self._ok_in_a_row = 0
+                    self.span = max(1, (last - start + 1) // 2)
+                    log.info("eth_getLogs %d..%d timed out; range now %d blocks",
+                             start, last, self.span)
+                    continue
                 delay = self.backoff.delay(attempt, exc.retry_after)
                 log.warning("rpc %s; retry in %.2fs", exc, delay)
             except RpcError as exc:
