@@ -17,7 +17,7 @@ cdef enum NoResult:
 
 cdef class MessageAssembler:
     cdef:
-        readonly Py_ssize_t max_message_size   #: limit over all fragments, else 1009
+        public Py_ssize_t max_message_size     #: limit over all fragments, else 1009 (SIGHUP sets it)
         readonly int reply_close_code          #: code to answer a peer CLOSE with (0: none yet)
         int _msg_type                          # opcode of the open fragmented message, 0: none
         uint32_t _utf8_state                   # DFA state carried across TEXT fragments

@@ -7,8 +7,8 @@ the text format 0.0.4.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -18,12 +18,28 @@ from prometheus_client.core import (
     Metric,
 )
 
+from fastws._version import __version__
+
 if TYPE_CHECKING:
     from fastws.node import Node
 
 __all__ = ["NodeCollector", "Metrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Label values exported from the start (at 0), so that rate() sees their first increment.
+KNOWN_CLOSE_CODES = (1000, 1001, 1002, 1003, 1006, 1007, 1009, 4001, 4008, 4010, 4029, 4501,
+                     4503, 4504)
+KNOWN_ERROR_CODES = (400, 401, 403, 404, 409, 413, 429, 500, 503)
+KNOWN_LIMITS = ("connections", "messages", "requests", "subscribes", "subscriptions")
+
+
+def _labelled(counts: Mapping[Any, int], known: Iterable[Any]) -> list[tuple[str, int]]:
+    """Every known label value (0 if never counted) plus any other that was counted."""
+    merged = {str(k): 0 for k in known}
+    for key, n in counts.items():
+        merged[str(key)] = n
+    return sorted(merged.items())
 
 
 class NodeCollector:
@@ -41,8 +57,8 @@ class NodeCollector:
         closed = CounterMetricFamily("fastws_connections_closed",
                                      "WebSocket connections closed, by close code.",
                                      labels=["code"])
-        for code, n in sorted(node.closed.items()):
-            closed.add_metric([str(code)], n)
+        for code, n in _labelled(node.closed, KNOWN_CLOSE_CODES):
+            closed.add_metric([code], n)
         yield closed
         yield GaugeMetricFamily("fastws_subscriptions",
                                 "(connection, channel or pattern) subscription pairs.",
@@ -67,13 +83,13 @@ class NodeCollector:
                                   value=hub.slow_consumers)
         limited = CounterMetricFamily("fastws_rate_limited", "Requests refused by a limit.",
                                       labels=["limit"])
-        for name, n in sorted(node.rate_limited.items()):
+        for name, n in _labelled(node.rate_limited, KNOWN_LIMITS):
             limited.add_metric([name], n)
         yield limited
         errors = CounterMetricFamily("fastws_errors", "Error replies sent, by code.",
                                      labels=["code"])
-        for code, n in sorted(node.errors.items()):
-            errors.add_metric([str(code)], n)
+        for code, n in _labelled(node.errors, KNOWN_ERROR_CODES):
+            errors.add_metric([code], n)
         yield errors
         yield GaugeMetricFamily("fastws_broker_up", "1 when the broker is connected.",
                                 value=1 if node.broker.up else 0)
@@ -90,8 +106,14 @@ class NodeCollector:
             "Publication accepted to written to the socket, one observation per publication.",
             buckets=buckets, sum_value=total)
         yield GaugeMetricFamily("fastws_event_loop_lag_seconds",
-                                "Event loop lag measured by the heartbeat timer.",
-                                value=node.loop_lag)
+                                "Largest event loop lag seen by the 1 s heartbeat timer over "
+                                "the last 15 s.", value=node.loop_lag)
+        yield GaugeMetricFamily("fastws_draining", "1 while the node drains (after SIGTERM).",
+                                value=1 if node.draining else 0)
+        info = GaugeMetricFamily("fastws_build_info", "fastws version of this process.",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
 
 
 class Metrics:

@@ -49,7 +49,8 @@ PEER_TIMEOUT = 1.0
 FAST_EXIT = 1.0          # seconds: a worker dying faster than this is crash-looping
 STOP_GRACE = 5.0         # seconds beyond drain_timeout before SIGKILL
 _MIN = {"fastws_broker_up", "process_start_time_seconds"}
-_MAX = {"fastws_event_loop_lag_seconds", "fastws_broker_lag_seconds", "process_max_fds"}
+_MAX = {"fastws_event_loop_lag_seconds", "fastws_broker_lag_seconds", "process_max_fds",
+        "fastws_draining", "fastws_build_info"}
 
 
 @dataclass

@@ -150,7 +150,7 @@ def fastws_server() -> Iterator:
 
     yield factory
     for srv in started:
-        srv.stop()
+        srv.stop(timeout=3.0)  # a drain spreads closes over drain_timeout: don't wait for it
         for d in srv.tmp:
             shutil.rmtree(d, ignore_errors=True)
 
