@@ -342,8 +342,9 @@ class ServerConfig:
     jwt_secret: str | None = _opt(None, "HMAC secret (HS256) verifying client JWTs and signing "
                                   "SIWE tokens.", _Str("a secret without spaces",
                                                        optional=True))
-    jwt_public_key: str | None = _opt(None, "PEM file of the public key (RS256/ES256) verifying "
-                                      "client JWTs; exclusive with jwt_secret.",
+    jwt_public_key: str | None = _opt(None, "PEM public key or certificate, or a JWKS file, "
+                                      "verifying client JWTs (RS/PS/ES/EdDSA); exclusive with "
+                                      "jwt_secret.",
                                       _Str("a file path", optional=True))
     allow_origins: tuple[str, ...] = _opt((), "Origins allowed to open WebSockets (browser "
                                           "`Origin` header); empty = any. Others are closed "
@@ -651,8 +652,9 @@ def _finish(res: _Resolved, origin: _Origin) -> Config:
         except OSError as exc:
             raise ConfigError(label["jwt_public_key"],
                               f"cannot read {key_path!r}: {exc.strerror or exc}") from None
-        if b"-----BEGIN" not in head:
-            raise ConfigError(label["jwt_public_key"], f"{key_path!r} is not a PEM file")
+        if b"-----BEGIN" not in head and not head.lstrip().startswith(b"{"):
+            raise ConfigError(label["jwt_public_key"],
+                              f"{key_path!r} is neither a PEM file nor a JWKS (JSON) file")
 
     limits = LimitsConfig(**{k: v for k, (v, _) in res.limits.items()})
 

@@ -309,7 +309,10 @@ def test_jwt_key_file(tmp_path: Path, toml) -> None:
     assert Path(c.server.jwt_public_key or "").resolve() == pem.resolve()
     not_pem = tmp_path / "x.txt"
     not_pem.write_text("hello")
-    assert "is not a PEM file" in error({"jwt_public_key": str(not_pem)})
+    assert "is neither a PEM file nor a JWKS" in error({"jwt_public_key": str(not_pem)})
+    jwks = tmp_path / "keys.json"
+    jwks.write_text('{"keys": []}')
+    assert load_config({"jwt_public_key": str(jwks)}, {}).server.jwt_public_key == str(jwks)
 
 
 def test_trusted_networks() -> None:
