@@ -11,7 +11,7 @@ all: build
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "cython>=3.0" "setuptools>=68" wheel
+	$(PY) -m pip install -q "cython>=3.0" "setuptools>=77" wheel
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import orjson
-import pytest
 from conftest import ServerProc, http, scrape
 from wsclient import RawClient, connect
 
