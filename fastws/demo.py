@@ -10,7 +10,9 @@ own thread so that py-evm's CPU work does not stall the server's event loop; the
 publications hop onto the node's loop.
 
 The demo indexes with 1 confirmation (the embedded chain never reorganizes) so events
-show up as soon as their block is mined.  Needs ``web3[tester]``.
+show up as soon as their block is mined.  py-evm keeps every block in memory (~8 KB
+each), so after ``MAX_BLOCKS`` blocks the demo starts over on a fresh chain (block
+numbers start again from 0).  Needs ``web3[tester]``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = ["run_demo"]
 
 log = logging.getLogger("fastws.demo")
 STOP_TIMEOUT = 5.0
+MAX_BLOCKS = 10_000   # ~3 hours at the default pace, ~80 MB of py-evm state
 
 
 async def run_demo(node: Node, interval: float = 1.0, contracts: int = 2) -> None:
@@ -79,19 +82,27 @@ async def _demo(node: Node, node_loop: asyncio.AbstractEventLoop, interval: floa
                 contracts: int, state: dict[str, Any]) -> None:
     state["loop"] = asyncio.get_running_loop()
     state["task"] = asyncio.current_task()
-    from fastws.indexer.checkpoint import MemoryCheckpoint
-    from fastws.indexer.demo_chain import DemoChain
-    from fastws.indexer.mapping import EventCodec
     from fastws.indexer.metrics import IndexerCollector
-    from fastws.indexer.publish import NodePublisher
-    from fastws.indexer.runner import Indexer, IndexerStats
-    from fastws.indexer.source import LogSource, TesterRpc
+    from fastws.indexer.runner import IndexerStats
 
-    chain = DemoChain(contracts)
     stats = IndexerStats()
     extra = getattr(node, "extra_collectors", None)
     if isinstance(extra, list):
         extra.append(IndexerCollector(stats))
+    while True:   # a fresh chain every MAX_BLOCKS blocks: py-evm keeps every block in memory
+        await _one_chain(node, node_loop, interval, contracts, stats)
+
+
+async def _one_chain(node: Node, node_loop: asyncio.AbstractEventLoop, interval: float,
+                     contracts: int, stats: Any) -> None:
+    from fastws.indexer.checkpoint import MemoryCheckpoint
+    from fastws.indexer.demo_chain import DemoChain
+    from fastws.indexer.mapping import EventCodec
+    from fastws.indexer.publish import NodePublisher
+    from fastws.indexer.runner import Indexer
+    from fastws.indexer.source import LogSource, TesterRpc
+
+    chain = DemoChain(contracts)
     source = LogSource(TesterRpc(chain.request), chain.addresses, on_fault=stats.fault)
     indexer = Indexer(source, EventCodec(chain.abi), NodePublisher(node, node_loop),
                       MemoryCheckpoint(), confirmations=1, from_block=0,
@@ -101,11 +112,15 @@ async def _demo(node: Node, node_loop: asyncio.AbstractEventLoop, interval: floa
     idx = asyncio.get_running_loop().create_task(indexer.run())
     rng = chain.rng
     try:
-        while True:
+        while chain.head() < MAX_BLOCKS:
             if idx.done():
                 idx.result()         # the indexer died: surface why
-            chain.tick()
+            try:
+                chain.tick()
+            except Exception as exc:  # noqa: BLE001 - a reverted demo transaction: go on
+                log.warning("demo transaction failed: %s", exc)
             await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
+        log.info("demo chain reached %d blocks: starting a fresh one", MAX_BLOCKS)
     finally:
         idx.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -255,6 +255,41 @@ async def test_restart_resumes_from_the_checkpoint_without_loss_or_duplicates(
     assert len(reply["publications"]) == 6
 
 
+async def test_redis_broker_mode_publishes_and_checkpoints_in_redis(
+        chain, rpc, redis_server, fastws_server, tmp_path) -> None:
+    import redis
+
+    srv = fastws_server("--broker", redis_server.url)
+    addr = chain.deploy()
+    first = chain.head() + 1
+    c = await connect(srv.ws_url)
+    await subscribe(c, f"market:{addr}", 1)
+    log = tmp_path / "indexer.log"
+    args = ["--rpc", rpc.url, "--contract", addr, "--from-block", str(first), "--broker",
+            redis_server.url, "--checkpoint", "test:indexer:cp", "--poll-interval", "0.05"]
+    mid = chain.create_market(addr, "Will it rain in Paris tomorrow?")
+    chain.place_bet(addr, mid, True, WEI, bettor=1)
+    chain.mine(1)
+    proc = start_indexer(*args, log=log)
+    got = await events(c, 2)
+    assert stop(proc) == 0, log.read_text()
+    saved = json.loads(redis.Redis.from_url(redis_server.url).get("test:indexer:cp"))
+    assert saved["block"] >= first + 1 and saved["contracts"] == [addr]
+
+    chain.place_bet(addr, mid, False, 2 * WEI, bettor=2)
+    chain.mine(1)
+    proc = start_indexer(*args, log=log)
+    try:
+        got += await events(c, 1)
+    finally:
+        assert stop(proc) == 0, log.read_text()
+    assert [e["data"]["eventType"] for e in got] == ["MarketCreated", "BetPlaced", "BetPlaced"]
+    assert [e["offset"] for e in got] == [got[0]["offset"] + i for i in range(3)]
+    reply = await c.request({"id": 2, "type": "history", "channel": f"market:{addr}",
+                             "limit": 10})
+    assert len(reply["publications"]) == 3
+
+
 # --------------------------------------------------------------------------- reorg
 
 

@@ -160,7 +160,7 @@ def test_flags_defaults_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
     a = parse_args([*RPC, "--contract", f"{ADDR},{OTHER},{ADDR.upper().replace('0X', '0x')}"])
     assert a.contracts == (ADDR, OTHER.lower()) and a.confirmations == 2
     assert a.from_block is None and a.url == "http://127.0.0.1:8765" and a.broker is None
-    assert a.checkpoint.name.startswith(".fastws-index-") and a.metrics_port == 0
+    assert a.checkpoint.startswith(".fastws-index-") and a.metrics_port == 0
     monkeypatch.setenv("FASTWS_CONFIRMATIONS", "5")
     monkeypatch.setenv("FASTWS_API_KEY", "k1,k2")
     monkeypatch.setenv("FASTWS_CHECKPOINT", str(tmp_path / "cp.json"))
@@ -178,7 +178,8 @@ def test_flags_defaults_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
     ([*RPC, "--confirmations", "two"], "--confirmations"),
     ([*RPC, "--from-block", "-1"], "--from-block"),
     ([*RPC, "--abi", "/nonexistent/abi.json"], "--abi"),
-    ([*RPC, "--broker", "redis://127.0.0.1:6379/0"], "--broker"),
+    ([*RPC, "--broker", "redis+cluster://127.0.0.1:7000"], "--broker"),
+    ([*RPC, "--broker", "redis://127.0.0.1:6379/0", "--url", "http://x"], "--broker"),
     ([*RPC, "--broker", "kafka://x"], "--broker"),
     ([*RPC, "--url", "ftp://x"], "--url"),
     ([*RPC, "--poll-interval", "0"], "--poll-interval"),
@@ -194,6 +195,17 @@ def test_bad_flags_name_the_flag(argv: list[str], flag: str,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fastws index: ") and flag in err
+
+
+def test_redis_broker_flags(tmp_path) -> None:
+    a = parse_args([*RPC, "--broker", "redis://127.0.0.1:6379/0"])
+    assert a.broker == "redis://127.0.0.1:6379/0" and a.checkpoint.startswith("fastws:indexer:")
+    assert a.config.for_channel("events:x").history_size == 100
+    (tmp_path / "fastws.toml").write_text('[namespaces.events]\nhistory_size = 7\n')
+    a = parse_args([*RPC, "--broker", "redis://h/0", "--config", str(tmp_path / "fastws.toml"),
+                    "--checkpoint", "my:key"])
+    assert a.config.for_channel("events:x").history_size == 7 and a.checkpoint == "my:key"
+    assert parse_args([*RPC, "--broker", "memory://"]).broker is None    # → --url
 
 
 def test_abi_file_forms(tmp_path) -> None:

@@ -57,14 +57,15 @@ class IndexArgs:
     abi: list[dict[str, Any]]
     from_block: int | None
     confirmations: int
-    broker: str | None
+    broker: str | None          # redis://… to publish into the broker, else None (HTTP)
     url: str
     api_key: str | None
-    checkpoint: Path
+    checkpoint: str             # a file, or with a Redis broker a key
     poll_interval: float
     max_range: int
     metrics_port: int
     log_level: str
+    config: Any = None          # the servers' Config (namespace rules), Redis broker only
 
 
 def _env(name: str) -> str | None:
@@ -89,15 +90,19 @@ def _build_parser() -> _Parser:
                    help="publish once a block has N confirmations, its own included "
                         "(default 2) [FASTWS_CONFIRMATIONS]")
     p.add_argument("--broker", metavar="URL",
-                   help="redis://… to publish into the shared broker (not available yet); "
-                        "memory:// or unset: through --url [FASTWS_BROKER]")
+                   help="redis://host:port/db: publish into the shared broker and keep the "
+                        "checkpoint there; memory:// or unset: through --url [FASTWS_BROKER]")
     p.add_argument("--url", metavar="URL",
                    help=f"fastws server to publish to over HTTP (default {DEFAULT_URL}) "
                         "[FASTWS_URL]")
     p.add_argument("--api-key", metavar="KEY", help="the server's API key [FASTWS_API_KEY]")
-    p.add_argument("--checkpoint", metavar="FILE",
-                   help="checkpoint file (default .fastws-index-<contracts hash>.json) "
-                        "[FASTWS_CHECKPOINT]")
+    p.add_argument("--checkpoint", metavar="FILE|KEY",
+                   help="checkpoint file (default .fastws-index-<contracts hash>.json), or "
+                        "with a Redis broker its key (default fastws:indexer:<contracts "
+                        "hash>) [FASTWS_CHECKPOINT]")
+    p.add_argument("--config", metavar="FILE",
+                   help="the servers' fastws.toml, for the namespaces' history rules "
+                        "(Redis broker only) [FASTWS_CONFIG]")
     p.add_argument("--poll-interval", metavar="SECONDS",
                    help="seconds between polls of the head (default 1) [FASTWS_POLL_INTERVAL]")
     p.add_argument("--max-range", metavar="N",
@@ -171,26 +176,41 @@ def parse_args(argv: list[str]) -> IndexArgs:
     confirmations = _int("--confirmations", pick("confirmations", "CONFIRMATIONS"), 2, 1)
     broker = pick("broker", "BROKER")
     url = pick("url", "URL")
-    if broker and broker.startswith(("redis://", "rediss://", "redis+")):
+    scheme = broker.partition("://")[0].lower() if broker else ""
+    if scheme in ("redis+cluster", "redis+sentinel"):
+        raise UsageError(f"--broker: {scheme}:// is not available to the indexer yet; give "
+                         "one node as redis://host:port/db or publish with --url")
+    if broker and scheme not in ("memory", "redis", "rediss"):
+        raise UsageError(f"--broker: {broker!r} is not memory:// or redis://host:port/db")
+    if scheme in ("redis", "rediss"):
         if ns.url is not None:
             raise UsageError("--broker: give either --broker redis://… or --url, not both")
-        raise UsageError("--broker: publishing straight into Redis is not available yet; "
-                         "publish through a server with --url URL --api-key KEY")
-    if broker and not broker.startswith("memory://"):
-        raise UsageError(f"--broker: {broker!r} is not memory:// or redis://host:port/db")
+    else:
+        broker = None        # memory:// is one process's: publish through a server instead
     url = url or DEFAULT_URL
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--url: {url!r} is not an http:// or https:// URL")
     api_key = pick("api_key", "API_KEY")
     if api_key and "," in api_key and ns.api_key is None:
         api_key = api_key.split(",")[0].strip()   # FASTWS_API_KEY may list the server's keys
+    digest = hashlib.sha256(",".join(sorted(contracts)).encode()).hexdigest()[:12]
     checkpoint = pick("checkpoint", "CHECKPOINT")
-    if checkpoint is None:
-        digest = hashlib.sha256(",".join(sorted(contracts)).encode()).hexdigest()[:12]
-        checkpoint = f".fastws-index-{digest}.json"
-    cp_path = Path(checkpoint)
-    if cp_path.is_dir() or not cp_path.resolve().parent.is_dir():
-        raise UsageError(f"--checkpoint: {checkpoint} is not a file in an existing directory")
+    config_file = pick("config", "CONFIG")
+    config: Any = None
+    if broker is not None:
+        checkpoint = checkpoint or f"fastws:indexer:{digest}"
+        from fastws.config import ConfigError, load_config
+
+        try:
+            config = load_config({"config": config_file} if config_file else {})
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        checkpoint = checkpoint or f".fastws-index-{digest}.json"
+        cp_path = Path(checkpoint)
+        if cp_path.is_dir() or not cp_path.resolve().parent.is_dir():
+            raise UsageError(f"--checkpoint: {checkpoint} is not a file in an existing "
+                             "directory")
     poll_raw = pick("poll_interval", "POLL_INTERVAL") or "1"
     try:
         poll = float(poll_raw)
@@ -208,15 +228,15 @@ def parse_args(argv: list[str]) -> IndexArgs:
     assert confirmations is not None and max_range is not None and metrics_port is not None
     return IndexArgs(rpc=rpc, contracts=tuple(contracts), abi=abi, from_block=from_block,
                      confirmations=confirmations, broker=broker, url=url, api_key=api_key,
-                     checkpoint=cp_path, poll_interval=poll, max_range=max_range,
-                     metrics_port=metrics_port, log_level=level)
+                     checkpoint=checkpoint, poll_interval=poll, max_range=max_range,
+                     metrics_port=metrics_port, log_level=level, config=config)
 
 
 async def _run(args: IndexArgs) -> int:
-    from fastws.indexer.checkpoint import CheckpointMismatch, FileCheckpoint
+    from fastws.indexer.checkpoint import CheckpointMismatch, FileCheckpoint, RedisCheckpoint
     from fastws.indexer.mapping import EventCodec
     from fastws.indexer.metrics import serve_metrics
-    from fastws.indexer.publish import HttpPublisher, PublishRefused
+    from fastws.indexer.publish import BrokerPublisher, HttpPublisher, PublishRefused
     from fastws.indexer.runner import Indexer, IndexerStats
     from fastws.indexer.source import HttpRpc, LogSource
 
@@ -228,9 +248,18 @@ async def _run(args: IndexArgs) -> int:
             _say(f"--metrics-port: cannot listen on {args.metrics_port}: {exc.strerror or exc}")
             return 2
     rpc = HttpRpc(args.rpc)
-    publisher = HttpPublisher(args.url, args.api_key)
+    publisher: Any
+    store: Any
+    if args.broker is not None:
+        publisher = BrokerPublisher(args.broker, args.config.for_channel)
+        store = RedisCheckpoint(args.broker, args.checkpoint)
+        target = args.broker
+    else:
+        publisher = HttpPublisher(args.url, args.api_key)
+        store = FileCheckpoint(args.checkpoint)
+        target = args.url
     source = LogSource(rpc, args.contracts, max_range=args.max_range, on_fault=stats.fault)
-    indexer = Indexer(source, EventCodec(args.abi), publisher, FileCheckpoint(args.checkpoint),
+    indexer = Indexer(source, EventCodec(args.abi), publisher, store,
                       confirmations=args.confirmations, from_block=args.from_block,
                       poll_interval=args.poll_interval, stats=stats)
     stop = asyncio.Event()
@@ -238,7 +267,7 @@ async def _run(args: IndexArgs) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("indexing %s from %s into %s (%d confirmations)", ",".join(args.contracts),
-             args.rpc, args.url, args.confirmations)
+             args.rpc, target, args.confirmations)
     try:
         opened = asyncio.ensure_future(indexer.open())
         stopped = asyncio.ensure_future(stop.wait())
@@ -250,7 +279,7 @@ async def _run(args: IndexArgs) -> int:
         opened.result()
         await indexer.run(stop)
     except CheckpointMismatch as exc:
-        _say(f"--checkpoint: {args.checkpoint} {exc}; give another --checkpoint file")
+        _say(f"--checkpoint: {args.checkpoint} {exc}; give another --checkpoint")
         return 2
     except PublishRefused as exc:
         _say(str(exc))
@@ -258,6 +287,8 @@ async def _run(args: IndexArgs) -> int:
     finally:
         await publisher.close()
         await rpc.close()
+        if isinstance(store, RedisCheckpoint):
+            await store.close()
     log.info("stopped after block %d", stats.last_block)
     return 0
 

@@ -7,8 +7,8 @@ all of the range's publications were accepted, so a restart re-publishes at most
 range, and the idempotency keys make the server drop those repeats.
 
 Stores: :class:`FileCheckpoint` (a local JSON file, replaced atomically) with the HTTP
-publisher; :class:`MemoryCheckpoint` for the in-process demo.  A Redis store (a key
-next to the broker's data) is for when ``--broker redis://`` is available.
+publisher; :class:`RedisCheckpoint` (one key, next to the broker's data) with
+``--broker redis://``; :class:`MemoryCheckpoint` for the in-process demo.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = ["Checkpoint", "CheckpointMismatch", "CheckpointStore", "FileCheckpoint",
-           "MemoryCheckpoint", "PublishedEvent"]
+           "MemoryCheckpoint", "PublishedEvent", "RedisCheckpoint"]
 
 VERSION = 1
 
@@ -142,3 +142,38 @@ class FileCheckpoint:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+class RedisCheckpoint:
+    """One Redis key holding the checkpoint's JSON (``SET`` replaces it atomically).
+
+    Redis errors are retried with backoff: the indexer waits for Redis rather than
+    losing its place.
+    """
+
+    def __init__(self, url: str, key: str) -> None:
+        import redis.asyncio as aioredis
+
+        self.url, self.key = url, key
+        self._redis = aioredis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0)
+
+    async def _retry(self, what: str, fn: Any) -> Any:
+        import redis.exceptions
+
+        from fastws.indexer.source import Backoff, retry_forever
+
+        return await retry_forever(fn, f"checkpoint {what} ({self.key})", Backoff(0.1, 5.0),
+                                   (redis.exceptions.ConnectionError,
+                                    redis.exceptions.TimeoutError, OSError))
+
+    async def load(self) -> Checkpoint | None:
+        raw = await self._retry("read", lambda: self._redis.get(self.key))
+        return Checkpoint.from_json(json.loads(raw)) if raw else None
+
+    async def save(self, checkpoint: Checkpoint) -> None:
+        body = json.dumps(checkpoint.to_json(), separators=(",", ":"))
+        await self._retry("write", lambda: self._redis.set(self.key, body))
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()

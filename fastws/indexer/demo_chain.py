@@ -72,6 +72,7 @@ class DemoChain:
         self.owner = self.accounts[0]
         self.contracts: list[Any] = []
         self.open_markets: dict[str, list[int]] = {}
+        self.end_times: dict[tuple[str, int], int] = {}
         for _ in range(contracts):
             self.deploy()
 
@@ -115,6 +116,7 @@ class DemoChain:
             market_id = c.functions.marketCount().call()
             self._transact(c.functions.createMarket(question, end), self.owner)
         self.open_markets.setdefault(address.lower(), []).append(market_id)
+        self.end_times[(address.lower(), market_id)] = end
         return market_id
 
     def place_bet(self, address: str, market_id: int, outcome: bool, amount: int,
@@ -159,13 +161,23 @@ class DemoChain:
     # ------------------------------------------------------------------ the demo driver
 
     def tick(self) -> str:
-        """One demo action (one transaction): create, bet on or resolve a market."""
+        """One demo action (one transaction): create, bet on or resolve a market.
+
+        Markets whose betting time is over are resolved first; a bet only goes to a
+        market still open, so the driver runs for as long as the chain does.
+        """
         rng = self.rng
         address = rng.choice(self.addresses)
         open_ids = self.open_markets[address]
+        with self.lock:
+            now = int(self.w3.eth.get_block("latest")["timestamp"])
+        expired = [m for m in open_ids if self.end_times.get((address, m), 0) <= now + 5]
+        if expired:
+            self.resolve(address, expired[0], rng.random() < 0.5)
+            return f"resolved market {expired[0]} on {address} (closed)"
         roll = rng.random()
         if len(open_ids) < 2 or roll < 0.12:
-            mid = self.create_market(address, rng.choice(QUESTIONS))
+            mid = self.create_market(address, rng.choice(QUESTIONS), rng.randrange(600, 3600))
             return f"created market {mid} on {address}"
         if roll < 0.24 and len(open_ids) > 2:
             mid = open_ids[0]

@@ -9,14 +9,16 @@ channel the server rejects), which stops the indexer.
   ``--api-key``): the way to feed a separate server when it runs ``memory://``.
 - :class:`NodePublisher`: straight into a :class:`fastws.node.Node` of this process,
   possibly from another thread (the ``serve --demo`` chain runs in its own thread).
-- A Redis publisher (``--broker redis://``) writes to the shared broker directly; it
-  comes with the Redis broker and is not available yet.
+- :class:`BrokerPublisher`: straight into the shared broker (``--broker redis://…``),
+  with the namespaces' history rules of the servers' config, so every node sharing
+  that Redis delivers the events and keeps them in history.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -24,9 +26,11 @@ import orjson
 from fastws.indexer.source import Backoff
 
 if TYPE_CHECKING:
+    from fastws.broker import Broker
+    from fastws.config import NamespaceConfig
     from fastws.node import Node
 
-__all__ = ["HttpPublisher", "NodePublisher", "PublishRefused", "Publisher"]
+__all__ = ["BrokerPublisher", "HttpPublisher", "NodePublisher", "PublishRefused", "Publisher"]
 
 log = logging.getLogger("fastws.indexer")
 
@@ -121,6 +125,64 @@ class NodePublisher:
 
     async def close(self) -> None:
         return None
+
+
+class _NoDelivery:
+    """The indexer subscribes to nothing: a broker handler that is never called."""
+
+    def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
+                           accepted: float) -> None:
+        return None
+
+    def handle_gap(self) -> None:
+        return None
+
+
+class BrokerPublisher:
+    """Publishes into a shared broker (``redis://``) as a node would: history and
+    idempotency are the broker's, ``rules(channel)`` gives the history size and TTL."""
+
+    def __init__(self, url: str, rules: Callable[[str], NamespaceConfig], *,
+                 backoff: Backoff | None = None) -> None:
+        self.url = url
+        self.rules = rules
+        self.backoff = backoff or Backoff(base=0.1, cap=5.0)
+        self.retries = 0
+        self.broker: Broker | None = None
+
+    async def start(self) -> None:
+        """Connect (the broker keeps reconnecting by itself afterwards)."""
+        from fastws.broker import create_broker
+
+        self.broker = create_broker(self.url)
+        await self.broker.start(_NoDelivery())
+
+    async def publish(self, channel: str, data: dict[str, Any], idempotency_key: str) -> None:
+        from fastws.broker import BrokerUnavailable
+
+        if self.broker is None:
+            await self.start()
+        assert self.broker is not None
+        ns = self.rules(channel)
+        body = orjson.dumps(data)
+        attempt = 0
+        while True:
+            try:
+                await self.broker.publish(channel, body, history_size=ns.history_size,
+                                          history_ttl=ns.history_ttl,
+                                          idempotency_key=idempotency_key)
+                return
+            except BrokerUnavailable as exc:   # outcome unknown: the same key makes it safe
+                self.retries += 1
+                delay = self.backoff.delay(attempt)
+                log.warning("publish to %s: %s; retry in %.2fs", self.url, exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        if self.broker is not None:
+            await self.broker.close()
+            self.broker = None
 
 
 def _reason(body: bytes) -> str:
