@@ -124,3 +124,55 @@ async def test_unsubscribe_releases_redis_and_readyz(redis_server, fastws_server
     assert (await r.pubsub_numsub(ch))[0][1] == 0
     assert await r.pubsub_numpat() == 0
     c.close()
+
+
+def test_broker_bench_smoke(redis_server, capsys):
+    from fastws.broker.bench import main
+
+    assert main(["--redis", redis_server.url, "--count", "300", "--inflight", "8",
+                 "--history", "0,10"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("publications/s") == 2
+
+
+async def test_password_and_database_from_the_url():
+    import shutil
+    import subprocess
+
+    from conftest import free_port, wait_port
+
+    from fastws.broker import create_broker
+
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port",
+                             str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no", "--requirepass", "s3cret"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        class Handler:
+            def handle_publication(self, channel, data, offset, epoch, accepted):
+                got.append(data)
+                done.set()
+
+        wrong = create_broker(f"redis://:nope@127.0.0.1:{port}/0")
+        await wrong.start(Handler())
+        assert not wrong.up
+        await wrong.close()
+        broker = create_broker(f"redis://:s3cret@127.0.0.1:{port}/3")
+        await broker.start(Handler())
+        assert broker.up
+        await broker.subscribe("events:auth")
+        res = await broker.publish("events:auth", b"[1]", history_size=5, history_ttl=60)
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [b"[1]"] and res.offset == 1
+        r = aioredis.from_url(f"redis://:s3cret@127.0.0.1:{port}/3")
+        assert await r.exists("fws:{events:auth}:events:auth:h") == 1   # in db 3
+        await r.aclose()
+        await broker.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
