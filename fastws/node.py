@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -50,6 +51,7 @@ class Node:
                               config.server.siwe_chain_ids)
         self.draining = False
         self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(3).hex() + "-"
         # counters read at scrape time (not on the per-delivery path)
         self.accepted = 0
         self.messages_received = 0
@@ -89,7 +91,8 @@ class Node:
         return self.broker.up and not self.draining
 
     def next_client_id(self) -> str:
-        return f"{next(self._ids):x}"
+        """A client id unique across the nodes sharing a broker (presence lists them)."""
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     def reload(self, config: Config) -> None:
         """Apply a re-read config (keys, limits, namespace rules) to everything live."""
@@ -366,7 +369,9 @@ class Node:
         if not self.config.for_channel(req.channel).presence:
             raise ProtocolError(Err.FORBIDDEN, "presence is not enabled for this namespace")
         self.check("presence", conn.user, req.channel, conn.grants)
-        members = self.presence.get(req.channel, {})
+        members = await self.broker.presence(req.channel)  # every node's, if shared
+        if members is None:
+            members = self.presence.get(req.channel, {})
         clients = [{"client": cid, "user": user} for cid, user in members.items()]
         return protocol.reply(req.id, "presence", clients=clients)
 
@@ -393,6 +398,7 @@ class Node:
     def _join(self, conn: Connection, channel: str) -> None:
         self.presence.setdefault(channel, {})[conn.client_id] = conn.user
         self._presence_push("join", conn, channel)
+        self._spawn(self.broker.presence_join(channel, conn.client_id, conn.user))
 
     def _leave(self, conn: Connection, channel: str) -> None:
         members = self.presence.get(channel)
@@ -401,6 +407,14 @@ class Node:
         if not members:
             del self.presence[channel]
         self._presence_push("leave", conn, channel)
+        self._spawn(self.broker.presence_leave(channel, conn.client_id, conn.user))
+
+    def handle_presence(self, channel: str, typ: str, client: str, user: str | None) -> None:
+        """Broker callback: a client of another node joined or left ``channel``."""
+        if channel in self.presence or self.trie.keys(channel):
+            payload = orjson.dumps({"type": typ, "channel": channel, "client": client,
+                                    "user": user})
+            self.hub.broadcast(channel, make_frame(payload), time.monotonic(), True)
 
     def _presence_push(self, typ: str, conn: Connection, channel: str) -> None:
         payload = orjson.dumps({"type": typ, "channel": channel, "client": conn.client_id,

@@ -176,3 +176,32 @@ async def test_password_and_database_from_the_url():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+PRESENCE = """
+[namespaces.chat]
+presence = true
+"""
+
+
+async def test_presence_across_nodes(redis_server, fastws_server):
+    n1 = fastws_server("--broker", redis_server.url, config=PRESENCE)
+    n2 = fastws_server("--broker", redis_server.url, config=PRESENCE)
+    room = uniq("chat")
+    a = await connect(n1.ws_url)
+    await sub(a, room, 1)
+    b = await connect(n2.ws_url)
+    await sub(b, room, 1)
+    join = await a.recv()                       # B's join, from the other node
+    assert join["type"] == "join" and join["channel"] == room
+    listed = await a.request({"id": 2, "type": "presence", "channel": room})
+    clients = {c["client"] for c in listed["clients"]}
+    assert len(clients) == 2 and join["client"] in clients
+    same = await b.request({"id": 2, "type": "presence", "channel": room})
+    assert {c["client"] for c in same["clients"]} == clients
+    b.close()
+    leave = await a.recv(timeout=2.0)           # within 2 s, across nodes
+    assert leave == {**join, "type": "leave"}
+    listed = await a.request({"id": 3, "type": "presence", "channel": room})
+    assert [c["client"] for c in listed["clients"]] == list(clients - {join["client"]})
+    a.close()

@@ -50,6 +50,10 @@ class BrokerHandler(Protocol):
         subscribed clients to recover (close 4010).  Brokers that cannot lose
         deliveries never call it."""
 
+    def handle_presence(self, channel: str, typ: str, client: str, user: str | None) -> None:
+        """A client of *another* node joined or left ``channel`` (``typ`` "join"/"leave");
+        push it to this node's subscribers of the channel."""
+
 
 class Broker(ABC):
     """Carries publications between nodes; keeps per-channel offsets, epochs and history."""
@@ -80,6 +84,22 @@ class Broker(ABC):
     @abstractmethod
     async def unsubscribe(self, name: str) -> None:
         """Stop receiving a channel or pattern on this node."""
+
+    async def presence_join(self, channel: str, client: str, user: str | None) -> None:
+        """A local client joined ``channel``'s presence: make it visible to every node.
+
+        The default does nothing: a single-process broker leaves presence to the node.
+        """
+        return None
+
+    async def presence_leave(self, channel: str, client: str, user: str | None) -> None:
+        """A local client left ``channel``'s presence (see :meth:`presence_join`)."""
+        return None
+
+    async def presence(self, channel: str) -> dict[str, str | None] | None:
+        """Every node's clients in ``channel``'s presence ({client id: user}), or None
+        when the node's own list is the whole truth (a single-process broker)."""
+        return None
 
     @abstractmethod
     async def history(self, channel: str, *, limit: int, since_offset: int | None = None,

@@ -194,6 +194,10 @@ class RedisClusterBroker(RedisBroker):
         except BrokerUnavailable:
             self._on_link_lost()
 
+    @property
+    def _presence_command(self) -> str:
+        return "SPUBLISH"  # join/leave go only to the channel's shard
+
     # ------------------------------------------------------------------ commands
 
     def _publish_args(self, channel: str, data: bytes, history_size: int,

@@ -65,9 +65,20 @@ from fastws.broker.base import (
     HistoryResult,
     PublishResult,
 )
-from fastws.broker.redis_scripts import ENVELOPE_PREFIX, HISTORY_LUA, PUBLISH_LUA, keys_for
+from fastws.broker.redis_scripts import (
+    ENVELOPE_PREFIX,
+    HISTORY_LUA,
+    PRESENCE_GET_LUA,
+    PRESENCE_JOIN_LUA,
+    PRESENCE_LEAVE_LUA,
+    PRESENCE_PREFIX,
+    PUBLISH_LUA,
+    keys_for,
+    presence_keys,
+)
 
-SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA}
+SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA, "join": PRESENCE_JOIN_LUA,
+           "leave": PRESENCE_LEAVE_LUA, "presence": PRESENCE_GET_LUA}
 
 __all__ = ["RedisBroker", "encode_command", "decode_payload"]
 
@@ -80,6 +91,8 @@ CONNECT_TIMEOUT = 3.0
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 5.0
 BATCH = 1000                 # names per SUBSCRIBE command
+PRESENCE_TTL = 30.0          # seconds a presence entry lives without its node's refresh
+PRESENCE_REFRESH = 10.0      # seconds between a node's refreshes of its own entries
 _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
                         "NOREPLICAS", "BUSY")
 _ENV_LEN = len(ENVELOPE_PREFIX)
@@ -520,6 +533,9 @@ class RedisBroker(Broker):
         self._runner: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
         self._wanted: set[str] = set()
+        self.node_id = os.urandom(6).hex()
+        self._presence_local: dict[tuple[str, str], bytes] = {}
+        self._refresher: asyncio.Task | None = None
         self._setup_commands(url, max_connections)
 
     def _setup_commands(self, url: str, max_connections: int) -> None:
@@ -548,7 +564,7 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         self._closed = True
         self.up = False
-        for task in (self._runner, self._pinger):
+        for task in (self._runner, self._pinger, self._refresher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -615,6 +631,10 @@ class RedisBroker(Broker):
             self.up = True
             if self._pinger is None or self._pinger.done():
                 self._pinger = self._loop.create_task(self._ping_loop())
+            if self._refresher is None or self._refresher.done():
+                self._refresher = self._loop.create_task(self._presence_loop())
+            elif self._presence_local:
+                self._loop.create_task(self._presence_refresh())
             if ever_up:
                 self.reconnects += 1
                 log.warning("redis pub/sub: reconnected, %d channels and patterns "
@@ -660,11 +680,79 @@ class RedisBroker(Broker):
 
     def _deliver(self, channel: bytes, payload: bytes) -> None:
         name = channel.decode("utf-8", "replace")
+        if payload.startswith(PRESENCE_PREFIX):
+            self._deliver_presence(name, payload)
+            return
         try:
             data, offset, epoch, accepted = decode_payload(payload, time.monotonic())
             self._handler.handle_publication(name, data, offset, epoch, accepted)
         except Exception:
             log.exception("redis pub/sub: cannot deliver a publication on %s", name)
+
+    def _deliver_presence(self, channel: str, payload: bytes) -> None:
+        try:
+            nl = payload.index(b"\n")
+            typ, node, client = payload[len(PRESENCE_PREFIX):nl].decode().split(" ")
+            if node == self.node_id:
+                return  # our own: the node pushed it already
+            user = orjson.loads(payload[nl + 1:])
+            handle = getattr(self._handler, "handle_presence", None)
+            if handle is not None:
+                handle(channel, typ, client, user)
+        except Exception:
+            log.exception("redis pub/sub: bad presence event on %s", channel)
+
+    # ------------------------------------------------------------------ presence
+
+    def _presence_event(self, typ: str, client: str, user_json: bytes) -> bytes:
+        return (PRESENCE_PREFIX + f"{typ} {self.node_id} {client}\n".encode() + user_json)
+
+    async def presence_join(self, channel: str, client: str, user: str | None) -> None:
+        user_json = orjson.dumps(user)
+        self._presence_local[(channel, client)] = user_json
+        await self._presence_call(channel, "join", [client, user_json,
+                                                    int(PRESENCE_TTL * 1000),
+                                                    self._presence_command, channel,
+                                                    self._presence_event("join", client,
+                                                                         user_json)])
+
+    async def presence_leave(self, channel: str, client: str, user: str | None) -> None:
+        user_json = self._presence_local.pop((channel, client), None) or orjson.dumps(user)
+        await self._presence_call(channel, "leave", [client, self._presence_command, channel,
+                                                     self._presence_event("leave", client,
+                                                                          user_json)])
+
+    async def presence(self, channel: str) -> dict[str, str | None] | None:
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        flat = await self._eval(channel, "presence", list(presence_keys(channel)), [])
+        return {flat[i].decode(): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    @property
+    def _presence_command(self) -> str:
+        return "PUBLISH"
+
+    async def _presence_call(self, channel: str, script: str, args: list[Any]) -> None:
+        """Joins and leaves never fail the caller: a lost one is repaired by the refresh
+        (joins) or by the entry's expiry (leaves)."""
+        if not self.up:
+            return
+        try:
+            await self._eval(channel, script, list(presence_keys(channel)), args)
+        except (BrokerUnavailable, ResponseError) as exc:
+            log.debug("presence %s on %s not stored: %s", script, channel, exc)
+
+    async def _presence_refresh(self) -> None:
+        """Re-add every local presence entry (its expiry moves PRESENCE_TTL ahead)."""
+        ttl = int(PRESENCE_TTL * 1000)
+        calls = [self._presence_call(channel, "join", [client, user, ttl, "", channel, ""])
+                 for (channel, client), user in list(self._presence_local.items())]
+        await asyncio.gather(*calls)
+
+    async def _presence_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(PRESENCE_REFRESH)
+            await self._presence_refresh()
 
     # ------------------------------------------------------------------ subscriptions
 

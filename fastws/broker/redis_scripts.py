@@ -18,7 +18,9 @@ is a raw publication (a producer's ``PUBLISH``).
 
 from __future__ import annotations
 
-__all__ = ["ENVELOPE_PREFIX", "PUBLISH_LUA", "HISTORY_LUA", "hash_tag", "keys_for"]
+__all__ = ["ENVELOPE_PREFIX", "PUBLISH_LUA", "HISTORY_LUA", "hash_tag", "keys_for",
+           "PRESENCE_PREFIX", "PRESENCE_JOIN_LUA", "PRESENCE_LEAVE_LUA", "PRESENCE_GET_LUA",
+           "presence_keys"]
 
 ENVELOPE_PREFIX = b"\x00fws\x00"
 
@@ -88,3 +90,56 @@ def keys_for(channel: str) -> tuple[str, str, str]:
     """(meta key, stream key, idempotency key prefix) of ``channel``."""
     base = f"fws:{{{hash_tag(channel)}}}:{channel}:"
     return base + "m", base + "h", base + "i:"
+
+
+# ---------------------------------------------------------------------- presence
+#
+#   fws:{TAG}:CHANNEL:p   hash client id -> user (JSON)
+#   fws:{TAG}:CHANNEL:pz  sorted set client id -> expiry (Redis clock, ms)
+#
+# A node re-adds its own clients every PRESENCE_REFRESH seconds, so the clients of a
+# node that died leave the list once their expiry passes.  Joins and leaves are also
+# published on the channel itself as ``PRESENCE_PREFIX + b"join|leave NODE CLIENT\n" +
+# USER_JSON`` for the other nodes' local subscribers.
+
+PRESENCE_PREFIX = b"\x00fwp\x00"
+
+# KEYS: hash, zset.  ARGV: client, user json, ttl ms, publish command, channel, event
+PRESENCE_JOIN_LUA = r"""
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ms + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if ARGV[6] ~= '' then redis.call(ARGV[4], ARGV[5], ARGV[6]) end
+return 1
+"""
+
+# KEYS: hash, zset.  ARGV: client, publish command, channel, event
+PRESENCE_LEAVE_LUA = r"""
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if n > 0 and ARGV[4] ~= '' then redis.call(ARGV[2], ARGV[3], ARGV[4]) end
+return n
+"""
+
+# KEYS: hash, zset.  Drops the expired members, returns HGETALL of the rest.
+PRESENCE_GET_LUA = r"""
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ms)
+for i = 1, #gone, 1000 do
+  local chunk = {}
+  for j = i, math.min(i + 999, #gone) do chunk[#chunk + 1] = gone[j] end
+  redis.call('HDEL', KEYS[1], unpack(chunk))
+end
+if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms) end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+def presence_keys(channel: str) -> tuple[str, str]:
+    """(hash key, expiry zset key) of ``channel``'s presence."""
+    base = f"fws:{{{hash_tag(channel)}}}:{channel}:"
+    return base + "p", base + "pz"
