@@ -457,7 +457,10 @@ def test_dockerfile_context_has_what_the_build_needs() -> None:
         assert src.rstrip("/") in allowed, f"{src} is excluded by Dockerfile.dockerignore"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     needed = {"pyproject.toml", "setup.py", pyproject["project"]["readme"]}
-    needed |= {pkg.split(".")[0] for pkg in pyproject["tool"]["setuptools"]["packages"]}
+    packages = pyproject["tool"]["setuptools"]["packages"]
+    if isinstance(packages, dict):  # [tool.setuptools.packages.find] include = ["fastws*"]
+        packages = [p.rstrip("*") for p in packages["find"]["include"]]
+    needed |= {pkg.split(".")[0] for pkg in packages}
     assert needed <= {s.rstrip("/").removeprefix("./") for s in sources}, needed
     assert list((ROOT / "fastws").glob("*.pyx")), "the build compiles fastws/*.pyx"
 
