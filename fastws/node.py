@@ -203,8 +203,7 @@ class Node:
     # ------------------------------------------------------------------ requests
 
     def on_message(self, conn: Connection, payload: bytes) -> None:
-        """Handle one complete text message of ``conn``."""
-        self.messages_received += 1
+        """Handle one complete text message of ``conn`` (counted by the caller)."""
         try:
             req = protocol.parse(payload, self.config.limits.max_channel_length)
         except ProtocolError as exc:
