@@ -114,6 +114,8 @@ class NodeCollector:
                                  labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+        for collector in node.extra_collectors:
+            yield from collector.collect()
 
 
 class Metrics:

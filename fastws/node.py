@@ -61,6 +61,8 @@ class Node:
         self.rate_limited: Counter[str] = Counter()
         self.broker_reconnects = 0
         self.loop_lag = 0.0
+        #: more Prometheus collectors of this process (e.g. the demo's indexer)
+        self.extra_collectors: list[Any] = []
         self.presence: dict[str, dict[str, str | None]] = {}
         self._handlers: dict[str, Callable[[Connection, Request], Awaitable[bytes]]] = {
             "subscribe": self._subscribe,
