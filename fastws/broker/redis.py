@@ -268,6 +268,17 @@ class _PubSub:
         self._expect.append(("pong", None))
         self.link.write(encode_command("PING", "lag"))
 
+    def barrier(self) -> asyncio.Future:
+        """A PING whose answer comes after every message Redis queued for this connection
+        before it ran the PING: the future is done once all of them were delivered."""
+        if not self.connected:
+            raise BrokerUnavailable("redis is not connected")
+        fut = self.loop.create_future()
+        self._pings.append(time.monotonic())
+        self._expect.append(("pong", fut))
+        self.link.write(encode_command("PING", "lag"))
+        return fut
+
     def holds(self, name: str) -> bool:
         """True if Redis confirmed ``name`` on this connection (as it reads now)."""
         return bool(self._active.keys(name))
@@ -320,6 +331,8 @@ class _PubSub:
         if what == "pong":
             sent = self._pings.popleft() if self._pings else time.monotonic()
             self.lag = time.monotonic() - sent
+            if fut is not None and not fut.done():
+                fut.set_result(None)  # a barrier (see barrier())
         elif fut is not None and not fut.done():
             if isinstance(reply, Exception):
                 fut.set_exception(BrokerUnavailable(f"redis: {reply}"))
@@ -448,6 +461,8 @@ class _Commands:
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
         self._out: list[bytes] = []
         self.shas: dict[str, bytes] = {}
+        self.replid = ""     # this master's replication ids (see redis_scripts.PUBLISH_LUA)
+        self.replid2 = ""
 
     @property
     def connected(self) -> bool:
@@ -473,8 +488,14 @@ class _Commands:
         names = list(scripts)
         loads = [self.call("SCRIPT", "LOAD", scripts[n]) for n in names]
         await asyncio.wait_for(asyncio.gather(*waits), CONNECT_TIMEOUT * 2)
+        info = self.call("INFO", "replication")
         shas = await asyncio.wait_for(asyncio.gather(*loads), CONNECT_TIMEOUT * 2)
         self.shas = dict(zip(names, shas, strict=True))
+        fields = dict(line.split(":", 1) for line in
+                      (await asyncio.wait_for(info, CONNECT_TIMEOUT)).decode().split("\r\n")
+                      if ":" in line)
+        self.replid = fields.get("master_replid", "")
+        self.replid2 = fields.get("master_replid2", "")
 
     def call(self, *args: str | bytes | int) -> asyncio.Future:
         """Write one command now; the future gets its reply (BrokerUnavailable if lost)."""
@@ -501,6 +522,7 @@ class _Commands:
             return
         if isinstance(reply, hiredis.ReplyError):
             fut.set_exception(ResponseError(str(reply)))
+            fut.exception()  # retrieved: a failed handshake leaves the rest unawaited
         else:
             fut.set_result(reply)
 
@@ -767,12 +789,21 @@ class RedisBroker(Broker):
         self._wanted.discard(name)
         self._main.unsubscribe(name)
 
+    async def sync(self) -> None:
+        """Return once every publication Redis ran before this call reached the handler:
+        a PING down each pub/sub connection, answered after what was queued before it."""
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        await asyncio.gather(*(link.barrier() for link in self._links() if link.connected))
+
     # ------------------------------------------------------------------ commands
 
     def _publish_args(self, channel: str, data: bytes, history_size: int,
                       history_ttl: float) -> list[Any]:
+        link = self._command_for(channel)
         return [channel, data, max(0, history_size), max(1, int(history_ttl * 1000)),
-                os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS, "PUBLISH", ""]
+                os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS, "PUBLISH", "",
+                link.replid, link.replid2]
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None) -> PublishResult:

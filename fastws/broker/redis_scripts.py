@@ -27,7 +27,15 @@ ENVELOPE_PREFIX = b"\x00fws\x00"
 # KEYS: meta, stream[, idempotency]
 # ARGV: channel, data, history_size, history_ttl_ms, epoch candidate, unix time (and
 #       an id, space-separated), idempotency ttl ms, publish command (PUBLISH or
-#       SPUBLISH), '' or the feed of the channel's slot (cluster: see broker/cluster.py)
+#       SPUBLISH), '' or the feed of the channel's slot (cluster: see broker/cluster.py),
+#       this master's replication id and its previous one (master_replid, _replid2)
+#
+# The meta hash also keeps `r`, the replication id of the master that wrote it.  When a
+# master finds `r` equal to its *previous* replication id, it is a replica promoted
+# since (a failover): writes the old master acknowledged may not have reached it, so
+# the channel starts a new epoch (offsets are never reused in one epoch).  Any other
+# difference is the same master restarted with its data: `r` is updated, the stream
+# goes on.
 PUBLISH_LUA = r"""
 if #KEYS == 3 then
   local seen = redis.call('GET', KEYS[3])
@@ -36,11 +44,19 @@ end
 local size = tonumber(ARGV[3])
 local offset, epoch = 0, ''
 if size > 0 then
-  epoch = redis.call('HGET', KEYS[1], 'e')
+  local meta = redis.call('HMGET', KEYS[1], 'e', 'r')
+  epoch = meta[1]
+  if epoch and meta[2] ~= ARGV[10] then
+    if meta[2] == ARGV[11] then
+      epoch = false
+    else
+      redis.call('HSET', KEYS[1], 'r', ARGV[10])
+    end
+  end
   if not epoch then
     epoch = ARGV[5]
-    redis.call('DEL', KEYS[2])
-    redis.call('HSET', KEYS[1], 'e', epoch)
+    redis.call('DEL', KEYS[1], KEYS[2])
+    redis.call('HSET', KEYS[1], 'e', epoch, 'r', ARGV[10])
   end
   offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
   redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2])
