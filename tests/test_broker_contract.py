@@ -227,3 +227,22 @@ async def test_order_per_channel_under_concurrency(broker):
     assert [r.offset for r in results] == list(range(1, 201))
     got = await h.wait_count(200, ch)
     assert [(g[1], g[2]) for g in got] == [(orjson.dumps(i), i + 1) for i in range(200)]
+
+
+async def test_claim_once(broker):
+    b, _ = broker
+    key, other = uniq("once"), uniq("once")
+    claims = await asyncio.gather(*(b.claim_once(key, 60.0) for _ in range(20)))
+    assert claims.count(True) == 1          # concurrent claims: exactly one wins
+    assert not await b.claim_once(key, 60.0)
+    assert await b.claim_once(other, 60.0)  # keys are independent
+    short = uniq("once")
+    assert await b.claim_once(short, 0.2)
+    assert not await b.claim_once(short, 0.2)
+    deadline = time.monotonic() + 10
+    while not await b.claim_once(short, 60.0):  # claimable again once the ttl passed
+        assert time.monotonic() < deadline, "claim did not expire"
+        await asyncio.sleep(0.05)
+    if hasattr(b, "sweep"):  # memory: expired keys are freed without waiting for a claim
+        b.sweep(time.monotonic() + 61)
+        assert not b._once

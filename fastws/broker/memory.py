@@ -39,6 +39,7 @@ class MemoryBroker(Broker):
         self._handler: BrokerHandler | None = None
         self._streams: dict[str, _Stream] = {}
         self._idem: dict[tuple[str, str], tuple[PublishResult, float]] = {}
+        self._once: dict[str, float] = {}       # claim_once keys -> expiry
         self._sweeper: asyncio.Task | None = None
 
     async def start(self, handler: BrokerHandler) -> None:
@@ -78,6 +79,14 @@ class MemoryBroker(Broker):
             self._handler.handle_publication(channel, data, offset, epoch, accepted)
         return result
 
+    async def claim_once(self, key: str, ttl: float) -> bool:
+        now = time.monotonic()
+        expiry = self._once.get(key)
+        if expiry is not None and expiry > now:
+            return False
+        self._once[key] = now + ttl
+        return True
+
     async def subscribe(self, name: str) -> None:
         return None
 
@@ -108,12 +117,14 @@ class MemoryBroker(Broker):
         return len(self._streams)
 
     def sweep(self, now: float | None = None) -> None:
-        """Free expired history and idempotency keys without waiting for a read."""
+        """Free expired history, idempotency and claim_once keys without waiting for a read."""
         now = time.monotonic() if now is None else now
         for name in [n for n, s in self._streams.items() if s.expires <= now]:
             del self._streams[name]
         for key in [k for k, v in self._idem.items() if v[1] <= now]:
             del self._idem[key]
+        for once in [k for k, exp in self._once.items() if exp <= now]:
+            del self._once[once]
 
     async def _sweep_loop(self) -> None:
         while True:

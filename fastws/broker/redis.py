@@ -85,6 +85,7 @@ __all__ = ["RedisBroker", "encode_command", "decode_payload"]
 log = logging.getLogger("fastws.broker")
 
 IDEMPOTENCY_TTL_MS = 300_000
+ONCE_PREFIX = "fws:once:"    # claim_once keys (SET NX PX), e.g. fws:once:siwe:NONCE
 PING_INTERVAL = 1.0          # seconds between pub/sub PINGs (lag probe + liveness)
 DEAD_AFTER = 10.0            # a PING unanswered this long: the link is dead, reconnect
 CONNECT_TIMEOUT = 3.0
@@ -837,6 +838,23 @@ class RedisBroker(Broker):
             return HistoryResult([], top, epoch, False)
         recovered = since_offset + 1 >= first and since_offset <= top
         return HistoryResult(items, top, epoch, recovered)
+
+    async def claim_once(self, key: str, ttl: float) -> bool:
+        """``SET fws:once:KEY 1 NX PX ttl`` on the key's master (its slot's, on a cluster)."""
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        rkey = ONCE_PREFIX + key
+        try:
+            reply = await self._command_for(rkey).call("SET", rkey, "1", "NX", "PX",
+                                                       max(1, int(ttl * 1000)))
+        except ResponseError as exc:
+            msg = str(exc)
+            if msg.startswith(("MOVED", "ASK", "READONLY")):
+                self._on_link_lost()  # as in _eval: find the master(s) again
+            if msg.startswith(("MOVED", "ASK", "READONLY", *_UNAVAILABLE_REPLIES)):
+                raise BrokerUnavailable(f"redis: {msg}") from None
+            raise
+        return reply is not None
 
     async def _eval(self, channel: str, script: str, keys: list[str],
                     args: list[Any]) -> Any:
