@@ -109,7 +109,9 @@ async def test_unsubscribe_releases_redis_and_readyz(redis_server, fastws_server
     n1 = fastws_server("--broker", redis_server.url)
     status, _, _ = http("GET", n1.http_url + "/readyz")
     assert status == 200
-    assert scrape(n1.http_url)["fastws_broker_up"] == 1
+    metrics = scrape(n1.http_url)
+    assert metrics["fastws_broker_up"] == 1
+    assert 0 <= metrics["fastws_broker_lag_seconds"] < 5
     ch = uniq()
     c = await connect(n1.ws_url)
     await sub(c, ch, 1)

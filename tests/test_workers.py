@@ -85,6 +85,11 @@ async def test_two_workers_share_the_port_and_sum_metrics(redis_server, fastws_s
     status, _, _ = http("GET", srv.http_url + "/readyz")
     assert status == 200
 
+    # SIGHUP reaches every worker: each one reloads its config
+    srv.proc.send_signal(signal.SIGHUP)
+    await until(lambda: srv.output().count("configuration reloaded") == 2,
+                what="both workers reloading")
+
     # SIGTERM reaches every worker; the supervisor exits 0 once they are gone
     workers = children(srv.proc.pid)
     assert srv.stop() == 0
