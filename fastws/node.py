@@ -308,6 +308,9 @@ class Node:
         since = req.since
         # The broker delivers this channel already: publications that arrive while
         # history is read are kept and sent after it (without repeating what it held).
+        # broker.sync() waits until everything published before the read has reached
+        # us (a Redis pub/sub connection may lag behind the command connection), so
+        # none of those can come live after the merge, duplicating history.
         buf: list[tuple[int, str, bytes]] = []
         waiting = self._recovering.setdefault(name, [])
         waiting.append(buf)
@@ -315,6 +318,7 @@ class Node:
             hist = await self.broker.history(name, limit=ns.history_size,
                                              since_offset=since.offset,
                                              since_epoch=since.epoch)
+            await self.broker.sync()
         finally:
             waiting.remove(buf)
             if not waiting:

@@ -85,6 +85,14 @@ class Broker(ABC):
     async def unsubscribe(self, name: str) -> None:
         """Stop receiving a channel or pattern on this node."""
 
+    async def sync(self) -> None:
+        """Return once every publication the broker made before this call was handed to
+        the handler.  A node reads history, calls this, and only then merges what the
+        handler delivered meanwhile (subscribe with ``since``): nothing published before
+        the read can arrive after the merge.  The default suits brokers that deliver
+        inside ``publish`` (the in-memory one): it returns without suspending."""
+        return None
+
     async def presence_join(self, channel: str, client: str, user: str | None) -> None:
         """A local client joined ``channel``'s presence: make it visible to every node.
 
@@ -100,6 +108,13 @@ class Broker(ABC):
         """Every node's clients in ``channel``'s presence ({client id: user}), or None
         when the node's own list is the whole truth (a single-process broker)."""
         return None
+
+    @abstractmethod
+    async def claim_once(self, key: str, ttl: float) -> bool:
+        """True for the first claim of ``key`` within ``ttl`` seconds, False for every
+        later one, on every process and node sharing this broker (SIWE nonces are spent
+        this way).  Raises :class:`BrokerUnavailable` when the outcome is unknown.
+        """
 
     @abstractmethod
     async def history(self, channel: str, *, limit: int, since_offset: int | None = None,
