@@ -26,13 +26,14 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from fastws import channels
 from fastws._match import glob_match
+from fastws.broker.base import BrokerUnavailable
 from fastws.limits import Bucket
 
 if TYPE_CHECKING:
@@ -490,8 +491,10 @@ class Siwe:
 
     Nonces are stateless and single use: ``random ‖ expiry ‖ HMAC(secret)`` in hex,
     so any worker sharing the ``jwt_secret`` accepts a nonce another one issued;
-    each node remembers the nonces it has seen until they expire and refuses a
-    second use.  Signature recovery costs CPU (about 0.2 ms with coincurve, 8 ms in
+    each process remembers the nonces it has seen until they expire and refuses a
+    second use, and :meth:`sign_in_shared` also spends them through the broker
+    (``claim_once``), so that a nonce works once on every process and node sharing it.
+    Signature recovery costs CPU (about 0.2 ms with coincurve, 8 ms in
     pure Python), so at most ``max_verify_per_s`` run per second; beyond, 503.
     """
 
@@ -553,8 +556,34 @@ class Siwe:
 
         Raises :class:`SiweError` with the HTTP status: 400 malformed, 401 nonce or
         signature refused (a nonce works once), 403 domain or chain id not allowed,
-        501 no jwt_secret, 503 too many sign-ins at once.
+        501 no jwt_secret, 503 too many sign-ins at once.  The nonce is spent in this
+        process only; the server uses :meth:`sign_in_shared`.
         """
+        msg, now, _ = self._spend(message, signature, host, now)
+        return self._issue(msg, message, signature, now)
+
+    async def sign_in_shared(self, message: object, signature: object, host: str | None,
+                             claim: Callable[[str, float], Awaitable[bool]],
+                             now: float | None = None) -> dict[str, Any]:
+        """:meth:`sign_in`, the nonce also spent through ``claim`` (the broker's
+        ``claim_once``): with a shared broker it works once across every process and
+        node, not only in this one.  The claim lasts until the nonce expires plus
+        :attr:`CLOCK_SKEW`, for nodes whose clocks differ.  503 when the broker cannot
+        record it (the nonce is spent here anyway: the client gets a new one).
+        """
+        msg, now, expiry = self._spend(message, signature, host, now)
+        try:
+            first = await claim("siwe:" + msg.nonce.lower(), expiry - now + self.CLOCK_SKEW)
+        except BrokerUnavailable:
+            raise SiweError(503, "cannot record the nonce now (broker unavailable); "
+                            "get a new nonce and retry") from None
+        if not first:
+            raise SiweError(401, "nonce already used (replay refused)")
+        return self._issue(msg, message, signature, now)
+
+    def _spend(self, message: object, signature: object, host: str | None,
+               now: float | None) -> tuple[SiweMessage, float, float]:
+        """Every check before the signature; spends the nonce in this process."""
         self._require_secret()
         now = time.time() if now is None else now
         if not isinstance(message, str) or not isinstance(signature, str):
@@ -580,6 +609,11 @@ class Siwe:
         if self._verify_bucket.take(self.max_verify_per_s, 1.0, time.monotonic()):
             raise SiweError(503, "too many sign-ins at once; retry later")
         self.used[msg.nonce] = expiry          # spent from its first presentation on
+        return msg, now, expiry
+
+    def _issue(self, msg: SiweMessage, message: str, signature: str,
+               now: float) -> dict[str, Any]:
+        ts = lambda d: d.timestamp()  # noqa: E731
         signer = _recover(message, signature)
         if signer is None or signer.lower() != msg.address.lower():
             raise SiweError(401, "signature does not match the message's address")
@@ -599,12 +633,15 @@ class Siwe:
             del self.used[k]
 
 
-def http_auth(siwe: Siwe, method: str, route: str, headers: dict[str, str],
-              body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+async def http_auth(siwe: Siwe, method: str, route: str, headers: dict[str, str],
+                    body: bytes, claim: Callable[[str, float], Awaitable[bool]] | None = None,
+                    ) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Answer ``GET /auth/nonce`` and ``POST /auth/siwe``: (status, JSON body, headers).
 
     ``headers`` are the request's, lower-cased; ``host`` is the domain a SIWE
     message must name (unless it names a configured ``siwe_domains`` entry).
+    ``claim`` is the broker's ``claim_once`` (:meth:`Siwe.sign_in_shared`); without
+    it, nonces are spent in this process only.
     """
     import orjson
 
@@ -623,7 +660,9 @@ def http_auth(siwe: Siwe, method: str, route: str, headers: dict[str, str],
                 return 400, {"error": "body must be JSON"}, {}
             if not isinstance(msg, dict):
                 return 400, {"error": "body must be a JSON object"}, {}
-            out = siwe.sign_in(msg.get("message"), msg.get("signature"), headers.get("host"))
+            args = (msg.get("message"), msg.get("signature"), headers.get("host"))
+            out = (siwe.sign_in(*args) if claim is None
+                   else await siwe.sign_in_shared(*args, claim))
             return 200, out, nocache
     except SiweError as exc:
         extra = {"Retry-After": "1"} if exc.status == 503 else {}

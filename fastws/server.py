@@ -328,8 +328,7 @@ class App:
                 return _response(405, b'{"error":"use POST"}', {"Allow": "POST"})
             return self.loop.create_task(self._api_publish(headers, body))
         if route in ("/auth/nonce", "/auth/siwe"):
-            status, obj, hdrs = auth.http_auth(self.node.siwe, method, route, headers, body)
-            return _json(status, obj, hdrs)
+            return self.loop.create_task(self._auth(method, route, headers, body))
         if method not in ("GET", "HEAD"):
             return _response(405, b'{"error":"method not allowed"}', {"Allow": "GET"})
         if route == "/healthz":
@@ -350,6 +349,13 @@ class App:
         if route in ("/", "/index.html"):
             return _response(200, self.static["/"], {"Content-Type": "text/html; charset=utf-8"})
         return _json(404, {"error": "not found"})
+
+    async def _auth(self, method: str, route: str, headers: dict[str, str],
+                    body: bytes) -> bytes:
+        # the broker spends SIWE nonces: once across every process and node sharing it
+        status, obj, hdrs = await auth.http_auth(self.node.siwe, method, route, headers, body,
+                                                 claim=self.node.broker.claim_once)
+        return _json(status, obj, hdrs)
 
     async def _metrics_all(self, worker: workers.Worker) -> bytes:
         body = await worker.metrics(self.metrics.registry)

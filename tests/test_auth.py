@@ -30,6 +30,8 @@ from fastws.auth import (
     parse_siwe_message,
     same_owner,
 )
+from fastws.broker.base import BrokerUnavailable
+from fastws.broker.memory import MemoryBroker
 from fastws.limits import MAX_JSON_DEPTH, Bucket, KeyedLimiter, client_ip, json_depth
 
 SECRET = "unit-test-secret-of-at-least-32-bytes!"
@@ -276,6 +278,45 @@ def test_siwe_sign_in_checks_everything() -> None:
     with pytest.raises(SiweError) as err:
         Siwe(Auth(None, None)).nonce()
     assert err.value.status == 501
+
+
+async def test_siwe_nonce_spent_through_the_broker() -> None:
+    auth = Auth(SECRET, None)
+    a, b, alone = Siwe(auth), Siwe(auth), Siwe(auth)    # three processes, one secret
+    broker = MemoryBroker()                             # what they share (Redis in production)
+    acct = Account.create()
+    host = "127.0.0.1:8765"
+    msg = siwe_message(host, acct.address, a.nonce())
+    sig = sign(acct, msg)
+    assert (await a.sign_in_shared(msg, sig, host, broker.claim_once))["sub"] == acct.address
+    # a process that spends nonces only in itself takes the replay ...
+    assert alone.sign_in(msg, sig, host)["sub"] == acct.address
+    # ... one that spends them through the shared broker refuses it
+    with pytest.raises(SiweError, match="already used") as err:
+        await b.sign_in_shared(msg, sig, host, broker.claim_once)
+    assert err.value.status == 401
+    # the claim: the nonce's key, kept until the nonce expires plus the clock allowance
+    claims: list[tuple[str, float]] = []
+
+    async def record(key: str, ttl: float) -> bool:
+        claims.append((key, ttl))
+        return True
+
+    nonce = a.nonce()
+    msg = siwe_message(host, acct.address, nonce)
+    await a.sign_in_shared(msg, sign(acct, msg), host, record)
+    assert claims[0][0] == "siwe:" + nonce
+    assert Siwe.NONCE_TTL - 2 < claims[0][1] - Siwe.CLOCK_SKEW <= Siwe.NONCE_TTL
+
+    async def down(key: str, ttl: float) -> bool:
+        raise BrokerUnavailable("redis is not connected")
+
+    msg = siwe_message(host, acct.address, a.nonce())
+    with pytest.raises(SiweError, match="broker unavailable") as err:
+        await a.sign_in_shared(msg, sign(acct, msg), host, down)
+    assert err.value.status == 503
+    with pytest.raises(SiweError, match="already used"):   # spent anyway: outcome unknown
+        await a.sign_in_shared(msg, sign(acct, msg), host, record)
 
 
 # --------------------------------------------------------------------------- limits

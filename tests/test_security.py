@@ -185,6 +185,32 @@ async def test_siwe_sign_in_end_to_end(fastws_server) -> None:
     assert http("GET", srv.http_url + "/auth/siwe")[0] == 405
 
 
+async def test_siwe_replay_to_another_node_is_refused(fastws_server, redis_server) -> None:
+    # two nodes on one Redis: a nonce spent on one is spent on the other
+    args = ("--broker", redis_server.url, "--jwt-secret", SECRET,
+            "--siwe-domain", "app.example.com")
+    a, b = fastws_server(*args, config=FAST), fastws_server(*args, config=FAST)
+    acct = Account.create()
+
+    def post(srv, msg: str) -> tuple[int, dict]:
+        status, _, body = http("POST", srv.http_url + "/auth/siwe",
+                               {"message": msg, "signature": sign(acct, msg)})
+        return status, json.loads(body)
+
+    def signed_in_on(first, then) -> tuple[tuple[int, dict], tuple[int, dict]]:
+        nonce = json.loads(http("GET", a.http_url + "/auth/nonce")[2])["nonce"]
+        msg = siwe_message("app.example.com", acct.address, nonce)
+        return post(first, msg), post(then, msg)
+
+    (status, out), (replay, err) = await asyncio.to_thread(signed_in_on, a, b)
+    assert status == 200 and out["sub"] == acct.address, out
+    assert jwt.decode(out["token"], SECRET, algorithms=["HS256"])["sub"] == acct.address
+    assert replay == 401 and "already used" in err["error"], err
+    # B accepts A's nonces (they are stateless): the refusal above is the replay's
+    (status, out), (replay, _) = await asyncio.to_thread(signed_in_on, b, a)
+    assert status == 200 and out["sub"] == acct.address and replay == 401
+
+
 # --------------------------------------------------------------------------- permissions
 
 PERMISSIONS = """
