@@ -376,6 +376,26 @@ def test_http_requests_per_ip_and_untrusted_proxy(fastws_server) -> None:
     assert all(raw_request(srv.port, get)[0] == 200 for _ in range(10))   # local: exempt
 
 
+async def test_rate_limits_hold_per_worker(fastws_server, redis_server) -> None:
+    # docs/security.md §5: each of N workers has its own buckets, so one IP gets up to
+    # N times the configured per-IP limit through the shared port
+    srv = fastws_server("--workers", "2", "--broker", redis_server.url,
+                        config=FAST + "[limits]\nrequests_per_ip_per_s = 5\n")
+    deadline = time.monotonic() + 20
+    while scrape(srv.http_url).get("fastws_workers") != 2:   # both listening
+        assert time.monotonic() < deadline, "the second worker did not start"
+        await asyncio.sleep(0.05)
+    get = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+
+    def burst() -> list[int]:   # one forwarded IP, a new connection (new port) each
+        return [raw_request(srv.port, get + "X-Forwarded-For: 203.0.113.9\r\n")[0]
+                for _ in range(40)]
+
+    codes = await asyncio.to_thread(burst)
+    # one process would answer 5 (plus a token per 0.2 s of burst); two answer 5 each
+    assert 5 < codes.count(200) <= 15 and codes.count(429) >= 25, codes
+
+
 async def test_message_and_subscribe_rate_limits(fastws_server) -> None:
     srv = fastws_server(config=FAST + "[limits]\nmessages_per_connection = 5\n"
                         "messages_window = 60\n"
