@@ -1,4 +1,5 @@
 # C-level interface of the broadcast loop (implementation in _fanout.pyx).
+from cpython.object cimport PyObject
 from picows.picows cimport MemoryBuffer, WSListener, WSTransport
 from fastws._match cimport Trie
 
@@ -17,7 +18,7 @@ cdef class Conn(WSListener):
 
     cdef int _append(self, const char* ptr, Py_ssize_t size) except -1
     cdef int _send_raw(self, const char* ptr, Py_ssize_t size) except -1
-    cdef int _write_out(self) except -1
+    cdef int _write_out(self) noexcept
     cpdef send_frame(self, bytes frame)
     cpdef send_text(self, bytes payload)
     cpdef flush_now(self)
@@ -25,7 +26,9 @@ cdef class Conn(WSListener):
 
 cdef class Hub:
     cdef readonly Trie trie
-    cdef list _pending
+    cdef PyObject** _pend           # connections with frames queued in this pass (owned refs)
+    cdef Py_ssize_t _npend
+    cdef Py_ssize_t _pend_cap
     cdef bint _scheduled
     cdef object _call_soon
     cdef object _flush_cb
@@ -50,6 +53,7 @@ cdef class Hub:
     cpdef Py_ssize_t broadcast(self, str channel, bytes frame, double accepted, bint exact_only=*) except -1
     cpdef flush(self)
     cdef int _schedule(self) except -1
+    cdef int _grow_pending_to(self, Py_ssize_t need) except -1
     cdef int _observe_pass(self) except -1
     cdef _grow_accepted(self)
     cdef _slow(self, Conn c)

@@ -8,6 +8,8 @@ one event-loop pass leave in one write (``Hub.flush`` runs once per pass, via
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
@@ -25,6 +27,11 @@ cdef extern from "<arpa/inet.h>" nogil:
 
 cdef extern from "<endian.h>" nogil:
     uint64_t htobe64(uint64_t)
+
+cdef extern from "Python.h":
+    # the item array of a tuple, read without a call or a reference count per item
+    ctypedef struct PyTupleObject:
+        PyObject* ob_item[1]
 
 cdef enum:
     LAT_BUCKETS = 14
@@ -124,11 +131,16 @@ cdef class Conn(WSListener):
         self._len = need
         return 0
 
-    cdef int _write_out(self) except -1:
-        """Hand the queue to the transport in one write; an idle connection keeps no queue."""
+    cdef int _write_out(self) noexcept:
+        """Hand the queue to the transport in one write; an idle connection keeps no queue.
+
+        A failing write (the socket is gone) stops deliveries to this connection; picows
+        reports the disconnect itself.  Returns -1 then, else 0.
+        """
         cdef WSTransport tr = self.tr
         cdef Py_ssize_t n = self._len
         cdef char* buf = self._buf
+        cdef int rc = 0
         self._len = 0
         self._buf = NULL
         self._cap = 0
@@ -137,12 +149,14 @@ cdef class Conn(WSListener):
             return 0
         try:
             tr._fast_write(buf, n)
-        finally:
-            free(buf)
-        if self.hub is not None:
+        except BaseException:
+            self.closing = True
+            rc = -1
+        free(buf)
+        if rc == 0 and self.hub is not None:
             self.hub.bytes_sent += n
             self.hub.writes += 1
-        return 0
+        return rc
 
     cdef int _send_raw(self, const char* ptr, Py_ssize_t size) except -1:
         """Send ``size`` bytes of whole frames after everything already queued.
@@ -154,7 +168,8 @@ cdef class Conn(WSListener):
             return self._append(ptr, size)
         if self._len:
             self._append(ptr, size)
-            return self._write_out()
+            self._write_out()
+            return 0
         tr = self.tr
         if tr is None or tr.is_disconnected or tr.is_close_frame_sent:
             return 0
@@ -221,6 +236,9 @@ cdef class Hub:
     """Local registry (a :class:`Trie` of subscriptions) and the fan-out loop."""
 
     def __cinit__(self):
+        self._pend = NULL
+        self._npend = 0
+        self._pend_cap = 0
         self._accepted = NULL
         self._naccepted = 0
         self._accepted_cap = 0
@@ -232,7 +250,6 @@ cdef class Hub:
 
     def __init__(self, Trie trie, Py_ssize_t send_buffer=1048576, loop=None):
         self.trie = trie
-        self._pending = []
         self._scheduled = False
         loop = loop if loop is not None else asyncio.get_event_loop()
         self._call_soon = loop.call_soon
@@ -248,8 +265,13 @@ cdef class Hub:
         self.slow_consumers = 0
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
         if self._accepted != NULL:
             free(self._accepted)
+        if self._pend != NULL:
+            for i in range(self._npend):
+                Py_XDECREF(self._pend[i])
+            free(self._pend)
 
     cdef int _schedule(self) except -1:
         if not self._scheduled:
@@ -274,20 +296,28 @@ cdef class Hub:
         cdef const char* ptr = PyBytes_AS_STRING(frame)
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         cdef Py_ssize_t n = 0
-        cdef Conn c
-        cdef object k
+        cdef Py_ssize_t i
+        cdef Py_ssize_t m = len(keys)
+        # the tuple keeps its connections alive for this call: borrowed pointers, no
+        # reference counting and no Python call per delivery (cython -a: all white)
+        cdef PyObject** items = (<PyTupleObject*>keys).ob_item
+        cdef PyObject* o
         self.publications += 1
-        for k in keys:
-            c = <Conn>k
-            if c.closing:
+        for i in range(m):
+            o = items[i]
+            if (<Conn>o).closing:
                 continue
-            if c._len + size > self.send_buffer:
-                self._slow(c)
+            if (<Conn>o)._len + size > self.send_buffer:
+                self._slow(<Conn>o)
                 continue
-            c._append(ptr, size)
-            if not c.queued:
-                c.queued = True
-                self._pending.append(c)
+            (<Conn>o)._append(ptr, size)
+            if not (<Conn>o).queued:
+                (<Conn>o).queued = True
+                if self._npend == self._pend_cap:
+                    self._grow_pending_to(self._npend + 1)
+                Py_XINCREF(o)                   # owned by the pending array until flush
+                self._pend[self._npend] = o
+                self._npend += 1
             n += 1
         if n:
             self.deliveries += n
@@ -297,6 +327,18 @@ cdef class Hub:
             self._naccepted += 1
             self._schedule()
         return n
+
+    cdef int _grow_pending_to(self, Py_ssize_t need) except -1:
+        cdef Py_ssize_t cap = self._pend_cap * 2 if self._pend_cap else 256
+        cdef PyObject** nbuf
+        while cap < need:
+            cap *= 2
+        nbuf = <PyObject**>realloc(self._pend, cap * sizeof(PyObject*))
+        if nbuf == NULL:
+            raise MemoryError()
+        self._pend = nbuf
+        self._pend_cap = cap
+        return 0
 
     cdef _grow_accepted(self):
         cdef Py_ssize_t cap = self._accepted_cap * 2 if self._accepted_cap else 64
@@ -321,22 +363,28 @@ cdef class Hub:
     cpdef flush(self):
         """Write every connection's queued frames in one write each (runs once per pass)."""
         self._scheduled = False
-        cdef list pending = self._pending
-        if pending:
-            self._pending = []
-        cdef Conn c
-        cdef object k
-        for k in pending:
-            c = <Conn>k
-            c.queued = False
-            if c.closing:
-                c._len = 0
-                continue
-            try:
-                c._write_out()
-            except Exception:
-                c._len = 0
-                c.closing = True
+        cdef Py_ssize_t i
+        cdef Py_ssize_t m = self._npend
+        cdef PyObject** pend = self._pend
+        cdef Py_ssize_t cap = self._pend_cap
+        cdef PyObject* o
+        self._pend = NULL           # a write may re-enter broadcast (a pause_writing
+        self._npend = 0             # callback): it starts a fresh array
+        self._pend_cap = 0
+        for i in range(m):
+            o = pend[i]
+            (<Conn>o).queued = False
+            if (<Conn>o).closing:
+                (<Conn>o)._len = 0
+            else:
+                (<Conn>o)._write_out()
+            Py_XDECREF(o)
+        if pend != NULL:
+            if self._pend == NULL:  # keep the array for the next pass
+                self._pend = pend
+                self._pend_cap = cap
+            else:
+                free(pend)
         if self._naccepted:
             self._observe_pass()
 

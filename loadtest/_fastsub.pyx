@@ -9,6 +9,7 @@ shape as loadtest.fanout.Subscriber.
 """
 
 from libc.stdint cimport int64_t
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
@@ -19,6 +20,7 @@ cdef extern from "<string.h>" nogil:
 
 cdef enum:
     HIST_BUCKETS = 512   # = loadtest.fanout.HIST_BUCKETS
+    SPREAD_SEQS = 1 << 20   # publications whose slowest delivery is tracked (8 MiB)
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -61,8 +63,12 @@ cdef class CStats:
     cdef public dict close_codes
     cdef public str first_error
     cdef int64_t _hist[HIST_BUCKETS]
+    cdef int64_t* _spread      # seq -> slowest delivery (µs) in this process, 0: none
 
     def __cinit__(self):
+        self._spread = <int64_t*>calloc(SPREAD_SEQS, sizeof(int64_t))
+        if self._spread == NULL:
+            raise MemoryError()
         self.win_start = 1 << 62
         self.win_end = 1 << 62
         self.close_codes = {}
@@ -71,15 +77,32 @@ cdef class CStats:
         for i in range(HIST_BUCKETS):
             self._hist[i] = 0
 
+    def __dealloc__(self):
+        free(self._spread)
+
+    def spread(self):
+        """{seq: µs} of the slowest delivery of each publication seen by this process:
+        publish → the last of its subscribers here received it."""
+        cdef dict out = {}
+        cdef Py_ssize_t i
+        for i in range(SPREAD_SEQS):
+            if self._spread[i]:
+                out[i] = self._spread[i]
+        return out
+
     @property
     def hist(self):
         """The latency histogram as a list (fanout.hist_index buckets)."""
         return [self._hist[i] for i in range(HIST_BUCKETS)]
 
-    cdef inline void account(self, int64_t t, int64_t now) noexcept:
+    cdef inline void account(self, int64_t t, int64_t now, int64_t seq) noexcept:
         cdef int64_t us
         cdef int s
         cdef int64_t idx
+        if 0 < seq < SPREAD_SEQS:
+            us = (now - t) // 1000
+            if us > self._spread[seq]:
+                self._spread[seq] = us if us > 0 else 1
         if self.win_start <= now < self.win_end:
             self.in_window += 1
             us = (now - t) // 1000
@@ -155,7 +178,7 @@ cdef class FastSubscriber(WSListener):
         else:
             st.gaps += 1
             self.last = seq
-        st.account(t, now)
+        st.account(t, now, seq)
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         if not self.stats.closing:

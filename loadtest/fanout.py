@@ -363,6 +363,7 @@ async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
                 "max_us": stats.max_us, "hist": stats.hist,
                 "disconnected": stats.disconnected, "close_codes": stats.close_codes,
                 "bad_frames": stats.bad_frames, "first_error": stats.first_error,
+                "spread": stats.spread() if hasattr(stats, "spread") else None,
                 "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
             })
         elif cmd == "close":
@@ -925,6 +926,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for code, n in part["close_codes"].items():
                 close_codes[str(code)] = close_codes.get(str(code), 0) + n
         client_cpu = sum(p["cpu_s"] for p in parts)
+        # per publication: publish → its last subscriber received it (compiled client)
+        reach_all = None
+        if all(p.get("spread") is not None for p in parts) and n_pub:
+            slowest: dict[int, int] = {}
+            for part in parts:
+                for seq, us in part["spread"].items():
+                    if us > slowest.get(seq, 0):
+                        slowest[seq] = us
+            vals = sorted(slowest.values())
+            if vals:
+                reach_all = {"publications": len(vals),
+                             "p50": round(vals[len(vals) // 2] / 1000, 3),
+                             "p99": round(vals[min(len(vals) - 1, int(len(vals) * 0.99))]
+                                          / 1000, 3),
+                             "max": round(vals[-1] / 1000, 3)}
         per_conn = None
         if rss_before is not None and rss_idle is not None and connected:
             per_conn = (rss_idle - rss_before) * 1024 / connected
@@ -961,6 +977,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "p99": ms(hist_percentile(hist, 0.99, max_us)),
                            "p999": ms(hist_percentile(hist, 0.999, max_us)),
                            "max": ms(max_us if in_window else None)},
+            "reach_all_ms": reach_all,
             "expected_deliveries": expected,
             "lost": expected - (received - duplicates),
             "duplicates": duplicates,
@@ -1028,6 +1045,9 @@ def format_table(r: dict[str, Any]) -> str:
         ("latency p50", f(lat["p50"], " ms")),
         ("latency p99", f(lat["p99"], " ms")),
         ("latency max", f(lat["max"], " ms")),
+        ("reach all", "n/a" if not r.get("reach_all_ms") else
+         f"{r['reach_all_ms']['p50']} ms median, {r['reach_all_ms']['max']} ms max "
+         "(publish → its last subscriber, per publication)"),
         ("lost", f(r["lost"])),
         ("duplicates", f(r["duplicates"])),
         ("out of order", f(r["out_of_order"])),
