@@ -22,9 +22,10 @@ import orjson
 
 from fastws import auth, channels, protocol
 from fastws._fanout import Hub, make_frame
-from fastws._match import Trie
+from fastws._match import Trie, glob_match
 from fastws.auth import Auth
 from fastws.broker import Broker, BrokerUnavailable, PublishResult, create_broker
+from fastws.broker.memory import MemoryBroker
 from fastws.codes import Err
 from fastws.limits import MAX_JSON_DEPTH, Bucket, json_depth
 from fastws.protocol import ProtocolError, Request
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
 __all__ = ["Node", "Auth"]
 
 log = logging.getLogger("fastws")
+
+NS_LOG_SIZE = 10_000            # publications a namespace's log keeps (pattern recovery)
+POSITION_CHECK_INTERVAL = 10.0  # seconds between checks of channel positions (gaps)
+MAX_POSITIONS = 100_000         # channels whose last offset is remembered (gap detection)
+CHECK_BATCH = 1000              # channels checked per round
 
 
 class Node:
@@ -75,8 +81,14 @@ class Node:
         self._tasks: set[asyncio.Task] = set()
         # subscribes awaiting the broker, per name (no broker unsubscribe meanwhile)
         self._pending: Counter[str] = Counter()
-        # per channel, buffers of connections recovering with `since` (see _recover)
-        self._recovering: dict[str, list[list[tuple[int, str, bytes]]]] = {}
+        # per channel, buffers of connections recovering with `since` (see _recover);
+        # under "": (pattern, buffer) of pattern subscriptions recovering
+        self._recovering: dict[str, list[Any]] = {}
+        # per channel: (epoch, offset) of the last publication delivered (gap detection)
+        self._positions: dict[str, tuple[str, int]] = {}
+        self.gaps = 0
+        self._check_from = 0
+        self._positioner: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -84,8 +96,12 @@ class Node:
         """Create the hub on the running loop and connect the broker."""
         self.hub = Hub(self.trie, self.config.limits.send_buffer, asyncio.get_running_loop())
         await self.broker.start(self)
+        if not isinstance(self.broker, MemoryBroker):  # it cannot lose a publication
+            self._positioner = asyncio.get_running_loop().create_task(self._position_loop())
 
     async def close(self) -> None:
+        if self._positioner is not None:
+            self._positioner.cancel()
         await self.broker.close()
 
     @property
@@ -118,23 +134,91 @@ class Node:
                 raise ProtocolError(Err.BAD_REQUEST,
                                     f"data nests deeper than {MAX_JSON_DEPTH} levels")
             data_json = orjson.dumps(data)
+        log = None
+        if ns.history_size > 0 and ns.subscribe not in ("owner", "api"):
+            # the namespace's log, for pattern subscriptions (docs/history.md)
+            space = channels.namespace_of(channel)
+            if space:
+                log = (space, NS_LOG_SIZE)
         return await self.broker.publish(
             channel, data_json, history_size=ns.history_size, history_ttl=ns.history_ttl,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key, log=log,
         )
 
     def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
-                           accepted: float) -> None:
+                           accepted: float, log_offset: int = 0, log_epoch: str = "") -> None:
         """Broker callback: frame the publication once and fan it out."""
+        if offset:
+            last = self._positions.get(channel)
+            self._positions[channel] = (epoch, offset)
+            if last is not None and (offset > last[1] + 1 if last[0] == epoch
+                                     else offset != 1):
+                self._gap(channel, last, epoch, offset)
+            elif last is None and len(self._positions) > MAX_POSITIONS:
+                self._positions.clear()
         if self._recovering:
             waiting = self._recovering.get(channel)
             if waiting:
                 for buf in waiting:
-                    buf.append((offset, epoch, data))
-        frame = make_frame(protocol.event_payload(channel, data, offset, epoch))
+                    buf.append((offset, epoch, data, log_offset, log_epoch))
+            for pattern, buf in self._recovering.get("", ()):
+                if glob_match(pattern, channel):
+                    buf.append((channel, offset, epoch, data, log_offset, log_epoch))
+        frame = make_frame(protocol.event_payload(channel, data, offset, epoch, log_offset,
+                                                  log_epoch))
         # owner and api namespaces reach exact subscribers only (each passed check())
         private = self.config.for_channel(channel).subscribe in ("owner", "api")
         self.hub.broadcast(channel, frame, accepted, private)
+
+    def _gap(self, channel: str, last: tuple[str, int], epoch: str, offset: int) -> None:
+        """``channel``'s offsets jumped (a publication never reached this node, e.g. Redis
+        pub/sub dropped it): close its local subscribers with 4010 so that their clients
+        recover with ``since``."""
+        from fastws.codes import DISCONNECT_INSUFFICIENT_STATE
+
+        self.gaps += 1
+        log.warning("publications lost on %s (%s:%d, then %s:%d): closing its subscribers "
+                    "with 4010", channel, last[0], last[1], epoch, offset)
+        for conn in self.trie.match(channel):
+            if not conn.closing:
+                conn.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+
+    async def check_positions(self) -> int:
+        """Compare the last offset this node delivered on each channel with the broker's
+        top (like Centrifugo's positioning): a channel that went on without us lost
+        publications here, so its subscribers are closed with 4010.  Returns how many
+        channels were found behind."""
+        names = list(self._positions)
+        if not names or not self.broker.up:
+            return 0
+        if len(names) > CHECK_BATCH:  # a slice per round, in turn
+            start = self._check_from % len(names)
+            names = (names[start:] + names[:start])[:CHECK_BATCH]
+            self._check_from = start + CHECK_BATCH
+        tops = await asyncio.gather(*(self.broker.history(n, limit=0) for n in names),
+                                    return_exceptions=True)
+        await self.broker.sync()  # whatever was published before the reads is delivered
+        behind = 0
+        for name, top in zip(names, tops, strict=True):
+            seen = self._positions.get(name)
+            if isinstance(top, BaseException) or seen is None or not top.offset:
+                continue
+            if (top.epoch, top.offset) != seen and (top.epoch != seen[0]
+                                                    or top.offset > seen[1]):
+                behind += 1
+                self._positions[name] = (top.epoch, top.offset)
+                self._gap(name, seen, top.epoch, top.offset)
+        return behind
+
+    async def _position_loop(self) -> None:
+        while True:
+            await asyncio.sleep(POSITION_CHECK_INTERVAL)
+            try:
+                await self.check_positions()
+            except BrokerUnavailable:
+                pass
+            except Exception:
+                log.exception("position check failed")
 
     def handle_gap(self) -> None:
         """Broker callback after it reconnected and resubscribed: publications may have
@@ -143,6 +227,7 @@ class Node:
         from fastws.codes import DISCONNECT_INSUFFICIENT_STATE
 
         self.broker_reconnects += 1
+        self._positions.clear()
         for conn in list(self.hub.conns):
             if conn.subs and not conn.closing:
                 conn.disconnect(DISCONNECT_INSUFFICIENT_STATE)
@@ -278,7 +363,7 @@ class Node:
             if not self._pending[name]:
                 del self._pending[name]
                 if not self.trie.keys(name):
-                    self._spawn(self.broker.unsubscribe(name))
+                    self._broker_unsubscribe(name)
         self.subscriptions += 1
         return protocol.reply(req.id, "subscribed", channel=name, **extra)
 
@@ -301,7 +386,7 @@ class Node:
     async def _recover(self, conn: Connection, name: str, req: Request) -> bool:
         """Send the publications missed since ``req.since`` as event pushes; True if complete."""
         if channels.is_pattern(name):
-            return False
+            return await self._recover_pattern(conn, name, req)
         ns = self.config.for_channel(name)
         if ns.history_size <= 0:
             return False
@@ -311,7 +396,7 @@ class Node:
         # broker.sync() waits until everything published before the read has reached
         # us (a Redis pub/sub connection may lag behind the command connection), so
         # none of those can come live after the merge, duplicating history.
-        buf: list[tuple[int, str, bytes]] = []
+        buf: list[tuple[int, str, bytes, int, str]] = []
         waiting = self._recovering.setdefault(name, [])
         waiting.append(buf)
         try:
@@ -326,9 +411,44 @@ class Node:
         if hist.recovered:
             for offset, data in hist.publications:
                 conn.send_text(protocol.event_payload(name, data, offset, hist.epoch))
-        for offset, epoch, data in buf:
+        for offset, epoch, data, log_offset, log_epoch in buf:
             if offset == 0 or epoch != hist.epoch or offset > hist.offset:
-                conn.send_text(protocol.event_payload(name, data, offset, epoch))
+                conn.send_text(protocol.event_payload(name, data, offset, epoch, log_offset,
+                                                      log_epoch))
+        return hist.recovered
+
+    async def _recover_pattern(self, conn: Connection, name: str, req: Request) -> bool:
+        """Recover a pattern from its namespace's log: ``since`` is a position in the log
+        (the ``ns_offset``/``ns_epoch`` of the last event delivered); the log's entries
+        after it that the pattern matches are replayed, then what came meanwhile."""
+        space = channels.namespace_of(name)
+        if not space or not self.broker.keeps_logs:
+            return False  # spans namespaces, or a broker without logs (cluster)
+        ns = self.config.namespace(space)
+        if ns.history_size <= 0 or ns.subscribe in ("owner", "api"):
+            return False
+        since = req.since
+        entry: tuple[str, list[tuple[str, int, str, bytes, int, str]]] = (name, [])
+        waiting = self._recovering.setdefault("", [])
+        waiting.append(entry)
+        try:
+            hist = await self.broker.log_history(space, limit=NS_LOG_SIZE,
+                                                 since_offset=since.offset,
+                                                 since_epoch=since.epoch)
+            await self.broker.sync()
+        finally:
+            waiting.remove(entry)
+            if not waiting:
+                self._recovering.pop("", None)
+        if hist.recovered:
+            for log_offset, channel, offset, epoch, data in hist.publications:
+                if glob_match(name, channel):
+                    conn.send_text(protocol.event_payload(channel, data, offset, epoch,
+                                                          log_offset, hist.epoch))
+        for channel, offset, epoch, data, log_offset, log_epoch in entry[1]:
+            if log_offset == 0 or log_epoch != hist.epoch or log_offset > hist.offset:
+                conn.send_text(protocol.event_payload(channel, data, offset, epoch,
+                                                      log_offset, log_epoch))
         return hist.recovered
 
     async def _unsubscribe(self, conn: Connection, req: Request) -> bytes:
@@ -341,9 +461,18 @@ class Node:
         if self.trie.remove(name, conn):
             self.subscriptions -= 1
             if not self.trie.keys(name) and not self._pending.get(name):
-                self._spawn(self.broker.unsubscribe(name))
+                self._broker_unsubscribe(name)
             if name in self.presence:
                 self._leave(conn, name)
+
+    def _broker_unsubscribe(self, name: str) -> None:
+        """The node no longer needs ``name``: unsubscribe it on the broker and forget the
+        positions it may have delivered (a later subscribe starts them afresh)."""
+        if channels.is_pattern(name):
+            self._positions.clear()
+        else:
+            self._positions.pop(name, None)
+        self._spawn(self.broker.unsubscribe(name))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -135,11 +135,18 @@ def error_reply(id: int | None, code: int, message: str) -> bytes:
     return reply(id, "error", code=code, message=message)
 
 
-def event_payload(channel: str, data_json: bytes, offset: int = 0, epoch: str = "") -> bytes:
+def event_payload(channel: str, data_json: bytes, offset: int = 0, epoch: str = "",
+                  ns_offset: int = 0, ns_epoch: str = "") -> bytes:
     """Bytes of an ``event`` push; ``data_json`` is already-encoded JSON.
 
-    ``offset``/``epoch`` are left out for publications without history (offset 0).
+    ``offset``/``epoch`` are left out for publications without history (offset 0);
+    ``ns_offset``/``ns_epoch`` (the position in the namespace's log, what pattern
+    subscriptions recover from) for those outside any log.
     """
+    if ns_offset:
+        return orjson.dumps({"type": "event", "channel": channel, "offset": offset,
+                             "epoch": epoch, "ns_offset": ns_offset, "ns_epoch": ns_epoch,
+                             "data": orjson.Fragment(data_json)})
     if offset:
         return orjson.dumps({"type": "event", "channel": channel, "offset": offset,
                              "epoch": epoch, "data": orjson.Fragment(data_json)})

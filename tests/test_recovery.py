@@ -123,3 +123,71 @@ async def test_recovered_false_after_flushall(redis_server, fastws_server):
     assert reply["recovered"] is True and offsets == [1]
     for x in (c, d, e):
         x.close()
+
+
+async def test_pattern_since_while_publishing(node):
+    """A pattern recovers from its namespace's log: subscribers joining with `since` (a
+    `ns_offset`/`ns_epoch` seen on an event) while three channels are published get
+    exactly the events the pattern matches after that position, once, in log order."""
+    base = uniq()
+    chans = [f"{base}-a", f"{base}-b", f"{base}-c"]
+    pattern = f"{base}-[ab]"
+    watcher = await connect(node.ws_url)
+    await watcher.request({"id": 1, "type": "subscribe", "channel": pattern})
+    pub = await connect(node.ws_url)
+    for i, ch in enumerate(chans):  # positions to recover from
+        await pub.request({"id": i + 1, "type": "publish", "channel": ch, "data": i})
+    seen = [await watcher.recv() for _ in range(2)]
+    assert [e["channel"] for e in seen] == chans[:2] and all("ns_offset" in e for e in seen)
+    total = 300
+
+    async def publisher() -> None:
+        for i in range(10, total + 10):
+            pub.send({"id": i, "type": "publish", "channel": chans[i % 3], "data": i})
+            if i % 8 == 0:
+                await asyncio.sleep(0)
+        while (await pub.recv()).get("id") != total + 9:
+            pass
+
+    truth: list[tuple[str, int]] = [(e["channel"], e["offset"]) for e in seen]
+    want = 2 + sum(1 for i in range(10, total + 10) if i % 3 != 2)
+
+    async def watch() -> None:
+        while len(truth) < want:
+            e = await watcher.recv()
+            truth.append((e["channel"], e["offset"]))
+
+    got: dict[int, tuple[int, list[tuple[str, int]]]] = {}
+
+    async def subscriber(k: int) -> None:
+        await asyncio.sleep(k * 0.002)
+        c = await connect(node.ws_url)
+        start = seen[k % 2]
+        c.send({"id": 1, "type": "subscribe", "channel": pattern,
+                "since": {"offset": start["ns_offset"], "epoch": start["ns_epoch"]}})
+        events: list[tuple[str, int]] = []
+        reply = None
+        while reply is None or len(events) < want - 1 - k % 2:
+            m = await c.recv()
+            if m.get("id") == 1:
+                reply = m
+            elif m.get("type") == "event":
+                events.append((m["channel"], m["offset"]))
+        assert reply["recovered"] is True, reply
+        got[k] = (k % 2, events)
+        c.close()
+
+    await asyncio.gather(publisher(), watch(), *(subscriber(k) for k in range(30)))
+    for skip, events in got.values():
+        assert events == truth[skip + 1:], (skip, events[:10], truth[:10])
+    watcher.close()
+    pub.close()
+
+
+async def test_pattern_across_namespaces_is_not_recovered(node):
+    """A pattern spanning namespaces has no log to recover from: recovered:false."""
+    c = await connect(node.ws_url)
+    reply = await c.request({"id": 1, "type": "subscribe", "channel": "*:x",
+                             "since": {"offset": 1, "epoch": "e"}})
+    assert reply["recovered"] is False
+    c.close()

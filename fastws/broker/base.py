@@ -41,8 +41,12 @@ class BrokerHandler(Protocol):
     """Receives what the broker delivers to this node."""
 
     def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
-                           accepted: float) -> None:
-        """One publication for local subscribers; ``accepted`` is a time.monotonic() stamp."""
+                           accepted: float, log_offset: int = 0, log_epoch: str = "") -> None:
+        """One publication for local subscribers; ``accepted`` is a time.monotonic() stamp.
+
+        ``log_offset``/``log_epoch``: its position in its namespace's log, passed (as
+        two more positional arguments) only when it has one (see ``Broker.publish``).
+        """
 
     def handle_gap(self) -> None:
         """Delivery was interrupted and is back (a broker reconnect): publications may
@@ -70,12 +74,28 @@ class Broker(ABC):
 
     @abstractmethod
     async def publish(self, channel: str, data: bytes, *, history_size: int,
-                      history_ttl: float, idempotency_key: str | None = None) -> PublishResult:
+                      history_ttl: float, idempotency_key: str | None = None,
+                      log: tuple[str, int] | None = None) -> PublishResult:
         """Publish encoded JSON ``data``; append to history when ``history_size`` > 0.
 
         The same ``idempotency_key`` on a channel within 5 minutes returns the first
-        result and publishes nothing more.
+        result and publishes nothing more.  ``log`` = (namespace, size): also append
+        it to that namespace's log (kept ``size`` long, for pattern recovery) and hand
+        its log position to every node's handler (``log_offset``, ``log_epoch``), when
+        the broker keeps logs (:attr:`keeps_logs`); it is ignored otherwise.
         """
+
+    keeps_logs: bool = False
+
+    async def log_history(self, namespace: str, *, limit: int,
+                          since_offset: int | None = None,
+                          since_epoch: str | None = None) -> HistoryResult:
+        """Like :meth:`history`, for ``namespace``'s log: ``publications`` are
+        ``(log offset, channel, channel offset, channel epoch, data)`` tuples.
+
+        The default (a broker that keeps no logs) recovers nothing.
+        """
+        return HistoryResult([], 0, "", False)
 
     @abstractmethod
     async def subscribe(self, name: str) -> None:

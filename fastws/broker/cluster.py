@@ -194,6 +194,8 @@ class RedisClusterBroker(RedisBroker):
         except BrokerUnavailable:
             self._on_link_lost()
 
+    keeps_logs = False  # a namespace log's slot is not its channels': no atomic append
+
     @property
     def _presence_command(self) -> str:
         return "SPUBLISH"  # join/leave go only to the channel's shard

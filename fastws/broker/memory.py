@@ -38,6 +38,7 @@ class MemoryBroker(Broker):
     def __init__(self) -> None:
         self._handler: BrokerHandler | None = None
         self._streams: dict[str, _Stream] = {}
+        self._logs: dict[str, _Stream] = {}  # namespace logs (pattern recovery)
         self._idem: dict[tuple[str, str], tuple[PublishResult, float]] = {}
         self._once: dict[str, float] = {}       # claim_once keys -> expiry
         self._sweeper: asyncio.Task | None = None
@@ -54,30 +55,49 @@ class MemoryBroker(Broker):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
 
+    keeps_logs = True
+
     async def publish(self, channel: str, data: bytes, *, history_size: int,
-                      history_ttl: float, idempotency_key: str | None = None) -> PublishResult:
+                      history_ttl: float, idempotency_key: str | None = None,
+                      log: tuple[str, int] | None = None) -> PublishResult:
         accepted = time.monotonic()
         if idempotency_key is not None:
             seen = self._idem.get((channel, idempotency_key))
             if seen is not None and seen[1] > accepted:
                 return seen[0]
         offset, epoch = 0, ""
+        stream: _Stream | None = None
         if history_size > 0:
-            stream = self._streams.get(channel)
-            if stream is None or (stream.expires and stream.expires <= accepted):
-                stream = self._streams[channel] = _Stream()
-            stream.top += 1
+            stream = self._append(self._streams, channel, history_size, history_ttl,
+                                  accepted, data)
             offset, epoch = stream.top, stream.epoch
-            stream.items.append((offset, data))
-            while len(stream.items) > history_size:
-                stream.items.popleft()
-            stream.expires = accepted + history_ttl
         result = PublishResult(offset, epoch)
         if idempotency_key is not None:
             self._idem[(channel, idempotency_key)] = (result, accepted + IDEMPOTENCY_TTL)
+        if stream is not None and log is not None and log[1] > 0:
+            nslog = self._append(self._logs, log[0], log[1], history_ttl, accepted,
+                                 (channel, offset, epoch, data))
+            if self._handler is not None:
+                self._handler.handle_publication(channel, data, offset, epoch, accepted,
+                                                 nslog.top, nslog.epoch)
+            return result
         if self._handler is not None:
             self._handler.handle_publication(channel, data, offset, epoch, accepted)
         return result
+
+    @staticmethod
+    def _append(streams: dict[str, _Stream], name: str, size: int, ttl: float,
+                now: float, item: object) -> _Stream:
+        """Append ``item`` to the stream ``name`` (a new epoch if it had expired)."""
+        stream = streams.get(name)
+        if stream is None or (stream.expires and stream.expires <= now):
+            stream = streams[name] = _Stream()
+        stream.top += 1
+        stream.items.append((stream.top, item))
+        while len(stream.items) > size:
+            stream.items.popleft()
+        stream.expires = now + ttl
+        return stream
 
     async def claim_once(self, key: str, ttl: float) -> bool:
         now = time.monotonic()
@@ -95,7 +115,18 @@ class MemoryBroker(Broker):
 
     async def history(self, channel: str, *, limit: int, since_offset: int | None = None,
                       since_epoch: str | None = None) -> HistoryResult:
-        stream = self._streams.get(channel)
+        return self._read(self._streams.get(channel), limit, since_offset, since_epoch)
+
+    async def log_history(self, namespace: str, *, limit: int,
+                          since_offset: int | None = None,
+                          since_epoch: str | None = None) -> HistoryResult:
+        hist = self._read(self._logs.get(namespace), limit, since_offset, since_epoch)
+        hist.publications = [(o, *item) for o, item in hist.publications]
+        return hist
+
+    @staticmethod
+    def _read(stream: _Stream | None, limit: int, since_offset: int | None,
+              since_epoch: str | None) -> HistoryResult:
         now = time.monotonic()
         if stream is None or (stream.expires and stream.expires <= now):
             # Nothing kept: a position in some earlier stream cannot be recovered.
@@ -119,8 +150,9 @@ class MemoryBroker(Broker):
     def sweep(self, now: float | None = None) -> None:
         """Free expired history, idempotency and claim_once keys without waiting for a read."""
         now = time.monotonic() if now is None else now
-        for name in [n for n, s in self._streams.items() if s.expires <= now]:
-            del self._streams[name]
+        for streams in (self._streams, self._logs):
+            for name in [n for n, s in streams.items() if s.expires <= now]:
+                del streams[name]
         for key in [k for k, v in self._idem.items() if v[1] <= now]:
             del self._idem[key]
         for once in [k for k, exp in self._once.items() if exp <= now]:

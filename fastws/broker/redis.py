@@ -68,12 +68,14 @@ from fastws.broker.base import (
 from fastws.broker.redis_scripts import (
     ENVELOPE_PREFIX,
     HISTORY_LUA,
+    LOG_PREFIX,
     PRESENCE_GET_LUA,
     PRESENCE_JOIN_LUA,
     PRESENCE_LEAVE_LUA,
     PRESENCE_PREFIX,
     PUBLISH_LUA,
     keys_for,
+    log_keys,
     presence_keys,
 )
 
@@ -707,6 +709,14 @@ class RedisBroker(Broker):
             self._deliver_presence(name, payload)
             return
         try:
+            if payload.startswith(LOG_PREFIX):  # + "LOG_OFFSET LOG_EPOCH\n" + envelope
+                nl = payload.index(b"\n")
+                loff, lepoch = payload[len(LOG_PREFIX):nl].split(b" ")
+                data, offset, epoch, accepted = decode_payload(payload[nl + 1:],
+                                                               time.monotonic())
+                self._handler.handle_publication(name, data, offset, epoch, accepted,
+                                                 int(loff), lepoch.decode())
+                return
             data, offset, epoch, accepted = decode_payload(payload, time.monotonic())
             self._handler.handle_publication(name, data, offset, epoch, accepted)
         except Exception:
@@ -806,8 +816,11 @@ class RedisBroker(Broker):
                 os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS, "PUBLISH", "",
                 link.replid, link.replid2]
 
+    keeps_logs = True  # namespace logs (not on a cluster: the log's slot is not the channel's)
+
     async def publish(self, channel: str, data: bytes, *, history_size: int,
-                      history_ttl: float, idempotency_key: str | None = None) -> PublishResult:
+                      history_ttl: float, idempotency_key: str | None = None,
+                      log: tuple[str, int] | None = None) -> PublishResult:
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         meta, stream, idem = keys_for(channel)
@@ -815,22 +828,44 @@ class RedisBroker(Broker):
         if idempotency_key is not None:
             keys.append(idem + idempotency_key)
         args = self._publish_args(channel, data, history_size, history_ttl)
+        if log is not None and log[1] > 0 and self.keeps_logs:
+            keys.extend(log_keys(log[0]))
+            args.append(log[1])  # ARGV[12]: the namespace log's size
         res = await self._eval(channel, "publish", keys, args)
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
 
+    async def log_history(self, namespace: str, *, limit: int,
+                          since_offset: int | None = None,
+                          since_epoch: str | None = None) -> HistoryResult:
+        if not self.keeps_logs:
+            return HistoryResult([], 0, "", False)
+        hist = await self.history(namespace, limit=limit, since_offset=since_offset,
+                                  since_epoch=since_epoch, keys=log_keys(namespace))
+        pubs = []
+        for loff, fields in hist.publications:
+            f = dict(zip(fields[::2], fields[1::2], strict=True))
+            pubs.append((loff, f[b"c"].decode(), int(f[b"o"]), f[b"e"].decode(), f[b"d"]))
+        hist.publications = pubs
+        return hist
+
     async def history(self, channel: str, *, limit: int, since_offset: int | None = None,
-                      since_epoch: str | None = None) -> HistoryResult:
+                      since_epoch: str | None = None,
+                      keys: tuple[str, str] | None = None) -> HistoryResult:
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
-        meta, stream, _ = keys_for(channel)
+        if keys is None:
+            meta, stream, _ = keys_for(channel)
+        else:  # a namespace log: entries keep all their fields
+            meta, stream = keys
         since = "" if since_offset is None else str(min(since_offset, 2**62))
         res = await self._eval(channel, "history", [meta, stream], [max(0, limit), since])
         if not res:
             return HistoryResult([], 0, "", since_offset is None or since_offset == 0)
         top, epoch = int(res[0]), res[1].decode()
         first = int(res[2].partition(b"-")[0]) if res[2] else top + 1
-        items = [(int(eid.partition(b"-")[0]), fields[1]) for eid, fields in res[3]]
+        items = [(int(eid.partition(b"-")[0]), fields if keys else fields[1])
+                 for eid, fields in res[3]]
         if since_offset is None:
             items.reverse()
             return HistoryResult(items, top, epoch, True)

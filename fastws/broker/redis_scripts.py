@@ -18,17 +18,25 @@ is a raw publication (a producer's ``PUBLISH``).
 
 from __future__ import annotations
 
-__all__ = ["ENVELOPE_PREFIX", "PUBLISH_LUA", "HISTORY_LUA", "hash_tag", "keys_for",
+__all__ = ["ENVELOPE_PREFIX", "LOG_PREFIX", "log_keys", "PUBLISH_LUA", "HISTORY_LUA",
+           "hash_tag", "keys_for",
            "PRESENCE_PREFIX", "PRESENCE_JOIN_LUA", "PRESENCE_LEAVE_LUA", "PRESENCE_GET_LUA",
            "presence_keys"]
 
 ENVELOPE_PREFIX = b"\x00fws\x00"
 
-# KEYS: meta, stream[, idempotency]
+# KEYS: meta, stream[, idempotency][, log meta, log]
 # ARGV: channel, data, history_size, history_ttl_ms, epoch candidate, unix time (and
 #       an id, space-separated), idempotency ttl ms, publish command (PUBLISH or
 #       SPUBLISH), '' or the feed of the channel's slot (cluster: see broker/cluster.py),
-#       this master's replication id and its previous one (master_replid, _replid2)
+#       this master's replication id and its previous one (master_replid, _replid2),
+#       the size of the namespace log (0 or absent: none; then no log keys)
+#
+# The namespace log (docs/history.md) is a second stream, one per namespace, that
+# gets every publication of the namespace with its own offset and epoch (entries
+# c = channel, o = channel offset, e = channel epoch, d = data); the envelope then
+# starts with LOG_PREFIX + b"LOG_OFFSET LOG_EPOCH\n".  Pattern subscriptions recover
+# from it.  Not on a cluster (the log's slot is not the channel's).
 #
 # The meta hash also keeps `r`, the replication id of the master that wrote it.  When a
 # master finds `r` equal to its *previous* replication id, it is a replica promoted
@@ -37,37 +45,55 @@ ENVELOPE_PREFIX = b"\x00fws\x00"
 # difference is the same master restarted with its data: `r` is updated, the stream
 # goes on.
 PUBLISH_LUA = r"""
-if #KEYS == 3 then
+local nk = #KEYS
+local nlog = tonumber(ARGV[12] or '0') or 0
+if nlog > 0 then nk = nk - 2 end
+if nk == 3 then
   local seen = redis.call('GET', KEYS[3])
   if seen then return seen end
 end
-local size = tonumber(ARGV[3])
-local offset, epoch = 0, ''
-if size > 0 then
-  local meta = redis.call('HMGET', KEYS[1], 'e', 'r')
-  epoch = meta[1]
-  if epoch and meta[2] ~= ARGV[10] then
+local function stream_epoch(mkey, skey)
+  local meta = redis.call('HMGET', mkey, 'e', 'r')
+  local e = meta[1]
+  if e and meta[2] ~= ARGV[10] then
     if meta[2] == ARGV[11] then
-      epoch = false
+      e = false
     else
-      redis.call('HSET', KEYS[1], 'r', ARGV[10])
+      redis.call('HSET', mkey, 'r', ARGV[10])
     end
   end
-  if not epoch then
-    epoch = ARGV[5]
-    redis.call('DEL', KEYS[1], KEYS[2])
-    redis.call('HSET', KEYS[1], 'e', epoch, 'r', ARGV[10])
+  if not e then
+    e = ARGV[5]
+    redis.call('DEL', mkey, skey)
+    redis.call('HSET', mkey, 'e', e, 'r', ARGV[10])
   end
+  return e
+end
+local size = tonumber(ARGV[3])
+local offset, epoch = 0, ''
+local env = ''
+if size > 0 then
+  epoch = stream_epoch(KEYS[1], KEYS[2])
   offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
   redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  if nlog > 0 then
+    local lm, lk = KEYS[nk + 1], KEYS[nk + 2]
+    local lepoch = stream_epoch(lm, lk)
+    local loff = redis.call('HINCRBY', lm, 'o', 1)
+    redis.call('XADD', lk, 'MAXLEN', nlog, loff .. '-0', 'c', ARGV[1], 'o', offset,
+               'e', epoch, 'd', ARGV[2])
+    redis.call('PEXPIRE', lm, ARGV[4])
+    redis.call('PEXPIRE', lk, ARGV[4])
+    env = '\0fwn\0' .. loff .. ' ' .. lepoch .. '\n'
+  end
 end
-local env = '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
+env = env .. '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
 redis.call(ARGV[8], ARGV[1], env)
 if ARGV[9] ~= '' then redis.call('SPUBLISH', ARGV[9], ARGV[1] .. '\n' .. env) end
 local res = offset .. ' ' .. epoch
-if #KEYS == 3 then redis.call('SET', KEYS[3], res, 'PX', ARGV[7]) end
+if nk == 3 then redis.call('SET', KEYS[3], res, 'PX', ARGV[7]) end
 return res
 """
 
@@ -100,6 +126,15 @@ def hash_tag(channel: str) -> str:
         if end > start + 1:
             return channel[start + 1:end]
     return channel
+
+
+LOG_PREFIX = b"\x00fwn\x00"
+
+
+def log_keys(namespace: str) -> tuple[str, str]:
+    """(meta key, stream key) of ``namespace``'s log (HISTORY_LUA reads it too)."""
+    base = f"fws:{{ns:{namespace}}}:~log:"
+    return base + "m", base + "h"
 
 
 def keys_for(channel: str) -> tuple[str, str, str]:
