@@ -11,7 +11,8 @@ The client runs on picows (``picows.ws_connect``) on the running event loop (uvl
 asyncio). It reconnects by itself with full-jitter exponential backoff, resubscribes
 every subscription and recovers each one from the last position it delivered
 (``since``), deduplicating events by (channel, offset). It stops for good after a close
-in 4500–4999 or a ``disconnect`` push with ``reconnect: false``.
+in 4500–4999 or a ``disconnect`` push with ``reconnect: false``, except a 4501 "token
+expired" when ``token`` is a callable: then it reconnects with a fresh token.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class Subscription:
     """
 
     __slots__ = ("client", "channel", "callback", "pattern", "offset", "epoch",
-                 "recovered", "subscribed", "active", "error", "_ready")
+                 "recovered", "subscribed", "active", "error", "_ready", "_live")
 
     def __init__(self, client: Client, channel: str, callback: EventCallback | None,
                  since: dict[str, Any] | None) -> None:
@@ -134,6 +135,39 @@ class Subscription:
         self.active = True
         self.error: FastWSError | None = None
         self._ready: asyncio.Future[None] | None = None
+        self._live = asyncio.Event()  # set while ``subscribed`` holds
+
+    def _set_subscribed(self, value: bool) -> None:
+        self.subscribed = value
+        if value:
+            self._live.set()
+        else:
+            self._live.clear()
+
+    async def wait_subscribed(self, timeout: float | None = None) -> bool | None:
+        """Wait until the current connection holds this subscription; return ``recovered``.
+
+        Call it after a reconnect to know how the resubscription ended: the replayed
+        events (if any) have been delivered when it returns, and the result is the
+        ``recovered`` flag of that ``subscribed`` reply (None when no ``since`` was
+        sent). Raises :class:`~fastws.errors.RequestTimeout` past ``timeout``,
+        :class:`~fastws.errors.ConnectionClosed` once the client has stopped for good,
+        and the subscription's error if the server refused it on a resubscribe.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if self.error is not None:
+                        raise self.error
+                    final = self.client._final
+                    if final is not None:
+                        raise final
+                    if self.subscribed:
+                        return self.recovered
+                    await self._live.wait()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"{self.channel!r} not subscribed within {timeout} s") from None
 
     def since(self) -> dict[str, Any] | None:
         """The ``since`` position to recover from, or None when nothing was delivered."""
@@ -230,6 +264,7 @@ class _Conn:
         self.close_code: int | None = None
         self.close_reason = ""
         self.disconnect_push: dict[str, Any] | None = None
+        self.token: str | None = None  # the token this connection was opened with
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_connected(self, transport: WSTransport) -> None:
@@ -241,6 +276,8 @@ class _Conn:
         self.connected = False
         if self.client._conn is self:
             self.client._connected.clear()
+            for sub in self.client._subs.values():  # at once, not when _run wakes up
+                sub._set_subscribed(False)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -267,8 +304,9 @@ class Client:
     - ``request_timeout`` (10 s): how long a request waits for its reply, waiting for a
       connection included; then :class:`~fastws.errors.RequestTimeout`.
     - ``connect_timeout`` (5 s): TCP connect plus WebSocket handshake, per attempt.
-    - ``ping_interval`` (25 s) and ``ping_timeout`` (10 s): with no data from the server
-      for their sum, the connection is considered dead and the client reconnects.
+    - ``ping_interval`` (25 s) and ``ping_timeout`` (10 s): after ``ping_interval`` with
+      no data from the server the client sends a WebSocket ping; with nothing back within
+      ``ping_timeout`` the connection is considered dead and the client reconnects.
     - ``backoff_base`` (0.5 s), ``backoff_cap`` (20 s), ``rand`` (``random.random``):
       after the n-th failed attempt in a row the client waits
       ``rand() * min(backoff_cap, backoff_base * 2**n)``.
@@ -410,6 +448,7 @@ class Client:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         conn = _Conn(self)
+        conn.token = token
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await ws_connect(
@@ -441,6 +480,7 @@ class Client:
         failures = 0
         min_wait = 0.0
         first = True
+        expired: str | None = None  # the last token the server closed as expired
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -484,7 +524,7 @@ class Client:
                     self._conn = None
                 self._set_state("disconnected")
                 for sub in self._subs.values():
-                    sub.subscribed = False
+                    sub._set_subscribed(False)
                 code = conn.close_code if conn.close_code is not None else 1006
                 reason = conn.close_reason
                 push = conn.disconnect_push
@@ -492,8 +532,16 @@ class Client:
                     if conn.close_code is None:
                         code = int(push.get("code", code))
                     reason = reason or str(push.get("reason", ""))
-                if code == 4501:
-                    final: ConnectionClosed | None = AuthError(code, reason)
+                final: ConnectionClosed | None
+                if code == 4501 and reason == "token expired" and callable(self.token) \
+                        and conn.token != expired:
+                    # Refresh: the next attempt asks the token callable for a new one. The
+                    # same expired token given back again stops the client for good.
+                    expired = conn.token
+                    final = None
+                    push = None  # its reconnect:false is about the expired token
+                elif code == 4501:
+                    final = AuthError(code, reason)
                 elif 4500 <= code <= 4999 or (push is not None and push.get("reconnect") is False):
                     final = ConnectionClosed(code, reason)
                 else:
@@ -517,17 +565,31 @@ class Client:
             raise
 
     async def _watchdog(self, conn: _Conn) -> None:
-        """Drop a connection that received nothing for ping_interval + ping_timeout."""
-        limit = self.ping_interval + self.ping_timeout
+        """Probe a quiet connection and drop a dead one (ping-timeout detection).
+
+        After ``ping_interval`` seconds with nothing received the client sends a
+        WebSocket ping (the server answers every ping with a pong); if nothing at all
+        arrives within ``ping_timeout`` more, the connection is considered dead,
+        aborted, and replaced like any lost connection.
+        """
+        probe_sent: float | None = None  # when the outstanding ping went out
         while conn.connected:
-            idle = time.monotonic() - conn.last_rx
-            if idle >= limit:
+            now = time.monotonic()
+            idle = now - conn.last_rx
+            if idle < self.ping_interval:
+                await asyncio.sleep(self.ping_interval - idle + 0.005)
+                continue
+            if probe_sent is None or conn.last_rx >= probe_sent:  # none, or answered
+                probe_sent = now
+                if conn.transport is not None:
+                    conn.transport.send_ping()
+            if now - probe_sent >= self.ping_timeout:
                 log.info("fastws client: no data for %.1f s, reconnecting", idle)
                 conn.close_code = 1006
                 conn.close_reason = "ping timeout"
                 conn.abort()
                 return
-            await asyncio.sleep(limit - idle + 0.01)
+            await asyncio.sleep(probe_sent + self.ping_timeout - now + 0.005)
 
     def _finish(self, exc: ConnectionClosed) -> None:
         """Stopped for good: wake everybody with ``exc``."""
@@ -542,6 +604,7 @@ class Client:
             if sub._ready is not None and not sub._ready.done():
                 sub._ready.set_exception(exc)
                 sub._ready.exception()
+            sub._live.set()  # wait_subscribed() re-checks and raises
         self._connected.set()  # waiters re-check self._final
         self._wakeup.set()
 
@@ -691,7 +754,8 @@ class Client:
             self._send_subscribe(conn, sub)
 
     def _send_subscribe(self, conn: _Conn, sub: Subscription) -> None:
-        sub.subscribed = False
+        sub._set_subscribed(False)
+        sub.recovered = None  # until this subscribe's reply says
         rid = self._new_id()
         msg: dict[str, Any] = {"id": rid, "type": "subscribe", "channel": sub.channel}
         since = sub.since()
@@ -714,6 +778,7 @@ class Client:
                     return
                 self._drop(sub)
                 sub.error = err
+                sub._live.set()  # wait_subscribed() raises it
                 if sub._ready is not None and not sub._ready.done():
                     sub._ready.set_exception(err)
                     sub._ready.exception()
@@ -729,18 +794,18 @@ class Client:
             conn.pending.pop(rid, None)
 
     def _subscribed(self, sub: Subscription, reply: dict[str, Any]) -> None:
-        sub.subscribed = True
         if "recovered" in reply:
             sub.recovered = bool(reply["recovered"])
         if not sub.recovered and "offset" in reply and "epoch" in reply \
                 and reply["epoch"] != sub.epoch:
             sub.offset, sub.epoch = reply["offset"], reply["epoch"]
+        sub._set_subscribed(True)
         if sub._ready is not None and not sub._ready.done():
             sub._ready.set_result(None)
 
     def _drop(self, sub: Subscription) -> None:
         sub.active = False
-        sub.subscribed = False
+        sub._set_subscribed(False)
         if self._subs.get(sub.channel) is sub:
             del self._subs[sub.channel]
 
@@ -799,11 +864,16 @@ class Client:
                 del self._last[next(iter(self._last))]
             self._last[channel] = (key_epoch, offset)
         event = Event(channel, msg.get("data"), offset, epoch)
+        ns_offset = msg.get("ns_offset")
         to_queue = False
         for sub in self._subs.values():
             if not sub.matches(channel):
                 continue
-            if offset is not None:
+            if sub.pattern:  # a pattern recovers from its namespace's log position
+                if ns_offset is not None:
+                    sub.offset = ns_offset
+                    sub.epoch = msg.get("ns_epoch")
+            elif offset is not None:
                 sub.offset = offset
                 sub.epoch = epoch
             cb = sub.callback
@@ -853,9 +923,12 @@ def connect(url: str, token: TokenSource = None, **opts: Any) -> Client:
     """Create a :class:`Client` for ``url``; use it as ``async with fastws.connect(url) as c``.
 
     ``token`` is a string or a callable (sync or async) returning one, called before each
-    connection attempt; it is sent as ``Authorization: Bearer``. Entering the block
-    connects, retrying with backoff like any reconnect, and raises
-    :class:`~fastws.errors.AuthError` if the token is rejected. ``opts`` are the
-    keyword options of :class:`Client`.
+    connection attempt; it is sent as ``Authorization: Bearer``. When the server closes
+    a connection because its token expired (4501 "token expired"), a callable is asked
+    for a fresh token and the client reconnects (a string token cannot be refreshed: that
+    raises :class:`~fastws.errors.AuthError`, as does a callable giving back the token
+    that just expired). Entering the block connects, retrying with backoff like any
+    reconnect, and raises :class:`~fastws.errors.AuthError` if the token is rejected.
+    ``opts`` are the keyword options of :class:`Client`.
     """
     return Client(url, token, **opts)

@@ -127,6 +127,11 @@ class _FakeConn(WSListener):
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
             return
+        if frame.msg_type == WSMsgType.PING:
+            self.server.pings += 1
+            if not self.silent:
+                transport.send_pong(frame.get_payload_as_bytes())
+            return
         if frame.msg_type != WSMsgType.TEXT or self.silent:
             return
         msg = orjson.loads(frame.get_payload_as_bytes())
@@ -147,6 +152,7 @@ class FakeServer:
         self.history: dict[str, list[dict[str, Any]]] = {}
         self.replay_overlap = 0  # replay this many already-delivered events on recovery
         self.ignore_types: set[str] = set()
+        self.pings = 0  # WebSocket pings received (answered unless the connection is silent)
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -159,7 +165,7 @@ class FakeServer:
                     None)
             return _FakeConn(self, request)
 
-        self.server = await ws_create_server(factory, "127.0.0.1", port)
+        self.server = await ws_create_server(factory, "127.0.0.1", port, enable_auto_pong=False)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -425,16 +431,28 @@ async def test_fake_disconnect_push_after_ms_is_respected(fake: FakeServer) -> N
         assert c.subscriptions.keys() == {"events:a"}
 
 
+async def test_fake_quiet_connection_is_probed_not_dropped(fake: FakeServer) -> None:
+    # A healthy server that has nothing to say answers the client's pings: no reconnect.
+    async with connect(fake.url, ping_interval=0.1, ping_timeout=0.1, **FAST) as c:
+        await asyncio.sleep(0.8)
+        assert fake.pings >= 3 and c.reconnects == 0 and c.connected
+
+
 async def test_fake_ping_timeout_reconnects(fake: FakeServer) -> None:
-    async with connect(fake.url, ping_interval=0.2, ping_timeout=0.1, **FAST) as c:
+    states: list[str] = []
+    async with connect(fake.url, ping_interval=0.2, ping_timeout=0.1, on_state=states.append,
+                       **FAST) as c:
         await fake.wait_conns(1)
         first = fake.conns[0]
-        first.silent = True  # the server goes quiet: no data, no replies
+        first.silent = True  # the server goes quiet: no data, no pongs, no replies
+        t0 = time.monotonic()
         async with asyncio.timeout(5):
             while fake.conns == [first] or not fake.conns:
                 await asyncio.sleep(0.02)
+        assert time.monotonic() - t0 >= 0.25  # ping_interval + ping_timeout, not before
         await c.ping()
-        assert c.reconnects >= 1
+        assert c.reconnects >= 1 and fake.pings >= 1
+        assert "disconnected" in states
 
 
 async def test_fake_publish_in_flight_not_resent(fake: FakeServer) -> None:
@@ -625,9 +643,9 @@ async def test_real_recovery_after_connection_loss(fastws_server) -> None:
             await _publish(srv, "events:r", i)
         evs = await _take(c, 3, timeout=10)
         assert [e.data for e in evs] == [3, 4, 5]
-        async with asyncio.timeout(5):  # the replay comes before `subscribed`
-            while not sub.subscribed:
-                await asyncio.sleep(0.01)
+        # The replay comes before `subscribed`, possibly in an earlier read: the three
+        # events can be in hand while the reply is not, so wait for it (no polling).
+        assert await sub.wait_subscribed(timeout=5) is True
         assert c.reconnects == 1 and sub.recovered is True
         await _publish(srv, "events:r", 6)
         assert (await c.next_event(timeout=5)).data == 6
@@ -648,3 +666,105 @@ async def test_real_overlapping_subscriptions_deliver_once(fastws_server) -> Non
         with pytest.raises(RequestTimeout):
             await c.next_event(timeout=0.2)
         assert [e.data for e in seen] == [0, 1, 2, 3, 4]
+
+
+async def test_real_restart_with_redis_broker_recovers_everything(fastws_server,
+                                                                 redis_server) -> None:
+    """Server crash and restart on a shared Redis: nothing lost, in order, recovered:true.
+
+    What is published while the client's server is down goes through a second node on
+    the same Redis; the restarted server replays it from Redis history on resubscribe.
+    """
+    broker = ("--broker", redis_server.url)
+    srv = fastws_server(*broker)
+    other = fastws_server(*broker)  # a second node sharing the broker
+    states: list[str] = []
+    async with connect(srv.ws_url, on_state=states.append, **FAST) as c:
+        sub = await c.subscribe("market:0xabc")
+        for i in range(5):
+            await _publish(srv, "market:0xabc", i)
+        first = await _take(c, 5)
+        assert [e.data for e in first] == [0, 1, 2, 3, 4]
+        srv.stop(signal.SIGKILL)
+        for i in range(5, 10):  # published while the client's server is down
+            await _publish(other, "market:0xabc", i)
+        srv2 = await asyncio.to_thread(fastws_server, *broker, port=srv.port)
+        replayed = await _take(c, 5, timeout=10)
+        assert await sub.wait_subscribed(timeout=10) is True
+        assert c.reconnects >= 1 and "disconnected" in states
+        for i in range(10, 13):
+            await _publish(srv2, "market:0xabc", i)
+        live = await _take(c, 3)
+        evs = first + replayed + live
+        assert [e.data for e in evs] == list(range(13))  # nothing lost, order kept
+        offsets = [e.offset for e in evs]
+        assert offsets == list(range(offsets[0], offsets[0] + 13))  # no gap, no duplicate
+        assert len({e.epoch for e in evs}) == 1  # Redis kept the epoch across the restart
+        with pytest.raises(RequestTimeout):
+            await c.next_event(timeout=0.2)
+
+
+def _jwt(secret: str, sub: str, ttl: float) -> str:
+    import jwt
+
+    return jwt.encode({"sub": sub, "exp": int(time.time() + ttl)}, secret, algorithm="HS256")
+
+
+async def test_real_expired_token_is_refreshed_on_reconnect(fastws_server) -> None:
+    """The server closes 4501 "token expired"; a token callable gives the next connection
+    a fresh token, and the private channel carries on with recovery."""
+    secret = "test-secret-0123456789abcdef0123"
+    srv = fastws_server("--jwt-secret", secret)
+    issued: list[str] = []
+
+    def token() -> str:
+        issued.append(_jwt(secret, "alice", 1.2 if not issued else 60))
+        return issued[-1]
+
+    async with connect(srv.ws_url, token=token, **FAST) as c:
+        sub = await c.subscribe("user:alice")
+        await _publish(srv, "user:alice", "first")
+        assert (await c.next_event(timeout=5)).data == "first"
+        async with asyncio.timeout(10):  # the first token expires within ~2 s
+            while c.reconnects < 1:
+                await asyncio.sleep(0.05)
+        assert await sub.wait_subscribed(timeout=5) is True
+        await _publish(srv, "user:alice", "after refresh")
+        assert (await c.next_event(timeout=5)).data == "after refresh"
+        assert len(issued) == 2 and not c.closed
+
+
+async def test_real_expired_static_token_stops_the_client(fastws_server) -> None:
+    secret = "test-secret-0123456789abcdef0123"
+    srv = fastws_server("--jwt-secret", secret)
+    async with connect(srv.ws_url, token=_jwt(secret, "bob", 1.2), **FAST) as c:
+        await c.subscribe("user:bob")
+        with pytest.raises(AuthError) as ei:  # a string cannot be refreshed
+            await c.next_event(timeout=10)
+        assert (ei.value.code, ei.value.reason) == (4501, "token expired")
+
+
+async def test_real_ping_timeout_detects_a_frozen_server(fastws_server) -> None:
+    """A server that stops answering (SIGSTOP) is detected by the client's probe."""
+    srv = fastws_server()
+    states: list[str] = []
+    opts = {**FAST, "ping_interval": 0.3, "ping_timeout": 0.4, "connect_timeout": 0.5}
+    async with connect(srv.ws_url, on_state=states.append, **opts) as c:
+        sub = await c.subscribe("events:p")
+        await _publish(srv, "events:p", 1)
+        assert (await c.next_event(timeout=5)).data == 1
+        await asyncio.sleep(1.0)  # quiet but healthy: the server answers the pings
+        assert c.reconnects == 0 and c.connected
+        srv.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            async with asyncio.timeout(5):
+                while c.connected:
+                    await asyncio.sleep(0.02)
+            assert 0.3 <= time.monotonic() - t0 < 2.0
+        finally:
+            srv.proc.send_signal(signal.SIGCONT)
+        assert await sub.wait_subscribed(timeout=10) is True
+        assert "disconnected" in states and c.reconnects >= 1
+        await _publish(srv, "events:p", 2)
+        assert (await c.next_event(timeout=5)).data == 2
