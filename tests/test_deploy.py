@@ -238,7 +238,11 @@ async def test_draining_node_upgrades_are_retried_on_the_other(stack: Stack) -> 
     drained = a if on_a else b
     other = b if on_a else a
     drained.proc.send_signal(signal.SIGTERM)
-    status, _, body = await asyncio.to_thread(http, "GET", drained.http_url + "/readyz")
+    for _ in range(200):  # the signal is handled asynchronously: wait until it was
+        status, _, body = await asyncio.to_thread(http, "GET", drained.http_url + "/readyz")
+        if status == 503:
+            break
+        await asyncio.sleep(0.01)
     assert status == 503 and json.loads(body)["reason"] == "draining"
     later = [await connect(stack.wss_url, ssl_context=stack.ssl) for _ in range(4)]
     for c in later:
