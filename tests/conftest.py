@@ -217,3 +217,13 @@ def scrape(base_url: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+def wait_status(url: str, status: int, timeout: float = 5.0) -> tuple[int, dict, bytes]:
+    """GET url until it answers ``status`` (e.g. /readyz 503 once a SIGTERM is handled)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = http("GET", url)
+        if answer[0] == status or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.01)

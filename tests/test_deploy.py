@@ -26,7 +26,16 @@ from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ServerProc, free_port, http, scrape, start_server, wait_port
+from conftest import (
+    ROOT,
+    ServerProc,
+    free_port,
+    http,
+    scrape,
+    start_server,
+    wait_port,
+    wait_status,
+)
 from wsclient import RawClient, connect
 
 from fastws.config import load_config
@@ -238,11 +247,7 @@ async def test_draining_node_upgrades_are_retried_on_the_other(stack: Stack) -> 
     drained = a if on_a else b
     other = b if on_a else a
     drained.proc.send_signal(signal.SIGTERM)
-    for _ in range(200):  # the signal is handled asynchronously: wait until it was
-        status, _, body = await asyncio.to_thread(http, "GET", drained.http_url + "/readyz")
-        if status == 503:
-            break
-        await asyncio.sleep(0.01)
+    status, _, body = await asyncio.to_thread(wait_status, drained.http_url + "/readyz", 503)
     assert status == 503 and json.loads(body)["reason"] == "draining"
     later = [await connect(stack.wss_url, ssl_context=stack.ssl) for _ in range(4)]
     for c in later:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import orjson
-from conftest import ServerProc, http, scrape
+from conftest import ServerProc, http, scrape, wait_status
 from wsclient import RawClient, connect
 
 
@@ -185,7 +185,7 @@ async def test_drain_refuses_new_work_and_exits_0_by_the_deadline(fastws_server)
 
     t0 = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
-    status, _, body = await asyncio.to_thread(http, "GET", srv.http_url + "/readyz")
+    status, _, body = await asyncio.to_thread(wait_status, srv.http_url + "/readyz", 503)
     assert status == 503 and json.loads(body) == {"status": "not ready", "reason": "draining"}
     assert (await asyncio.to_thread(http, "GET", srv.http_url + "/healthz"))[0] == 200
     line, retry = await asyncio.to_thread(_raw_upgrade_status, srv.port)
