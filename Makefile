@@ -37,7 +37,7 @@ serve: build
 
 test: build system-deps
 	$(VENV)/bin/ruff check fastws tests loadtest
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastws tests loadtest
