@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import http
+from conftest import http, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("FASTWS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -29,7 +29,7 @@ TIMEOUT_MS = 20_000
 RECORDER = """() => {
   window.__log = [];
   const names = ["state", "connected", "disconnect", "reconnecting", "subscribed", "error",
-                 "closed"];
+                 "closed", "online", "offline", "visible"];
   for (const name of names)
     window.fastws.on(name, (a) => window.__log.push([name, a && a.message ? a.message : a]));
 }"""
@@ -102,6 +102,17 @@ def event_rows(page) -> list[tuple[str, str]]:
         "#events li[data-channel]",
         "els => els.map(li => [li.dataset.channel, li.querySelector('.data').textContent])")
     return [tuple(r) for r in rows]
+
+
+def recovered_rows(page) -> list[str]:
+    """Data text of the rows marked as recovered (replayed on a resubscribe), newest first."""
+    return page.eval_on_selector_all(
+        "#events li[data-recovered='true']",
+        "els => els.map(li => li.querySelector('.data').textContent)")
+
+
+def log_of(page, name: str) -> list:
+    return [a for n, a in page.evaluate("window.__log") if n == name]
 
 
 def states(page) -> list[str]:
@@ -287,3 +298,103 @@ def test_backoff_is_full_jitter(page, server):
     for n, (low, top, seen_max) in enumerate(got):
         cap = min(20_000, 500 * 2**n)
         assert low == 0 and cap * 0.999 < top <= cap and cap * 0.9 < seen_max <= cap, (n, got[n])
+
+
+def test_page_recovers_events_missed_during_a_restart_with_redis(page, fastws_server, tmp_path):
+    """Server crash and restart on the Redis broker: the page reconnects by itself and the
+    events published meanwhile (through a second node) are replayed, marked as recovered."""
+    redis = start_redis()
+    try:
+        broker = ("--broker", redis.url)
+        srv = fastws_server(*broker)
+        other = fastws_server(*broker)  # a second node on the same Redis
+        open_live_page(page, srv)
+        subscribe_on_page(page, "market:0xabc")
+        for n in (1, 2):
+            srv.publish("market:0xabc", {"n": n})
+        wait_for(lambda: len(event_rows(page)) >= 2, what="first events")
+        page.evaluate("() => { window.fastws.options.maxDelay = 300; }")  # quick retries
+        srv.stop(signal.SIGKILL)  # a crash: the page only sees the TCP connection go
+        page.wait_for_function("() => window.fastws.state !== 'connected'")
+        for n in (3, 4, 5):  # while the page is disconnected, through the other node
+            other.publish("market:0xabc", {"n": n})
+        srv2 = fastws_server(*broker, port=srv.port)
+        page.wait_for_function(
+            "() => window.__log.filter(([n, a]) => n === 'subscribed').length >= 2")
+        info = log_of(page, "subscribed")[-1]
+        assert info == {"channel": "market:0xabc", "recovered": True, "replayed": 3,
+                        "resubscribe": True}, info
+        srv2.publish("market:0xabc", {"n": 6})
+        wait_for(lambda: len(event_rows(page)) >= 6, what="replayed and live events")
+        time.sleep(0.3)  # a duplicate would show now
+        assert [json.loads(d)["n"] for _, d in event_rows(page)] == [6, 5, 4, 3, 2, 1]
+        assert [json.loads(d)["n"] for d in recovered_rows(page)] == [5, 4, 3]
+        assert page.text_content("#recovered") == "3"
+        assert page.locator("#events li[data-recovered='true'] .tag").count() == 3
+        assert "recovered, 3 missed" in page.text_content("#notices")
+        assert page.text_content("#state") == "connected"
+        assert page.text_content("#reconnects") == "1"
+        assert not [e for e in page.errors if "WebSocket" not in e], page.errors
+
+        time.sleep(1.0)  # let the new-row highlight fade
+        page.screenshot(path=str(tmp_path / "live-page-recovered.png"))
+        assert (tmp_path / "live-page-recovered.png").stat().st_size > 10_000
+        if os.environ.get("FASTWS_UPDATE_SCREENSHOT"):
+            page.screenshot(path=str(ROOT / "docs" / "img" / "live-page.png"))
+    finally:
+        redis.stop()
+
+
+def test_offline_and_online_events(page, fastws_server):
+    """Chromium's network emulation: `offline` probes and drops the dead link, nothing is
+    tried while offline, `online` reconnects at once and recovers what was missed."""
+    srv = fastws_server()
+    open_live_page(page, srv)
+    subscribe_on_page(page, "net:room")
+    srv.publish("net:room", 1)
+    wait_for(lambda: event_rows(page), what="first event")
+    page.evaluate("() => { window.fastws.options.pongTimeout = 500; }")
+    page.context.set_offline(True)
+    page.wait_for_function("() => window.__log.some(([n]) => n === 'offline')")
+    page.wait_for_function("() => window.fastws.state === 'disconnected'")
+    assert log_of(page, "disconnect")[-1]["reason"] == "no pong"
+    retry = log_of(page, "reconnecting")[-1]
+    assert retry["offline"] is True and retry["delay"] >= 20_000, retry  # waits for online
+    srv.publish("net:room", 2)  # missed while offline
+    t0 = time.monotonic()
+    page.context.set_offline(False)
+    page.wait_for_function("() => window.__log.some(([n]) => n === 'online')")
+    page.wait_for_function(
+        "() => window.__log.filter(([n, a]) => n === 'subscribed').length >= 2")
+    assert time.monotonic() - t0 < 5  # at once, not after the 20 s backoff
+    wait_for(lambda: len(event_rows(page)) >= 2, what="the missed event")
+    assert [d for _, d in event_rows(page)] == ["2", "1"]
+    assert recovered_rows(page) == ["2"]
+    notices = page.text_content("#notices")
+    assert "browser offline" in notices and "browser online" in notices
+
+
+def test_visible_page_reconnects_at_once(page, fastws_server):
+    """A page coming back to the foreground tries at once instead of waiting out its
+    backoff. Headless Chromium has no real tab switching: the visibility change is
+    simulated (document.visibilityState overridden, `visibilitychange` dispatched)."""
+    srv = fastws_server()
+    open_live_page(page, srv)
+    page.evaluate("""() => {
+      Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
+      document.dispatchEvent(new Event("visibilitychange"));
+      const o = window.fastws.options;
+      o.minDelay = 60000; o.maxDelay = 60000; o.random = () => 1;
+      window.fastws._ws.close();
+    }""")
+    page.wait_for_function("() => window.fastws.state === 'disconnected'")
+    assert log_of(page, "reconnecting")[-1]["delay"] >= 59_000
+    assert not log_of(page, "visible")  # hidden: nothing happens
+    t0 = time.monotonic()
+    page.evaluate("""() => {
+      Object.defineProperty(document, "visibilityState", { value: "visible", configurable: true });
+      document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    page.wait_for_function("() => window.fastws.state === 'connected'")
+    assert time.monotonic() - t0 < 5
+    assert log_of(page, "visible") == [{"state": "disconnected"}]

@@ -393,7 +393,7 @@ async def test_fake_reconnect_recovers_from_last_position_and_dedupes(fake: Fake
     fake.replay_overlap = 2  # the server replays two events the client already has
     states: list[str] = []
     async with connect(fake.url, on_state=states.append, **FAST) as c:
-        sub = await c.subscribe("events:*")
+        sub = await c.subscribe("events:a")
         for i in range(5):
             fake.publish("events:a", i)
         assert [e.data for e in await _take(c, 5)] == [0, 1, 2, 3, 4]

@@ -2,7 +2,8 @@
 //
 //   import { FastWS } from "/fastws.js";
 //   const c = new FastWS("ws://host/ws", { token });
-//   const sub = c.subscribe("market:0x*", e => console.log(e.channel, e.data, e.offset));
+//   const sub = c.subscribe("market:0x*", (e, meta) => console.log(e.channel, e.data, e.offset,
+//                                                                 meta.recovered));
 //   c.on("state", s => ...);            // "connecting" | "connected" | "disconnected" | "closed"
 //   await c.publish("chat:room", {text: "hi"});
 //   sub.unsubscribe(); c.close();
@@ -161,6 +162,8 @@ export class FastWS {
     this._openedAt = 0;
     this._disconnectPush = null;
     this._closed = false;
+    this._lastToken = null;       // the token the current/last attempt used
+    this._expiredToken = null;    // the last token the server closed as expired
     this.reconnects = 0;
     this._installWindowHooks();
     // Connect at once, but let the caller attach listeners first (same tick).
@@ -170,7 +173,8 @@ export class FastWS {
   // ----- events ------------------------------------------------------------
 
   /** Listen to "state", "connected", "disconnect", "reconnecting", "subscribed",
-   *  "unsubscribed", "join", "leave", "error", "closed", "message". Returns an off() function. */
+   *  "unsubscribed", "join", "leave", "error", "closed", "message", "online", "offline".
+   *  Returns an off() function. */
   on(event, fn) {
     if (!this._listeners.has(event)) this._listeners.set(event, new Set());
     this._listeners.get(event).add(fn);
@@ -353,6 +357,7 @@ export class FastWS {
       token = null;
     }
     if (this._closed || this.state !== "connecting") return;
+    this._lastToken = token || null;
     if (token) url += (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token);
     const WS = this.options.WebSocket || globalThis.WebSocket;
     let ws;
@@ -500,11 +505,14 @@ export class FastWS {
         if (record.seen.size > this.options.dedupeLimit) record.seen.delete(record.seen.keys().next().value);
         record.last = { offset: e.offset, epoch: e.epoch };
       }
+      // Between a subscribe carrying `since` and its reply come the missed events.
+      const recovered = record.status === "pending" && record.recovering === true;
       if (record.status === "pending") record.replayed++;
+      const meta = { subscription: record.channel, recovered };
       for (const h of [...record.handles]) {
         if (!h.active || !h._handler.onEvent) continue;
         try {
-          h._handler.onEvent(e);
+          h._handler.onEvent(e, meta);
         } catch (err) {
           reportError(err);
         }
@@ -537,7 +545,16 @@ export class FastWS {
       reconnect: true,
       after_ms: push && typeof push.after_ms === "number" ? push.after_ms : 0,
     };
-    const fatal = (code >= 4500 && code <= 4999) || (push && push.reconnect === false);
+    let fatal = (code >= 4500 && code <= 4999) || (push && push.reconnect === false);
+    // A token that expired is refreshed: a token function gives the next attempt a new
+    // one (the same token given back again stops the client, like any rejected token).
+    if (code === 4501 && info.reason === "token expired" && typeof this.options.token === "function" &&
+        this._lastToken !== this._expiredToken) {
+      this._expiredToken = this._lastToken;
+      fatal = false;
+      info.after_ms = 0;
+      info.refresh = true;
+    }
     if (fatal) {
       info.reconnect = false;
       this._emit("disconnect", info);
@@ -557,7 +574,11 @@ export class FastWS {
     clearTimeout(this._timer);
     let delay = now ? 0 : backoffDelay(this._failures, this.options);
     delay = Math.max(delay, this._notBefore - Date.now(), 0);
-    this._emit("reconnecting", { attempt: this._failures, delay });
+    const offline = typeof navigator !== "undefined" && navigator.onLine === false;
+    // Offline: no point in trying; the "online" event tries at once. Should it never
+    // come (a wrong navigator.onLine), an attempt is still made after maxDelay.
+    if (offline) delay = Math.max(delay, this.options.maxDelay);
+    this._emit("reconnecting", { attempt: this._failures, delay, offline });
     this._timer = setTimeout(() => {
       this._timer = null;
       this._connect();
@@ -642,19 +663,30 @@ export class FastWS {
     if (w && w.addEventListener) {
       const online = () => {
         this._failures = 0;
+        this._emit("online", { state: this.state });
         if (this.state === "connected") this._probe(true);
         else this.reconnectNow();
       };
-      const offline = () => this._probe(true);
+      const offline = () => {
+        this._emit("offline", { state: this.state });
+        this._probe(true); // a live connection answers; a dead one is dropped after pongTimeout
+      };
       w.addEventListener("online", online);
       w.addEventListener("offline", offline);
       this._hooks.push([w, "online", online], [w, "offline", offline]);
     }
     if (d && d.addEventListener) {
+      // Visibility-aware: a page coming back to the foreground checks its connection
+      // (a quiet one gets a ping) or, when disconnected, tries at once instead of
+      // waiting out a backoff that grew while it was hidden.
       const visible = () => {
         if (d.visibilityState !== "visible") return;
+        this._emit("visible", { state: this.state });
         if (this.state === "connected") this._probe(false);
-        else this.reconnectNow();
+        else {
+          this._failures = 0;
+          this.reconnectNow();
+        }
       };
       d.addEventListener("visibilitychange", visible);
       this._hooks.push([d, "visibilitychange", visible]);
