@@ -30,6 +30,14 @@ def uniq(prefix: str = "rec") -> str:
     return f"{prefix}:{uuid.uuid4().hex[:10]}"
 
 
+async def recv(c: RawClient) -> dict:
+    """The next message: from the queue without a timer when one is waiting (cheap
+    enough for a thousand clients reading tens of thousands of events)."""
+    if not c.messages.empty():
+        return c.messages.get_nowait()
+    return await c.recv()
+
+
 @pytest.fixture(params=["memory", "redis"])
 def node(request, fastws_server):
     """One node on the memory broker, or on a fresh redis-server."""
@@ -191,3 +199,117 @@ async def test_pattern_across_namespaces_is_not_recovered(node):
                              "since": {"offset": 1, "epoch": "e"}})
     assert reply["recovered"] is False
     c.close()
+
+
+async def _positions(clients: list[RawClient], subs: list[str], count: list[int]
+                     ) -> list[dict]:
+    """Read ``count[i]`` events on each client; return each one's last position (the
+    channel's offset/epoch, or the namespace log's for a pattern), as clients keep it."""
+    async def last(i: int) -> dict:
+        e: dict = {}
+        for _ in range(count[i]):
+            e = await recv(clients[i])
+            assert e["type"] == "event", e
+        if "*" in subs[i] or "[" in subs[i]:
+            return {"offset": e["ns_offset"], "epoch": e["ns_epoch"]}
+        return {"offset": e["offset"], "epoch": e["epoch"]}
+    return await asyncio.gather(*(last(i) for i in range(len(clients))))
+
+
+async def test_thousand_clients_reconnect(node):
+    """1,000 clients (channels and patterns) disconnect, 500 events are published, all
+    reconnect with `since`: each gets exactly the events it missed, in order, once."""
+    base = uniq()
+    chans = [f"{base}-{k}" for k in range(10)]
+    subs = [chans[i % 10] if i % 5 else (f"{base}-[0-4]" if i % 10 else f"{base}-*")
+            for i in range(1000)]
+
+    def matching(name: str) -> list[str]:
+        if name.endswith("*"):
+            return chans
+        return chans[:5] if name.endswith("[0-4]") else [name]
+
+    clients = list(await asyncio.gather(*(connect(node.ws_url) for _ in subs)))
+    replies = await asyncio.gather(*(
+        c.request({"id": 1, "type": "subscribe", "channel": s})
+        for c, s in zip(clients, subs, strict=True)))
+    assert all(r["type"] == "subscribed" for r in replies)
+    pub = await connect(node.ws_url)
+    for k, ch in enumerate(chans):  # one event each: every client has a position
+        await pub.request({"id": k + 1, "type": "publish", "channel": ch, "data": -1})
+    since = await _positions(clients, subs, [len(matching(s)) for s in subs])
+    for c in clients:
+        c.close()
+    await asyncio.gather(*(c.wait_closed() for c in clients))
+
+    for i in range(500):  # missed by everyone: 50 per channel, interleaved
+        pub.send({"id": 100 + i, "type": "publish", "channel": chans[i % 10], "data": i})
+    while (await pub.recv()).get("id") != 599:
+        pass
+    order = [(chans[i % 10], 2 + i // 10) for i in range(500)]  # (channel, offset)
+
+    clients = list(await asyncio.gather(*(connect(node.ws_url) for _ in subs)))
+
+    async def resubscribe(c: RawClient, name: str, pos: dict) -> None:
+        c.send({"id": 2, "type": "subscribe", "channel": name, "since": pos})
+        want = [x for x in order if x[0] in matching(name)]
+        got = []
+        while True:
+            m = await recv(c)
+            if m.get("id") == 2:
+                assert m["recovered"] is True, (name, m)
+                break
+            got.append((m["channel"], m["offset"]))
+        assert got == want, (name, got[:5], want[:5])
+        pong = await c.request({"id": 3, "type": "ping"})  # nothing else came after
+        assert pong["type"] == "pong" and c.messages.empty()
+        c.close()
+
+    await asyncio.gather(*(resubscribe(c, s, p)
+                           for c, s, p in zip(clients, subs, since, strict=True)))
+    pub.close()
+
+
+async def _lose_one(redis_url: str, channel: str, data: bytes = b'"lost"') -> None:
+    """Store the channel's next publication in history without publishing it: what a
+    node sees when Redis pub/sub dropped a message."""
+    from fastws.broker.redis_scripts import keys_for
+
+    meta, stream, _ = keys_for(channel)
+    r = aioredis.from_url(redis_url)
+    try:
+        offset = await r.hincrby(meta, "o", 1)
+        await r.xadd(stream, {"d": data}, id=f"{offset}-0")
+    finally:
+        await r.aclose()
+
+
+@pytest.mark.parametrize("via", ["next publication", "position check"])
+async def test_gap_closes_with_4010_and_recovers(redis_server, fastws_server, via):
+    """A publication that never reached the node (lost on pub/sub) is noticed, by the
+    jump in offsets of the next one or by the periodic position check: the channel's
+    subscribers and the patterns matching it are closed with 4010, and `since` then
+    recovers the lost publication."""
+    srv = fastws_server("--broker", redis_server.url, config=CONFIG)
+    ch = uniq()
+    exact, pattern, other = [await connect(srv.ws_url) for _ in range(3)]
+    await exact.request({"id": 1, "type": "subscribe", "channel": ch})
+    await pattern.request({"id": 1, "type": "subscribe", "channel": ch[:-2] + "*"})
+    await other.request({"id": 1, "type": "subscribe", "channel": uniq()})
+    first = srv.publish(ch, "one")
+    for c in (exact, pattern):
+        assert (await c.recv())["offset"] == 1
+    await _lose_one(redis_server.url, ch)
+    if via == "next publication":
+        srv.publish(ch, "three")
+    for c in (exact, pattern):  # the position check runs every 10 s
+        assert await c.wait_closed(timeout=15.0) == 4010
+    assert not other.closed.is_set()
+    again = await connect(srv.ws_url)
+    again.send({"id": 1, "type": "subscribe", "channel": ch,
+                "since": {"offset": 1, "epoch": first["epoch"]}})
+    last = 3 if via == "next publication" else 2
+    reply, offsets = await collect_until(again, 1, ch, last)
+    assert reply["recovered"] is True and offsets == list(range(2, last + 1))
+    for c in (other, again):
+        c.close()

@@ -503,7 +503,9 @@ export class FastWS {
         record.seen.delete(channel);
         record.seen.set(channel, { offset: e.offset, epoch: e.epoch });
         if (record.seen.size > this.options.dedupeLimit) record.seen.delete(record.seen.keys().next().value);
-        record.last = { offset: e.offset, epoch: e.epoch };
+        // a pattern recovers from its namespace's log position (ns_offset/ns_epoch)
+        if (!record.pattern) record.last = { offset: e.offset, epoch: e.epoch };
+        else if (typeof e.ns_offset === "number") record.last = { offset: e.ns_offset, epoch: e.ns_epoch };
       }
       // Between a subscribe carrying `since` and its reply come the missed events.
       const recovered = record.status === "pending" && record.recovering === true;
