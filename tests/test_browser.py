@@ -398,3 +398,26 @@ def test_visible_page_reconnects_at_once(page, fastws_server):
     page.wait_for_function("() => window.fastws.state === 'connected'")
     assert time.monotonic() - t0 < 5
     assert log_of(page, "visible") == [{"state": "disconnected"}]
+
+
+def test_npm_package_is_the_served_module(server):
+    """clients/js (npm `fastws-client`) publishes fastws/static's files, nothing else:
+    package.json points at copies that sync.mjs makes at pack time from the one source."""
+    pkg_dir = ROOT / "clients" / "js"
+    pkg = json.loads((pkg_dir / "package.json").read_text())
+    from fastws import __version__
+
+    assert pkg["name"] == "fastws-client" and pkg["version"] == __version__
+    assert pkg["type"] == "module" and pkg["sideEffects"] is False
+    assert pkg["exports"]["."] == {"types": "./fastws.d.ts", "default": "./fastws.js"}
+    assert (pkg["main"], pkg["types"]) == ("./fastws.js", "./fastws.d.ts")
+    assert set(pkg["files"]) == {"fastws.js", "fastws.d.ts", "README.md"}
+    assert "dependencies" not in pkg
+    assert pkg["scripts"]["prepack"] == "node sync.mjs"
+    sync = (pkg_dir / "sync.mjs").read_text()
+    assert '"fastws", "static"' in sync and '["fastws.js", "fastws.d.ts"]' in sync
+    ignored = (pkg_dir / ".gitignore").read_text().split()
+    assert "/fastws.js" in ignored and "/fastws.d.ts" in ignored  # copies, never edited
+    # What the server serves is the very file the package copies.
+    status, _, body = http("GET", server.http_url + "/fastws.js")
+    assert status == 200 and body == (ROOT / "fastws" / "static" / "fastws.js").read_bytes()

@@ -15,6 +15,17 @@ export interface FastWSEvent<T = unknown> {
   data: T;
   offset?: number;
   epoch?: string;
+  /** Position in the namespace's log (what a pattern subscription recovers from). */
+  ns_offset?: number;
+  ns_epoch?: string;
+}
+
+/** Second argument of an `onEvent` handler. */
+export interface EventMeta {
+  /** The subscription (channel or pattern) this delivery is for. */
+  subscription: string;
+  /** True for an event the server replayed on a resubscription (missed while disconnected). */
+  recovered: boolean;
 }
 
 export interface PublishedReply {
@@ -76,6 +87,14 @@ export interface DisconnectInfo {
   wasClean?: boolean;
   /** True for the server's `disconnect` push (before the close itself). */
   pushed?: boolean;
+  /** True when the token expired (4501) and a token function will give the next attempt a new one. */
+  refresh?: boolean;
+}
+
+/** `online`, `offline` and `visible` events (the browser's network and page visibility). */
+export interface NetworkInfo {
+  /** The client's state when the browser event came. */
+  state: State;
 }
 
 export interface ClosedInfo {
@@ -88,7 +107,8 @@ export interface EventMap {
   state: State;
   connected: { reconnect: boolean; reconnects: number };
   disconnect: DisconnectInfo;
-  reconnecting: { attempt: number; delay: number };
+  /** `offline`: the browser is offline; the attempt waits for `online` (at most `delay`). */
+  reconnecting: { attempt: number; delay: number; offline: boolean };
   subscribed: SubscribedInfo;
   unsubscribed: { channel: string };
   join: PresencePush;
@@ -96,6 +116,9 @@ export interface EventMap {
   error: FastWSError | Error;
   closed: ClosedInfo;
   message: Record<string, unknown>;
+  online: NetworkInfo;
+  offline: NetworkInfo;
+  visible: NetworkInfo;
 }
 
 export type TokenSource = string | null | (() => string | null | Promise<string | null>);
@@ -150,6 +173,8 @@ export declare class FastWSError extends Error {
 export declare class FastWS {
   constructor(url: string, options?: FastWSOptions);
   readonly url: string;
+  /** The options in effect (defaults filled in); may be changed on a live client. */
+  options: Required<Omit<FastWSOptions, "token" | "WebSocket">> & Pick<FastWSOptions, "token" | "WebSocket">;
   readonly state: State;
   /** Successful reconnects so far. */
   readonly reconnects: number;
@@ -157,7 +182,7 @@ export declare class FastWS {
   on<K extends keyof EventMap>(event: K, fn: (arg: EventMap[K]) => void): () => void;
   off<K extends keyof EventMap>(event: K, fn: (arg: EventMap[K]) => void): void;
 
-  subscribe<T = unknown>(channel: string, onEvent?: (e: FastWSEvent<T>) => void, options?: SubscribeOptions): Subscription<T>;
+  subscribe<T = unknown>(channel: string, onEvent?: (e: FastWSEvent<T>, meta: EventMeta) => void, options?: SubscribeOptions): Subscription<T>;
   unsubscribe(channel: string): void;
   subscriptions(): string[];
 
