@@ -243,7 +243,7 @@ class _Listener(WSListener):
         elif mt == WSMsgType.PING:
             transport.send_pong(frame.get_payload_as_bytes())
         elif mt == WSMsgType.CLOSE:
-            conn.close_code = int(frame.get_close_code())
+            conn.close_code = int(frame.get_close_code().value)
             conn.close_reason = frame.get_close_reason() or ""
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
@@ -559,9 +559,9 @@ class Client:
             self._final = term.exc
             self._finish(term.exc)
         except asyncio.CancelledError:
-            conn = self._conn
-            if conn is not None:
-                conn.abort()
+            current = self._conn
+            if current is not None:
+                current.abort()
             raise
 
     async def _watchdog(self, conn: _Conn) -> None:
