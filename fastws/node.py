@@ -25,6 +25,7 @@ from fastws._fanout import Hub, make_frame
 from fastws._match import Trie, glob_match
 from fastws.auth import Auth
 from fastws.broker import Broker, BrokerUnavailable, PublishResult, create_broker
+from fastws.broker.base import HistoryResult
 from fastws.broker.memory import MemoryBroker
 from fastws.codes import Err
 from fastws.limits import MAX_JSON_DEPTH, Bucket, json_depth
@@ -164,8 +165,7 @@ class Node:
             for pattern, buf in self._recovering.get("", ()):
                 if glob_match(pattern, channel):
                     buf.append((channel, offset, epoch, data, log_offset, log_epoch))
-        frame = make_frame(protocol.event_payload(channel, data, offset, epoch, log_offset,
-                                                  log_epoch))
+        frame = make_frame(protocol.event_payload(channel, data, offset, epoch))
         # owner and api namespaces reach exact subscribers only (each passed check())
         private = self.config.for_channel(channel).subscribe in ("owner", "api")
         self.hub.broadcast(channel, frame, accepted, private)
@@ -347,7 +347,7 @@ class Node:
                 await self.broker.subscribe(name)
             extra: dict[str, Any] = {}
             if req.since is not None:
-                extra["recovered"] = await self._recover(conn, name, req)
+                extra = await self._recover(conn, name, req.since)
             if conn.closing:
                 _discard(subs, name)
                 return b""
@@ -383,14 +383,21 @@ class Node:
                                 f"{limits.subscribes_per_connection} subscribes per "
                                 f"{limits.subscribes_window:g} s")
 
-    async def _recover(self, conn: Connection, name: str, req: Request) -> bool:
-        """Send the publications missed since ``req.since`` as event pushes; True if complete."""
+    async def _recover(self, conn: Connection, name: str,
+                       since: protocol.Since | None) -> dict[str, Any]:
+        """Send the publications missed after ``since`` as event pushes; returns what
+        goes into ``subscribed``: ``recovered`` (were they all still there), and, when
+        the name has a stream (a channel with history, or a pattern with a namespace
+        log), its position after the replay (``offset``/``epoch``, of the namespace log
+        for a pattern), which the clients keep when ``recovered`` is false.
+
+        ``since`` None (not used by subscribe now) would only position the subscription.
+        """
         if channels.is_pattern(name):
-            return await self._recover_pattern(conn, name, req)
+            return await self._recover_pattern(conn, name, since)
         ns = self.config.for_channel(name)
         if ns.history_size <= 0:
-            return False
-        since = req.since
+            return {} if since is None else {"recovered": False}
         # The broker delivers this channel already: publications that arrive while
         # history is read are kept and sent after it (without repeating what it held).
         # broker.sync() waits until everything published before the read has reached
@@ -400,56 +407,57 @@ class Node:
         waiting = self._recovering.setdefault(name, [])
         waiting.append(buf)
         try:
-            hist = await self.broker.history(name, limit=ns.history_size,
-                                             since_offset=since.offset,
-                                             since_epoch=since.epoch)
+            hist = await self.broker.history(
+                name, limit=ns.history_size if since is not None else 0,
+                since_offset=since.offset if since is not None else None,
+                since_epoch=since.epoch if since is not None else None)
             await self.broker.sync()
         finally:
             waiting.remove(buf)
             if not waiting:
                 self._recovering.pop(name, None)
-        if hist.recovered:
+        if hist.recovered and since is not None:
             for offset, data in hist.publications:
                 conn.send_text(protocol.event_payload(name, data, offset, hist.epoch))
-        for offset, epoch, data, log_offset, log_epoch in buf:
+        for offset, epoch, data, _log_offset, _log_epoch in buf:
             if offset == 0 or epoch != hist.epoch or offset > hist.offset:
-                conn.send_text(protocol.event_payload(name, data, offset, epoch, log_offset,
-                                                      log_epoch))
-        return hist.recovered
+                conn.send_text(protocol.event_payload(name, data, offset, epoch))
+        return _position(hist, since)
 
-    async def _recover_pattern(self, conn: Connection, name: str, req: Request) -> bool:
-        """Recover a pattern from its namespace's log: ``since`` is a position in the log
-        (the ``ns_offset``/``ns_epoch`` of the last event delivered); the log's entries
-        after it that the pattern matches are replayed, then what came meanwhile."""
+    async def _recover_pattern(self, conn: Connection, name: str,
+                               since: protocol.Since | None) -> dict[str, Any]:
+        """Recover a pattern from its namespace's log: ``since`` is the last event the
+        subscription delivered (its ``channel``, ``offset``, ``epoch``); the log's entries
+        after that publication that the pattern matches are replayed, then what came
+        meanwhile (merged by log offset, which the broker hands the node internally)."""
+        nothing: dict[str, Any] = {} if since is None else {"recovered": False}
         space = channels.namespace_of(name)
-        if not space or not self.broker.keeps_logs:
-            return False  # spans namespaces, or a broker without logs (cluster)
+        if not space or not self.broker.keeps_logs or since is None or not since.channel \
+                or not glob_match(name, since.channel):
+            return nothing  # spans namespaces, a broker without logs (cluster), no position
         ns = self.config.namespace(space)
         if ns.history_size <= 0 or ns.subscribe in ("owner", "api"):
-            return False
-        since = req.since
+            return nothing
         entry: tuple[str, list[tuple[str, int, str, bytes, int, str]]] = (name, [])
         waiting = self._recovering.setdefault("", [])
         waiting.append(entry)
         try:
-            hist = await self.broker.log_history(space, limit=NS_LOG_SIZE,
-                                                 since_offset=since.offset,
-                                                 since_epoch=since.epoch)
+            hist = await self.broker.log_history(
+                space, limit=NS_LOG_SIZE, since_channel=since.channel,
+                since_offset=since.offset, since_epoch=since.epoch)
             await self.broker.sync()
         finally:
             waiting.remove(entry)
             if not waiting:
                 self._recovering.pop("", None)
         if hist.recovered:
-            for log_offset, channel, offset, epoch, data in hist.publications:
+            for _log_offset, channel, offset, epoch, data in hist.publications:
                 if glob_match(name, channel):
-                    conn.send_text(protocol.event_payload(channel, data, offset, epoch,
-                                                          log_offset, hist.epoch))
+                    conn.send_text(protocol.event_payload(channel, data, offset, epoch))
         for channel, offset, epoch, data, log_offset, log_epoch in entry[1]:
             if log_offset == 0 or log_epoch != hist.epoch or log_offset > hist.offset:
-                conn.send_text(protocol.event_payload(channel, data, offset, epoch,
-                                                      log_offset, log_epoch))
-        return hist.recovered
+                conn.send_text(protocol.event_payload(channel, data, offset, epoch))
+        return {"recovered": hist.recovered}
 
     async def _unsubscribe(self, conn: Connection, req: Request) -> bytes:
         if conn.subs and req.channel in conn.subs:
@@ -565,6 +573,14 @@ class Node:
         if conn.subs:
             for name in list(conn.subs):
                 self._drop_sub(conn, name)
+
+
+def _position(hist: HistoryResult, since: protocol.Since | None) -> dict[str, Any]:
+    """The ``subscribed`` reply's extra keys after positioning in ``hist``'s stream."""
+    extra: dict[str, Any] = {"offset": hist.offset, "epoch": hist.epoch}
+    if since is not None:
+        extra["recovered"] = hist.recovered
+    return extra
 
 
 def _discard(subs: list[str] | None, name: str) -> None:

@@ -29,10 +29,14 @@ MAX_HISTORY_LIMIT = 1000
 
 @dataclass(slots=True, frozen=True)
 class Since:
-    """A stream position: the last offset a client has, in a given epoch."""
+    """A stream position: the last offset a client has, in a given epoch.
+
+    For a pattern, ``channel`` names the channel of that last event (the position is
+    looked up in the namespace's log: docs/history.md)."""
 
     offset: int
     epoch: str
+    channel: str = ""
 
 
 @dataclass(slots=True)
@@ -67,7 +71,10 @@ def _since(value: object, id: int | None) -> Since:
         raise ProtocolError(Err.BAD_REQUEST, "since.offset must be a non-negative integer", id)
     if not isinstance(epoch, str):
         raise ProtocolError(Err.BAD_REQUEST, "since.epoch must be a string", id)
-    return Since(offset, epoch)
+    channel = value.get("channel", "")
+    if not isinstance(channel, str) or len(channel) > 1024:
+        raise ProtocolError(Err.BAD_REQUEST, "since.channel must be a channel name", id)
+    return Since(offset, epoch, channel)
 
 
 def parse(payload: bytes | str, max_channel_length: int = 255) -> Request:
@@ -135,18 +142,11 @@ def error_reply(id: int | None, code: int, message: str) -> bytes:
     return reply(id, "error", code=code, message=message)
 
 
-def event_payload(channel: str, data_json: bytes, offset: int = 0, epoch: str = "",
-                  ns_offset: int = 0, ns_epoch: str = "") -> bytes:
+def event_payload(channel: str, data_json: bytes, offset: int = 0, epoch: str = "") -> bytes:
     """Bytes of an ``event`` push; ``data_json`` is already-encoded JSON.
 
-    ``offset``/``epoch`` are left out for publications without history (offset 0);
-    ``ns_offset``/``ns_epoch`` (the position in the namespace's log, what pattern
-    subscriptions recover from) for those outside any log.
+    ``offset``/``epoch`` are left out for publications without history (offset 0).
     """
-    if ns_offset:
-        return orjson.dumps({"type": "event", "channel": channel, "offset": offset,
-                             "epoch": epoch, "ns_offset": ns_offset, "ns_epoch": ns_epoch,
-                             "data": orjson.Fragment(data_json)})
     if offset:
         return orjson.dumps({"type": "event", "channel": channel, "offset": offset,
                              "epoch": epoch, "data": orjson.Fragment(data_json)})

@@ -134,9 +134,9 @@ async def test_recovered_false_after_flushall(redis_server, fastws_server):
 
 
 async def test_pattern_since_while_publishing(node):
-    """A pattern recovers from its namespace's log: subscribers joining with `since` (a
-    `ns_offset`/`ns_epoch` seen on an event) while three channels are published get
-    exactly the events the pattern matches after that position, once, in log order."""
+    """A pattern recovers from its namespace's log: subscribers joining with `since` (the
+    channel, offset and epoch of an event they got) while three channels are published
+    get exactly the events the pattern matches after that one, once, in log order."""
     base = uniq()
     chans = [f"{base}-a", f"{base}-b", f"{base}-c"]
     pattern = f"{base}-[ab]"
@@ -146,7 +146,7 @@ async def test_pattern_since_while_publishing(node):
     for i, ch in enumerate(chans):  # positions to recover from
         await pub.request({"id": i + 1, "type": "publish", "channel": ch, "data": i})
     seen = [await watcher.recv() for _ in range(2)]
-    assert [e["channel"] for e in seen] == chans[:2] and all("ns_offset" in e for e in seen)
+    assert [e["channel"] for e in seen] == chans[:2]
     total = 300
 
     async def publisher() -> None:
@@ -172,7 +172,8 @@ async def test_pattern_since_while_publishing(node):
         c = await connect(node.ws_url)
         start = seen[k % 2]
         c.send({"id": 1, "type": "subscribe", "channel": pattern,
-                "since": {"offset": start["ns_offset"], "epoch": start["ns_epoch"]}})
+                "since": {"offset": start["offset"], "epoch": start["epoch"],
+                          "channel": start["channel"]}})
         events: list[tuple[str, int]] = []
         reply = None
         while reply is None or len(events) < want - 1 - k % 2:
@@ -203,15 +204,15 @@ async def test_pattern_across_namespaces_is_not_recovered(node):
 
 async def _positions(clients: list[RawClient], subs: list[str], count: list[int]
                      ) -> list[dict]:
-    """Read ``count[i]`` events on each client; return each one's last position (the
-    channel's offset/epoch, or the namespace log's for a pattern), as clients keep it."""
+    """Read ``count[i]`` events on each client; return each one's last position as the
+    clients keep it (a pattern's names the channel of its last event)."""
     async def last(i: int) -> dict:
         e: dict = {}
         for _ in range(count[i]):
             e = await recv(clients[i])
             assert e["type"] == "event", e
         if "*" in subs[i] or "[" in subs[i]:
-            return {"offset": e["ns_offset"], "epoch": e["ns_epoch"]}
+            return {"offset": e["offset"], "epoch": e["epoch"], "channel": e["channel"]}
         return {"offset": e["offset"], "epoch": e["epoch"]}
     return await asyncio.gather(*(last(i) for i in range(len(clients))))
 

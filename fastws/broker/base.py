@@ -87,11 +87,13 @@ class Broker(ABC):
 
     keeps_logs: bool = False
 
-    async def log_history(self, namespace: str, *, limit: int,
-                          since_offset: int | None = None,
-                          since_epoch: str | None = None) -> HistoryResult:
-        """Like :meth:`history`, for ``namespace``'s log: ``publications`` are
-        ``(log offset, channel, channel offset, channel epoch, data)`` tuples.
+    async def log_history(self, namespace: str, *, limit: int, since_channel: str,
+                          since_offset: int, since_epoch: str) -> HistoryResult:
+        """Up to ``limit`` entries of ``namespace``'s log after the publication
+        ``since_offset`` of ``since_channel`` in ``since_epoch`` (the last event a pattern
+        subscription delivered); ``publications`` are ``(log offset, channel, channel
+        offset, channel epoch, data)`` tuples, ``offset``/``epoch`` the log's top.
+        ``recovered`` is False when that publication is no longer in the log.
 
         The default (a broker that keeps no logs) recovers nothing.
         """

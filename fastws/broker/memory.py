@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
 from collections import deque
@@ -117,12 +118,22 @@ class MemoryBroker(Broker):
                       since_epoch: str | None = None) -> HistoryResult:
         return self._read(self._streams.get(channel), limit, since_offset, since_epoch)
 
-    async def log_history(self, namespace: str, *, limit: int,
-                          since_offset: int | None = None,
-                          since_epoch: str | None = None) -> HistoryResult:
-        hist = self._read(self._logs.get(namespace), limit, since_offset, since_epoch)
-        hist.publications = [(o, *item) for o, item in hist.publications]
-        return hist
+    async def log_history(self, namespace: str, *, limit: int, since_channel: str,
+                          since_offset: int, since_epoch: str) -> HistoryResult:
+        nslog = self._logs.get(namespace)
+        if nslog is None or nslog.expires <= time.monotonic():
+            return HistoryResult([], 0, "", False)
+        want = (since_channel, since_offset, since_epoch)
+        items = nslog.items
+        found = None
+        for i in range(len(items) - 1, -1, -1):  # recent positions sit near the end
+            if items[i][1][:3] == want:
+                found = i
+                break
+        if found is None:
+            return HistoryResult([], nslog.top, nslog.epoch, False)
+        pubs = [(o, *item) for o, item in itertools.islice(items, found + 1, found + 1 + limit)]
+        return HistoryResult(pubs, nslog.top, nslog.epoch, True)
 
     @staticmethod
     def _read(stream: _Stream | None, limit: int, since_offset: int | None,

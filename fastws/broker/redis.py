@@ -69,6 +69,7 @@ from fastws.broker.redis_scripts import (
     ENVELOPE_PREFIX,
     HISTORY_LUA,
     LOG_PREFIX,
+    LOG_SINCE_LUA,
     PRESENCE_GET_LUA,
     PRESENCE_JOIN_LUA,
     PRESENCE_LEAVE_LUA,
@@ -79,8 +80,9 @@ from fastws.broker.redis_scripts import (
     presence_keys,
 )
 
-SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA, "join": PRESENCE_JOIN_LUA,
-           "leave": PRESENCE_LEAVE_LUA, "presence": PRESENCE_GET_LUA}
+SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA, "logsince": LOG_SINCE_LUA,
+           "join": PRESENCE_JOIN_LUA, "leave": PRESENCE_LEAVE_LUA,
+           "presence": PRESENCE_GET_LUA}
 
 __all__ = ["RedisBroker", "encode_command", "decode_payload"]
 
@@ -835,37 +837,41 @@ class RedisBroker(Broker):
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
 
-    async def log_history(self, namespace: str, *, limit: int,
-                          since_offset: int | None = None,
-                          since_epoch: str | None = None) -> HistoryResult:
+    async def log_history(self, namespace: str, *, limit: int, since_channel: str,
+                          since_offset: int, since_epoch: str) -> HistoryResult:
         if not self.keeps_logs:
             return HistoryResult([], 0, "", False)
-        hist = await self.history(namespace, limit=limit, since_offset=since_offset,
-                                  since_epoch=since_epoch, keys=log_keys(namespace))
-        pubs = []
-        for loff, fields in hist.publications:
-            f = dict(zip(fields[::2], fields[1::2], strict=True))
-            pubs.append((loff, f[b"c"].decode(), int(f[b"o"]), f[b"e"].decode(), f[b"d"]))
-        hist.publications = pubs
-        return hist
-
-    async def history(self, channel: str, *, limit: int, since_offset: int | None = None,
-                      since_epoch: str | None = None,
-                      keys: tuple[str, str] | None = None) -> HistoryResult:
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
-        if keys is None:
-            meta, stream, _ = keys_for(channel)
-        else:  # a namespace log: entries keep all their fields
-            meta, stream = keys
+        meta, stream, _ = keys_for(since_channel)
+        res = await self._eval(namespace, "logsince", [*log_keys(namespace), meta, stream],
+                               [max(0, limit), min(since_offset, 2**62), since_epoch])
+        if not res:
+            return HistoryResult([], 0, "", False)
+        top, epoch = int(res[0]), res[1].decode()
+        first = int(res[2].partition(b"-")[0]) if res[2] else top + 1
+        if not res[4]:
+            return HistoryResult([], top, epoch, False)
+        found = int(res[4])
+        pubs = []
+        for eid, fields in res[3]:
+            f = dict(zip(fields[::2], fields[1::2], strict=True))
+            pubs.append((int(eid.partition(b"-")[0]), f[b"c"].decode(), int(f[b"o"]),
+                         f[b"e"].decode(), f[b"d"]))
+        return HistoryResult(pubs, top, epoch, found + 1 >= first and found <= top)
+
+    async def history(self, channel: str, *, limit: int, since_offset: int | None = None,
+                      since_epoch: str | None = None) -> HistoryResult:
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        meta, stream, _ = keys_for(channel)
         since = "" if since_offset is None else str(min(since_offset, 2**62))
         res = await self._eval(channel, "history", [meta, stream], [max(0, limit), since])
         if not res:
             return HistoryResult([], 0, "", since_offset is None or since_offset == 0)
         top, epoch = int(res[0]), res[1].decode()
         first = int(res[2].partition(b"-")[0]) if res[2] else top + 1
-        items = [(int(eid.partition(b"-")[0]), fields if keys else fields[1])
-                 for eid, fields in res[3]]
+        items = [(int(eid.partition(b"-")[0]), fields[1]) for eid, fields in res[3]]
         if since_offset is None:
             items.reverse()
             return HistoryResult(items, top, epoch, True)

@@ -19,6 +19,7 @@ is a raw publication (a producer's ``PUBLISH``).
 from __future__ import annotations
 
 __all__ = ["ENVELOPE_PREFIX", "LOG_PREFIX", "log_keys", "PUBLISH_LUA", "HISTORY_LUA",
+           "LOG_SINCE_LUA",
            "hash_tag", "keys_for",
            "PRESENCE_PREFIX", "PRESENCE_JOIN_LUA", "PRESENCE_LEAVE_LUA", "PRESENCE_GET_LUA",
            "presence_keys"]
@@ -34,9 +35,10 @@ ENVELOPE_PREFIX = b"\x00fws\x00"
 #
 # The namespace log (docs/history.md) is a second stream, one per namespace, that
 # gets every publication of the namespace with its own offset and epoch (entries
-# c = channel, o = channel offset, e = channel epoch, d = data); the envelope then
-# starts with LOG_PREFIX + b"LOG_OFFSET LOG_EPOCH\n".  Pattern subscriptions recover
-# from it.  Not on a cluster (the log's slot is not the channel's).
+# c = channel, o = channel offset, e = channel epoch, d = data); the channel's entry
+# then also keeps n = "LOG_OFFSET LOG_EPOCH", and the envelope starts with LOG_PREFIX +
+# b"LOG_OFFSET LOG_EPOCH\n" (for the nodes only: pushes do not carry it).  Pattern
+# subscriptions recover from it.  Not on a cluster (the log's slot is not the channel's).
 #
 # The meta hash also keeps `r`, the replication id of the master that wrote it.  When a
 # master finds `r` equal to its *previous* replication id, it is a replica promoted
@@ -75,9 +77,6 @@ local env = ''
 if size > 0 then
   epoch = stream_epoch(KEYS[1], KEYS[2])
   offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
   if nlog > 0 then
     local lm, lk = KEYS[nk + 1], KEYS[nk + 2]
     local lepoch = stream_epoch(lm, lk)
@@ -87,7 +86,13 @@ if size > 0 then
     redis.call('PEXPIRE', lm, ARGV[4])
     redis.call('PEXPIRE', lk, ARGV[4])
     env = '\0fwn\0' .. loff .. ' ' .. lepoch .. '\n'
+    redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2],
+               'n', loff .. ' ' .. lepoch)
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2])
   end
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 env = env .. '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
 redis.call(ARGV[8], ARGV[1], env)
@@ -115,6 +120,40 @@ if limit > 0 then
   end
 end
 return {meta[1], meta[2], first_off, items}
+"""
+
+
+# KEYS: log meta, log, channel meta, channel stream.  ARGV: limit, channel offset,
+# channel epoch.  Finds where the channel's entry (offset, epoch) sits in the namespace
+# log and reads the log after it: {top, epoch, first kept, entries, found} where found
+# is the entry's log offset, '' when the entry (or its log epoch) is gone ({} when the
+# log has no meta).
+LOG_SINCE_LUA = r"""
+local meta = redis.call('HMGET', KEYS[1], 'o', 'e')
+if not meta[1] or not meta[2] then return {} end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local first_off = ''
+if #first > 0 then first_off = first[1][1] end
+local found = ''
+if redis.call('HGET', KEYS[3], 'e') == ARGV[3] then
+  local entry = redis.call('XRANGE', KEYS[4], ARGV[2] .. '-0', ARGV[2] .. '-0')
+  if #entry > 0 then
+    local f = entry[1][2]
+    for i = 1, #f, 2 do
+      if f[i] == 'n' then
+        local sp = string.find(f[i + 1], ' ', 1, true)
+        if string.sub(f[i + 1], sp + 1) == meta[2] then
+          found = string.sub(f[i + 1], 1, sp - 1)
+        end
+      end
+    end
+  end
+end
+local items = {}
+if found ~= '' and tonumber(ARGV[1]) > 0 then
+  items = redis.call('XRANGE', KEYS[2], '(' .. found .. '-0', '+', 'COUNT', ARGV[1])
+end
+return {meta[1], meta[2], first_off, items, found}
 """
 
 

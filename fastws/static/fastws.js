@@ -217,7 +217,7 @@ export class FastWS {
         channel: key,
         pattern: isPattern(key),
         handles: new Set(),
-        last: opts.since ? { offset: opts.since.offset, epoch: opts.since.epoch } : null,
+        last: opts.since ? { offset: opts.since.offset, epoch: opts.since.epoch, channel: opts.since.channel } : null,
         seen: new Map(),
         status: "new",       // new | pending | subscribed
         replayed: 0,
@@ -321,6 +321,8 @@ export class FastWS {
     const msg = { id, type: "subscribe", channel: record.channel };
     if (record.last && record.last.offset != null && record.last.epoch != null) {
       msg.since = { offset: record.last.offset, epoch: record.last.epoch };
+      // a pattern's position is its last event, looked up in the namespace's log
+      if (record.pattern && record.last.channel) msg.since.channel = record.last.channel;
     }
     record.status = "pending";
     record.replayed = 0;
@@ -503,9 +505,7 @@ export class FastWS {
         record.seen.delete(channel);
         record.seen.set(channel, { offset: e.offset, epoch: e.epoch });
         if (record.seen.size > this.options.dedupeLimit) record.seen.delete(record.seen.keys().next().value);
-        // a pattern recovers from its namespace's log position (ns_offset/ns_epoch)
-        if (!record.pattern) record.last = { offset: e.offset, epoch: e.epoch };
-        else if (typeof e.ns_offset === "number") record.last = { offset: e.ns_offset, epoch: e.ns_epoch };
+        record.last = { offset: e.offset, epoch: e.epoch, channel }; // a pattern's names its channel
       }
       // Between a subscribe carrying `since` and its reply come the missed events.
       const recovered = record.status === "pending" && record.recovering === true;
