@@ -120,7 +120,8 @@ class Subscription:
     """
 
     __slots__ = ("client", "channel", "callback", "pattern", "offset", "epoch",
-                 "recovered", "subscribed", "active", "error", "_ready", "_live")
+                 "recovered", "subscribed", "active", "error", "_ready", "_live",
+                 "last_channel")
 
     def __init__(self, client: Client, channel: str, callback: EventCallback | None,
                  since: dict[str, Any] | None) -> None:
@@ -130,6 +131,7 @@ class Subscription:
         self.pattern = is_pattern(channel)
         self.offset: int | None = since.get("offset") if since else None
         self.epoch: str | None = since.get("epoch") if since else None
+        self.last_channel: str | None = since.get("channel") if since else None
         self.recovered: bool | None = None
         self.subscribed = False
         self.active = True
@@ -173,6 +175,11 @@ class Subscription:
         """The ``since`` position to recover from, or None when nothing was delivered."""
         if self.offset is None:
             return None
+        if self.pattern:  # the server finds that event in the namespace's log
+            if not self.last_channel:
+                return None
+            return {"offset": self.offset, "epoch": self.epoch or "",
+                    "channel": self.last_channel}
         return {"offset": self.offset, "epoch": self.epoch or ""}
 
     def matches(self, channel: str) -> bool:
@@ -864,18 +871,14 @@ class Client:
                 del self._last[next(iter(self._last))]
             self._last[channel] = (key_epoch, offset)
         event = Event(channel, msg.get("data"), offset, epoch)
-        ns_offset = msg.get("ns_offset")
         to_queue = False
         for sub in self._subs.values():
             if not sub.matches(channel):
                 continue
-            if sub.pattern:  # a pattern recovers from its namespace's log position
-                if ns_offset is not None:
-                    sub.offset = ns_offset
-                    sub.epoch = msg.get("ns_epoch")
-            elif offset is not None:
+            if offset is not None:
                 sub.offset = offset
                 sub.epoch = epoch
+                sub.last_channel = channel  # a pattern's position names its channel
             cb = sub.callback
             if cb is None:
                 to_queue = True
