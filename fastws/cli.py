@@ -32,7 +32,7 @@ from typing import NoReturn
 from fastws._version import __version__
 from fastws.config import Config, ConfigError, ServerConfig, load_config
 
-__all__ = ["main", "build_parser", "serve_flags"]
+__all__ = ["main", "build_parser", "serve_flags", "OneLineParser", "UsageError"]
 
 PROG = "fastws"
 DEFAULT_URL = "http://127.0.0.1:8765"
@@ -42,8 +42,8 @@ class UsageError(Exception):
     """A bad command line; the message is one line naming the option."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser that reports errors as one line instead of a usage dump."""
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser that raises UsageError (one line) instead of printing a usage dump."""
 
     def error(self, message: str) -> NoReturn:
         message = " ".join(message.split())
@@ -83,7 +83,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``fastws`` parser (exposed for docs and tests)."""
-    parser = _Parser(prog=PROG, allow_abbrev=False,
+    parser = OneLineParser(prog=PROG, allow_abbrev=False,
                      description="A fast WebSocket pub/sub server.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")

@@ -15,7 +15,6 @@ reorgs, checkpoints), ``checkpoint``, ``publish``, ``metrics``, ``demo_chain``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
@@ -26,7 +25,9 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from fastws.cli import OneLineParser, UsageError
 
 __all__ = ["main", "parse_args", "IndexArgs", "UsageError"]
 
@@ -35,17 +36,6 @@ DEFAULT_URL = "http://127.0.0.1:8765"
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 log = logging.getLogger("fastws.indexer")
 
-
-class UsageError(Exception):
-    """A bad flag or value: one line naming it, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        message = " ".join(message.split())
-        if message.startswith("argument "):
-            message = message[len("argument "):]
-        raise UsageError(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +63,10 @@ def _env(name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
-def _build_parser() -> _Parser:
-    p = _Parser(prog=PROG, description="Publish each log of the contracts, once confirmed, to "
-                "events:<event_name> and market:<address> of a fastws server; a reorg "
-                "publishes retractions first. See docs/indexer.md.")
+def _build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description="Publish each log of the contracts, once "
+                      "confirmed, to events:<event_name> and market:<address> of a fastws "
+                      "server; a reorg publishes retractions first. See docs/indexer.md.")
     p.add_argument("--rpc", metavar="URL", help="JSON-RPC HTTP endpoint of a node [FASTWS_RPC]")
     p.add_argument("--contract", metavar="ADDR[,ADDR]",
                    help="contract address(es) to index [FASTWS_CONTRACT]")
