@@ -101,6 +101,12 @@ def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[
                 "disconnected": sum(r["disconnected"] for r in ok),
                 "rss_per_conn_bytes": mid([r["server_rss_per_conn_bytes"] for r in ok]),
                 "server_cpu": mid([r["server_cpu_window"] for r in ok]),
+                # the fairer number on a shared box: server CPU time per delivery
+                "cpu_us_per_delivery": mid([
+                    r["server_cpu_window"] / r["deliveries_per_s"] * 1e6
+                    if r["server_cpu_window"] and r["deliveries_per_s"] else None
+                    for r in ok]),
+                "reach_all_ms": med.get("reach_all_ms"),
                 "client_cpu_s": mid([r["client_cpu_s"] for r in ok]),
                 "clean": all(r["clean"] for r in ok),
                 "versions": med.get("server_versions", {}),
@@ -111,13 +117,13 @@ def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The comparison as a Markdown table (medians), ratios against fastws."""
     base = {r["subscribers"]: r.get("deliveries_per_s") for r in rows if r["server"] == "fastws"}
-    out = ["| server | subscribers | deliveries/s (median) | fastws ÷ it | p50 | p99 | "
-           "lost/dup/dropped | server CPU | RSS/conn |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| server | subscribers | deliveries/s (median; runs) | fastws ÷ it | p50 | p99 | "
+           "lost/dup/dropped | server CPU (cores) | server CPU per delivery | RSS/conn |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['server']} | {r['subscribers']:,} | failed: "
-                       f"{str(r['error'])[:80]} | | | | | | |")
+                       f"{str(r['error'])[:80]} | | | | | | | |")
             continue
         b = base.get(r["subscribers"])
         ratio = f"{b / r['deliveries_per_s']:.2f}×" if b and r["deliveries_per_s"] else ""
@@ -126,7 +132,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['server']} | {r['subscribers']:,} | **{r['deliveries_per_s']:,.0f}** "
             f"({runs}) | {ratio} | {r['p50_ms']} ms | {r['p99_ms']} ms | "
             f"{r['lost']}/{r['duplicates']}/{r['disconnected']} | {r['server_cpu']} | "
-            f"{r['rss_per_conn_bytes']:,} B |")
+            f"{r['cpu_us_per_delivery']:.2f} µs | {r['rss_per_conn_bytes']:,} B |")
     return "\n".join(out)
 
 
@@ -190,7 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client", default="compiled", choices=("compiled", "python", "auto"))
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--png", metavar="FILE")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="only redraw the table (and --png) from an earlier --json")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = orjson.loads(Path(args.from_json).read_bytes())
+        runs = {s: {int(n): v for n, v in by_n.items()} for s, by_n in saved["runs"].items()}
+        rows = summarize(runs)
+        print(f"{saved['command']}\n{saved['date']}, {saved['machine']['cpus']} CPUs "
+              f"({saved['machine']['cpu_model']})\n")
+        print(markdown(rows))
+        if args.png:
+            plot(rows, args.png, f"fan-out, ~100 B payloads; {saved['machine']['cpus']} CPUs, "
+                 f"server on one core; {saved['date']}")
+        return 0
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     bad = [s for s in servers if s not in SERVERS]
     if bad:

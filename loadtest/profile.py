@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         def start_spy() -> None:
             cmd = [pyspy, "record", "--pid", str(server.pid), "--native", "--rate",
                    str(args.sample_rate), "--duration", str(int(args.duration)),
-                   "--format", "raw", "-o", str(raw), "--nonblocking"]
+                   "--format", "raw", "-o", str(raw)]
             spy.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE))
 
