@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -96,6 +97,8 @@ CONNECT_TIMEOUT = 3.0
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 5.0
 BATCH = 1000                 # names per SUBSCRIBE command
+WAIT_TIMEOUT_MS = 500        # a durable publish waits this long for a replica's ack
+REPLICA_GRACE = 60.0         # seconds without replicas before publishing unacknowledged
 PRESENCE_TTL = 30.0          # seconds a presence entry lives without its node's refresh
 PRESENCE_REFRESH = 10.0      # seconds between a node's refreshes of its own entries
 _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
@@ -456,6 +459,13 @@ class _Commands:
     out in the order the node issued them (a pool of connections would reorder two
     publications in flight at once).  The scripts are loaded on every (re)connect,
     before anything else on the connection.
+
+    **Durable calls.**  When the master has replicas, a ``durable`` call (publish)
+    answers only once a replica has it: the commands written in one loop pass are
+    followed by one ``WAIT 1 WAIT_TIMEOUT_MS``, and their futures settle on its reply.
+    What the API answered 200 for then survives a failover; a publication no replica
+    acknowledged in time answers 503 (its outcome is unknown: retry it with an
+    idempotency key).
     """
 
     def __init__(self, label: str, on_lost: Callable[[], None]) -> None:
@@ -468,6 +478,9 @@ class _Commands:
         self.shas: dict[str, bytes] = {}
         self.replid = ""     # this master's replication ids (see redis_scripts.PUBLISH_LUA)
         self.replid2 = ""
+        self.replicas = 0    # connected replicas: durable calls WAIT for one of them
+        self._no_replica_since: float | None = None
+        self._durable: list[tuple[asyncio.Future, asyncio.Future]] = []
 
     @property
     def connected(self) -> bool:
@@ -496,13 +509,36 @@ class _Commands:
         info = self.call("INFO", "replication")
         shas = await asyncio.wait_for(asyncio.gather(*loads), CONNECT_TIMEOUT * 2)
         self.shas = dict(zip(names, shas, strict=True))
-        fields = dict(line.split(":", 1) for line in
-                      (await asyncio.wait_for(info, CONNECT_TIMEOUT)).decode().split("\r\n")
+        self._read_info(await asyncio.wait_for(info, CONNECT_TIMEOUT))
+
+    def _read_info(self, info: bytes, connecting: bool = True) -> None:
+        fields = dict(line.split(":", 1) for line in info.decode().split("\r\n")
                       if ":" in line)
         self.replid = fields.get("master_replid", "")
         self.replid2 = fields.get("master_replid2", "")
+        replicas = int(fields.get("connected_slaves", "0") or 0)
+        if connecting or replicas:
+            self.replicas, self._no_replica_since = replicas, None
+        elif self.replicas:
+            # Lost its replicas: a failover may be under way (this master is about to be
+            # demoted, and what it acknowledged now would be lost), so keep refusing
+            # unacknowledged publications (503) for REPLICA_GRACE before going on
+            # without a replica.
+            now = time.monotonic()
+            if self._no_replica_since is None:
+                self._no_replica_since = now
+            elif now - self._no_replica_since > REPLICA_GRACE:
+                log.warning("redis %s: no replica for %.0f s; publishing without replica "
+                            "acknowledgement", self.label, REPLICA_GRACE)
+                self.replicas = 0
 
-    def call(self, *args: str | bytes | int) -> asyncio.Future:
+    async def refresh_replicas(self) -> None:
+        """Read the replica count again (replicas come and go)."""
+        with contextlib.suppress(BrokerUnavailable, ResponseError, TimeoutError):
+            self._read_info(await asyncio.wait_for(self.call("INFO", "replication"),
+                                                   CONNECT_TIMEOUT), connecting=False)
+
+    def call(self, *args: str | bytes | int, durable: bool = False) -> asyncio.Future:
         """Write one command now; the future gets its reply (BrokerUnavailable if lost)."""
         if not self.connected:
             raise BrokerUnavailable("redis is not connected")
@@ -511,12 +547,44 @@ class _Commands:
         if not self._out:  # the first command of this loop pass: write them all at its end
             self.loop.call_soon(self._write)
         self._out.append(encode_command(*args))
+        if durable and self.replicas:
+            outer = self.loop.create_future()
+            self._durable.append((fut, outer))
+            return outer
         return fut
 
     def _write(self) -> None:
         out, self._out = self._out, []
+        if self._durable:
+            pairs, self._durable = self._durable, []
+            wait = self.loop.create_future()
+            self._waiting.append(wait)
+            out.append(encode_command("WAIT", 1, WAIT_TIMEOUT_MS))
+            wait.add_done_callback(functools.partial(self._settle, pairs))
         if self.link is not None and out:
             self.link.write(b"".join(out))
+
+    def _settle(self, pairs: list[tuple[asyncio.Future, asyncio.Future]],
+                wait: asyncio.Future) -> None:
+        """WAIT answered (or the link died): settle the durable calls written before it."""
+        exc = wait.exception() if not wait.cancelled() else BrokerUnavailable("cancelled")
+        acked = exc is None and isinstance(wait.result(), int) and wait.result() >= 1
+        if exc is None and not acked and self.loop is not None:
+            self.loop.create_task(self.refresh_replicas())  # a replica may have gone
+        for inner, outer in pairs:
+            if outer.done():
+                continue
+            if not inner.done():
+                _fail(outer, BrokerUnavailable("redis connection lost"))
+            elif inner.exception() is not None:
+                outer.set_exception(inner.exception())
+                outer.exception()
+            elif not acked:
+                _fail(outer, BrokerUnavailable(
+                    "no replica acknowledged the publication in time; its outcome is "
+                    "unknown (retry it with an idempotency key)"))
+            else:
+                outer.set_result(inner.result())
 
     def _on_reply(self, reply: Any) -> None:
         if not self._waiting:
@@ -541,6 +609,9 @@ class _Commands:
             self.link = None
         self._out.clear()
         exc = BrokerUnavailable("redis connection lost")
+        for _, outer in self._durable:
+            _fail(outer, exc)
+        self._durable.clear()
         while self._waiting:
             _fail(self._waiting.popleft(), exc)
 
@@ -785,9 +856,14 @@ class RedisBroker(Broker):
         await asyncio.gather(*calls)
 
     async def _presence_loop(self) -> None:
+        """Every PRESENCE_REFRESH seconds: refresh our presence entries, and read each
+        master's replica count again (durable publishes wait for a replica)."""
         while not self._closed:
             await asyncio.sleep(PRESENCE_REFRESH)
             await self._presence_refresh()
+            for cmd in self._command_links():
+                if cmd.connected:
+                    await cmd.refresh_replicas()
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -814,9 +890,13 @@ class RedisBroker(Broker):
     def _publish_args(self, channel: str, data: bytes, history_size: int,
                       history_ttl: float) -> list[Any]:
         link = self._command_for(channel)
+        # With replicas a publication answers once one has it (durable), so a promoted
+        # replica holds every acknowledged one.  The meta's `r` says so (":d"), and a
+        # promoted replica starts a new epoch only after a write that was not durable.
+        replid = link.replid + (":d" if link.replicas else "")
         return [channel, data, max(0, history_size), max(1, int(history_ttl * 1000)),
                 os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS, "PUBLISH", "",
-                link.replid, link.replid2]
+                replid, link.replid2]
 
     keeps_logs = True  # namespace logs (not on a cluster: the log's slot is not the channel's)
 
@@ -833,7 +913,7 @@ class RedisBroker(Broker):
         if log is not None and log[1] > 0 and self.keeps_logs:
             keys.extend(log_keys(log[0]))
             args.append(log[1])  # ARGV[12]: the namespace log's size
-        res = await self._eval(channel, "publish", keys, args)
+        res = await self._eval(channel, "publish", keys, args, durable=True)
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
 
@@ -898,18 +978,19 @@ class RedisBroker(Broker):
         return reply is not None
 
     async def _eval(self, channel: str, script: str, keys: list[str],
-                    args: list[Any]) -> Any:
+                    args: list[Any], durable: bool = False) -> Any:
         """Run one of SCRIPTS for ``channel`` on its command connection, in call order."""
         link = self._command_for(channel)
         try:
             sha = link.shas[script]
-            return await link.call("EVALSHA", sha, len(keys), *keys, *args)
+            return await link.call("EVALSHA", sha, len(keys), *keys, *args, durable=durable)
         except KeyError:
             raise BrokerUnavailable("redis is not connected") from None
         except ResponseError as exc:
             msg = str(exc)
             if msg.startswith("NOSCRIPT"):  # flushed behind our back: not run, run it now
-                return await link.call("EVAL", SCRIPTS[script], len(keys), *keys, *args)
+                return await link.call("EVAL", SCRIPTS[script], len(keys), *keys, *args,
+                                       durable=durable)
             if msg.startswith(("MOVED", "ASK", "READONLY")):
                 # cluster slots moved, or this master became a replica (failover):
                 # find the master(s) again, resubscribe, tell the clients (4010)

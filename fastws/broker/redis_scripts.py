@@ -40,12 +40,17 @@ ENVELOPE_PREFIX = b"\x00fws\x00"
 # b"LOG_OFFSET LOG_EPOCH\n" (for the nodes only: pushes do not carry it).  Pattern
 # subscriptions recover from it.  Not on a cluster (the log's slot is not the channel's).
 #
-# The meta hash also keeps `r`, the replication id of the master that wrote it.  When a
-# master finds `r` equal to its *previous* replication id, it is a replica promoted
-# since (a failover): writes the old master acknowledged may not have reached it, so
-# the channel starts a new epoch (offsets are never reused in one epoch).  Any other
-# difference is the same master restarted with its data: `r` is updated, the stream
-# goes on.
+# The meta hash also keeps `r`, the replication id of the master that wrote it, with
+# ":d" appended when the node waited for a replica before acknowledging (durable).
+# A master that finds its *previous* replication id there is a replica promoted since
+# (a failover), and may lack the old master's last writes:
+# * without ":d" even acknowledged ones: the channel starts a new epoch;
+# * with ":d" every acknowledged one is here, but some the old master ran and answered
+#   503 for (no replica acknowledged them in time) may have been delivered live and be
+#   lost now: the offset jumps by 2^20, so none of their offsets is used again and
+#   since-recovery still works in the same epoch.
+# Offsets are thus never reused in one epoch.  Any other difference of `r` is the same
+# master restarted with its data: `r` is updated, the stream goes on.
 PUBLISH_LUA = r"""
 local nk = #KEYS
 local nlog = tonumber(ARGV[12] or '0') or 0
@@ -61,6 +66,9 @@ local function stream_epoch(mkey, skey)
     if meta[2] == ARGV[11] then
       e = false
     else
+      if meta[2] == ARGV[11] .. ':d' then
+        redis.call('HINCRBY', mkey, 'o', 1048576)
+      end
       redis.call('HSET', mkey, 'r', ARGV[10])
     end
   end
