@@ -53,6 +53,7 @@ __all__ = [
     "backoff_delay",
     "connect",
     "is_pattern",
+    "normalize_channel",
 ]
 
 log = logging.getLogger("fastws.client")
@@ -67,6 +68,13 @@ _DEDUPE_LIMIT = 65536  # channels remembered for (channel, offset) deduplication
 def is_pattern(channel: str) -> bool:
     """True when ``channel`` holds ``*``, ``?``, ``[`` or ``\\`` (a Redis glob pattern)."""
     return not _PATTERN_CHARS.isdisjoint(channel)
+
+
+def normalize_channel(channel: str) -> str:
+    """The name the server uses: ``wallet:`` addresses are lower-cased (protocol §5)."""
+    if channel.startswith("wallet:") and not is_pattern(channel):
+        return channel.lower()
+    return channel
 
 
 def backoff_delay(failures: int, *, base: float = 0.5, cap: float = 20.0,
@@ -734,6 +742,7 @@ class Client:
             raise self._final
         if self._task is None:
             raise FastWSError("client not started: use `async with fastws.connect(...)`")
+        channel = normalize_channel(channel)  # events name the channel as the server does
         if channel in self._subs:
             raise RequestError(409, f"already subscribed to {channel!r}")
         sub = Subscription(self, channel, callback, since)
@@ -835,7 +844,7 @@ class Client:
 
     async def unsubscribe(self, channel: str) -> None:
         """Unsubscribe from ``channel`` (a channel or pattern given to :meth:`subscribe`)."""
-        sub = self._subs.get(channel)
+        sub = self._subs.get(normalize_channel(channel))
         if sub is not None:
             await self._unsubscribe(sub)
 

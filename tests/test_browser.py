@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import http, start_redis
+from conftest import http, scrape, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("FASTWS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -422,3 +422,51 @@ def test_npm_package_is_the_served_module(server):
     # What the server serves is the very file the package copies.
     status, _, body = http("GET", server.http_url + "/fastws.js")
     assert status == 200 and body == (ROOT / "fastws" / "static" / "fastws.js").read_bytes()
+
+
+def test_docs_siwe_example_in_the_browser(page, fastws_server):
+    """The browser Sign-In with Ethereum example of docs/clients.md, run as written, with
+    a stand-in EIP-1193 wallet at window.ethereum whose personal_sign is eth-account's."""
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    srv = fastws_server("--jwt-secret", "test-secret-0123456789abcdef0123")
+    acct = Account.create()
+    signed: list[str] = []
+
+    def personal_sign(hex_message: str) -> str:
+        message = bytes.fromhex(hex_message.removeprefix("0x")).decode()
+        signed.append(message)
+        sig = acct.sign_message(encode_defunct(text=message)).signature.hex()
+        return "0x" + sig.removeprefix("0x")
+
+    text = (ROOT / "docs" / "clients.md").read_text()
+    block = text.split("tests/test_browser.py runs this block", 1)[1]
+    block = block.split("```html\n", 1)[1].split("\n```", 1)[0]
+    script = block.removeprefix('<script type="module">\n').removesuffix("</script>")
+    assert "import { FastWS }" in script and "<script" not in script
+
+    logs: list[str] = []
+    page.on("console", lambda m: logs.append(m.text))
+    page.expose_function("pySign", personal_sign)
+    page.goto(srv.http_url + "/")
+    page.evaluate("""addr => {
+      window.ethereum = { request: async ({ method, params }) => {
+        if (method === "eth_requestAccounts") return [addr];  // wallets give lower case
+        if (method === "eth_chainId") return "0x1";
+        if (method === "personal_sign") return await window.pySign(params[0]);
+        throw new Error("unsupported " + method);
+      } };
+    }""", acct.address.lower())
+    page.add_script_tag(content=script, type="module")
+    # The page's own client subscribes to nothing: one subscription is the example's.
+    # (page.wait_for_timeout lets sync playwright serve the window.pySign calls.)
+    wait_for(lambda: page.wait_for_timeout(20) or
+             scrape(srv.http_url).get("fastws_subscriptions") == 1,
+             what="the wallet subscription")
+    srv.publish(f"wallet:{acct.address}", {"balance": 7})
+    wait_for(lambda: page.wait_for_timeout(20) or any("my wallet:" in m for m in logs),
+             what="the wallet event")
+    assert 'my wallet: {"balance":7}' in logs, logs
+    assert len(signed) == 1 and signed[0].startswith(f"127.0.0.1:{srv.port} wants you")
+    assert not page.errors, page.errors

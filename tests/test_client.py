@@ -13,6 +13,7 @@ import random
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,7 +30,7 @@ from picows import (
     ws_create_server,
 )
 
-from fastws.client import Client, Event, backoff_delay, connect, is_pattern
+from fastws.client import Client, Event, backoff_delay, connect, is_pattern, normalize_channel
 from fastws.errors import (
     AuthError,
     ConnectionClosed,
@@ -39,6 +40,7 @@ from fastws.errors import (
 )
 
 FAST = {"backoff_base": 0.02, "backoff_cap": 0.1, "request_timeout": 5.0}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -76,6 +78,9 @@ def test_event_and_pattern_helpers() -> None:
     assert "events:x" in repr(e)
     assert is_pattern("events:*") and is_pattern("a?") and is_pattern("[ab]") and is_pattern("a\\*")
     assert not is_pattern("events:bet_placed")
+    assert normalize_channel("wallet:0xAbCD") == "wallet:0xabcd"  # as the server names it
+    assert normalize_channel("wallet:0xAb*") == "wallet:0xAb*"  # patterns are never changed
+    assert normalize_channel("market:0xAbCD") == "market:0xAbCD"
 
 
 def test_error_tree() -> None:
@@ -679,8 +684,10 @@ async def test_real_restart_with_redis_broker_recovers_everything(fastws_server,
     srv = fastws_server(*broker)
     other = fastws_server(*broker)  # a second node sharing the broker
     states: list[str] = []
+    by_pattern: list[Event] = []
     async with connect(srv.ws_url, on_state=states.append, **FAST) as c:
         sub = await c.subscribe("market:0xabc")
+        psub = await c.subscribe("market:0x*", by_pattern.append)  # overlapping pattern
         for i in range(5):
             await _publish(srv, "market:0xabc", i)
         first = await _take(c, 5)
@@ -691,6 +698,7 @@ async def test_real_restart_with_redis_broker_recovers_everything(fastws_server,
         srv2 = await asyncio.to_thread(fastws_server, *broker, port=srv.port)
         replayed = await _take(c, 5, timeout=10)
         assert await sub.wait_subscribed(timeout=10) is True
+        assert await psub.wait_subscribed(timeout=10) is True  # patterns recover too
         assert c.reconnects >= 1 and "disconnected" in states
         for i in range(10, 13):
             await _publish(srv2, "market:0xabc", i)
@@ -702,6 +710,7 @@ async def test_real_restart_with_redis_broker_recovers_everything(fastws_server,
         assert len({e.epoch for e in evs}) == 1  # Redis kept the epoch across the restart
         with pytest.raises(RequestTimeout):
             await c.next_event(timeout=0.2)
+        assert [e.data for e in by_pattern] == list(range(13))  # once each, in order
 
 
 def _jwt(secret: str, sub: str, ttl: float) -> str:
@@ -768,3 +777,31 @@ async def test_real_ping_timeout_detects_a_frozen_server(fastws_server) -> None:
         assert "disconnected" in states and c.reconnects >= 1
         await _publish(srv, "events:p", 2)
         assert (await c.next_event(timeout=5)).data == 2
+
+
+def docs_block(marker: str, lang: str) -> str:
+    """The first ```lang block after ``marker`` in docs/clients.md."""
+    text = (ROOT / "docs" / "clients.md").read_text()
+    after = text.split(marker, 1)[1]
+    return after.split(f"```{lang}\n", 1)[1].split("\n```", 1)[0]
+
+
+async def test_docs_siwe_example_opens_the_wallet_channel(fastws_server) -> None:
+    """The Python Sign-In with Ethereum example of docs/clients.md, run as written."""
+    from eth_account import Account
+
+    srv = fastws_server("--jwt-secret", "test-secret-0123456789abcdef0123")
+    ns: dict[str, Any] = {"__name__": "clients_md"}
+    code = docs_block("tests/test_client.py runs this block", "python")
+    exec(compile(code, "docs/clients.md", "exec"), ns)  # noqa: S102 - our own docs
+    ns["HTTP"], ns["WS"] = srv.http_url, srv.ws_url
+    acct = Account.create()
+    session = await asyncio.to_thread(ns["siwe_login"], acct)
+    assert session["sub"] == acct.address and session["exp"] > time.time() + 3000
+    async with connect(srv.ws_url, token=ns["wallet_token"](acct), **FAST) as c:
+        await c.subscribe(f"wallet:{acct.address}")  # checksummed: the same channel
+        await _publish(srv, f"wallet:{acct.address.lower()}", {"balance": 5})
+        assert (await c.next_event(timeout=5)).data == {"balance": 5}
+        with pytest.raises(RequestError) as ei:  # another wallet's channel stays private
+            await c.subscribe(f"wallet:{Account.create().address}")
+        assert ei.value.code == 403
