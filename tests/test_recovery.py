@@ -23,6 +23,9 @@ messages_per_connection = 100000
 publish = "anyone"
 history_size = 1000
 history_ttl = 300
+[namespaces.short]
+publish = "anyone"
+history_size = 2
 """
 
 
@@ -314,3 +317,34 @@ async def test_gap_closes_with_4010_and_recovers(redis_server, fastws_server, vi
     assert reply["recovered"] is True and offsets == list(range(2, last + 1))
     for c in (other, again):
         c.close()
+
+
+async def test_pattern_position_gone_is_not_recovered(node):
+    """A pattern's position must still be found in the namespace's log (on Redis through
+    its channel's history entry, so a trimmed channel entry is gone too); a channel the
+    pattern does not match, or no channel at all, gives recovered:false, no replay."""
+    ch = uniq("short")
+    res = [node.publish(ch, i) for i in range(5)]
+    pattern = ch[:-3] + "*"
+    c = await connect(node.ws_url)
+    for rid, since in enumerate([
+            {"offset": 4, "epoch": res[0]["epoch"], "channel": "short:other"},
+            {"offset": 4, "epoch": res[0]["epoch"]}]):  # no channel: not a log position
+        reply = await c.request({"id": rid + 1, "type": "subscribe", "channel": pattern,
+                                 "since": since})
+        assert reply["recovered"] is False and c.messages.empty(), (since, reply)
+        await c.request({"id": 9, "type": "unsubscribe", "channel": pattern})
+    c.send({"id": 10, "type": "subscribe", "channel": pattern,
+            "since": {"offset": 1, "epoch": res[0]["epoch"], "channel": ch}})
+    if hasattr(node, "redis_url"):  # offset 1 left the channel's history (size 2)
+        reply = await c.recv()
+        assert reply["id"] == 10 and reply["recovered"] is False and c.messages.empty()
+    else:  # the memory broker scans the log itself, which still holds it
+        reply, offsets = await collect_until(c, 10, ch, 5)
+        assert reply["recovered"] is True and offsets == [2, 3, 4, 5]
+    await c.request({"id": 11, "type": "unsubscribe", "channel": pattern})
+    c.send({"id": 12, "type": "subscribe", "channel": pattern,
+            "since": {"offset": 4, "epoch": res[0]["epoch"], "channel": ch}})
+    reply, offsets = await collect_until(c, 12, ch, 5)
+    assert reply["recovered"] is True and offsets == [5]
+    c.close()
