@@ -6,6 +6,9 @@ export type State = "connecting" | "connected" | "disconnected" | "closed";
 export interface StreamPosition {
   offset: number;
   epoch: string;
+  /** For a pattern: the channel of the event at this position (the server finds it in
+   *  the namespace's log and replays what the pattern matches after it). */
+  channel?: string;
 }
 
 /** The `event` push: one publication. `offset`/`epoch` are absent for publications without history. */
@@ -15,9 +18,6 @@ export interface FastWSEvent<T = unknown> {
   data: T;
   offset?: number;
   epoch?: string;
-  /** Position in the namespace's log (what a pattern subscription recovers from). */
-  ns_offset?: number;
-  ns_epoch?: string;
 }
 
 /** Second argument of an `onEvent` handler. */

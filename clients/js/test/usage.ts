@@ -37,6 +37,7 @@ c.subscribe("market:0xabc", (e) => console.log(e.data), {
   onError: (err: FastWSError) => console.log(err.code, err.kind),
 });
 c.subscribe("wallet:0xAbC");
+c.subscribe("market:0x*", undefined, { since: { channel: "market:0xab", offset: 7, epoch: "e" } });
 
 async function main(): Promise<void> {
   const reply = await sub.ready;
