@@ -95,6 +95,9 @@ class NodeCollector:
                                 value=1 if node.broker.up else 0)
         yield CounterMetricFamily("fastws_broker_reconnects", "Broker reconnections.",
                                   value=node.broker_reconnects)
+        yield CounterMetricFamily("fastws_gaps", "Channels found to have lost publications "
+                                  "on their way to this node (subscribers closed with 4010).",
+                                  value=getattr(node, "gaps", 0))
         yield GaugeMetricFamily("fastws_broker_lag_seconds",
                                 "How far the broker's pub/sub reader is behind (Redis PING).",
                                 value=getattr(node.broker, "lag", 0.0))

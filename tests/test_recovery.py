@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from conftest import scrape
 from wsclient import RawClient, connect
 
 pytestmark = pytest.mark.timeout(120)
@@ -309,6 +310,7 @@ async def test_gap_closes_with_4010_and_recovers(redis_server, fastws_server, vi
     for c in (exact, pattern):  # the position check runs every 10 s
         assert await c.wait_closed(timeout=15.0) == 4010
     assert not other.closed.is_set()
+    assert scrape(srv.http_url)["fastws_gaps_total"] == 1
     again = await connect(srv.ws_url)
     again.send({"id": 1, "type": "subscribe", "channel": ch,
                 "since": {"offset": 1, "epoch": first["epoch"]}})
