@@ -83,7 +83,10 @@ async def test_sentinel_master_and_failover(sentinel_setup, fastws_server):
         assert first["offset"] == 1
         await until(lambda: [d for d, _ in received] == [1], what="first event")
 
-        cli(sentinel, "sentinel", "failover", "mymaster")
+        # Sentinel learns about the replica from the master's INFO: until then it
+        # answers NOGOODSLAVE
+        await until(lambda: cli(sentinel, "sentinel", "failover", "mymaster") == "OK",
+                    what="Sentinel accepting the failover")
         await until(lambda: "role:master" in cli(replica, "info", "replication"),
                     what="the replica promoted")
 

@@ -514,6 +514,12 @@ class _Commands:
     def _read_info(self, info: bytes, connecting: bool = True) -> None:
         fields = dict(line.split(":", 1) for line in info.decode().split("\r\n")
                       if ":" in line)
+        if fields.get("role") == "slave":  # demoted (failover): find the master again
+            if connecting:
+                raise BrokerUnavailable(f"redis {self.label}: this server is a replica now")
+            if self.link is not None:
+                self.link.abort()
+            return
         self.replid = fields.get("master_replid", "")
         self.replid2 = fields.get("master_replid2", "")
         replicas = int(fields.get("connected_slaves", "0") or 0)
