@@ -51,13 +51,23 @@ class Cluster:
         slot = key_slot(channel.encode())
         for line in self.cli(self.ports[0], "cluster", "nodes").splitlines():
             parts = line.split()
-            if "master" not in parts[2]:
+            if "master" not in parts[2] or "fail" in parts[2]:
                 continue
             for rng in parts[8:]:
                 lo, _, hi = rng.partition("-")
                 if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
                     return int(parts[1].split(":")[1].split("@")[0])
         raise AssertionError(f"no owner for slot {slot}")
+
+    def replica_of(self, master_port: int) -> int:
+        """The port of a replica of the master on ``master_port``."""
+        nodes = [line.split() for line in self.cli(self.ports[0], "cluster", "nodes")
+                 .splitlines()]
+        ids = {int(p[1].split(":")[1].split("@")[0]): p[0] for p in nodes}
+        for p in nodes:
+            if "slave" in p[2] and p[3] == ids[master_port]:
+                return int(p[1].split(":")[1].split("@")[0])
+        raise AssertionError(f"no replica of {master_port}")
 
     def stop(self) -> None:
         for p in self.procs:
@@ -71,14 +81,15 @@ class Cluster:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_cluster(masters: int = 3) -> Cluster:
-    """Start ``masters`` cluster-enabled redis-servers and join them with redis-cli."""
+def start_cluster(masters: int = 3, replicas: int = 0) -> Cluster:
+    """Start ``masters`` × (1 + ``replicas``) cluster-enabled redis-servers and join them
+    with redis-cli (each master gets ``replicas`` replicas)."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not installed")
     directory = tempfile.mkdtemp(prefix="fastws-cluster-")
     ports: list[int] = []
-    while len(ports) < masters:  # the cluster bus listens on port + 10000
+    while len(ports) < masters * (1 + replicas):  # the bus listens on port + 10000
         p = random.randint(20000, 29999)
         if p not in ports and _free(p) and _free(p + 10000):
             ports.append(p)
@@ -92,11 +103,17 @@ def start_cluster(masters: int = 3) -> Cluster:
         for p, proc in zip(ports, procs, strict=True):
             wait_port(p, proc)
         subprocess.run(["redis-cli", "--cluster", "create",
-                        *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0",
+                        *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas",
+                        str(replicas),
                         "--cluster-yes"], check=True, capture_output=True, timeout=60)
         deadline = time.monotonic() + 30
         while not all("cluster_state:ok" in cluster.cli(p, "cluster", "info") for p in ports):
             assert time.monotonic() < deadline, "cluster did not become ok"
+            time.sleep(0.05)
+        while replicas and cluster.cli(ports[0], "info", "replication").count(
+                "state=online") < replicas and "role:master" in cluster.cli(
+                ports[0], "info", "replication"):
+            assert time.monotonic() < deadline, "replicas did not sync"
             time.sleep(0.05)
     except BaseException:
         cluster.stop()
@@ -173,3 +190,67 @@ async def test_cluster_sharded_fanout_patterns_and_raw_publish(redis_cluster, fa
     assert [p["data"] for p in hist["publications"]] == [{"ch": 1}, "end"]
     for c in (exact, both, pattern):
         c.close()
+
+
+async def test_cluster_failover_keeps_every_acknowledged_publication(fastws_server):
+    """A graceful CLUSTER FAILOVER of the channel's master while a subscriber listens:
+    every publication answered 200 reaches it (live, or after its 4010 through since),
+    and offsets never repeat."""
+    import orjson
+    from conftest import http
+
+    import fastws
+
+    cluster = start_cluster(masters=3, replicas=1)
+    try:
+        node = fastws_server("--broker", cluster.url)
+        channel = f"events:{uuid.uuid4().hex[:8]}"
+        master = cluster.owner(channel)
+        replica = cluster.replica_of(master)
+        received: list[int] = []
+        ok: list[int] = []
+        results: list[dict] = []
+        seq = 0
+
+        def publish() -> bool:
+            nonlocal seq
+            seq += 1
+            status, _, body = http("POST", node.http_url + "/api/publish",
+                                   {"channel": channel, "data": seq},
+                                   headers={"Authorization": "Bearer test-key"})
+            assert status in (200, 503), (status, body)
+            if status == 200:
+                ok.append(seq)
+                results.append(orjson.loads(body))
+            return status == 200
+
+        async def until(pred, what: str, timeout: float = 30.0) -> None:
+            deadline = time.monotonic() + timeout
+            while not await asyncio.to_thread(pred):
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                await asyncio.sleep(0.05)
+
+        async with fastws.connect(node.ws_url) as client:
+            await client.subscribe(channel)
+
+            async def consume() -> None:
+                async for event in client:
+                    received.append(event.data)
+            consumer = asyncio.create_task(consume())
+            for _ in range(3):
+                await until(publish, "a publication before the failover")
+            assert cluster.cli(replica, "cluster", "failover").strip() == "OK"
+            meta = f"fws:{{{channel}}}:{channel}:m"
+
+            def landed_on_new_master() -> bool:
+                return publish() and cluster.cli(replica, "hmget", meta, "e", "o").split() \
+                    == [results[-1]["epoch"], str(results[-1]["offset"])]
+            await until(landed_on_new_master, "a publication on the promoted replica")
+            await until(lambda: set(ok) <= set(received), "every acknowledged event")
+            consumer.cancel()
+        assert received == sorted(set(received))
+        assert {r["epoch"] for r in results} == {results[0]["epoch"]}
+        offsets = [r["offset"] for r in results]
+        assert offsets == sorted(set(offsets))
+    finally:
+        cluster.stop()
