@@ -129,3 +129,27 @@ async def test_sentinel_master_and_failover(sentinel_setup, fastws_server):
     data = [d for d, _ in received]
     assert data == sorted(set(data))
     assert http("GET", node.http_url + "/readyz")[0] == 200
+
+
+async def test_claim_once_waits_for_a_replica(sentinel_setup):
+    # a claim (SIWE nonce) answers once the replica has it, so a failover keeps it
+    from fastws.broker import BrokerUnavailable, create_broker
+
+    master, replica, _ = sentinel_setup
+
+    class Quiet:
+        def handle_publication(self, *args) -> None: ...
+        def handle_gap(self) -> None: ...
+        def handle_presence(self, *args) -> None: ...
+
+    broker = create_broker(f"redis://127.0.0.1:{master}/0")
+    await broker.start(Quiet())
+    try:
+        assert await broker.claim_once("siwe:a", 60.0)
+        assert cli(replica, "GET", "fws:once:siwe:a") == "1"      # already there
+        assert not await broker.claim_once("siwe:a", 60.0)
+        cli(replica, "REPLICAOF", "NO", "ONE")                   # no replica acknowledges
+        with pytest.raises(BrokerUnavailable):
+            await broker.claim_once("siwe:b", 60.0)
+    finally:
+        await broker.close()

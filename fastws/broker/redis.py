@@ -967,13 +967,17 @@ class RedisBroker(Broker):
         return HistoryResult(items, top, epoch, recovered)
 
     async def claim_once(self, key: str, ttl: float) -> bool:
-        """``SET fws:once:KEY 1 NX PX ttl`` on the key's master (its slot's, on a cluster)."""
+        """``SET fws:once:KEY 1 NX PX ttl`` on the key's master (its slot's, on a cluster).
+
+        Durable as a publish is: with replicas, it answers once one has the key (else
+        BrokerUnavailable), so a failover cannot hand a claimed key out again.
+        """
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         rkey = ONCE_PREFIX + key
         try:
             reply = await self._command_for(rkey).call("SET", rkey, "1", "NX", "PX",
-                                                       max(1, int(ttl * 1000)))
+                                                       max(1, int(ttl * 1000)), durable=True)
         except ResponseError as exc:
             msg = str(exc)
             if msg.startswith(("MOVED", "ASK", "READONLY")):
