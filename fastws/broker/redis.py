@@ -640,6 +640,7 @@ class RedisBroker(Broker):
         self.node_id = os.urandom(6).hex()
         self._presence_local: dict[tuple[str, str], bytes] = {}
         self._refresher: asyncio.Task | None = None
+        self._readd: asyncio.Task | None = None
         self._setup_commands(url, max_connections)
 
     def _setup_commands(self, url: str, max_connections: int) -> None:
@@ -714,13 +715,17 @@ class RedisBroker(Broker):
             self._lost = asyncio.Event()
             try:
                 await self._connect()
-            except (TimeoutError, OSError, BrokerUnavailable, ResponseError,
-                    RedisConnectionError, RedisTimeoutError, RedisClusterException) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it was, try again later
                 for link in self._links():
                     link.drop()
                 for cmd in self._command_links():
                     cmd.drop()
-                if attempt == 0:
+                expected = isinstance(exc, (TimeoutError, OSError, BrokerUnavailable,
+                                            ResponseError, RedisConnectionError,
+                                            RedisTimeoutError, RedisClusterException))
+                if not expected:
+                    log.exception("redis: unexpected error while connecting; retrying")
+                elif attempt == 0:
                     log.warning("redis pub/sub: cannot connect to %s: %s; retrying",
                                 _safe(self.url), exc or type(exc).__name__)
                 if not first.done():
@@ -737,8 +742,8 @@ class RedisBroker(Broker):
                 self._pinger = self._loop.create_task(self._ping_loop())
             if self._refresher is None or self._refresher.done():
                 self._refresher = self._loop.create_task(self._presence_loop())
-            elif self._presence_local:
-                self._loop.create_task(self._presence_refresh())
+            elif self._presence_local:  # re-add our entries (Redis may have lost them)
+                self._readd = self._loop.create_task(self._presence_refresh())
             if ever_up:
                 self.reconnects += 1
                 log.warning("redis pub/sub: reconnected, %d channels and patterns "
