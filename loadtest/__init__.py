@@ -1,5 +1,14 @@
 """Load-test harnesses for fastws.
 
-``loadtest.fanout`` is a precise multi-process fan-out benchmark written directly on
-picows/uvloop (it never imports fastws itself); ``fastws bench`` runs it.
+* ``loadtest.fanout``: precise multi-process fan-out benchmark on picows/uvloop (it never
+  imports fastws itself; ``fastws bench`` runs it), with a compiled subscriber
+  (``loadtest/_fastsub.pyx``, built on first use by ``loadtest._build``);
+* ``loadtest.compare``: fastws against the anchors of ``loadtest.anchors`` (nginx+Nchan,
+  Node ``ws``, python ``websockets``, a bare picows broadcaster) in one run;
+* ``loadtest.memory``: server RSS per idle subscribed connection, and where it goes;
+* ``loadtest.profile``: py-spy profile of the server under fan-out load;
+* ``loadtest.annotate``: ``cython -a`` check of the broadcast loop;
+* ``loadtest/locustfile.py``: locust scenarios (subscribers, churn, publishers).
+
+docs/benchmarks.md has the numbers and the commands that produced them.
 """
