@@ -114,16 +114,17 @@ def test_transport_trimmed_and_still_working() -> None:
     uvloop.run(_session())
 
 
-@pytest.mark.timeout(120)
-def test_memory_harness_reports(tmp_path: Path) -> None:
-    """`python -m loadtest.memory` connects, subscribes and reports bytes per connection."""
+@pytest.mark.timeout(150)
+def test_memory_per_connection_stays_small(tmp_path: Path) -> None:
+    """`python -m loadtest.memory` at 2,000 connections: ~4.6 KB each when measured; the
+    bound is loose (6 KB) so that only a real regression fails (it was 9.3 KB)."""
     out = tmp_path / "mem.json"
-    cmd = [sys.executable, "-m", "loadtest.memory", "--connections", "300", "--procs", "2",
-           "--settle", "0.5", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    cmd = [sys.executable, "-m", "loadtest.memory", "--connections", "2000", "--procs", "2",
+           "--settle", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=140)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     run = r["runs"][0]
-    assert run["connected"] == 300 and run["failed"] == 0, r
-    assert r["median_rss_per_conn_bytes"] > 0, r
+    assert run["connected"] == 2000 and run["failed"] == 0, r
+    assert 0 < r["median_rss_per_conn_bytes"] <= 6000, r
     assert "per idle subscribed connection" in proc.stdout
