@@ -89,7 +89,7 @@ if size > 0 then
     local lm, lk = KEYS[nk + 1], KEYS[nk + 2]
     local lepoch = stream_epoch(lm, lk)
     local loff = redis.call('HINCRBY', lm, 'o', 1)
-    redis.call('XADD', lk, 'MAXLEN', nlog, loff .. '-0', 'c', ARGV[1], 'o', offset,
+    redis.call('XADD', lk, 'MAXLEN', '~', nlog, loff .. '-0', 'c', ARGV[1], 'o', offset,
                'e', epoch, 'd', ARGV[2])
     redis.call('PEXPIRE', lm, ARGV[4])
     redis.call('PEXPIRE', lk, ARGV[4])
