@@ -132,7 +132,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['server']} | {r['subscribers']:,} | **{r['deliveries_per_s']:,.0f}** "
             f"({runs}) | {ratio} | {r['p50_ms']} ms | {r['p99_ms']} ms | "
             f"{r['lost']}/{r['duplicates']}/{r['disconnected']} | {r['server_cpu']} | "
-            f"{r['cpu_us_per_delivery']:.2f} µs | {r['rss_per_conn_bytes']:,} B |")
+            f"{r['cpu_us_per_delivery']:.2f} µs | {round(r['rss_per_conn_bytes'] or 0):,} B |")
     return "\n".join(out)
 
 
