@@ -25,7 +25,6 @@ from fastws._fanout import Hub, make_frame
 from fastws._match import Trie, glob_match
 from fastws.auth import Auth
 from fastws.broker import Broker, BrokerUnavailable, PublishResult, create_broker
-from fastws.broker.base import HistoryResult
 from fastws.broker.memory import MemoryBroker
 from fastws.codes import Err
 from fastws.limits import MAX_JSON_DEPTH, Bucket, json_depth
@@ -90,6 +89,8 @@ class Node:
         self.gaps = 0
         self._check_from = 0
         self._positioner: asyncio.Task | None = None
+        # the memory broker cannot lose a publication: no gap detection, no check
+        self._track = not isinstance(self.broker, MemoryBroker)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -97,7 +98,7 @@ class Node:
         """Create the hub on the running loop and connect the broker."""
         self.hub = Hub(self.trie, self.config.limits.send_buffer, asyncio.get_running_loop())
         await self.broker.start(self)
-        if not isinstance(self.broker, MemoryBroker):  # it cannot lose a publication
+        if self._track:
             self._positioner = asyncio.get_running_loop().create_task(self._position_loop())
 
     async def close(self) -> None:
@@ -149,7 +150,7 @@ class Node:
     def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
                            accepted: float, log_offset: int = 0, log_epoch: str = "") -> None:
         """Broker callback: frame the publication once and fan it out."""
-        if offset:
+        if offset and self._track:
             last = self._positions.get(channel)
             self._positions[channel] = (epoch, offset)
             if last is not None and (offset > last[1] + 1 if last[0] == epoch
@@ -384,20 +385,16 @@ class Node:
                                 f"{limits.subscribes_window:g} s")
 
     async def _recover(self, conn: Connection, name: str,
-                       since: protocol.Since | None) -> dict[str, Any]:
+                       since: protocol.Since) -> dict[str, Any]:
         """Send the publications missed after ``since`` as event pushes; returns what
-        goes into ``subscribed``: ``recovered`` (were they all still there), and, when
-        the name has a stream (a channel with history, or a pattern with a namespace
-        log), its position after the replay (``offset``/``epoch``, of the namespace log
-        for a pattern), which the clients keep when ``recovered`` is false.
-
-        ``since`` None (not used by subscribe now) would only position the subscription.
-        """
+        goes into ``subscribed``: ``recovered`` (were they all still there) and, for a
+        channel with history, its stream's ``offset``/``epoch`` after the replay (the
+        clients keep it when ``recovered`` is false)."""
         if channels.is_pattern(name):
             return await self._recover_pattern(conn, name, since)
         ns = self.config.for_channel(name)
         if ns.history_size <= 0:
-            return {} if since is None else {"recovered": False}
+            return {"recovered": False}
         # The broker delivers this channel already: publications that arrive while
         # history is read are kept and sent after it (without repeating what it held).
         # broker.sync() waits until everything published before the read has reached
@@ -407,32 +404,31 @@ class Node:
         waiting = self._recovering.setdefault(name, [])
         waiting.append(buf)
         try:
-            hist = await self.broker.history(
-                name, limit=ns.history_size if since is not None else 0,
-                since_offset=since.offset if since is not None else None,
-                since_epoch=since.epoch if since is not None else None)
+            hist = await self.broker.history(name, limit=ns.history_size,
+                                             since_offset=since.offset,
+                                             since_epoch=since.epoch)
             await self.broker.sync()
         finally:
             waiting.remove(buf)
             if not waiting:
                 self._recovering.pop(name, None)
-        if hist.recovered and since is not None:
+        if hist.recovered:
             for offset, data in hist.publications:
                 conn.send_text(protocol.event_payload(name, data, offset, hist.epoch))
         for offset, epoch, data, _log_offset, _log_epoch in buf:
             if offset == 0 or epoch != hist.epoch or offset > hist.offset:
                 conn.send_text(protocol.event_payload(name, data, offset, epoch))
-        return _position(hist, since)
+        return {"recovered": hist.recovered, "offset": hist.offset, "epoch": hist.epoch}
 
     async def _recover_pattern(self, conn: Connection, name: str,
-                               since: protocol.Since | None) -> dict[str, Any]:
+                               since: protocol.Since) -> dict[str, Any]:
         """Recover a pattern from its namespace's log: ``since`` is the last event the
         subscription delivered (its ``channel``, ``offset``, ``epoch``); the log's entries
         after that publication that the pattern matches are replayed, then what came
         meanwhile (merged by log offset, which the broker hands the node internally)."""
-        nothing: dict[str, Any] = {} if since is None else {"recovered": False}
+        nothing: dict[str, Any] = {"recovered": False}
         space = channels.namespace_of(name)
-        if not space or not self.broker.keeps_logs or since is None or not since.channel \
+        if not space or not self.broker.keeps_logs or not since.channel \
                 or not glob_match(name, since.channel):
             return nothing  # spans namespaces, a broker without logs (cluster), no position
         ns = self.config.namespace(space)
@@ -573,14 +569,6 @@ class Node:
         if conn.subs:
             for name in list(conn.subs):
                 self._drop_sub(conn, name)
-
-
-def _position(hist: HistoryResult, since: protocol.Since | None) -> dict[str, Any]:
-    """The ``subscribed`` reply's extra keys after positioning in ``hist``'s stream."""
-    extra: dict[str, Any] = {"offset": hist.offset, "epoch": hist.epoch}
-    if since is not None:
-        extra["recovered"] = hist.recovered
-    return extra
 
 
 def _discard(subs: list[str] | None, name: str) -> None:
