@@ -470,3 +470,49 @@ def test_docs_siwe_example_in_the_browser(page, fastws_server):
     assert 'my wallet: {"balance":7}' in logs, logs
     assert len(signed) == 1 and signed[0].startswith(f"127.0.0.1:{srv.port} wants you")
     assert not page.errors, page.errors
+
+
+def test_expired_token_is_refreshed_by_the_token_function(page, fastws_server):
+    """4501 "token expired": a token function gives the next attempt a fresh token and the
+    page carries on (a string token would stop the client for good)."""
+    import jwt
+
+    secret = "test-secret-0123456789abcdef0123"
+    srv = fastws_server("--jwt-secret", secret)
+    issued: list[str] = []
+
+    def new_token() -> str:
+        ttl = 1.2 if not issued else 3600  # the first one expires within ~2 s
+        issued.append(jwt.encode({"sub": "carol", "exp": int(time.time() + ttl)}, secret,
+                                 algorithm="HS256"))
+        return issued[-1]
+
+    page.expose_function("pyToken", new_token)
+    page.goto(srv.http_url + "/")
+    page.evaluate("""async () => {
+      const { FastWS } = await import("/fastws.js");
+      window.__log = [];
+      window.__events = [];
+      const c = window.carol = new FastWS(`ws://${location.host}/ws`,
+                                          { token: () => window.pyToken() });
+      for (const n of ["state", "disconnect", "subscribed", "closed"])
+        c.on(n, (a) => window.__log.push([n, a]));
+      const sub = c.subscribe("user:carol", (e, m) => window.__events.push([e.data, m.recovered]));
+      await sub.ready;
+    }""")
+    srv.publish("user:carol", "before")
+    page.wait_for_function("() => window.__events.length === 1")
+    page.wait_for_function(
+        "() => window.__log.some(([n, a]) => n === 'disconnect' && a.refresh === true)",
+        timeout=10_000)
+    page.wait_for_function(
+        "() => window.__log.filter(([n]) => n === 'subscribed').length >= 2")
+    srv.publish("user:carol", "after")
+    page.wait_for_function("() => window.__events.length === 2")
+    assert page.evaluate("window.__events") == [["before", False], ["after", False]]
+    assert page.evaluate("window.carol.state") == "connected"
+    assert page.evaluate("window.carol.reconnects") == 1
+    assert not [a for n, a in page.evaluate("window.__log") if n == "closed"]
+    push = [a for n, a in page.evaluate("window.__log") if n == "disconnect"][-1]
+    assert (push["code"], push["reason"]) == (4501, "token expired"), push
+    assert len(issued) == 2
