@@ -418,6 +418,9 @@ class Node:
         for offset, epoch, data, _log_offset, _log_epoch in buf:
             if offset == 0 or epoch != hist.epoch or offset > hist.offset:
                 conn.send_text(protocol.event_payload(name, data, offset, epoch))
+        if self._track and hist.offset and name not in self._positions:
+            # everything up to the top has reached us (sync): checks start from there
+            self._positions[name] = (hist.epoch, hist.offset)
         return {"recovered": hist.recovered, "offset": hist.offset, "epoch": hist.epoch}
 
     async def _recover_pattern(self, conn: Connection, name: str,
