@@ -218,15 +218,9 @@ def _reason(exc: urllib.error.HTTPError) -> str:
 
 
 def _index(args: argparse.Namespace) -> int:
-    """Hand over to ``fastws.indexer.main(argv) -> int`` once that module exists."""
-    if importlib.util.find_spec("fastws.indexer") is None:
-        _say(f"{PROG} index", "not available yet")
-        return 2
-    indexer = importlib.import_module("fastws.indexer")
-    entry = getattr(indexer, "main", None)
-    if entry is None:
-        _say(f"{PROG} index", "not available yet")
-        return 2
+    """Hand over to ``fastws.indexer.main(argv) -> int`` (imported only when used)."""
+    from fastws.indexer import main as entry
+
     code = entry(list(args.args))
     return code if isinstance(code, int) else 0
 
