@@ -92,17 +92,20 @@ class Event:
     """One ``event`` push: ``channel``, ``data``, ``offset`` and ``epoch``.
 
     ``offset`` and ``epoch`` are None for publications without history (e.g. a raw
-    Redis ``PUBLISH``).
+    Redis ``PUBLISH``). ``recovered`` is True for an event the server replayed while a
+    subscription was being recovered after a reconnect (missed while disconnected),
+    False for a live one; it takes no part in equality.
     """
 
-    __slots__ = ("channel", "data", "offset", "epoch")
+    __slots__ = ("channel", "data", "offset", "epoch", "recovered")
 
     def __init__(self, channel: str, data: Any, offset: int | None = None,
-                 epoch: str | None = None) -> None:
+                 epoch: str | None = None, recovered: bool = False) -> None:
         self.channel = channel
         self.data = data
         self.offset = offset
         self.epoch = epoch
+        self.recovered = recovered
 
     def __repr__(self) -> str:
         return (f"Event(channel={self.channel!r}, offset={self.offset!r}, "
@@ -128,7 +131,7 @@ class Subscription:
     """
 
     __slots__ = ("client", "channel", "callback", "pattern", "offset", "epoch",
-                 "recovered", "subscribed", "active", "error", "_ready", "_live",
+                 "recovered", "subscribed", "active", "error", "_ready", "_live", "_recovering",
                  "last_channel")
 
     def __init__(self, client: Client, channel: str, callback: EventCallback | None,
@@ -146,9 +149,11 @@ class Subscription:
         self.error: FastWSError | None = None
         self._ready: asyncio.Future[None] | None = None
         self._live = asyncio.Event()  # set while ``subscribed`` holds
+        self._recovering = False  # a subscribe with ``since`` awaits its reply
 
     def _set_subscribed(self, value: bool) -> None:
         self.subscribed = value
+        self._recovering = False
         if value:
             self._live.set()
         else:
@@ -777,6 +782,7 @@ class Client:
         since = sub.since()
         if since is not None:
             msg["since"] = since
+            sub._recovering = True  # what comes before the reply is the replay
 
         def handler(reply: dict[str, Any] | BaseException) -> None:
             if isinstance(reply, BaseException):
@@ -879,7 +885,8 @@ class Client:
             elif len(self._last) >= _DEDUPE_LIMIT:
                 del self._last[next(iter(self._last))]
             self._last[channel] = (key_epoch, offset)
-        event = Event(channel, msg.get("data"), offset, epoch)
+        event = Event(channel, msg.get("data"), offset, epoch,
+                      any(s._recovering and s.matches(channel) for s in self._subs.values()))
         to_queue = False
         for sub in self._subs.values():
             if not sub.matches(channel):

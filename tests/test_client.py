@@ -73,6 +73,7 @@ def test_backoff_full_jitter_and_cap() -> None:
 def test_event_and_pattern_helpers() -> None:
     e = Event("events:x", {"a": 1}, 3, "e1")
     assert (e.channel, e.data, e.offset, e.epoch) == ("events:x", {"a": 1}, 3, "e1")
+    assert e.recovered is False and e == Event("events:x", {"a": 1}, 3, "e1", recovered=True)
     assert not hasattr(e, "__dict__")
     assert e == Event("events:x", {"a": 1}, 3, "e1")
     assert "events:x" in repr(e)
@@ -410,7 +411,8 @@ async def test_fake_reconnect_recovers_from_last_position_and_dedupes(fake: Fake
         evs = await _take(c, 3)
         assert [e.data for e in evs] == [5, 6, 7]
         fake.publish("events:a", 8)
-        assert (await c.next_event(timeout=5)).data == 8
+        live = await c.next_event(timeout=5)
+        assert live.data == 8 and live.recovered is False
         subs = [m for m in fake.received if m["type"] == "subscribe"]
         assert subs[0].get("since") is None
         assert subs[1]["since"] == {"offset": 5, "epoch": "e1"}
@@ -705,6 +707,7 @@ async def test_real_restart_with_redis_broker_recovers_everything(fastws_server,
         live = await _take(c, 3)
         evs = first + replayed + live
         assert [e.data for e in evs] == list(range(13))  # nothing lost, order kept
+        assert [e.recovered for e in evs] == [False] * 5 + [True] * 5 + [False] * 3
         offsets = [e.offset for e in evs]
         assert offsets == list(range(offsets[0], offsets[0] + 13))  # no gap, no duplicate
         assert len({e.epoch for e in evs}) == 1  # Redis kept the epoch across the restart
