@@ -286,7 +286,9 @@ cdef class Hub:
         Each connection gets it once however many of its subscriptions match.  With
         ``exact_only`` pattern subscriptions are ignored (private namespaces).  Returns
         the number of receivers.  ``accepted`` is the monotonic time the publication
-        was accepted, for the delivery latency histogram.
+        was accepted, for the delivery latency histogram; a negative ``accepted`` marks
+        a push that is not a publication (presence join/leave): it is delivered the same
+        way but counted in no publication metric.
         """
         cdef tuple keys
         if exact_only:
@@ -302,7 +304,9 @@ cdef class Hub:
         # reference counting and no Python call per delivery (cython -a: all white)
         cdef PyObject** items = (<PyTupleObject*>keys).ob_item
         cdef PyObject* o
-        self.publications += 1
+        cdef bint publication = accepted >= 0
+        if publication:
+            self.publications += 1
         for i in range(m):
             o = items[i]
             if (<Conn>o).closing:
@@ -320,11 +324,12 @@ cdef class Hub:
                 self._npend += 1
             n += 1
         if n:
-            self.deliveries += n
-            if self._naccepted == self._accepted_cap:
-                self._grow_accepted()
-            self._accepted[self._naccepted] = accepted
-            self._naccepted += 1
+            if publication:
+                self.deliveries += n
+                if self._naccepted == self._accepted_cap:
+                    self._grow_accepted()
+                self._accepted[self._naccepted] = accepted
+                self._naccepted += 1
             self._schedule()
         return n
 

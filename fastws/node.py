@@ -347,7 +347,7 @@ class Node:
             if not self.trie.keys(name):
                 await self.broker.subscribe(name)
             extra: dict[str, Any] = {}
-            if req.since is not None:
+            if req.since is not None or req.positioned:
                 extra = await self._recover(conn, name, req.since)
             if conn.closing:
                 _discard(subs, name)
@@ -385,16 +385,17 @@ class Node:
                                 f"{limits.subscribes_window:g} s")
 
     async def _recover(self, conn: Connection, name: str,
-                       since: protocol.Since) -> dict[str, Any]:
+                       since: protocol.Since | None) -> dict[str, Any]:
         """Send the publications missed after ``since`` as event pushes; returns what
         goes into ``subscribed``: ``recovered`` (were they all still there) and, for a
         channel with history, its stream's ``offset``/``epoch`` after the replay (the
-        clients keep it when ``recovered`` is false)."""
+        clients keep it when ``recovered`` is false).  Without ``since`` (a
+        ``positioned`` subscribe) only the position: everything after it is delivered."""
         if channels.is_pattern(name):
             return await self._recover_pattern(conn, name, since)
         ns = self.config.for_channel(name)
         if ns.history_size <= 0:
-            return {"recovered": False}
+            return {} if since is None else {"recovered": False}
         # The broker delivers this channel already: publications that arrive while
         # history is read are kept and sent after it (without repeating what it held).
         # broker.sync() waits until everything published before the read has reached
@@ -404,15 +405,16 @@ class Node:
         waiting = self._recovering.setdefault(name, [])
         waiting.append(buf)
         try:
-            hist = await self.broker.history(name, limit=ns.history_size,
-                                             since_offset=since.offset,
-                                             since_epoch=since.epoch)
+            hist = await self.broker.history(
+                name, limit=ns.history_size if since is not None else 0,
+                since_offset=since.offset if since is not None else None,
+                since_epoch=since.epoch if since is not None else None)
             await self.broker.sync()
         finally:
             waiting.remove(buf)
             if not waiting:
                 self._recovering.pop(name, None)
-        if hist.recovered:
+        if hist.recovered and since is not None:
             for offset, data in hist.publications:
                 conn.send_text(protocol.event_payload(name, data, offset, hist.epoch))
         for offset, epoch, data, _log_offset, _log_epoch in buf:
@@ -421,18 +423,22 @@ class Node:
         if self._track and hist.offset and name not in self._positions:
             # everything up to the top has reached us (sync): checks start from there
             self._positions[name] = (hist.epoch, hist.offset)
+        if since is None:
+            return {"offset": hist.offset, "epoch": hist.epoch}
         return {"recovered": hist.recovered, "offset": hist.offset, "epoch": hist.epoch}
 
     async def _recover_pattern(self, conn: Connection, name: str,
-                               since: protocol.Since) -> dict[str, Any]:
+                               since: protocol.Since | None) -> dict[str, Any]:
         """Recover a pattern from its namespace's log: ``since`` is the last event the
-        subscription delivered (its ``channel``, ``offset``, ``epoch``); the log's entries
-        after that publication that the pattern matches are replayed, then what came
-        meanwhile (merged by log offset, which the broker hands the node internally)."""
-        nothing: dict[str, Any] = {"recovered": False}
+        subscription delivered (its ``channel``, ``offset``, ``epoch``), or without
+        ``channel`` a position in the log itself (what a ``positioned`` subscribe
+        answered); the log's entries after it that the pattern matches are replayed,
+        then what came meanwhile (merged by log offset, which the broker hands the node
+        internally).  Without ``since``, only the log's position is answered."""
+        nothing: dict[str, Any] = {} if since is None else {"recovered": False}
         space = channels.namespace_of(name)
-        if not space or not self.broker.keeps_logs or not since.channel \
-                or not glob_match(name, since.channel):
+        if not space or not self.broker.keeps_logs or (
+                since is not None and since.channel and not glob_match(name, since.channel)):
             return nothing  # spans namespaces, a broker without logs (cluster), no position
         ns = self.config.namespace(space)
         if ns.history_size <= 0 or ns.subscribe in ("owner", "api"):
@@ -442,20 +448,24 @@ class Node:
         waiting.append(entry)
         try:
             hist = await self.broker.log_history(
-                space, limit=NS_LOG_SIZE, since_channel=since.channel,
-                since_offset=since.offset, since_epoch=since.epoch)
+                space, limit=NS_LOG_SIZE if since is not None else 0,
+                since_channel=since.channel if since is not None else "",
+                since_offset=since.offset if since is not None else 0,
+                since_epoch=since.epoch if since is not None else "")
             await self.broker.sync()
         finally:
             waiting.remove(entry)
             if not waiting:
                 self._recovering.pop("", None)
-        if hist.recovered:
+        if hist.recovered and since is not None:
             for _log_offset, channel, offset, epoch, data in hist.publications:
                 if glob_match(name, channel):
                     conn.send_text(protocol.event_payload(channel, data, offset, epoch))
         for channel, offset, epoch, data, log_offset, log_epoch in entry[1]:
             if log_offset == 0 or log_epoch != hist.epoch or log_offset > hist.offset:
                 conn.send_text(protocol.event_payload(channel, data, offset, epoch))
+        if since is None:
+            return {"offset": hist.offset, "epoch": hist.epoch}
         return {"recovered": hist.recovered}
 
     async def _unsubscribe(self, conn: Connection, req: Request) -> bytes:
@@ -555,12 +565,12 @@ class Node:
         if channel in self.presence or self.trie.keys(channel):
             payload = orjson.dumps({"type": typ, "channel": channel, "client": client,
                                     "user": user})
-            self.hub.broadcast(channel, make_frame(payload), time.monotonic(), True)
+            self.hub.broadcast(channel, make_frame(payload), -1.0, True)  # not a publication
 
     def _presence_push(self, typ: str, conn: Connection, channel: str) -> None:
         payload = orjson.dumps({"type": typ, "channel": channel, "client": conn.client_id,
                                 "user": conn.user})
-        self.hub.broadcast(channel, make_frame(payload), time.monotonic(), True)
+        self.hub.broadcast(channel, make_frame(payload), -1.0, True)  # not a publication
 
     # ------------------------------------------------------------------ connections
 

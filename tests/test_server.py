@@ -162,6 +162,8 @@ async def test_client_publish_history_and_presence(fastws_server) -> None:
     b.close()
     leave = await a.recv()
     assert leave["type"] == "leave" and leave["client"] == join["client"]
+    # join/leave pushes are delivered but are not publications
+    assert scrape(srv.http_url)["fastws_publications_total"] == 6
 
 
 async def test_recovery_with_since(server) -> None:
