@@ -188,9 +188,7 @@ class Subscription:
         """The ``since`` position to recover from, or None when nothing was delivered."""
         if self.offset is None:
             return None
-        if self.pattern:  # the server finds that event in the namespace's log
-            if not self.last_channel:
-                return None
+        if self.pattern and self.last_channel:  # the server finds it in the namespace log
             return {"offset": self.offset, "epoch": self.epoch or "",
                     "channel": self.last_channel}
         return {"offset": self.offset, "epoch": self.epoch or ""}
@@ -783,6 +781,8 @@ class Client:
         if since is not None:
             msg["since"] = since
             sub._recovering = True  # what comes before the reply is the replay
+        else:
+            msg["positioned"] = True  # the reply says where the stream is: recover from there
 
         def handler(reply: dict[str, Any] | BaseException) -> None:
             if isinstance(reply, BaseException):
@@ -819,7 +819,9 @@ class Client:
         if "recovered" in reply:
             sub.recovered = bool(reply["recovered"])
         if not sub.recovered and "offset" in reply and "epoch" in reply \
-                and reply["epoch"] != sub.epoch:
+                and reply["epoch"] != sub.epoch and not (sub.pattern and sub.last_channel):
+            # a pattern's reply position is in the namespace log: kept only until an
+            # event (already delivered ones are newer) names a channel
             sub.offset, sub.epoch = reply["offset"], reply["epoch"]
         sub._set_subscribed(True)
         if sub._ready is not None and not sub._ready.done():

@@ -48,6 +48,7 @@ class Request:
     channel: str = ""
     data: Any = None
     since: Since | None = None
+    positioned: bool = False  # subscribe: answer the stream's position (docs/history.md)
     limit: int | None = None
     token: str = ""
 
@@ -121,6 +122,7 @@ def parse(payload: bytes | str, max_channel_length: int = 255) -> Request:
     elif typ in ("subscribe", "history"):
         if msg.get("since") is not None:
             req.since = _since(msg["since"], id)
+        req.positioned = msg.get("positioned") is True
         if typ == "history":
             limit = msg.get("limit", 100)
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:

@@ -350,3 +350,60 @@ async def test_pattern_position_gone_is_not_recovered(node):
     reply, offsets = await collect_until(c, 12, ch, 5)
     assert reply["recovered"] is True and offsets == [5]
     c.close()
+
+
+async def test_positioned_subscribe_recovers_without_events(node):
+    """A `positioned` subscribe answers where the stream is (a channel's top; for a
+    pattern the namespace log's); a client that got no event before it dropped recovers
+    from there: exactly what was published meanwhile."""
+    ch = uniq()
+    pattern = ch[:-2] + "*"
+    positions = {}
+    for round_, (first, last) in enumerate([(1, 3), (4, 5)]):
+        for name in (ch, pattern):
+            c = await connect(node.ws_url)
+            reply = await c.request({"id": 1, "type": "subscribe", "channel": name,
+                                     "positioned": True})
+            assert "recovered" not in reply and isinstance(reply["offset"], int), reply
+            positions[name] = {"offset": reply["offset"], "epoch": reply["epoch"]}
+            c.close()
+        if round_ == 0:
+            assert positions[ch] == {"offset": 0, "epoch": ""}  # nothing published yet
+        for i in range(first, last + 1):
+            node.publish(ch, i)
+        node.publish(uniq(), "elsewhere")  # in the log, not matched by the pattern
+        for name in (ch, pattern):
+            c = await connect(node.ws_url)
+            c.send({"id": 2, "type": "subscribe", "channel": name, "since": positions[name]})
+            reply, offsets = await collect_until(c, 2, ch, last)
+            assert reply["recovered"] is True and offsets == list(range(first, last + 1))
+            pong = await c.request({"id": 3, "type": "ping"})
+            assert pong["type"] == "pong" and c.messages.empty()
+            c.close()
+
+
+async def test_python_client_recovers_subscriptions_that_got_no_event(redis_server,
+                                                                    fastws_server):
+    """The Python client subscribes `positioned`: a channel and a pattern that saw no
+    event before their node was killed recover what another node published meanwhile."""
+    import signal
+
+    import fastws
+
+    broker = ("--broker", redis_server.url)
+    srv = fastws_server(*broker, config=CONFIG)
+    other = fastws_server(*broker, config=CONFIG)
+    ch = uniq()
+    async with fastws.connect(srv.ws_url, backoff_base=0.05, backoff_cap=0.2) as c:
+        sub = await c.subscribe(ch)
+        psub = await c.subscribe(ch[:-2] + "*")
+        srv.stop(signal.SIGKILL)
+        for i in range(3):
+            await asyncio.to_thread(other.publish, ch, i)
+        await asyncio.to_thread(fastws_server, *broker, config=CONFIG, port=srv.port)
+        assert await sub.wait_subscribed(timeout=10) is True
+        assert await psub.wait_subscribed(timeout=10) is True
+        got = [await c.next_event(timeout=5) for _ in range(3)]
+        assert [(e.channel, e.offset, e.data) for e in got] == [(ch, i + 1, i) for i in range(3)]
+        with pytest.raises(fastws.RequestTimeout):
+            await c.next_event(timeout=0.2)

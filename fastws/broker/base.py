@@ -93,7 +93,9 @@ class Broker(ABC):
         ``since_offset`` of ``since_channel`` in ``since_epoch`` (the last event a pattern
         subscription delivered); ``publications`` are ``(log offset, channel, channel
         offset, channel epoch, data)`` tuples, ``offset``/``epoch`` the log's top.
-        ``recovered`` is False when that publication is no longer in the log.
+        ``recovered`` is False when that publication is no longer in the log.  With
+        ``since_channel`` empty, ``since_offset``/``since_epoch`` are a position in the
+        log itself (0 and "" = its beginning; ``limit`` 0 reads only the top).
 
         The default (a broker that keeps no logs) recovers nothing.
         """

@@ -121,6 +121,10 @@ class MemoryBroker(Broker):
     async def log_history(self, namespace: str, *, limit: int, since_channel: str,
                           since_offset: int, since_epoch: str) -> HistoryResult:
         nslog = self._logs.get(namespace)
+        if not since_channel:  # a position in the log itself
+            hist = self._read(nslog, limit, since_offset, since_epoch)
+            hist.publications = [(o, *item) for o, item in hist.publications]
+            return hist
         if nslog is None or nslog.expires <= time.monotonic():
             return HistoryResult([], 0, "", False)
         want = (since_channel, since_offset, since_epoch)

@@ -934,11 +934,20 @@ class RedisBroker(Broker):
             return HistoryResult([], 0, "", False)
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
-        meta, stream, _ = keys_for(since_channel)
-        res = await self._eval(namespace, "logsince", [*log_keys(namespace), meta, stream],
-                               [max(0, limit), min(since_offset, 2**62), since_epoch])
+        if not since_channel:  # a position in the log itself
+            keys = list(log_keys(namespace))
+            res = await self._eval(namespace, "history", keys,
+                                   [max(0, limit), str(min(since_offset, 2**62))])
+            if res and since_epoch not in ("", res[1].decode()):
+                return HistoryResult([], int(res[0]), res[1].decode(), False)
+            res = [*res, str(since_offset).encode()] if res else res
+        else:
+            meta, stream, _ = keys_for(since_channel)
+            res = await self._eval(namespace, "logsince",
+                                   [*log_keys(namespace), meta, stream],
+                                   [max(0, limit), min(since_offset, 2**62), since_epoch])
         if not res:
-            return HistoryResult([], 0, "", False)
+            return HistoryResult([], 0, "", not since_channel and since_offset == 0)
         top, epoch = int(res[0]), res[1].decode()
         first = int(res[2].partition(b"-")[0]) if res[2] else top + 1
         if not res[4]:

@@ -59,7 +59,7 @@ if nk == 3 then
   local seen = redis.call('GET', KEYS[3])
   if seen then return seen end
 end
-local function stream_epoch(mkey, skey)
+local function stream_epoch(mkey, skey, cand)
   local meta = redis.call('HMGET', mkey, 'e', 'r')
   local e = meta[1]
   if e and meta[2] ~= ARGV[10] then
@@ -73,7 +73,7 @@ local function stream_epoch(mkey, skey)
     end
   end
   if not e then
-    e = ARGV[5]
+    e = cand
     redis.call('DEL', mkey, skey)
     redis.call('HSET', mkey, 'e', e, 'r', ARGV[10])
   end
@@ -83,11 +83,11 @@ local size = tonumber(ARGV[3])
 local offset, epoch = 0, ''
 local env = ''
 if size > 0 then
-  epoch = stream_epoch(KEYS[1], KEYS[2])
+  epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[5])
   offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
   if nlog > 0 then
     local lm, lk = KEYS[nk + 1], KEYS[nk + 2]
-    local lepoch = stream_epoch(lm, lk)
+    local lepoch = stream_epoch(lm, lk, 'n' .. ARGV[5])  -- never a channel's
     local loff = redis.call('HINCRBY', lm, 'o', 1)
     redis.call('XADD', lk, 'MAXLEN', '~', nlog, loff .. '-0', 'c', ARGV[1], 'o', offset,
                'e', epoch, 'd', ARGV[2])

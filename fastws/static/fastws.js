@@ -323,6 +323,8 @@ export class FastWS {
       msg.since = { offset: record.last.offset, epoch: record.last.epoch };
       // a pattern's position is its last event, looked up in the namespace's log
       if (record.pattern && record.last.channel) msg.since.channel = record.last.channel;
+    } else {
+      msg.positioned = true; // the reply says where the stream is: recover from there
     }
     record.status = "pending";
     record.replayed = 0;
@@ -486,6 +488,11 @@ export class FastWS {
     }
     record.status = "subscribed";
     record.everSubscribed = true;
+    // where the stream was (a pattern's: in the namespace log), unless events since say more
+    if (typeof msg.offset === "number" && msg.recovered !== true && (!record.last ||
+        (record.pattern ? !record.last.channel : record.last.epoch !== msg.epoch))) {
+      record.last = { offset: msg.offset, epoch: msg.epoch };
+    }
     const info = { channel: record.channel, recovered: msg.recovered, replayed: record.replayed, resubscribe };
     record.recovering = false;
     record._resolve(msg);
