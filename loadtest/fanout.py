@@ -781,6 +781,21 @@ def parse_cpus(spec: str) -> list[int]:
     return cpus
 
 
+def stop_workers(workers: list[tuple[Any, Any]]) -> None:
+    """Ask each (process, pipe) client worker to close, then join it (kill if stuck)."""
+    for _, conn in workers:
+        with contextlib.suppress(Exception):
+            conn.send(("close",))
+    for proc, conn in workers:
+        with contextlib.suppress(Exception):
+            if conn.poll(10):
+                conn.recv()
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one benchmark and return the result dict (also printed / written)."""
     def log(msg: str) -> None:
@@ -1007,17 +1022,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise
         raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
     finally:
-        for _, conn in workers:
-            with contextlib.suppress(Exception):
-                conn.send(("close",))
-        for proc, conn in workers:
-            with contextlib.suppress(Exception):
-                if conn.poll(10):
-                    conn.recv()
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2)
+        stop_workers(workers)
         if server is not None:
             if result and server.proc.poll() is not None:
                 result["server_exit"] = server.proc.returncode

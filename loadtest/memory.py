@@ -54,20 +54,6 @@ def _start_workers(ctx: Any, url: str, n: int, procs: int, batch: int,
     return workers
 
 
-def _stop_workers(workers: list[tuple[Any, Any]]) -> None:
-    for _, conn in workers:
-        with contextlib.suppress(Exception):
-            conn.send(("close",))
-    for proc, conn in workers:
-        with contextlib.suppress(Exception):
-            if conn.poll(10):
-                conn.recv()
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(2)
-
-
 def measure_rss(n: int, procs: int, *, url: str | None = None, server_pid: int | None = None,
                 server_cpu: int | None = None, settle: float = 2.0, batch: int = 64,
                 timeout: float = 30.0, server_args: list[str] | None = None,
@@ -116,7 +102,7 @@ def measure_rss(n: int, procs: int, *, url: str | None = None, server_pid: int |
                 "errors": errors[:3], "connect_s": round(connect_s, 2),
                 "rss_before_kib": before, "rss_after_kib": after, "rss_per_conn_bytes": per}
     finally:
-        _stop_workers(workers)
+        fanout.stop_workers(workers)
         if server is not None:
             server.stop()
 
@@ -200,7 +186,7 @@ async def _breakdown_main(n: int, procs: int, batch: int, frames: int, top: int,
                 "sites": rows, "object_sizes": sizes}
     finally:
         tracemalloc.stop()
-        _stop_workers(workers)
+        fanout.stop_workers(workers)
         server.node.draining = True
         await server.shutdown()
 
