@@ -208,6 +208,21 @@ class _Target:
                 ctx.verify_mode = ssl.CERT_NONE
             self.ssl = ctx
 
+    def auth_args(self) -> tuple[str, ...] | None:
+        """The arguments of the AUTH command for this URL's credentials, or None."""
+        if not self.password:
+            return None
+        return (self.username, self.password) if self.username else (self.password,)
+
+    async def open(self, host: str, port: int, link: _Link) -> _Link:
+        """Connect ``link`` to host:port (TLS when the URL asks for it), within the timeout."""
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(
+            loop.create_connection(lambda: link, host, port, ssl=self.ssl,
+                                   server_hostname=host if self.ssl else None),
+            CONNECT_TIMEOUT)
+        return link
+
 
 class _PubSub:
     """One pub/sub connection and its subscriptions (what is wanted, sent, confirmed).
@@ -245,17 +260,10 @@ class _PubSub:
 
     async def connect(self, host: str, port: int, target: _Target) -> None:
         """Open the connection, authenticate, (re)subscribe everything wanted; wait for it."""
-        self.loop = loop = asyncio.get_running_loop()
-        link = _Link(self._on_reply, self._lost)
-        await asyncio.wait_for(
-            loop.create_connection(lambda: link, host, port, ssl=target.ssl,
-                                   server_hostname=host if target.ssl else None),
-            CONNECT_TIMEOUT)
-        self.link = link
+        self.loop = asyncio.get_running_loop()
+        self.link = await target.open(host, port, _Link(self._on_reply, self._lost))
         waits = []
-        if target.password:
-            auth = ((target.username, target.password) if target.username
-                    else (target.password,))
+        if (auth := target.auth_args()) is not None:
             waits.append(self._command("AUTH", *auth))
         waits.append(self._command("CLIENT", "SETNAME", f"fastws-{os.getpid()}-{self.label}"))
         waits.extend(self.flush())
@@ -488,17 +496,10 @@ class _Commands:
 
     async def connect(self, host: str, port: int, target: _Target,
                       scripts: dict[str, str]) -> None:
-        self.loop = loop = asyncio.get_running_loop()
-        link = _Link(self._on_reply, self._lost)
-        await asyncio.wait_for(
-            loop.create_connection(lambda: link, host, port, ssl=target.ssl,
-                                   server_hostname=host if target.ssl else None),
-            CONNECT_TIMEOUT)
-        self.link = link
+        self.loop = asyncio.get_running_loop()
+        self.link = await target.open(host, port, _Link(self._on_reply, self._lost))
         waits = []
-        if target.password:
-            auth = ((target.username, target.password) if target.username
-                    else (target.password,))
+        if (auth := target.auth_args()) is not None:
             waits.append(self.call("AUTH", *auth))
         if target.db:
             waits.append(self.call("SELECT", target.db))
