@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest.fanout import stop_process
+
 __all__ = ["ANCHORS", "Anchor", "available", "start"]
 
 ANCHORS = ("nchan", "node-ws", "websockets", "picows")
@@ -177,14 +179,7 @@ class Anchor:
         return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        stop_process(self.proc, self.tmp)
 
 
 def _nchan_module() -> str | None:

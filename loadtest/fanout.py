@@ -648,6 +648,20 @@ def wait_ready(host: str, port: int, proc: subprocess.Popen | None, timeout: flo
     raise TimeoutError(f"server at {host}:{port} not ready after {timeout:.0f} s")
 
 
+def stop_process(proc: subprocess.Popen, tmp: Path) -> int | None:
+    """Stop a server subprocess (SIGTERM, bounded wait, SIGKILL), remove its temp dir,
+    and return its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return proc.returncode
+
+
 class ServerProcess:
     """A `python -m fastws serve` subprocess, optionally pinned with taskset."""
 
@@ -680,15 +694,7 @@ class ServerProcess:
 
     def stop(self) -> int | None:
         """SIGTERM, wait (bounded), SIGKILL; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return self.proc.returncode
+        return stop_process(self.proc, self.tmp)
 
 
 def machine_info() -> dict[str, Any]:
