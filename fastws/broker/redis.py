@@ -224,7 +224,50 @@ class _Target:
         return link
 
 
-class _PubSub:
+class _Connection:
+    """What the pub/sub and the command connections share: the link, its opening
+    handshake (AUTH, CLIENT SETNAME) and what happens when it is lost."""
+
+    def __init__(self, label: str, on_lost: Callable[[], None]) -> None:
+        self.label = label
+        self._on_lost_cb = on_lost
+        self.link: _Link | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.transport is not None
+
+    async def _open(self, host: str, port: int, target: _Target,
+                    send: Callable[..., asyncio.Future]) -> list[asyncio.Future]:
+        """Connect, then send AUTH (when the URL has credentials) and CLIENT SETNAME
+        through ``send``; returns their replies' futures."""
+        self.loop = asyncio.get_running_loop()
+        self.link = await target.open(host, port, _Link(self._on_reply, self._lost))
+        waits = []
+        if (auth := target.auth_args()) is not None:
+            waits.append(send("AUTH", *auth))
+        waits.append(send("CLIENT", "SETNAME", f"fastws-{os.getpid()}-{self.label}"))
+        return waits
+
+    def _on_reply(self, reply: Any) -> None:
+        raise NotImplementedError
+
+    def _lost(self) -> None:
+        self.drop()
+        self._on_lost_cb()
+
+    def _abort_link(self) -> None:
+        if self.link is not None:
+            self.link.abort()
+            self.link = None
+
+    def drop(self) -> None:
+        """Close the connection and fail whoever waits on it."""
+        raise NotImplementedError
+
+
+class _PubSub(_Connection):
     """One pub/sub connection and its subscriptions (what is wanted, sent, confirmed).
 
     ``exact`` and ``pattern`` are the verbs it subscribes with (``SUBSCRIBE`` /
@@ -236,12 +279,9 @@ class _PubSub:
     def __init__(self, label: str, deliver: Callable[[bytes, bytes], None],
                  on_lost: Callable[[], None], exact: str = "SUBSCRIBE",
                  pattern: str | None = "PSUBSCRIBE") -> None:
-        self.label = label
+        super().__init__(label, on_lost)
         self.exact, self.pattern = exact, pattern
         self._deliver = deliver
-        self._on_lost_cb = on_lost
-        self.link: _Link | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.wanted: set[str] = set()
         self._sent: set[str] = set()
         self._active = Trie()
@@ -254,18 +294,9 @@ class _PubSub:
         self.lag = 0.0
         self._pings: collections.deque[float] = collections.deque()
 
-    @property
-    def connected(self) -> bool:
-        return self.link is not None and self.link.transport is not None
-
     async def connect(self, host: str, port: int, target: _Target) -> None:
         """Open the connection, authenticate, (re)subscribe everything wanted; wait for it."""
-        self.loop = asyncio.get_running_loop()
-        self.link = await target.open(host, port, _Link(self._on_reply, self._lost))
-        waits = []
-        if (auth := target.auth_args()) is not None:
-            waits.append(self._command("AUTH", *auth))
-        waits.append(self._command("CLIENT", "SETNAME", f"fastws-{os.getpid()}-{self.label}"))
+        waits = await self._open(host, port, target, self._command)
         waits.extend(self.flush())
         self.ping()
         await asyncio.wait_for(asyncio.gather(*waits), CONNECT_TIMEOUT * 2)
@@ -304,15 +335,9 @@ class _PubSub:
             return max(self.lag, time.monotonic() - self._pings[0])
         return self.lag
 
-    def _lost(self) -> None:
-        self.drop()
-        self._on_lost_cb()
-
     def drop(self) -> None:
         """Close the connection and forget its state; fail whoever waits on it."""
-        if self.link is not None:
-            self.link.abort()
-            self.link = None
+        self._abort_link()
         exc = BrokerUnavailable("redis connection lost")
         for _, fut in self._expect:
             _fail(fut, exc)
@@ -459,7 +484,7 @@ class _PubSub:
         return [(g[i:i + BATCH], v) for g, v in groups for i in range(0, len(g), BATCH)]
 
 
-class _Commands:
+class _Commands(_Connection):
     """One pipelined command connection: commands go out in call order, Redis runs them
     in that order, and replies come back in that order (a FIFO of futures).
 
@@ -477,10 +502,7 @@ class _Commands:
     """
 
     def __init__(self, label: str, on_lost: Callable[[], None]) -> None:
-        self.label = label
-        self._on_lost_cb = on_lost
-        self.link: _Link | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(label, on_lost)
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
         self._out: list[bytes] = []
         self.shas: dict[str, bytes] = {}
@@ -490,20 +512,11 @@ class _Commands:
         self._no_replica_since: float | None = None
         self._durable: list[tuple[asyncio.Future, asyncio.Future]] = []
 
-    @property
-    def connected(self) -> bool:
-        return self.link is not None and self.link.transport is not None
-
     async def connect(self, host: str, port: int, target: _Target,
                       scripts: dict[str, str]) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.link = await target.open(host, port, _Link(self._on_reply, self._lost))
-        waits = []
-        if (auth := target.auth_args()) is not None:
-            waits.append(self.call("AUTH", *auth))
+        waits = await self._open(host, port, target, self.call)
         if target.db:
             waits.append(self.call("SELECT", target.db))
-        waits.append(self.call("CLIENT", "SETNAME", f"fastws-{os.getpid()}-{self.label}"))
         names = list(scripts)
         loads = [self.call("SCRIPT", "LOAD", scripts[n]) for n in names]
         await asyncio.wait_for(asyncio.gather(*waits), CONNECT_TIMEOUT * 2)
@@ -606,14 +619,9 @@ class _Commands:
         else:
             fut.set_result(reply)
 
-    def _lost(self) -> None:
-        self.drop()
-        self._on_lost_cb()
-
     def drop(self) -> None:
-        if self.link is not None:
-            self.link.abort()
-            self.link = None
+        """Close the connection; fail the calls in flight (503)."""
+        self._abort_link()
         self._out.clear()
         exc = BrokerUnavailable("redis connection lost")
         for _, outer in self._durable:
