@@ -8,6 +8,8 @@
 * ``loadtest.memory``: server RSS per idle subscribed connection, and where it goes;
 * ``loadtest.profile``: py-spy profile of the server under fan-out load;
 * ``loadtest.annotate``: ``cython -a`` check of the broadcast loop;
+* ``loadtest.floor``: the machine's floor, one ``send(2)`` per subscriber from plain C
+  (``loadtest/floor.c``), the yardstick for the time to reach every subscriber;
 * ``loadtest/locustfile.py``: locust scenarios (subscribers, churn, publishers).
 
 docs/benchmarks.md has the numbers and the commands that produced them.
