@@ -600,8 +600,20 @@ async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
 # ---------------------------------------------------------------------------------------
 # Orchestration (parent process)
 # ---------------------------------------------------------------------------------------
-def read_rss_kib(pid: int) -> int | None:
-    """VmRSS of a process in KiB, or None if it cannot be read."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a ``--workers N`` supervisor and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                todo.extend(int(c) for c in task.read_text().split())
+    return out
+
+
+def rss_kib_one(pid: int) -> int | None:
+    """VmRSS of one process in KiB, or None."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -611,14 +623,26 @@ def read_rss_kib(pid: int) -> int | None:
     return None
 
 
-def read_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process in seconds, or None."""
+def cpu_s_one(pid: int) -> float | None:
+    """utime + stime of one process in seconds, or None."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
         fields = raw[raw.rindex(")") + 2:].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def read_rss_kib(pid: int) -> int | None:
+    """VmRSS in KiB of a process and its descendants (summed), or None if unreadable."""
+    found = [r for r in map(rss_kib_one, process_tree(pid)) if r is not None]
+    return sum(found) if found else None
+
+
+def read_cpu_s(pid: int) -> float | None:
+    """utime + stime in seconds of a process and its descendants (summed), or None."""
+    found = [c for c in map(cpu_s_one, process_tree(pid)) if c is not None]
+    return sum(found) if found else None
 
 
 def free_port() -> int:

@@ -157,7 +157,7 @@ async def _breakdown_main(n: int, procs: int, batch: int, frames: int, top: int,
     gc.collect()
     tracemalloc.start(frames)
     snap0 = tracemalloc.take_snapshot()
-    rss0 = fanout.read_rss_kib(os.getpid())
+    rss0 = fanout.rss_kib_one(os.getpid())
     workers = _start_workers(ctx, url, n, procs, batch, None, 60.0)
     connected = 0
     try:
@@ -167,7 +167,7 @@ async def _breakdown_main(n: int, procs: int, batch: int, frames: int, top: int,
         await asyncio.sleep(1.0)
         gc.collect()
         snap1 = tracemalloc.take_snapshot()
-        rss1 = fanout.read_rss_kib(os.getpid())
+        rss1 = fanout.rss_kib_one(os.getpid())
         conns = list(server.node.hub.conns)
         sizes = _sizes_of_one(conns[0]) if conns else []
         stats = snap1.compare_to(snap0, "traceback" if frames > 1 else "lineno")
