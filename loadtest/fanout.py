@@ -811,6 +811,20 @@ def parse_cpus(spec: str) -> list[int]:
     return cpus
 
 
+def collect_ready(workers: list[tuple[Any, Any]], timeout: float) -> tuple[int, int, list[str]]:
+    """Wait for every client process's "ready" report; (connected, failed, errors)."""
+    connected = failed = 0
+    errors: list[str] = []
+    for _, conn in workers:
+        if not conn.poll(timeout):
+            raise RuntimeError("a client process did not finish connecting")
+        ready = conn.recv()
+        connected += ready["ready"]
+        failed += ready["failed"]
+        errors += ready["errors"]
+    return connected, failed, errors
+
+
 def stop_workers(workers: list[tuple[Any, Any]]) -> None:
     """Ask each (process, pipe) client worker to close, then join it (kill if stuck)."""
     for _, conn in workers:
@@ -889,15 +903,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             workers.append((proc, parent_end))
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, client_cpus)
-        connected = failed = 0
-        errors: list[str] = []
-        for _, conn in workers:
-            if not conn.poll(args.connect_timeout * 4 + 60):
-                raise RuntimeError("a client process did not finish connecting")
-            ready = conn.recv()
-            connected += ready["ready"]
-            failed += ready["failed"]
-            errors += ready["errors"]
+        connected, failed, errors = collect_ready(workers, args.connect_timeout * 4 + 60)
         connect_s = time.monotonic() - t_conn
         log(f"{connected} subscribed ({failed} failed) in {connect_s:.1f} s")
         if failed:

@@ -81,15 +81,7 @@ def measure_rss(n: int, procs: int, *, url: str | None = None, server_pid: int |
         before = fanout.read_rss_kib(server_pid)
         t0 = time.monotonic()
         workers = _start_workers(ctx, url, n, procs, batch, cpus, timeout)
-        connected = failed = 0
-        errors: list[str] = []
-        for _, conn in workers:
-            if not conn.poll(timeout * 4 + 120):
-                raise RuntimeError("a client process did not finish connecting")
-            ready = conn.recv()
-            connected += ready["ready"]
-            failed += ready["failed"]
-            errors += ready["errors"]
+        connected, failed, errors = fanout.collect_ready(workers, timeout * 4 + 120)
         connect_s = time.monotonic() - t0
         if log:
             log(f"{connected} connected+subscribed ({failed} failed) in {connect_s:.1f} s")
