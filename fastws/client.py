@@ -13,11 +13,17 @@ every subscription and recovers each one from the last position it delivered
 (``since``), deduplicating events by (channel, offset). It stops for good after a close
 in 4500–4999 or a ``disconnect`` push with ``reconnect: false``, except a 4501 "token
 expired" when ``token`` is a callable: then it reconnects with a fresh token.
+
+A callable ``token`` whose JWT carries ``exp`` is also refreshed ahead of time, on the
+live connection: shortly before ``exp`` the client calls it and sends the new token in an
+``auth`` request, so subscriptions and positions carry on without a reconnect (see
+:func:`refresh_delay` and :func:`token_expires_in`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import logging
 import random
@@ -54,6 +60,9 @@ __all__ = [
     "connect",
     "is_pattern",
     "normalize_channel",
+    "refresh_delay",
+    "token_claims",
+    "token_expires_in",
 ]
 
 log = logging.getLogger("fastws.client")
@@ -63,6 +72,7 @@ EventCallback = Callable[["Event"], Any]
 
 _PATTERN_CHARS = frozenset("*?[\\")
 _DEDUPE_LIMIT = 65536  # channels remembered for (channel, offset) deduplication
+_REFRESH_SPREAD_CAP = 60.0  # seconds: the most a refresh is moved earlier by jitter
 
 
 def is_pattern(channel: str) -> bool:
@@ -86,6 +96,72 @@ def backoff_delay(failures: int, *, base: float = 0.5, cap: float = 20.0,
     """
     ceiling = min(cap, base * (2.0 ** min(failures, 64)))
     return rand() * ceiling
+
+
+def token_claims(token: str) -> dict[str, Any] | None:
+    """The claims (payload) of a JWT, decoded *without* verifying its signature.
+
+    Only for timing the token's refresh: the server is what verifies tokens. Returns None
+    when ``token`` is not a JWT (three base64url parts whose middle one is a JSON object),
+    e.g. an opaque token: such a token is then never refreshed ahead of time.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1]
+    try:
+        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        claims = orjson.loads(raw)
+    except ValueError:  # binascii.Error, non-ASCII text and orjson.JSONDecodeError alike
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def token_expires_in(token: str, now: float | None = None) -> float | None:
+    """Seconds until the JWT ``token`` expires by its ``exp`` claim, or None without one.
+
+    The client's clock (``time.time()``, or ``now``) is used, checked against the
+    token's ``iat`` when it has one: a token issued "in the future" (the client's clock
+    is behind the issuer's) or already past ``exp`` (the client's clock is ahead: the
+    server has just accepted it) is taken to have its whole lifetime, ``exp - iat``,
+    left. A fast clock otherwise only makes the refresh come early. None also when
+    the token has expired by every measure (nothing to time).
+    """
+    claims = token_claims(token)
+    if claims is None:
+        return None
+    exp = _number(claims.get("exp"))
+    if exp is None:
+        return None
+    left = exp - (time.time() if now is None else now)
+    iat = _number(claims.get("iat"))
+    if iat is not None and exp > iat:
+        lifetime = exp - iat
+        if left > lifetime or left <= 0:  # the clocks disagree: trust the token's own span
+            left = lifetime
+    return left if left > 0 else None
+
+
+def refresh_delay(remaining: float, *, margin: float = 10.0,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before refreshing a token that expires in ``remaining`` seconds.
+
+    The refresh comes ``min(margin, remaining / 5)`` before expiry (i.e. at
+    ``max(remaining - margin, 80 % of remaining)``), moved earlier by a random jitter of
+    up to ``min(remaining / 10, 60 s)`` so that clients whose tokens expire together do
+    not all ask for new ones at once. ``rand`` returns a float in [0, 1).
+    """
+    if remaining <= 0:
+        return 0.0
+    lead = min(margin, remaining / 5.0)
+    jitter = rand() * min(remaining / 10.0, _REFRESH_SPREAD_CAP)
+    return max(0.0, remaining - lead - jitter)
 
 
 class Event:
@@ -282,7 +358,8 @@ class _Conn:
         self.close_code: int | None = None
         self.close_reason = ""
         self.disconnect_push: dict[str, Any] | None = None
-        self.token: str | None = None  # the token this connection was opened with
+        self.token: str | None = None  # the token in force: opened with, or the last authed
+        self.token_changed = asyncio.Event()  # set when an ``auth`` replaced ``token``
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_connected(self, transport: WSTransport) -> None:
@@ -332,6 +409,13 @@ class Client:
     - ``on_state``: called with ``"connecting"``, ``"connected"``, ``"disconnected"``
       or ``"closed"``.
     - ``max_frame_size`` (16 MiB): largest frame accepted from the server.
+    - ``token_refresh`` (True) and ``token_refresh_margin`` (10 s): with a callable
+      ``token`` whose JWT has an ``exp`` claim, call it again before ``exp`` (see
+      :func:`refresh_delay`) and send the new token in an ``auth`` request on the live
+      connection; a failed refresh (the callable raises, or the server answers an
+      error) is retried with the backoff above until ``exp``, after which the server's
+      4501 "token expired" close makes the client reconnect with a fresh token.
+      ``token_refreshes`` counts the refreshes that succeeded.
     """
 
     def __init__(self, url: str, token: TokenSource = None, *,
@@ -341,7 +425,13 @@ class Client:
                  rand: Callable[[], float] = random.random,
                  headers: dict[str, str] | None = None,
                  on_state: Callable[[str], Any] | None = None,
-                 max_frame_size: int = 16 * 1024 * 1024) -> None:
+                 max_frame_size: int = 16 * 1024 * 1024,
+                 token_refresh: bool = True, token_refresh_margin: float = 10.0) -> None:
+        if token is not None and not isinstance(token, str) and not callable(token):
+            raise TypeError(f"token must be a string, a callable or None, not "
+                            f"{type(token).__name__}")
+        if token_refresh_margin < 0:
+            raise ValueError("token_refresh_margin must be >= 0 seconds")
         self.url = url
         self.token = token
         self.request_timeout = request_timeout
@@ -354,8 +444,11 @@ class Client:
         self.headers = dict(headers or {})
         self.on_state = on_state
         self.max_frame_size = max_frame_size
+        self.token_refresh = token_refresh
+        self.token_refresh_margin = token_refresh_margin
         self.state = "disconnected"
         self.reconnects = 0  # successful connections after the first one
+        self.token_refreshes = 0  # tokens replaced on a live connection by the refresher
         self._subs: dict[str, Subscription] = {}
         self._conn: _Conn | None = None
         self._next_id = 0
@@ -534,10 +627,14 @@ class Client:
                 else:
                     self.reconnects += 1
                 watchdog = loop.create_task(self._watchdog(conn))
+                refresher = loop.create_task(self._refresher(conn)) \
+                    if self.token_refresh and callable(self.token) else None
                 try:
                     await asyncio.shield(conn.closed)
                 finally:
                     watchdog.cancel()
+                    if refresher is not None:
+                        refresher.cancel()
                     self._connected.clear()
                     self._conn = None
                 self._set_state("disconnected")
@@ -608,6 +705,71 @@ class Client:
                 conn.abort()
                 return
             await asyncio.sleep(probe_sent + self.ping_timeout - now + 0.005)
+
+    async def _nap(self, conn: _Conn, delay: float) -> bool:
+        """Sleep ``delay`` seconds; True if an ``auth`` replaced the token meanwhile."""
+        try:
+            async with asyncio.timeout(delay):
+                await conn.token_changed.wait()
+        except TimeoutError:
+            return False
+        conn.token_changed.clear()
+        return True
+
+    async def _refresher(self, conn: _Conn) -> None:
+        """Replace the connection's token before its ``exp``, without reconnecting.
+
+        Runs while ``conn`` is open, when ``token`` is a callable: shortly before the
+        token in force expires (:func:`refresh_delay`) it asks the callable for a new one
+        and sends it in an ``auth`` request. A failure (the callable raises or gives back
+        the same token, the server answers an error) is retried with the reconnect
+        backoff as long as the next try comes before ``exp``; after that the server
+        closes 4501 "token expired" and the reconnect path takes over.
+        """
+        loop = asyncio.get_running_loop()
+        while conn.connected:
+            token = conn.token
+            left = token_expires_in(token) if token else None
+            if left is None:  # no exp (or not a JWT): wait for a manual auth() with one
+                await conn.token_changed.wait()
+                conn.token_changed.clear()
+                continue
+            expires = loop.time() + left
+            if await self._nap(conn, refresh_delay(
+                    left, margin=self.token_refresh_margin, rand=self.rand)):
+                continue
+            failures = 0
+            while True:
+                try:
+                    new = await self._token()
+                    if self._conn is not conn or not conn.connected:
+                        return
+                    if not new:
+                        raise FastWSError("the token callable gave no token")
+                    if new == token:
+                        raise FastWSError("the token callable gave back the current token")
+                    await self.request({"type": "auth", "token": new}, resend=False)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if self._conn is not conn or not conn.connected:
+                        return
+                    delay = backoff_delay(failures, base=self.backoff_base,
+                                          cap=self.backoff_cap, rand=self.rand)
+                    failures += 1
+                    if loop.time() + delay >= expires:
+                        log.warning("fastws client: token refresh failed (%s); the server "
+                                    "will close at exp and the client reconnect", exc)
+                        return
+                    log.info("fastws client: token refresh failed (%s), retrying in %.2f s",
+                             exc, delay)
+                    if await self._nap(conn, delay):
+                        break  # a manual auth() gave a new token: time that one
+                    continue
+                conn.token = new
+                self.token_refreshes += 1
+                log.debug("fastws client: token refreshed on the live connection")
+                break
 
     def _finish(self, exc: ConnectionClosed) -> None:
         """Stopped for good: wake everybody with ``exc``."""
@@ -713,8 +875,19 @@ class Client:
         return await self.request({"type": "presence", "channel": channel})
 
     async def auth(self, token: str) -> dict[str, Any]:
-        """Authenticate the open connection with an ``auth`` message; returns ``authed``."""
-        return await self.request({"type": "auth", "token": token})
+        """Authenticate the open connection with an ``auth`` message; returns ``authed``.
+
+        The token refresher (callable ``token``) then times its next refresh from this
+        token's ``exp``.
+        """
+        if not isinstance(token, str) or not token:
+            raise TypeError("token must be a non-empty string")
+        reply = await self.request({"type": "auth", "token": token})
+        conn = self._conn
+        if conn is not None and conn.connected:
+            conn.token = token
+            conn.token_changed.set()
+        return reply
 
     async def ping(self) -> float:
         """Send a ``ping`` request; returns the round trip in seconds."""
@@ -944,12 +1117,16 @@ def connect(url: str, token: TokenSource = None, **opts: Any) -> Client:
     """Create a :class:`Client` for ``url``; use it as ``async with fastws.connect(url) as c``.
 
     ``token`` is a string or a callable (sync or async) returning one, called before each
-    connection attempt; it is sent as ``Authorization: Bearer``. When the server closes
-    a connection because its token expired (4501 "token expired"), a callable is asked
-    for a fresh token and the client reconnects (a string token cannot be refreshed: that
-    raises :class:`~fastws.errors.AuthError`, as does a callable giving back the token
-    that just expired). Entering the block connects, retrying with backoff like any
-    reconnect, and raises :class:`~fastws.errors.AuthError` if the token is rejected.
+    connection attempt; it is sent as ``Authorization: Bearer``. A callable is also
+    called shortly before the token in force expires (its JWT ``exp``), and the new token
+    is sent in an ``auth`` request on the live connection: no reconnect (options
+    ``token_refresh``, ``token_refresh_margin``). When the server closes a connection
+    because its token expired anyway (4501 "token expired": the refresh kept failing), a
+    callable is asked for a fresh token and the client reconnects (a string token cannot
+    be refreshed: that raises :class:`~fastws.errors.AuthError`, as does a callable
+    giving back the token that just expired). Entering the block connects, retrying
+    with backoff like any reconnect, and raises :class:`~fastws.errors.AuthError` if the
+    token is rejected.
     ``opts`` are the keyword options of :class:`Client`.
     """
     return Client(url, token, **opts)

@@ -30,7 +30,17 @@ from picows import (
     ws_create_server,
 )
 
-from fastws.client import Client, Event, backoff_delay, connect, is_pattern, normalize_channel
+from fastws.client import (
+    Client,
+    Event,
+    backoff_delay,
+    connect,
+    is_pattern,
+    normalize_channel,
+    refresh_delay,
+    token_claims,
+    token_expires_in,
+)
 from fastws.errors import (
     AuthError,
     ConnectionClosed,
@@ -68,6 +78,67 @@ def test_backoff_full_jitter_and_cap() -> None:
     assert min(draws) < 1.0 and max(draws) > 19.0
     assert 8.5 < sum(draws) / len(draws) < 11.5
     assert len(set(draws)) > 1900  # jittered, not a fixed schedule
+
+
+def _unsigned_jwt(claims: object) -> str:
+    """A JWT-shaped string with ``claims`` as payload (the client never verifies it)."""
+    import base64
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    return b64(b'{"alg":"HS256"}') + "." + b64(orjson.dumps(claims)) + ".sig"
+
+
+def test_token_claims_decodes_without_verifying() -> None:
+    tok = _unsigned_jwt({"sub": "alice", "exp": 1700000000, "n": "é" * 7})
+    assert token_claims(tok) == {"sub": "alice", "exp": 1700000000, "n": "é" * 7}
+    import jwt
+
+    signed = jwt.encode({"sub": "bob", "exp": 5}, "secret-0123456789abcdef0123456789", "HS256")
+    assert token_claims(signed) == {"sub": "bob", "exp": 5}
+    # Not a JWT (opaque tokens, garbage): None, never an exception.
+    for bad in ("", "opaque-token", "a.b", "a.b.c.d", "x.!!!.y", "x.é.y",
+                _unsigned_jwt([1, 2]), "x." + "bm90IGpzb24" + ".y"):
+        assert token_claims(bad) is None, bad
+
+
+def test_token_expires_in_uses_the_clients_clock_checked_by_iat() -> None:
+    now = 1_000_000.0
+    assert token_expires_in(_unsigned_jwt({"exp": now + 30}), now=now) == 30
+    # No exp (or not a number), not a JWT, or expired without iat: nothing to time.
+    for claims in ({"sub": "a"}, {"exp": "soon"}, {"exp": True}, {"exp": now - 1}):
+        assert token_expires_in(_unsigned_jwt(claims), now=now) is None, claims
+    assert token_expires_in("opaque", now=now) is None
+    # iat in the client's future: its clock is behind the issuer's; the lifetime counts.
+    assert token_expires_in(_unsigned_jwt({"iat": now + 100, "exp": now + 160}), now=now) == 60
+    # Past exp but just accepted by the server: the client's clock is ahead.
+    assert token_expires_in(_unsigned_jwt({"iat": now - 100, "exp": now - 40}), now=now) == 60
+    # Clocks that agree: the time left, not the lifetime.
+    assert token_expires_in(_unsigned_jwt({"iat": now - 50, "exp": now + 10}), now=now) == 10
+    left = token_expires_in(_unsigned_jwt({"exp": time.time() + 100}))
+    assert left is not None and 99 < left <= 100
+
+
+def test_refresh_delay_margin_share_and_jitter() -> None:
+    # An hour: 10 s before exp, moved up to a further 60 s earlier by the jitter.
+    assert refresh_delay(3600, rand=lambda: 0.0) == 3590
+    assert refresh_delay(3600, rand=lambda: 1.0) == 3530
+    # Short tokens: at 80 % of the time left, jitter up to 10 % of it.
+    assert refresh_delay(3, rand=lambda: 0.0) == pytest.approx(2.4)
+    assert refresh_delay(3, rand=lambda: 1.0) == pytest.approx(2.1)
+    assert refresh_delay(30, margin=2, rand=lambda: 0.0) == 28
+    assert refresh_delay(0) == 0 and refresh_delay(-5) == 0
+    rng = random.Random(7)
+    draws = [refresh_delay(600, rand=rng.random) for _ in range(1000)]
+    assert all(530 <= d <= 590 for d in draws) and len(set(draws)) > 990
+
+
+def test_bad_token_options_are_clear_errors() -> None:
+    with pytest.raises(TypeError, match="token must be a string, a callable or None"):
+        Client("ws://127.0.0.1:1/ws", token=123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="token_refresh_margin"):
+        Client("ws://127.0.0.1:1/ws", token_refresh_margin=-1)
 
 
 def test_event_and_pattern_helpers() -> None:
@@ -716,24 +787,73 @@ async def test_real_restart_with_redis_broker_recovers_everything(fastws_server,
         assert [e.data for e in by_pattern] == list(range(13))  # once each, in order
 
 
-def _jwt(secret: str, sub: str, ttl: float) -> str:
+def _jwt(secret: str, sub: str, ttl: float, *, iat: bool = False) -> str:
     import jwt
 
-    return jwt.encode({"sub": sub, "exp": int(time.time() + ttl)}, secret, algorithm="HS256")
+    now = time.time()
+    claims: dict[str, Any] = {"sub": sub, "exp": int(now + ttl)}
+    if iat:
+        claims["iat"] = int(now)
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
-async def test_real_expired_token_is_refreshed_on_reconnect(fastws_server) -> None:
-    """The server closes 4501 "token expired"; a token callable gives the next connection
-    a fresh token, and the private channel carries on with recovery."""
+async def test_real_token_is_refreshed_on_the_live_connection(fastws_server) -> None:
+    """A token callable with short-lived JWTs (3 s) is called before each exp and its
+    token sent in an `auth` request: the same connection carries on through several
+    refreshes (no reconnect, no 4501), and every event arrives once, in order."""
     secret = "test-secret-0123456789abcdef0123"
     srv = fastws_server("--jwt-secret", secret)
     issued: list[str] = []
+    states: list[str] = []
+
+    async def token() -> str:  # an async callable, as a token service would be
+        issued.append(_jwt(secret, "alice", 3, iat=len(issued) % 2 == 1))
+        return issued[-1]
+
+    async with connect(srv.ws_url, token=token, on_state=states.append, **FAST) as c:
+        conn = c._conn
+        sub = await c.subscribe("user:alice")
+        pat = await c.subscribe("events:*")
+        sent = 0
+        async with asyncio.timeout(20):
+            while c.token_refreshes < 3:  # three tokens in turn outlive the one before
+                await _publish(srv, "user:alice", sent)
+                await _publish(srv, "events:a" if sent % 2 else "events:b", sent)
+                sent += 1
+                await asyncio.sleep(0.02)  # pacing the publisher, not waiting for an event
+        got = await _take(c, 2 * sent, timeout=10)
+        assert [e.data for e in got if e.channel == "user:alice"] == list(range(sent))
+        assert [e.data for e in got if e.channel != "user:alice"] == list(range(sent))
+        assert not any(e.recovered for e in got)
+        assert c._conn is conn and c.connected and c.reconnects == 0
+        assert states == ["connecting", "connected"]  # never disconnected
+        assert len(issued) == c.token_refreshes + 1 >= 4
+        assert sub.subscribed and pat.subscribed and sub.recovered is None
+        # The token in force is the newest: private channels still work on it.
+        await _publish(srv, "user:alice", "last")
+        assert (await c.next_event(timeout=5)).data == "last"
+        assert c.reconnects == 0
+
+
+async def test_real_failed_refresh_falls_back_to_reconnect(fastws_server) -> None:
+    """While the token service fails (the callable raises), the refresh is retried until
+    exp; then the server closes 4501 "token expired" and the client reconnects with a
+    fresh token, the private channel carrying on with recovery."""
+    secret = "test-secret-0123456789abcdef0123"
+    srv = fastws_server("--jwt-secret", secret)
+    issued: list[str] = []
+    refused: list[float] = []
+    holder: list[Client] = []
 
     def token() -> str:
-        issued.append(_jwt(secret, "alice", 1.2 if not issued else 60))
+        if holder and holder[0].connected:  # a refresh on the live connection: fail
+            refused.append(time.monotonic())
+            raise RuntimeError("token service down")
+        issued.append(_jwt(secret, "alice", 2 if not issued else 60))
         return issued[-1]
 
     async with connect(srv.ws_url, token=token, **FAST) as c:
+        holder.append(c)
         sub = await c.subscribe("user:alice")
         await _publish(srv, "user:alice", "first")
         assert (await c.next_event(timeout=5)).data == "first"
@@ -744,6 +864,26 @@ async def test_real_expired_token_is_refreshed_on_reconnect(fastws_server) -> No
         await _publish(srv, "user:alice", "after refresh")
         assert (await c.next_event(timeout=5)).data == "after refresh"
         assert len(issued) == 2 and not c.closed
+        assert len(refused) >= 2 and c.token_refreshes == 0  # retried, then gave up
+
+
+async def test_real_refresh_can_be_turned_off(fastws_server) -> None:
+    """token_refresh=False: a callable is only asked on (re)connects, as before."""
+    secret = "test-secret-0123456789abcdef0123"
+    srv = fastws_server("--jwt-secret", secret)
+    issued: list[str] = []
+
+    def token() -> str:
+        issued.append(_jwt(secret, "alice", 1.2 if not issued else 60))
+        return issued[-1]
+
+    async with connect(srv.ws_url, token=token, token_refresh=False, **FAST) as c:
+        sub = await c.subscribe("user:alice")
+        async with asyncio.timeout(10):
+            while c.reconnects < 1:
+                await asyncio.sleep(0.05)
+        await sub.wait_subscribed(timeout=5)
+        assert len(issued) == 2 and c.token_refreshes == 0
 
 
 async def test_real_expired_static_token_stops_the_client(fastws_server) -> None:
