@@ -2,9 +2,11 @@
 """
 @title PredictionMarket
 @notice Binary (YES/NO) prediction markets: anyone creates a market and bets wei on
-        an outcome; the owner resolves it. The contract behind `fastws serve --demo`.
-@dev Compile with `python contracts/compile.py` (vyper 0.4.x, offline); the ABI and
-     bytecode are committed in fastws/indexer/PredictionMarket.json.
+        an outcome; the owner resolves it. The contract behind `fastws serve --demo`,
+        deployed at run time by MarketFactory (contracts/MarketFactory.vy).
+@dev Compile with `python contracts/compile.py` (vyper 0.4.x, offline); the ABI,
+     bytecode and blueprint bytecode are committed in
+     fastws/indexer/PredictionMarket.json.
 """
 
 event MarketCreated:
@@ -40,8 +42,9 @@ markets: public(HashMap[uint256, Market])
 
 
 @deploy
-def __init__():
-    self.owner = msg.sender
+def __init__(owner: address):
+    """@notice `owner` resolves the markets (the factory passes its caller)."""
+    self.owner = owner
 
 
 @external

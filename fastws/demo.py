@@ -9,6 +9,11 @@ seconds or so (create a market, bet on one, resolve one), and the real indexer
 own thread so that py-evm's CPU work does not stall the server's event loop; the
 publications hop onto the node's loop.
 
+The chain's market contracts are deployed by a ``MarketFactory``; the indexer watches
+the factory and the first contracts and follows ``MarketDeployed.market``, so a market
+contract the driver deploys later (``events:market_deployed``) is indexed from its
+first block on, like ``fastws index --follow``.
+
 The demo indexes with 1 confirmation (the embedded chain never reorganizes) so events
 show up as soon as their block is mined.  py-evm keeps every block in memory (~8 KB
 each), so after ``MAX_BLOCKS`` blocks the demo starts over on a fresh chain (block
@@ -96,19 +101,25 @@ async def _demo(node: Node, node_loop: asyncio.AbstractEventLoop, interval: floa
 async def _one_chain(node: Node, node_loop: asyncio.AbstractEventLoop, interval: float,
                      contracts: int, stats: Any) -> None:
     from fastws.indexer.checkpoint import MemoryCheckpoint
-    from fastws.indexer.demo_chain import DemoChain
-    from fastws.indexer.mapping import EventCodec
+    from fastws.indexer.demo_chain import FOLLOW, DemoChain
+    from fastws.indexer.mapping import EventCodec, Follow
     from fastws.indexer.publish import NodePublisher
     from fastws.indexer.runner import Indexer
     from fastws.indexer.source import LogSource, TesterRpc
 
     chain = DemoChain(contracts)
-    source = LogSource(TesterRpc(chain.request), chain.addresses, on_fault=stats.fault)
-    indexer = Indexer(source, EventCodec(chain.abi), NodePublisher(node, node_loop),
-                      MemoryCheckpoint(), confirmations=1, from_block=0,
-                      poll_interval=min(0.25, interval), stats=stats)
+    abi = chain.factory_abi + chain.abi
+    # the factory and the contracts it deployed so far, from the next block on (their
+    # deployment is history); the ones it deploys later are found through FOLLOW
+    source = LogSource(TesterRpc(chain.request), [chain.factory_address, *chain.addresses],
+                       on_fault=stats.fault)
+    indexer = Indexer(source, EventCodec(abi), NodePublisher(node, node_loop),
+                      MemoryCheckpoint(), confirmations=1, from_block=chain.head() + 1,
+                      poll_interval=min(0.25, interval), stats=stats,
+                      follow=Follow.parse(FOLLOW, abi))
     await indexer.open()
-    log.info("demo chain: contracts %s", ", ".join(chain.addresses))
+    log.info("demo chain: factory %s, contracts %s", chain.factory_address,
+             ", ".join(chain.addresses))
     idx = asyncio.get_running_loop().create_task(indexer.run())
     rng = chain.rng
     try:

@@ -25,8 +25,8 @@ from eth_account import Account
 from wsclient import connect
 
 from fastws.indexer.checkpoint import FileCheckpoint, MemoryCheckpoint
-from fastws.indexer.demo_chain import DemoChain, RpcServer
-from fastws.indexer.mapping import EventCodec
+from fastws.indexer.demo_chain import FOLLOW, DemoChain, RpcServer
+from fastws.indexer.mapping import EventCodec, Follow
 from fastws.indexer.publish import HttpPublisher
 from fastws.indexer.runner import Indexer
 from fastws.indexer.source import Backoff, HttpRpc, LogSource
@@ -462,5 +462,144 @@ async def test_publisher_waits_for_the_server(chain, rpc, fastws_server) -> None
         reply = await c.request({"id": 2, "type": "history", "channel": f"market:{addr}",
                                  "limit": 10})
         assert [p["data"]["eventType"] for p in reply["publications"]] == ["MarketCreated"]
+    finally:
+        await close(ix)
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def follower(chain: DemoChain, rpc: RpcServer, srv: Any, start: int) -> Indexer:
+    """An in-process indexer of the factory that follows MarketDeployed.market."""
+    abi = chain.factory_abi + chain.abi
+    source = LogSource(HttpRpc(rpc.url), [chain.factory_address], backoff=FAST)
+    ix = Indexer(source, EventCodec(abi), HttpPublisher(srv.http_url, srv.api_key),
+                 MemoryCheckpoint(), confirmations=1, from_block=start, poll_interval=0.02,
+                 follow=Follow.parse(FOLLOW, abi))
+    source.on_fault = ix.stats.fault
+    return ix
+
+
+def deploy_with_market(chain: DemoChain, question: str) -> str:
+    """The factory deploys a market contract and a market is opened on it, in one block
+    (the child's first log shares the block of the event that creates it)."""
+    with chain.lock:
+        child = chain.factory.functions.deployMarket().call({"from": chain.owner})
+        end = chain.w3.eth.get_block("latest")["timestamp"] + 3600
+        contract = chain.w3.eth.contract(address=child, abi=chain.abi)
+        chain.tester.disable_auto_mine_transactions()
+        try:
+            chain.factory.functions.deployMarket().transact({"from": chain.owner,
+                                                             "gas": 2_000_000})
+            contract.functions.createMarket(question, end).transact({"from": chain.accounts[1],
+                                                                     "gas": 300_000})
+        finally:
+            chain.tester.enable_auto_mine_transactions()   # mines both in one block
+    chain.contracts.append(contract)
+    chain.open_markets[child.lower()] = [0]
+    chain.end_times[(child.lower(), 0)] = end
+    return child.lower()
+
+
+async def test_cli_follows_contracts_the_factory_creates_across_restarts(
+        chain, rpc, fastws_server, tmp_path) -> None:
+    srv = fastws_server()
+    factory = chain.factory_address
+    first = chain.head() + 1
+    c = await connect(srv.ws_url)
+    await subscribe(c, "events:*", 1)
+    cp_file = tmp_path / "cp.json"
+    log = tmp_path / "indexer.log"
+    mport = free_port()
+    args = ["--rpc", rpc.url, "--contract", factory, "--follow", "MarketDeployed.market",
+            "--from-block", str(first), "--confirmations", "1", "--url", srv.http_url,
+            "--api-key", srv.api_key, "--checkpoint", str(cp_file), "--poll-interval", "0.05",
+            "--metrics-port", str(mport)]
+    child = deploy_with_market(chain, "Will it rain in Paris tomorrow?")
+    born = chain.head()
+    chain.place_bet(child, 0, True, WEI, bettor=2)
+
+    proc = start_indexer(*args, log=log)
+    try:
+        got = await events(c, 3)
+        assert [(e["channel"], e["data"]["marketAddress"]) for e in got] == [
+            ("events:market_deployed", factory), ("events:market_created", child),
+            ("events:bet_placed", child)]
+        deployed, created = got[0]["data"], got[1]["data"]
+        assert deployed["args"] == {"market": child, "owner": chain.owner.lower()}
+        assert deployed["blockNumber"] == created["blockNumber"] == born
+        assert created["logIndex"] > deployed["logIndex"] or \
+            created["txHash"] != deployed["txHash"]
+        await until(lambda: scrape(f"http://127.0.0.1:{mport}").get(
+            "fastws_indexer_followed_contracts") == 1, what="followed gauge")
+    finally:
+        assert stop(proc) == 0, log.read_text()
+    saved = json.loads(cp_file.read_text())
+    assert saved["follow"] == "MarketDeployed.market" and saved["contracts"] == [factory]
+    assert [(f["address"], f["block"]) for f in saved["followed"]] == [(child, born)]
+
+    # while it is down: the child takes a bet, the factory makes a second one; the
+    # restart follows the first from its checkpoint and finds the second
+    chain.place_bet(child, 0, False, 2 * WEI, bettor=3)
+    second = chain.deploy()
+    mid = chain.create_market(second, "Will the launch happen on time?")
+    proc = start_indexer(*args, log=log)
+    try:
+        got = await events(c, 3)
+    finally:
+        assert stop(proc) == 0, log.read_text()
+    assert [(e["data"]["eventType"], e["data"]["marketAddress"]) for e in got] == [
+        ("BetPlaced", child), ("MarketDeployed", factory), ("MarketCreated", second)]
+    assert got[0]["data"]["args"]["amount"] == str(2 * WEI)
+    assert got[2]["data"]["args"]["marketId"] == mid
+    saved = json.loads(cp_file.read_text())
+    assert [f["address"] for f in saved["followed"]] == [child, second]
+
+    # another --follow (or none) with this checkpoint: refused in one line
+    plain = [a for a in args if a not in ("--follow", "MarketDeployed.market")]
+    proc = subprocess.run([sys.executable, "-m", "fastws", "index", *plain, "--log-level",
+                           "error"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "written with --follow MarketDeployed.market" in proc.stderr
+
+
+async def test_reorg_of_a_factory_event_stops_following_its_contract(
+        chain, rpc, fastws_server) -> None:
+    srv = fastws_server()
+    start = chain.head() + 1
+    c = await connect(srv.ws_url)
+    await subscribe(c, "events:*", 1)
+    ix = follower(chain, rpc, srv, start)
+    try:
+        await ix.open()
+        snap = chain.snapshot()
+        child = deploy_with_market(chain, "Will gas stay under 20 gwei today?")
+        born = chain.head()
+        chain.place_bet(child, 0, True, WEI, bettor=1)
+        await catch_up(ix, chain)
+        old = [e["data"] for e in await events(c, 3)]
+        assert [d["eventType"] for d in old] == ["MarketDeployed", "MarketCreated", "BetPlaced"]
+        assert ix.source.addresses == [chain.factory_address, child]
+        assert ix.stats.followed == 1
+
+        # the fork abandons the deployment: three empty blocks, a longer chain
+        chain.revert(snap)
+        chain.mine(3)
+        await catch_up(ix, chain)
+        retracted = [e["data"] for e in await events(c, 3)]
+        assert retracted == [dict(d, removed=True) for d in reversed(old)]
+        assert ix.source.addresses == [chain.factory_address]
+        assert ix.cp is not None and ix.cp.followed == [] and ix.stats.followed == 0
+
+        # the same deployment on the new chain (same address, later block): followed
+        # again from there
+        again = deploy_with_market(chain, "Will gas stay under 20 gwei today?")
+        assert again == child and chain.head() > born
+        await catch_up(ix, chain)
+        fresh = [e["data"] for e in await events(c, 2)]
+        assert [(d["eventType"], d["blockNumber"]) for d in fresh] == [
+            ("MarketDeployed", chain.head()), ("MarketCreated", chain.head())]
+        assert [(f.address, f.block) for f in ix.cp.followed] == [(child, chain.head())]
+        assert ix.stats.reorgs == 1 and ix.stats.retractions == 3
     finally:
         await close(ix)

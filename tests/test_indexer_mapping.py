@@ -19,11 +19,13 @@ from fastws.indexer.checkpoint import (
     Checkpoint,
     CheckpointMismatch,
     FileCheckpoint,
+    Followed,
     PublishedEvent,
 )
 from fastws.indexer.mapping import (
     MAX_SAFE_INTEGER,
     EventCodec,
+    Follow,
     event_data,
     json_safe,
     normalize_log,
@@ -132,14 +134,49 @@ def test_normalize_log_accepts_provider_flavours() -> None:
     assert a.data == "0x" and a.uid == "0x" + "22" * 32 + ":3"
 
 
-def test_committed_artifact_matches_the_contract_source() -> None:
-    artifact = json.loads((ROOT / "fastws" / "indexer" / "PredictionMarket.json").read_text())
-    source = (ROOT / "contracts" / "PredictionMarket.vy").read_bytes()
+@pytest.mark.parametrize(("name", "events"), [
+    ("PredictionMarket", {"MarketCreated", "BetPlaced", "MarketResolved"}),
+    ("MarketFactory", {"MarketDeployed"}),
+])
+def test_committed_artifact_matches_the_contract_source(name: str, events: set[str]) -> None:
+    artifact = json.loads((ROOT / "fastws" / "indexer" / f"{name}.json").read_text())
+    source = (ROOT / "contracts" / f"{name}.vy").read_bytes()
     assert artifact["sourceSha256"] == hashlib.sha256(source).hexdigest(), \
-        "contracts/PredictionMarket.vy changed: run python contracts/compile.py"
-    assert artifact["bytecode"].startswith("0x") and len(artifact["bytecode"]) > 1000
+        f"contracts/{name}.vy changed: run python contracts/compile.py"
+    assert artifact["bytecode"].startswith("0x") and len(artifact["bytecode"]) > 500
+    # the ERC-5202 blueprint: the factory deploys PredictionMarket from one
+    assert "fe7100" in artifact["blueprintBytecode"][:40]
     names = {e["name"] for e in artifact["abi"] if e["type"] == "event"}
-    assert names == {"MarketCreated", "BetPlaced", "MarketResolved"}
+    assert names == events
+
+
+def test_follow_names_an_address_argument_of_an_event() -> None:
+    factory = [{"type": "event", "name": "PairCreated", "anonymous": False, "inputs": [
+        {"name": "token0", "type": "address", "indexed": True},
+        {"name": "pair", "type": "address", "indexed": False},
+        {"name": "count", "type": "uint256", "indexed": False}]}]
+    follow = Follow.parse("PairCreated.pair", factory)
+    assert str(follow) == "PairCreated.pair"
+    (spec,) = EventCodec(factory).events.values()
+    pair = "0x" + "Ab" * 20
+
+    def pair_created(token0: str, pair: str) -> Any:
+        return normalize_log({
+            "address": ADDR, "blockNumber": "0x5", "blockHash": "0x" + "11" * 32,
+            "transactionHash": "0x" + "22" * 32, "logIndex": "0x0",
+            "topics": [spec.topic0, "0x" + "00" * 12 + token0[2:]],
+            "data": "0x" + encode(["address", "uint256"], [pair, 7]).hex()})
+
+    log = pair_created("0x" + "cd" * 20, pair)
+    assert follow.child(spec, log) == pair.lower()
+    assert Follow.parse("PairCreated.token0", factory).child(spec, log) == "0x" + "cd" * 20
+    zero = pair_created("0x" + "cd" * 20, "0x" + "00" * 20)
+    assert follow.child(spec, zero) is None             # the zero address names nothing
+    for text, error in [("PairCreated", "not EVENT.ARG"), ("Nope.pair", "no event Nope"),
+                        ("PairCreated.pool", "no argument pool .its arguments: token0, pair"),
+                        ("PairCreated.count", "is a uint256, not an address")]:
+        with pytest.raises(ValueError, match=error):
+            Follow.parse(text, factory)
 
 
 # --------------------------------------------------------------------------- flags
@@ -187,6 +224,12 @@ def test_flags_defaults_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
     ([*RPC, "--metrics-port", "70000"], "--metrics-port"),
     ([*RPC, "--log-level", "loud"], "--log-level"),
     ([*RPC, "--bogus"], "--bogus"),
+    ([*RPC, "--follow", "MarketDeployed"], "--follow"),
+    ([*RPC, "--follow", "Deployed.market"], "--follow"),
+    ([*RPC, "--follow", "MarketCreated.question"], "--follow"),
+    ([*RPC, "--child-abi", "/nonexistent/abi.json"], "--child-abi"),
+    ([*RPC, "--follow", "MarketDeployed.market", "--child-abi", "/nonexistent/a.json"],
+     "--child-abi"),
 ])
 def test_bad_flags_name_the_flag(argv: list[str], flag: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,6 +249,21 @@ def test_redis_broker_flags(tmp_path) -> None:
                     "--checkpoint", "my:key"])
     assert a.config.for_channel("events:x").history_size == 7 and a.checkpoint == "my:key"
     assert parse_args([*RPC, "--broker", "memory://"]).broker is None    # → --url
+
+
+def test_follow_flags(tmp_path) -> None:
+    a = parse_args([*RPC, "--follow", "MarketDeployed.market"])       # the bundled ABIs
+    assert str(a.follow) == "MarketDeployed.market"
+    assert a.checkpoint != parse_args(RPC).checkpoint                 # its own checkpoint
+    (tmp_path / "factory.json").write_text(json.dumps([
+        {"type": "event", "name": "Spawned", "inputs": [
+            {"name": "child", "type": "address", "indexed": True}]}]))
+    (tmp_path / "child.json").write_text(json.dumps({"abi": ABI}))
+    a = parse_args([*RPC, "--abi", str(tmp_path / "factory.json"), "--follow", "Spawned.child",
+                    "--child-abi", str(tmp_path / "child.json")])
+    assert [e["name"] for e in a.abi] == ["Spawned", *(e["name"] for e in ABI)]
+    with pytest.raises(UsageError, match="--child-abi: only with --follow"):
+        parse_args([*RPC, "--child-abi", str(tmp_path / "child.json")])
 
 
 def test_abi_file_forms(tmp_path) -> None:
@@ -244,6 +302,17 @@ async def test_file_checkpoint_round_trip_and_mismatch(tmp_path) -> None:
         again.check(1, [ADDR])
     with pytest.raises(CheckpointMismatch, match="contracts"):
         again.check(1337, [OTHER])
+    with pytest.raises(CheckpointMismatch, match="written with no --follow"):
+        again.check(1337, [ADDR], "MarketDeployed.market")
+
+    cp.follow = "MarketDeployed.market"
+    cp.followed = [Followed(OTHER.lower(), 40, "0xt:1")]
+    await store.save(cp)
+    again = await store.load()
+    assert again == cp
+    again.check(1337, [ADDR], "MarketDeployed.market")
+    with pytest.raises(CheckpointMismatch, match="written with --follow MarketDeployed.market"):
+        again.check(1337, [ADDR])
 
 
 # --------------------------------------------------------------------------- getLogs ranges

@@ -44,7 +44,7 @@ class IndexArgs:
 
     rpc: str
     contracts: tuple[str, ...]
-    abi: list[dict[str, Any]]
+    abi: list[dict[str, Any]]       # with --child-abi's entries after --abi's
     from_block: int | None
     confirmations: int
     broker: str | None          # redis://… to publish into the broker, else None (HTTP)
@@ -56,6 +56,7 @@ class IndexArgs:
     metrics_port: int
     log_level: str
     config: Any = None          # the servers' Config (namespace rules), Redis broker only
+    follow: Any = None          # mapping.Follow of --follow EVENT.ARG, or None
 
 
 def _env(name: str) -> str | None:
@@ -72,7 +73,13 @@ def _build_parser() -> OneLineParser:
                    help="contract address(es) to index [FASTWS_CONTRACT]")
     p.add_argument("--abi", metavar="FILE",
                    help="ABI JSON (a list, or an object with an \"abi\" key); default: the "
-                        "bundled PredictionMarket ABI [FASTWS_ABI]")
+                        "bundled PredictionMarket and MarketFactory ABIs [FASTWS_ABI]")
+    p.add_argument("--follow", metavar="EVENT.ARG",
+                   help="an event (of a factory) whose address argument is a contract to "
+                        "index too, from that event's block on [FASTWS_FOLLOW]")
+    p.add_argument("--child-abi", metavar="FILE",
+                   help="ABI of the contracts --follow finds (default: --abi) "
+                        "[FASTWS_CHILD_ABI]")
     p.add_argument("--from-block", metavar="N",
                    help="where a first run starts (default: new blocks only); a checkpoint "
                         "wins [FASTWS_FROM_BLOCK]")
@@ -118,23 +125,24 @@ def _int(flag: str, value: str | None, default: int | None, minimum: int) -> int
     return n
 
 
-def _load_abi(path: str | None) -> list[dict[str, Any]]:
-    if path is None:
+def _load_abi(path: str | None, flag: str = "--abi") -> list[dict[str, Any]]:
+    if path is None:     # the demo's contracts: PredictionMarket and MarketFactory
         from fastws.indexer.demo_chain import load_artifact
 
-        return load_artifact()["abi"]
+        return load_artifact()["abi"] + load_artifact("MarketFactory")["abi"]
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise UsageError(f"--abi: cannot read {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise UsageError(f"--abi: {path} is not JSON ({exc})") from None
+        raise UsageError(f"{flag}: {path} is not JSON ({exc})") from None
     if isinstance(doc, dict) and isinstance(doc.get("abi"), list):
         doc = doc["abi"]
     if not isinstance(doc, list) or not all(isinstance(i, dict) for i in doc):
-        raise UsageError(f"--abi: {path} holds no ABI (a list of entries, or {{\"abi\": [...]}})")
+        raise UsageError(f"{flag}: {path} holds no ABI (a list of entries, or "
+                         "{\"abi\": [...]})")
     if not any(i.get("type") == "event" and not i.get("anonymous") for i in doc):
-        raise UsageError(f"--abi: {path} declares no (non-anonymous) event")
+        raise UsageError(f"{flag}: {path} declares no (non-anonymous) event")
     return doc
 
 
@@ -162,6 +170,19 @@ def parse_args(argv: list[str]) -> IndexArgs:
         if item.lower() not in contracts:
             contracts.append(item.lower())
     abi = _load_abi(pick("abi", "ABI"))
+    follow_raw, child_abi_path = pick("follow", "FOLLOW"), pick("child_abi", "CHILD_ABI")
+    follow: Any = None
+    if child_abi_path and not follow_raw:
+        raise UsageError("--child-abi: only with --follow EVENT.ARG")
+    if follow_raw:
+        from fastws.indexer.mapping import Follow
+
+        if child_abi_path:
+            abi = abi + _load_abi(child_abi_path, "--child-abi")
+        try:
+            follow = Follow.parse(follow_raw, abi)
+        except ValueError as exc:
+            raise UsageError(f"--follow: {exc}") from None
     from_block = _int("--from-block", pick("from_block", "FROM_BLOCK"), None, 0)
     confirmations = _int("--confirmations", pick("confirmations", "CONFIRMATIONS"), 2, 1)
     broker = pick("broker", "BROKER")
@@ -183,7 +204,8 @@ def parse_args(argv: list[str]) -> IndexArgs:
     api_key = pick("api_key", "API_KEY")
     if api_key and "," in api_key and ns.api_key is None:
         api_key = api_key.split(",")[0].strip()   # FASTWS_API_KEY may list the server's keys
-    digest = hashlib.sha256(",".join(sorted(contracts)).encode()).hexdigest()[:12]
+    identity = ",".join(sorted(contracts)) + (f"|follow={follow}" if follow else "")
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     checkpoint = pick("checkpoint", "CHECKPOINT")
     config_file = pick("config", "CONFIG")
     config: Any = None
@@ -219,7 +241,8 @@ def parse_args(argv: list[str]) -> IndexArgs:
     return IndexArgs(rpc=rpc, contracts=tuple(contracts), abi=abi, from_block=from_block,
                      confirmations=confirmations, broker=broker, url=url, api_key=api_key,
                      checkpoint=checkpoint, poll_interval=poll, max_range=max_range,
-                     metrics_port=metrics_port, log_level=level, config=config)
+                     metrics_port=metrics_port, log_level=level, config=config,
+                     follow=follow)
 
 
 async def _run(args: IndexArgs) -> int:
@@ -251,13 +274,14 @@ async def _run(args: IndexArgs) -> int:
     source = LogSource(rpc, args.contracts, max_range=args.max_range, on_fault=stats.fault)
     indexer = Indexer(source, EventCodec(args.abi), publisher, store,
                       confirmations=args.confirmations, from_block=args.from_block,
-                      poll_interval=args.poll_interval, stats=stats)
+                      poll_interval=args.poll_interval, stats=stats, follow=args.follow)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("indexing %s from %s into %s (%d confirmations)", ",".join(args.contracts),
-             args.rpc, target, args.confirmations)
+    log.info("indexing %s from %s into %s (%d confirmations)%s", ",".join(args.contracts),
+             args.rpc, target, args.confirmations,
+             f", following {args.follow}" if args.follow else "")
     try:
         opened = asyncio.ensure_future(indexer.open())
         stopped = asyncio.ensure_future(stop.wait())

@@ -2,9 +2,11 @@
 
 The checkpoint names the last fully processed block and keeps what a reorg needs
 after a restart: the hashes of the recent blocks (the reorg window) and the events
-published from them (to retract them).  It is saved after every processed range, once
-all of the range's publications were accepted, so a restart re-publishes at most one
-range, and the idempotency keys make the server drop those repeats.
+published from them (to retract them); with ``--follow``, also the contracts followed
+so far (each with the block of the event that created it).  It is saved after every
+processed range, once all of the range's publications were accepted, so a restart
+re-publishes at most one range, and the idempotency keys make the server drop those
+repeats.
 
 Stores: :class:`FileCheckpoint` (a local JSON file, replaced atomically) with the HTTP
 publisher; :class:`RedisCheckpoint` (one key, next to the broker's data) with
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = ["Checkpoint", "CheckpointMismatch", "CheckpointStore", "FileCheckpoint",
-           "MemoryCheckpoint", "PublishedEvent", "RedisCheckpoint"]
+           "Followed", "MemoryCheckpoint", "PublishedEvent", "RedisCheckpoint"]
 
 VERSION = 1
 
@@ -43,6 +45,19 @@ class PublishedEvent:
         return int(self.data["blockNumber"])
 
 
+@dataclass(frozen=True, slots=True)
+class Followed:
+    """A contract followed because a watched contract's event named it (``--follow``)."""
+
+    address: str     # lowercase 0x address
+    block: int       # the block of the creating event: its logs are read from there
+    created_by: str  # txHash:logIndex of the creating event
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return {"address": self.address, "block": self.block, "createdBy": self.created_by}
+
+
 @dataclass(slots=True)
 class Checkpoint:
     """The indexer's durable state."""
@@ -53,6 +68,8 @@ class Checkpoint:
     hashes: dict[int, str] = field(default_factory=dict)       # recent block → hash
     recent: list[PublishedEvent] = field(default_factory=list)  # published, in the window
     retracted: list[str] = field(default_factory=list)         # txHash:logIndex, recent
+    follow: str | None = None                     # the --follow EVENT.ARG it was written with
+    followed: list[Followed] = field(default_factory=list)     # contracts found by it
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (block numbers as keys become a list of pairs)."""
@@ -64,6 +81,8 @@ class Checkpoint:
             "hashes": sorted([n, h] for n, h in self.hashes.items()),
             "recent": [{"key": e.key, "data": e.data} for e in self.recent],
             "retracted": self.retracted,
+            "follow": self.follow,
+            "followed": [f.to_json() for f in self.followed],
         }
 
     @classmethod
@@ -78,14 +97,21 @@ class Checkpoint:
             hashes={int(n): str(h) for n, h in doc.get("hashes", ())},
             recent=[PublishedEvent(str(e["key"]), dict(e["data"])) for e in doc.get("recent", ())],
             retracted=[str(u) for u in doc.get("retracted", ())],
+            follow=doc.get("follow"),
+            followed=[Followed(str(f["address"]), int(f["block"]), str(f["createdBy"]))
+                      for f in doc.get("followed", ())],
         )
 
-    def check(self, chain_id: int, contracts: list[str]) -> None:
-        """Raise :class:`CheckpointMismatch` unless it was written for this chain/contracts."""
+    def check(self, chain_id: int, contracts: list[str], follow: str | None = None) -> None:
+        """Raise :class:`CheckpointMismatch` unless it was written for this chain, these
+        contracts and this ``--follow``."""
         if self.chain_id != chain_id:
             raise CheckpointMismatch(f"written for chain id {self.chain_id}, not {chain_id}")
         if sorted(self.contracts) != sorted(contracts):
             raise CheckpointMismatch(f"written for contracts {','.join(self.contracts)}")
+        if self.follow != follow:
+            was = f"--follow {self.follow}" if self.follow else "no --follow"
+            raise CheckpointMismatch(f"written with {was}")
 
 
 class CheckpointStore(Protocol):

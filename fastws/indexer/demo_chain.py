@@ -1,11 +1,14 @@
 """An embedded chain for the demo and the tests: eth-tester (py-evm) with prediction markets.
 
 :class:`DemoChain` runs a private chain in this process, deploys the committed
-``PredictionMarket`` contract (contracts/PredictionMarket.vy; ABI and bytecode in
-``PredictionMarket.json`` next to this file) and drives it: :meth:`DemoChain.tick`
-creates a market, places a bet or resolves a market, one transaction and so one block
-at a time, the way ``serve --demo`` shows it.  Every call into the chain holds
-:attr:`DemoChain.lock`: eth-tester is not thread-safe.
+``MarketFactory`` (contracts/MarketFactory.vy) with a ``PredictionMarket`` blueprint
+(contracts/PredictionMarket.vy; ABIs and bytecode in the JSON artifacts next to this
+file), has the factory deploy the first market contracts, and drives them:
+:meth:`DemoChain.tick` creates a market, places a bet or resolves a market, one
+transaction and so one block at a time, the way ``serve --demo`` shows it; now and then
+it has the factory deploy one more market contract (``MarketDeployed``), which the
+indexer follows.  Every call into the chain holds :attr:`DemoChain.lock`: eth-tester is
+not thread-safe.
 
 :class:`RpcServer` serves the chain as a standard HTTP JSON-RPC endpoint (hex
 quantities, like any node), so that ``fastws index --rpc`` can read it from another
@@ -30,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
-__all__ = ["DemoChain", "RpcServer", "load_artifact", "QUESTIONS"]
+__all__ = ["DemoChain", "FOLLOW", "QUESTIONS", "RpcServer", "load_artifact"]
 
 log = logging.getLogger("fastws.indexer")
 
@@ -43,17 +46,23 @@ QUESTIONS = (
     "Will gas stay under 20 gwei today?",
 )
 GAS = 300_000
+DEPLOY_GAS = 2_000_000
 WEI = 10**18
+DEPLOY_EVERY = 30      # demo ticks between two market contracts deployed by the factory
+MAX_CONTRACTS = 6      # the driver stops deploying market contracts at this many
+FOLLOW = "MarketDeployed.market"   # the factory event whose argument is a new contract
 
 
-def load_artifact() -> dict[str, Any]:
-    """The committed compile output: ``{"abi": [...], "bytecode": "0x...", ...}``."""
-    text = resources.files("fastws.indexer").joinpath("PredictionMarket.json").read_text()
+def load_artifact(name: str = "PredictionMarket") -> dict[str, Any]:
+    """A committed compile output (``PredictionMarket`` or ``MarketFactory``):
+    ``{"abi": [...], "bytecode": "0x...", "blueprintBytecode": "0x...", ...}``."""
+    text = resources.files("fastws.indexer").joinpath(f"{name}.json").read_text()
     return json.loads(text)
 
 
 class DemoChain:
-    """A py-evm chain with ``contracts`` PredictionMarket contracts deployed."""
+    """A py-evm chain with a MarketFactory and ``contracts`` PredictionMarket contracts
+    deployed by it."""
 
     def __init__(self, contracts: int = 2, rng: random.Random | None = None) -> None:
         from eth_tester import EthereumTester, PyEVMBackend
@@ -67,12 +76,21 @@ class DemoChain:
         self._request = self.provider.request_func(self.w3, self.w3.middleware_onion)
         artifact = load_artifact()
         self.abi: list[dict[str, Any]] = artifact["abi"]
-        self._bytecode: str = artifact["bytecode"]
+        factory_artifact = load_artifact("MarketFactory")
+        self.factory_abi: list[dict[str, Any]] = factory_artifact["abi"]
         self.accounts: list[str] = list(self.w3.eth.accounts)
         self.owner = self.accounts[0]
         self.contracts: list[Any] = []
         self.open_markets: dict[str, list[int]] = {}
         self.end_times: dict[tuple[str, int], int] = {}
+        self.ticks = 0
+        with self.lock:
+            blueprint = self._create(artifact["blueprintBytecode"])
+            ctor = self.w3.eth.contract(abi=self.factory_abi,
+                                        bytecode=factory_artifact["bytecode"]).constructor
+            deploy_data = ctor(blueprint).build_transaction({"from": self.owner, "gas": 0})
+            factory = self._create(deploy_data["data"])
+            self.factory = self.w3.eth.contract(address=factory, abi=self.factory_abi)
         for _ in range(contracts):
             self.deploy()
 
@@ -80,16 +98,34 @@ class DemoChain:
 
     @property
     def addresses(self) -> list[str]:
-        """The deployed contracts' addresses, lowercase."""
+        """The market contracts' addresses, lowercase."""
         return [c.address.lower() for c in self.contracts]
 
+    @property
+    def factory_address(self) -> str:
+        """The MarketFactory's address, lowercase."""
+        return str(self.factory.address).lower()
+
+    def _create(self, data: str) -> str:
+        """Send a contract-creation transaction with ``data``; the new address."""
+        tx = self.w3.eth.send_transaction({"from": self.owner, "data": data,
+                                           "gas": DEPLOY_GAS})
+        receipt = self.w3.eth.get_transaction_receipt(tx)
+        if receipt.status != 1:
+            raise RuntimeError("contract creation reverted")
+        return str(receipt.contractAddress)
+
     def deploy(self) -> str:
-        """Deploy one more PredictionMarket (owner: account 0); returns its address."""
+        """Have the factory deploy one more PredictionMarket (owner: account 0), as a
+        transaction that logs ``MarketDeployed``; returns its address, lowercase."""
         with self.lock:
-            factory = self.w3.eth.contract(abi=self.abi, bytecode=self._bytecode)
-            tx = factory.constructor().transact({"from": self.owner, "gas": 1_000_000})
+            tx = self.factory.functions.deployMarket().transact({"from": self.owner,
+                                                                 "gas": DEPLOY_GAS})
             receipt = self.w3.eth.get_transaction_receipt(tx)
-            contract = self.w3.eth.contract(address=receipt.contractAddress, abi=self.abi)
+            if receipt.status != 1:
+                raise RuntimeError("deployMarket reverted")
+            (event,) = self.factory.events.MarketDeployed().process_receipt(receipt)
+            contract = self.w3.eth.contract(address=event["args"]["market"], abi=self.abi)
         self.contracts.append(contract)
         self.open_markets[contract.address.lower()] = []
         return contract.address.lower()
@@ -161,12 +197,16 @@ class DemoChain:
     # ------------------------------------------------------------------ the demo driver
 
     def tick(self) -> str:
-        """One demo action (one transaction): create, bet on or resolve a market.
+        """One demo action (one transaction): create, bet on or resolve a market; every
+        ``DEPLOY_EVERY`` ticks, deploy one more market contract through the factory.
 
         Markets whose betting time is over are resolved first; a bet only goes to a
         market still open, so the driver runs for as long as the chain does.
         """
         rng = self.rng
+        self.ticks += 1
+        if self.ticks % DEPLOY_EVERY == 0 and len(self.contracts) < MAX_CONTRACTS:
+            return f"deployed market contract {self.deploy()} (MarketDeployed)"
         address = rng.choice(self.addresses)
         open_ids = self.open_markets[address]
         with self.lock:
@@ -303,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     chain = DemoChain(args.contracts)
     rpc = RpcServer(chain, args.port).start()
-    print(f"rpc {rpc.url}  contracts {','.join(chain.addresses)}", flush=True)
+    print(f"rpc {rpc.url}  factory {chain.factory_address}  contracts "
+          f"{','.join(chain.addresses)}  block {chain.head()}", flush=True)
     try:
         while True:
             if args.interval > 0:

@@ -30,6 +30,7 @@ __all__ = [
     "MAX_SAFE_INTEGER",
     "EventCodec",
     "EventSpec",
+    "Follow",
     "RawLog",
     "event_data",
     "json_safe",
@@ -247,3 +248,52 @@ def event_data(spec: EventSpec, log: RawLog, timestamp: int) -> dict[str, Any]:
         "timestamp": timestamp,
         "args": args,
     }
+
+
+_ADDRESS = re.compile(r"^0x[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """``--follow EVENT.ARG``: an event whose ``address`` argument names a contract
+    created at run time (a factory's), whose logs are indexed from then on."""
+
+    event: str
+    arg: str
+
+    def __str__(self) -> str:
+        return f"{self.event}.{self.arg}"
+
+    @classmethod
+    def parse(cls, text: str, abi: Iterable[Mapping[str, Any]]) -> Follow:
+        """Check ``EVENT.ARG`` against ``abi``; raises ValueError saying what is wrong."""
+        event, dot, arg = text.strip().partition(".")
+        if not dot or not event or not arg or "." in arg:
+            raise ValueError(f"{text!r} is not EVENT.ARG (an event and its address argument)")
+        entries = [i for i in abi if i.get("type") == "event" and i.get("name") == event
+                   and not i.get("anonymous")]
+        if not entries:
+            raise ValueError(f"no event {event} in the ABI")
+        for entry in entries:
+            for param in entry.get("inputs", ()):
+                if param.get("name") == arg:
+                    if param.get("type") != "address":
+                        raise ValueError(f"{event}.{arg} is a {param.get('type')}, "
+                                         "not an address")
+                    return cls(event, arg)
+        names = ", ".join(p.get("name") or "?" for p in entries[0].get("inputs", ()))
+        raise ValueError(f"event {event} has no argument {arg} (its arguments: {names})")
+
+    def child(self, spec: EventSpec, log: RawLog) -> str | None:
+        """The contract ``log`` names, lowercase, if it is this event (else None)."""
+        if spec.name != self.event:
+            return None
+        try:
+            value = spec.decode([_to_bytes(t) for t in log.topics], _to_bytes(log.data))
+        except Exception:  # noqa: BLE001 - a log that does not decode names nothing
+            return None
+        address = value.get(self.arg)
+        if not isinstance(address, str) or not _ADDRESS.match(address) \
+                or address == "0x" + "00" * 20:
+            return None
+        return address

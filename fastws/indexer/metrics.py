@@ -2,10 +2,11 @@
 
 ``fastws_indexer_head_block`` (gauge), ``fastws_indexer_lag_blocks`` (gauge: head
 minus the last processed block), ``fastws_indexer_events_total`` (events published),
-plus ``fastws_indexer_checkpoint_block``, ``fastws_indexer_retractions_total``,
-``fastws_indexer_reorgs_total``, ``fastws_indexer_skipped_logs_total`` and
-``fastws_indexer_rpc_faults_total{kind}``.  ``fastws index --metrics-port`` serves them
-with the ``process_*`` metrics; ``serve --demo`` adds them to the server's ``/metrics``.
+plus ``fastws_indexer_checkpoint_block``, ``fastws_indexer_followed_contracts``,
+``fastws_indexer_retractions_total``, ``fastws_indexer_reorgs_total``,
+``fastws_indexer_skipped_logs_total`` and ``fastws_indexer_rpc_faults_total{kind}``.
+``fastws index --metrics-port`` serves them with the ``process_*`` metrics;
+``serve --demo`` adds them to the server's ``/metrics``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class IndexerCollector:
                                 value=s.lag_blocks)
         yield GaugeMetricFamily("fastws_indexer_checkpoint_block",
                                 "Last fully processed block.", value=s.last_block)
+        yield GaugeMetricFamily("fastws_indexer_followed_contracts",
+                                "Contracts followed because a --follow event created them.",
+                                value=s.followed)
         yield CounterMetricFamily("fastws_indexer_events", "Contract events published.",
                                   value=s.events)
         yield CounterMetricFamily("fastws_indexer_retractions",

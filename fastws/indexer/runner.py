@@ -16,6 +16,13 @@ Each poll (:meth:`Indexer.step`):
    ``events:<snake_case name>`` and ``market:<contract address>`` in (block, logIndex)
    order, and saves the checkpoint.
 
+Contracts created at run time (``follow``, ``--follow EVENT.ARG``): when a log of a
+watched contract is that event, the contract its argument names is watched too, from
+the event's block on: in the same step its logs from that block are read and published
+in order with the others, and it is recorded in the checkpoint (so a restart keeps
+following it).  A reorg that abandons the creating block drops the contract again
+(its events are retracted like any other).
+
 Exactly once: an event is published with the idempotency key ``txHash:logIndex``;
 the checkpoint is saved after the range's publications were accepted, so a crash
 re-publishes at most that range and the server drops the repeats (it remembers keys
@@ -32,8 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastws.indexer.checkpoint import Checkpoint, CheckpointStore, PublishedEvent
-from fastws.indexer.mapping import EventCodec, RawLog, event_data, snake_case
+from fastws.indexer.checkpoint import Checkpoint, CheckpointStore, Followed, PublishedEvent
+from fastws.indexer.mapping import EventCodec, Follow, RawLog, event_data, snake_case
 from fastws.indexer.publish import Publisher
 from fastws.indexer.source import BlockHeader, LogSource
 
@@ -56,6 +63,7 @@ class IndexerStats:
     retractions: int = 0
     reorgs: int = 0
     skipped_logs: int = 0
+    followed: int = 0        # contracts followed through --follow
     rpc_faults: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -73,13 +81,16 @@ class Indexer:
 
     ``from_block`` sets where a first run starts (default: the first block that is
     not yet safe, i.e. new events only); a stored checkpoint always wins over it.
-    ``reorg_window`` is how many recent blocks are kept to survive reorgs.
+    ``reorg_window`` is how many recent blocks are kept to survive reorgs.  ``follow``
+    names the event whose address argument is a contract to watch from then on
+    (``codec`` must decode that contract's events too).
     """
 
     def __init__(self, source: LogSource, codec: EventCodec, publisher: Publisher,
                  store: CheckpointStore, *, confirmations: int = 2,
                  from_block: int | None = None, poll_interval: float = 1.0,
-                 reorg_window: int = 128, stats: IndexerStats | None = None) -> None:
+                 reorg_window: int = 128, stats: IndexerStats | None = None,
+                 follow: Follow | None = None) -> None:
         if confirmations < 1:
             raise ValueError("confirmations must be at least 1")
         self.source = source
@@ -91,6 +102,8 @@ class Indexer:
         self.poll_interval = poll_interval
         self.reorg_window = max(1, reorg_window)
         self.stats = stats or IndexerStats()
+        self.follow = follow
+        self.contracts = list(source.addresses)     # the given ones; followed ones join
         self.cp: Checkpoint | None = None
         self._unknown_topics: set[str] = set()
         self.progress = asyncio.Event()    # set after each step that saved a checkpoint
@@ -100,19 +113,26 @@ class Indexer:
     async def open(self) -> Checkpoint:
         """Load the checkpoint (checked against chain and contracts), or start one."""
         chain_id = await self.source.chain_id()
-        contracts = list(self.source.addresses)
+        contracts = list(self.contracts)
+        follow = str(self.follow) if self.follow else None
         cp = await self.store.load()
         if cp is not None:
-            cp.check(chain_id, contracts)
+            cp.check(chain_id, contracts, follow)
             log.info("resuming after block %d (checkpoint)", cp.block)
+            if cp.followed:
+                log.info("following %d contracts created at run time", len(cp.followed))
         else:
             if self.from_block is not None:
                 start = self.from_block
             else:
                 start = max(0, await self.source.head() - self.confirmations + 2)
-            cp = Checkpoint(chain_id=chain_id, contracts=contracts, block=start - 1)
+            cp = Checkpoint(chain_id=chain_id, contracts=contracts, block=start - 1,
+                            follow=follow)
             log.info("first run: starting at block %d", start)
         self.cp = cp
+        self.source.addresses = contracts + [f.address for f in cp.followed
+                                             if f.address not in contracts]
+        self.stats.followed = len(cp.followed)
         self.stats.last_block = cp.block
         return cp
 
@@ -153,6 +173,9 @@ class Indexer:
         if end >= window_from:
             end = min(end, max(start, window_from) + MAX_HEADERS_PER_STEP - 1)
         logs, last = await src.logs(start, end)
+        created: list[Followed] = []
+        if self.follow is not None:
+            logs, created = await self._follow(logs, last)
 
         wanted = {lg.block_number for lg in logs} | {last}
         wanted.update(range(max(start, window_from), last + 1))
@@ -176,6 +199,12 @@ class Indexer:
 
         for lg in logs:
             await self._publish_log(lg, headers[lg.block_number].timestamp, window_from)
+        for f in created:
+            log.info("following %s from block %d (created by %s)", f.address, f.block,
+                     f.created_by)
+            cp.followed.append(f)
+            src.addresses.append(f.address)
+        self.stats.followed = len(cp.followed)
         for n, hdr in headers.items():
             if n >= window_from:
                 cp.hashes[n] = hdr.hash
@@ -186,6 +215,35 @@ class Indexer:
         self.stats.last_block = last
         self.progress.set()
         return last < safe
+
+    async def _follow(self, logs: list[RawLog],
+                      last: int) -> tuple[list[RawLog], list[Followed]]:
+        """Add to ``logs`` (blocks up to ``last``) the logs of the contracts that they
+        create (``follow``), and of those that these create, from each creating block;
+        returns the merged logs, sorted, and the contracts found."""
+        assert self.follow is not None
+        known = set(self.source.addresses)
+        found: list[Followed] = []
+        todo = logs
+        merged = list(logs)
+        while todo:
+            new: list[Followed] = []
+            for lg in todo:
+                spec = self.codec.spec_for(lg)
+                child = self.follow.child(spec, lg) if spec is not None else None
+                if child is not None and child not in known:
+                    known.add(child)
+                    new.append(Followed(child, lg.block_number, lg.uid))
+            if not new:
+                break
+            found.extend(new)
+            first = min(f.block for f in new)
+            todo = await self.source.logs_through(first, last, [f.address for f in new])
+            born = {f.address: f.block for f in new}
+            todo = [lg for lg in todo if lg.block_number >= born[lg.address]]
+            merged.extend(todo)
+        merged.sort(key=lambda lg: (lg.block_number, lg.log_index))
+        return merged, found
 
     async def _headers(self, numbers: list[int]) -> dict[int, BlockHeader] | None:
         """The headers of ``numbers``, fetched HEADER_CONCURRENCY at a time; None if one
@@ -264,6 +322,15 @@ class Indexer:
         del cp.retracted[:-RETRACTED_KEPT]
         cp.recent = [e for e in cp.recent if e.block <= ancestor]
         cp.hashes = {n: h for n, h in cp.hashes.items() if n <= ancestor}
+        dropped = [f for f in cp.followed if f.block > ancestor]
+        if dropped:
+            gone_addresses = {f.address for f in dropped}
+            log.warning("reorg: no longer following %s (created in an abandoned block)",
+                        ", ".join(sorted(gone_addresses)))
+            cp.followed = [f for f in cp.followed if f.block <= ancestor]
+            self.source.addresses = [a for a in self.source.addresses
+                                     if a not in gone_addresses or a in self.contracts]
+            self.stats.followed = len(cp.followed)
         cp.block = ancestor
         await self.store.save(cp)
         self.stats.last_block = ancestor

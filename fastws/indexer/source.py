@@ -230,17 +230,20 @@ class LogSource:
         return BlockHeader(quantity(raw["number"]), to_hex(raw["hash"]),
                            to_hex(raw["parentHash"]), quantity(raw["timestamp"]))
 
-    async def logs(self, start: int, end: int) -> tuple[list[RawLog], int]:
-        """Logs of the watched contracts from ``start`` to at most ``end``.
+    async def logs(self, start: int, end: int,
+                   addresses: Sequence[str] | None = None) -> tuple[list[RawLog], int]:
+        """Logs of the watched contracts (or of ``addresses``) from ``start`` to at most
+        ``end``.
 
         Returns ``(logs, last)``: the logs of blocks ``start..last`` sorted by
         (block, logIndex), where ``last`` ≤ ``end`` is as far as the node's range
         limit let this call go.
         """
+        wanted = list(self.addresses if addresses is None else addresses)
         attempt = 0
         while True:
             last = min(end, start + self.span - 1)
-            params = [{"fromBlock": hex(start), "toBlock": hex(last), "address": self.addresses}]
+            params = [{"fromBlock": hex(start), "toBlock": hex(last), "address": wanted}]
             try:
                 raw = await self.rpc.request("eth_getLogs", params)
             except RpcTransient as exc:
@@ -274,6 +277,17 @@ class LogSource:
                 return logs, last
             attempt += 1
             await self._sleep(delay)
+
+    async def logs_through(self, start: int, end: int,
+                           addresses: Sequence[str]) -> list[RawLog]:
+        """Every log of ``addresses`` from ``start`` to ``end`` (as many calls as the
+        node's range limit takes), sorted by (block, logIndex)."""
+        out: list[RawLog] = []
+        while start <= end:
+            got, last = await self.logs(start, end, addresses)
+            out.extend(got)
+            start = last + 1
+        return out
 
     def _narrower(self, start: int, last: int, message: str) -> int:
         """Half the refused range, or the provider's suggestion if it made one."""
