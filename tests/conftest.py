@@ -200,6 +200,27 @@ def redis_server() -> Iterator[RedisProc]:
     r.stop()
 
 
+@pytest.fixture
+def tuned_server() -> Iterator:
+    """Factory fixture: ``srv = tuned_server(constants, *args, config=toml)`` starts
+    ``fastws serve`` with constants of ``fastws.broker.redis`` shortened (see
+    redis_helpers.start_tuned_server); all are stopped afterwards."""
+    from redis_helpers import start_tuned_server
+
+    started: list[ServerProc] = []
+
+    def factory(constants: dict[str, float], *args: str, **kw) -> ServerProc:
+        srv = start_tuned_server(constants, *args, **kw)
+        started.append(srv)
+        return srv
+
+    yield factory
+    for srv in started:
+        srv.stop(timeout=3.0)
+        for d in srv.tmp:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def shared_redis() -> Iterator[RedisProc]:
     """One redis-server shared by a whole session (for read-only comparisons)."""

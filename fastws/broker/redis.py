@@ -75,15 +75,18 @@ from fastws.broker.redis_scripts import (
     PRESENCE_JOIN_LUA,
     PRESENCE_LEAVE_LUA,
     PRESENCE_PREFIX,
+    PRESENCE_REFRESH_LUA,
     PUBLISH_LUA,
     keys_for,
     log_keys,
     presence_keys,
+    presence_user,
+    presence_value,
 )
 
 SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA, "logsince": LOG_SINCE_LUA,
            "join": PRESENCE_JOIN_LUA, "leave": PRESENCE_LEAVE_LUA,
-           "presence": PRESENCE_GET_LUA}
+           "presence": PRESENCE_GET_LUA, "prefresh": PRESENCE_REFRESH_LUA}
 
 __all__ = ["RedisBroker", "encode_command", "decode_payload"]
 
@@ -99,8 +102,13 @@ BACKOFF_MAX = 5.0
 BATCH = 1000                 # names per SUBSCRIBE command
 WAIT_TIMEOUT_MS = 500        # a durable publish waits this long for a replica's ack
 REPLICA_GRACE = 60.0         # seconds without replicas before publishing unacknowledged
-PRESENCE_TTL = 30.0          # seconds a presence entry lives without its node's refresh
-PRESENCE_REFRESH = 10.0      # seconds between a node's refreshes of its own entries
+PRESENCE_REFRESH = 10.0      # seconds between a node's refreshes (and sweeps) of presence
+PRESENCE_EXPIRY = 20.0       # seconds a presence entry lives without its node's refresh
+# a dead node's clients are swept, with a leave push, within this many seconds of its
+# death: their entries expire within PRESENCE_EXPIRY, and every node holding members of
+# the channel sweeps it every PRESENCE_REFRESH
+PRESENCE_TTL = PRESENCE_EXPIRY + PRESENCE_REFRESH
+PRESENCE_BATCH = 500         # clients re-added per refresh script call
 _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
                         "NOREPLICAS", "BUSY")
 _ENV_LEN = len(ENVELOPE_PREFIX)
@@ -647,7 +655,8 @@ class RedisBroker(Broker):
         self._pinger: asyncio.Task | None = None
         self._wanted: set[str] = set()
         self.node_id = os.urandom(6).hex()
-        self._presence_local: dict[tuple[str, str], bytes] = {}
+        # channel -> {client id: user JSON} of this node's presence members
+        self._presence_local: dict[str, dict[str, bytes]] = {}
         self._refresher: asyncio.Task | None = None
         self._readd: asyncio.Task | None = None
         self._setup_commands(url, max_connections)
@@ -835,24 +844,33 @@ class RedisBroker(Broker):
 
     async def presence_join(self, channel: str, client: str, user: str | None) -> None:
         user_json = orjson.dumps(user)
-        self._presence_local[(channel, client)] = user_json
-        await self._presence_call(channel, "join", [client, user_json,
-                                                    int(PRESENCE_TTL * 1000),
+        self._presence_local.setdefault(channel, {})[client] = user_json
+        await self._presence_call(channel, "join", [client,
+                                                    presence_value(self.node_id, user_json),
+                                                    int(PRESENCE_EXPIRY * 1000),
                                                     self._presence_command, channel,
                                                     self._presence_event("join", client,
                                                                          user_json)])
 
     async def presence_leave(self, channel: str, client: str, user: str | None) -> None:
-        user_json = self._presence_local.pop((channel, client), None) or orjson.dumps(user)
+        members = self._presence_local.get(channel)
+        user_json = members.pop(client, None) if members is not None else None
+        if members is not None and not members:
+            del self._presence_local[channel]
         await self._presence_call(channel, "leave", [client, self._presence_command, channel,
-                                                     self._presence_event("leave", client,
-                                                                          user_json)])
+                                                     self._presence_event(
+                                                         "leave", client,
+                                                         user_json or orjson.dumps(user))])
 
     async def presence(self, channel: str) -> dict[str, str | None] | None:
+        """Every node's clients in ``channel``'s presence; expired entries (a dead node's)
+        are swept first, with their leave pushes (see redis_scripts)."""
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
-        flat = await self._eval(channel, "presence", list(presence_keys(channel)), [])
-        return {flat[i].decode(): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+        flat = await self._eval(channel, "presence", list(presence_keys(channel)),
+                                [self._presence_command, channel])
+        return {flat[i].decode(): orjson.loads(presence_user(flat[i + 1]))
+                for i in range(0, len(flat), 2)}
 
     @property
     def _presence_command(self) -> str:
@@ -860,7 +878,7 @@ class RedisBroker(Broker):
 
     async def _presence_call(self, channel: str, script: str, args: list[Any]) -> None:
         """Joins and leaves never fail the caller: a lost one is repaired by the refresh
-        (joins) or by the entry's expiry (leaves)."""
+        (joins) or by the entry's expiry and sweep (leaves)."""
         if not self.up:
             return
         try:
@@ -869,18 +887,36 @@ class RedisBroker(Broker):
             log.debug("presence %s on %s not stored: %s", script, channel, exc)
 
     async def _presence_refresh(self) -> None:
-        """Re-add every local presence entry (its expiry moves PRESENCE_TTL ahead)."""
-        ttl = int(PRESENCE_TTL * 1000)
-        calls = [self._presence_call(channel, "join", [client, user, ttl, "", channel, ""])
-                 for (channel, client), user in list(self._presence_local.items())]
-        await asyncio.gather(*calls)
+        """Per channel with local presence members: sweep the expired entries (a dead
+        node's: their leaves are published) and re-add ours (expiry PRESENCE_EXPIRY
+        ahead; one that was swept meanwhile is published as a join again)."""
+        await asyncio.gather(*(self._refresh_channel(channel)
+                               for channel in list(self._presence_local)))
+
+    async def _refresh_channel(self, channel: str) -> None:
+        """Refresh ``channel``'s local members, PRESENCE_BATCH per script.  Each batch is
+        read from :attr:`_presence_local` in the same loop step that writes its script,
+        so a leave issued meanwhile is never undone (nor announced as a join again)."""
+        ttl = int(PRESENCE_EXPIRY * 1000)
+        clients = list(self._presence_local.get(channel, ()))
+        for i in range(0, len(clients), PRESENCE_BATCH):
+            members = self._presence_local.get(channel, {})
+            args: list[Any] = [ttl, self._presence_command, channel, self.node_id]
+            for client in clients[i:i + PRESENCE_BATCH]:
+                if client in members:
+                    args += (client, presence_value(self.node_id, members[client]))
+            if len(args) > 4:
+                await self._presence_call(channel, "prefresh", args)
 
     async def _presence_loop(self) -> None:
-        """Every PRESENCE_REFRESH seconds: refresh our presence entries, and read each
+        """Every PRESENCE_REFRESH seconds: refresh (and sweep) presence, and read each
         master's replica count again (durable publishes wait for a replica)."""
         while not self._closed:
             await asyncio.sleep(PRESENCE_REFRESH)
-            await self._presence_refresh()
+            try:
+                await self._presence_refresh()
+            except Exception:
+                log.exception("presence refresh failed")
             for cmd in self._command_links():
                 if cmd.connected:
                     await cmd.refresh_replicas()

@@ -22,7 +22,7 @@ __all__ = ["ENVELOPE_PREFIX", "LOG_PREFIX", "log_keys", "PUBLISH_LUA", "HISTORY_
            "LOG_SINCE_LUA",
            "hash_tag", "keys_for",
            "PRESENCE_PREFIX", "PRESENCE_JOIN_LUA", "PRESENCE_LEAVE_LUA", "PRESENCE_GET_LUA",
-           "presence_keys"]
+           "PRESENCE_REFRESH_LUA", "presence_keys", "presence_value", "presence_user"]
 
 ENVELOPE_PREFIX = b"\x00fws\x00"
 
@@ -192,17 +192,50 @@ def keys_for(channel: str) -> tuple[str, str, str]:
 
 # ---------------------------------------------------------------------- presence
 #
-#   fws:{TAG}:CHANNEL:p   hash client id -> user (JSON)
+#   fws:{TAG}:CHANNEL:p   hash client id -> "NODE\nUSER_JSON" (the node that holds it)
 #   fws:{TAG}:CHANNEL:pz  sorted set client id -> expiry (Redis clock, ms)
 #
-# A node re-adds its own clients every PRESENCE_REFRESH seconds, so the clients of a
-# node that died leave the list once their expiry passes.  Joins and leaves are also
-# published on the channel itself as ``PRESENCE_PREFIX + b"join|leave NODE CLIENT\n" +
-# USER_JSON`` for the other nodes' local subscribers.
+# Joins and leaves are published on the channel itself as ``PRESENCE_PREFIX +
+# b"join|leave NODE CLIENT\n" + USER_JSON`` for the other nodes' local subscribers.
+# A node re-adds its own clients every PRESENCE_REFRESH seconds; an entry nobody
+# re-added before its expiry belongs to a node that died (or stalled that long).  The
+# scripts that touch a channel's presence (refresh and read) first *sweep* it: they
+# remove the expired entries and publish a ``leave`` for each, as its node would have
+# (same NODE, CLIENT and USER).  The removal and the publish are one script, so an
+# expired entry is claimed once: exactly one leave is published, by whichever node
+# swept first.  A refresh that finds one of its own entries gone (swept while its node
+# stalled) adds it again and publishes a ``join``.
 
 PRESENCE_PREFIX = b"\x00fwp\x00"
 
-# KEYS: hash, zset.  ARGV: client, user json, ttl ms, publish command, channel, event
+# Shared by the presence scripts: removes the expired entries of KEYS[1]/KEYS[2]
+# (cutoff: the Redis clock now, ms) and publishes one leave each with command `cmd` on
+# `channel`.  An entry without its node (written by an older fastws) leaves as node '-'.
+_SWEEP = r"""
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function sweep(ms, cmd, channel)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ms)
+  for i = 1, #gone do
+    local v = redis.call('HGET', KEYS[1], gone[i])
+    if v then
+      redis.call('HDEL', KEYS[1], gone[i])
+      local nl = string.find(v, '\n', 1, true)
+      local node, user = '-', v
+      if nl then node, user = string.sub(v, 1, nl - 1), string.sub(v, nl + 1) end
+      if cmd ~= '' then
+        redis.call(cmd, channel, '\0fwp\0leave ' .. node .. ' ' .. gone[i] .. '\n' .. user)
+      end
+    end
+  end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms) end
+end
+"""
+
+# KEYS: hash, zset.  ARGV: client, "NODE\nUSER_JSON", ttl ms, publish command, channel,
+# event ('' = publish nothing)
 PRESENCE_JOIN_LUA = r"""
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -222,17 +255,34 @@ if n > 0 and ARGV[4] ~= '' then redis.call(ARGV[2], ARGV[3], ARGV[4]) end
 return n
 """
 
-# KEYS: hash, zset.  Drops the expired members, returns HGETALL of the rest.
-PRESENCE_GET_LUA = r"""
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ms)
-for i = 1, #gone, 1000 do
-  local chunk = {}
-  for j = i, math.min(i + 999, #gone) do chunk[#chunk + 1] = gone[j] end
-  redis.call('HDEL', KEYS[1], unpack(chunk))
+# KEYS: hash, zset.  ARGV: ttl ms, publish command, channel, node, then client and
+# "NODE\nUSER_JSON" pairs: one node's clients of the channel.  Sweeps, then re-adds
+# them (expiry now + ttl); one that was gone is published as a join of NODE.  Returns
+# how many it re-added.
+PRESENCE_REFRESH_LUA = _SWEEP + r"""
+local ms = now_ms()
+local ttl = tonumber(ARGV[1])
+sweep(ms, ARGV[2], ARGV[3])
+for i = 5, #ARGV, 2 do
+  local new = redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], ms + ttl, ARGV[i])
+  if new == 1 then
+    local v = ARGV[i + 1]
+    local user = string.sub(v, (string.find(v, '\n', 1, true) or 0) + 1)
+    redis.call(ARGV[2], ARGV[3], '\0fwp\0join ' .. ARGV[4] .. ' ' .. ARGV[i] .. '\n' .. user)
+  end
 end
-if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms) end
+if #ARGV >= 5 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return (#ARGV - 4) / 2
+"""
+
+# KEYS: hash, zset.  ARGV: publish command, channel.  Sweeps (publishing the leaves),
+# returns HGETALL of the rest.
+PRESENCE_GET_LUA = _SWEEP + r"""
+sweep(now_ms(), ARGV[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 """
 
@@ -241,3 +291,13 @@ def presence_keys(channel: str) -> tuple[str, str]:
     """(hash key, expiry zset key) of ``channel``'s presence."""
     base = f"fws:{{{hash_tag(channel)}}}:{channel}:"
     return base + "p", base + "pz"
+
+
+def presence_value(node: str, user_json: bytes) -> bytes:
+    """What a presence hash keeps for a client: its node and its user (JSON)."""
+    return node.encode() + b"\n" + user_json
+
+
+def presence_user(value: bytes) -> bytes:
+    """The user (JSON) of a presence hash value (see :func:`presence_value`)."""
+    return value[value.find(b"\n") + 1:]
