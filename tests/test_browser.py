@@ -472,19 +472,61 @@ def test_docs_siwe_example_in_the_browser(page, fastws_server):
     assert not page.errors, page.errors
 
 
-def test_expired_token_is_refreshed_by_the_token_function(page, fastws_server):
-    """4501 "token expired": a token function gives the next attempt a fresh token and the
-    page carries on (a string token would stop the client for good)."""
+def _jwt(secret: str, sub: str, ttl: float, *, iat: bool = False) -> str:
     import jwt
 
+    now = time.time()
+    claims: dict = {"sub": sub, "exp": int(now + ttl)}
+    if iat:
+        claims["iat"] = int(now)
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def test_token_helpers_in_the_browser(page, server):
+    """tokenClaims / tokenExpiresIn / refreshDelay, as the Python client's helpers."""
+    page.goto(server.http_url + "/")
+    out = page.evaluate("""async (signed) => {
+      const { tokenClaims, tokenExpiresIn, refreshDelay } = await import("/fastws.js");
+      const b64 = (o) => btoa(String.fromCharCode(...new TextEncoder().encode(JSON.stringify(o))))
+        .replace(/\\+/g, "-").replace(/\\//g, "_").replace(/=+$/, "");
+      const jwt = (claims) => b64({ alg: "HS256" }) + "." + b64(claims) + ".sig";
+      const now = 1_000_000_000;
+      return {
+        claims: tokenClaims(jwt({ sub: "é?>", exp: 5 })),
+        signed: tokenClaims(signed),
+        bad: ["", "opaque", "a.b", "a.b.c.d", "x.!!!.y", jwt([1, 2]), "x.bm90IGpzb24.y"]
+          .map(tokenClaims),
+        left: tokenExpiresIn(jwt({ exp: now / 1000 + 30 }), now),
+        none: [{ sub: "a" }, { exp: "soon" }, { exp: now / 1000 - 1 }]
+          .map((c) => tokenExpiresIn(jwt(c), now)),
+        behind: tokenExpiresIn(jwt({ iat: now / 1000 + 100, exp: now / 1000 + 160 }), now),
+        ahead: tokenExpiresIn(jwt({ iat: now / 1000 - 100, exp: now / 1000 - 40 }), now),
+        agree: tokenExpiresIn(jwt({ iat: now / 1000 - 50, exp: now / 1000 + 10 }), now),
+        hour: [0, 1].map((r) => refreshDelay(3_600_000, { random: () => r })),
+        short: [0, 1].map((r) => refreshDelay(3000, { random: () => r })),
+        zero: refreshDelay(-5),
+      };
+    }""", _jwt("secret-0123456789abcdef0123456789", "bob", 60))
+    assert out["claims"] == {"sub": "é?>", "exp": 5}
+    assert out["signed"]["sub"] == "bob"
+    assert out["bad"] == [None] * 7
+    assert out["left"] == 30_000 and out["none"] == [None] * 3
+    assert (out["behind"], out["ahead"], out["agree"]) == (60_000, 60_000, 10_000)
+    assert out["hour"] == [3_590_000, 3_530_000]
+    assert out["short"][0] == pytest.approx(2400) and out["short"][1] == pytest.approx(2100)
+    assert out["zero"] == 0
+
+
+def test_token_function_refreshes_the_live_connection(page, fastws_server):
+    """A token function with short-lived JWTs (3 s) is called before each exp and its
+    token sent in an `auth` request: the page keeps its connection through several
+    refreshes (no reconnect, no 4501) and gets every event once, in order."""
     secret = "test-secret-0123456789abcdef0123"
     srv = fastws_server("--jwt-secret", secret)
     issued: list[str] = []
 
     def new_token() -> str:
-        ttl = 1.2 if not issued else 3600  # the first one expires within ~2 s
-        issued.append(jwt.encode({"sub": "carol", "exp": int(time.time() + ttl)}, secret,
-                                 algorithm="HS256"))
+        issued.append(_jwt(secret, "carol", 3, iat=len(issued) % 2 == 1))
         return issued[-1]
 
     page.expose_function("pyToken", new_token)
@@ -495,8 +537,66 @@ def test_expired_token_is_refreshed_by_the_token_function(page, fastws_server):
       window.__events = [];
       const c = window.carol = new FastWS(`ws://${location.host}/ws`,
                                           { token: () => window.pyToken() });
-      for (const n of ["state", "disconnect", "subscribed", "closed"])
-        c.on(n, (a) => window.__log.push([n, a]));
+      for (const n of ["state", "disconnect", "refresh", "closed", "error"])
+        c.on(n, (a) => window.__log.push([n, a && a.error ? String(a.error) : a]));
+      const onEvent = (e, m) => window.__events.push([e.channel, e.data, m.recovered]);
+      await Promise.all([c.subscribe("user:carol", onEvent).ready,
+                         c.subscribe("events:*", onEvent).ready]);
+    }""")
+    sent = 0
+    deadline = time.monotonic() + 20
+    while page.evaluate("window.carol.tokenRefreshes") < 3:  # three tokens in turn
+        assert time.monotonic() < deadline, page.evaluate("window.__log")
+        srv.publish("user:carol", sent)
+        srv.publish("events:a" if sent % 2 else "events:b", sent)
+        sent += 1
+        page.wait_for_timeout(20)  # lets playwright answer window.pyToken calls
+    page.wait_for_function("n => window.__events.length >= n", arg=2 * sent)
+    events = page.evaluate("window.__events")
+    assert [d for ch, d, _ in events if ch == "user:carol"] == list(range(sent))
+    assert [d for ch, d, _ in events if ch != "user:carol"] == list(range(sent))
+    assert not any(rec for _, _, rec in events)
+    log = page.evaluate("window.__log")
+    assert [a for n, a in log if n == "state"] == ["connecting", "connected"], log
+    assert not [a for n, a in log if n in ("disconnect", "closed", "error")], log
+    refreshes = [a for n, a in log if n == "refresh"]
+    assert len(refreshes) >= 3 and all(r["ok"] and r["attempt"] == 1 for r in refreshes)
+    assert all(1000 < r["expiresIn"] <= 3000 for r in refreshes), refreshes
+    assert page.evaluate("window.carol.reconnects") == 0
+    assert len(issued) == page.evaluate("window.carol.tokenRefreshes") + 1
+    srv.publish("user:carol", "last")
+    page.wait_for_function("() => window.__events.some(([, d]) => d === 'last')")
+    assert page.evaluate("window.carol.state") == "connected"
+    assert not page.errors, page.errors
+    page.evaluate("window.carol.close()")
+
+
+def test_failed_refresh_falls_back_to_reconnect(page, fastws_server):
+    """While the token function fails, the live refresh is retried until exp; then the
+    server closes 4501 "token expired" and the client reconnects with the function's next
+    token, the private channel carrying on (a string token would stop for good)."""
+    secret = "test-secret-0123456789abcdef0123"
+    srv = fastws_server("--jwt-secret", secret)
+    issued: list[str] = []
+
+    def new_token() -> str:
+        issued.append(_jwt(secret, "carol", 2 if not issued else 3600))  # first: ~1-2 s
+        return issued[-1]
+
+    page.expose_function("pyToken", new_token)
+    page.goto(srv.http_url + "/")
+    page.evaluate("""async () => {
+      const { FastWS } = await import("/fastws.js");
+      window.__log = [];
+      window.__events = [];
+      const c = window.carol = new FastWS(`ws://${location.host}/ws`, {
+        // the token service is down while connected: live refreshes fail
+        token: () => c.state === "connected" ? Promise.reject(new Error("token service down"))
+                                             : window.pyToken(),
+        minDelay: 20, maxDelay: 100,
+      });
+      for (const n of ["state", "disconnect", "subscribed", "closed", "refresh"])
+        c.on(n, (a) => window.__log.push([n, a && a.error ? { ...a, error: String(a.error) } : a]));
       const sub = c.subscribe("user:carol", (e, m) => window.__events.push([e.data, m.recovered]));
       await sub.ready;
     }""")
@@ -512,7 +612,15 @@ def test_expired_token_is_refreshed_by_the_token_function(page, fastws_server):
     assert page.evaluate("window.__events") == [["before", False], ["after", False]]
     assert page.evaluate("window.carol.state") == "connected"
     assert page.evaluate("window.carol.reconnects") == 1
-    assert not [a for n, a in page.evaluate("window.__log") if n == "closed"]
-    push = [a for n, a in page.evaluate("window.__log") if n == "disconnect"][-1]
+    log = page.evaluate("window.__log")
+    assert not [a for n, a in log if n == "closed"]
+    push = [a for n, a in log if n == "disconnect"][-1]
     assert (push["code"], push["reason"]) == (4501, "token expired"), push
+    failed = [a for n, a in log if n == "refresh"]
+    assert len(failed) >= 2 and not any(r["ok"] for r in failed), failed
+    assert all(r["error"] == "Error: token service down" for r in failed)
+    assert [r["attempt"] for r in failed] == list(range(1, len(failed) + 1))
+    assert failed[-1]["retryIn"] is None  # gave up: the next try would come after exp
+    assert page.evaluate("window.carol.tokenRefreshes") == 0
     assert len(issued) == 2
+    page.evaluate("window.carol.close()")

@@ -97,6 +97,20 @@ export interface NetworkInfo {
   state: State;
 }
 
+/** `refresh` event: a live token refresh (token function + JWT `exp`) succeeded or failed. */
+export interface RefreshInfo {
+  ok: boolean;
+  /** 1 for the first try for the token in force, then 2, 3, … while it keeps failing. */
+  attempt: number;
+  /** On success: ms until the new token expires (null without `exp`). */
+  expiresIn?: number | null;
+  /** On failure: what the token function threw, or the server's `error` reply as a FastWSError. */
+  error?: unknown;
+  /** On failure: ms until the next try, or null when it would come after `exp` (the server
+   *  will close 4501 "token expired" and the client reconnects with a new token). */
+  retryIn?: number | null;
+}
+
 export interface ClosedInfo {
   code: number;
   reason: string;
@@ -119,13 +133,21 @@ export interface EventMap {
   online: NetworkInfo;
   offline: NetworkInfo;
   visible: NetworkInfo;
+  refresh: RefreshInfo;
 }
 
 export type TokenSource = string | null | (() => string | null | Promise<string | null>);
 
 export interface FastWSOptions {
-  /** Sent as `?token=` on every connection attempt; a function is called before each attempt. */
+  /** Sent as `?token=` on every connection attempt; a function is called before each attempt,
+   *  and also shortly before its JWT's `exp` to refresh the live connection (`tokenRefresh`). */
   token?: TokenSource;
+  /** With a token function and a JWT carrying `exp`: send a new token in an `auth` request
+   *  before `exp`, keeping the connection (default true). */
+  tokenRefresh?: boolean;
+  /** How long (ms) before `exp` to refresh, at most a fifth of the time left, plus a random
+   *  jitter of up to a tenth of it, 60 s at most (default 10000). */
+  tokenRefreshMargin?: number;
   /** Request timeout in ms (default 10000). */
   timeout?: number;
   /** Backoff base in ms (default 500): after the n-th failed attempt wait U[0, min(maxDelay, minDelay·2^n)]. */
@@ -178,6 +200,8 @@ export declare class FastWS {
   readonly state: State;
   /** Successful reconnects so far. */
   readonly reconnects: number;
+  /** Tokens replaced on a live connection by the token refresh. */
+  readonly tokenRefreshes: number;
 
   on<K extends keyof EventMap>(event: K, fn: (arg: EventMap[K]) => void): () => void;
   off<K extends keyof EventMap>(event: K, fn: (arg: EventMap[K]) => void): void;
@@ -189,6 +213,8 @@ export declare class FastWS {
   publish(channel: string, data: unknown): Promise<PublishedReply>;
   history<T = unknown>(channel: string, options?: number | { limit?: number; since?: StreamPosition }): Promise<HistoryReply<T>>;
   presence(channel: string): Promise<PresenceReply>;
+  /** Authenticate the live connection with `token`, also used for every later reconnect
+   *  (a token function given before is no longer called). */
   auth(token: string): Promise<AuthedReply>;
   ping(): Promise<{ id: number; type: "pong" }>;
   /** Try to connect now when disconnected (still honours a server's after_ms). */
@@ -200,6 +226,12 @@ export declare class FastWS {
 export declare function globMatch(pattern: string, str: string): boolean;
 /** True when a name holds `*`, `?`, `[` or `\`. */
 export declare function isPattern(name: string): boolean;
+/** The claims of a JWT, decoded without verifying it; null when `token` is not a JWT. */
+export declare function tokenClaims(token: string): Record<string, unknown> | null;
+/** Milliseconds until a JWT's `exp` by this clock, checked against `iat`; null without `exp`. */
+export declare function tokenExpiresIn(token: string, now?: number): number | null;
+/** Delay in ms before refreshing a token that expires in `remaining` ms (margin and jitter). */
+export declare function refreshDelay(remaining: number, options?: { margin?: number; random?: () => number }): number;
 /** Full-jitter delay in ms after the n-th failed attempt in a row. */
 export declare function backoffDelay(n: number, options?: { minDelay?: number; maxDelay?: number; random?: () => number }): number;
 

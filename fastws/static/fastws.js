@@ -8,6 +8,9 @@
 //   await c.publish("chat:room", {text: "hi"});
 //   sub.unsubscribe(); c.close();
 //
+// A token function whose JWT has `exp` is called again shortly before it, and the new
+// token goes to the server in an `auth` request on the live connection (no reconnect).
+//
 // Protocol: docs/protocol.md, sections 4 and 6.
 
 const DEFAULTS = {
@@ -21,7 +24,11 @@ const DEFAULTS = {
   dedupeLimit: 10000,     // (channel → last offset) entries kept per subscription
   WebSocket: null,        // WebSocket implementation (default: globalThis.WebSocket)
   random: Math.random,    // injectable for tests
+  tokenRefresh: true,     // a token function's JWT is refreshed before its exp, live
+  tokenRefreshMargin: 10000, // ms before exp (at most a fifth of the time left)
 };
+
+const REFRESH_SPREAD_CAP = 60000; // ms: the most a refresh is moved earlier by jitter
 
 // ---------------------------------------------------------------------------
 // Redis glob matching (PSUBSCRIBE semantics, a port of Redis' stringmatchlen):
@@ -104,6 +111,57 @@ export function backoffDelay(n, { minDelay = 500, maxDelay = 20000, random = Mat
   return random() * cap;
 }
 
+/** The claims of a JWT, decoded *without* verifying it (only to time its refresh; the
+ *  server verifies tokens), or null when `token` is not a JWT (e.g. an opaque token). */
+export function tokenClaims(token) {
+  if (typeof token !== "string") return null;
+  const parts = token.split(".");
+  if (parts.length !== 3) return null;
+  try {
+    let b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    b64 += "=".repeat((4 - (b64.length % 4)) % 4);
+    const bytes = Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+    return claims && typeof claims === "object" && !Array.isArray(claims) ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
+function claimNumber(v) {
+  return typeof v === "number" && Number.isFinite(v) ? v : null;
+}
+
+/** Milliseconds until a JWT expires by its `exp` claim, or null without one. The client's
+ *  clock (`Date.now()`, or `now`) is used, checked against `iat` when the token has one:
+ *  a token issued "in the future" (this clock is behind the issuer's) or already past
+ *  `exp` (this clock is ahead: the server has just accepted it) is taken to have its
+ *  whole lifetime, `exp - iat`, left. A fast clock otherwise only makes the refresh
+ *  early. Null also when the token has expired by every measure. */
+export function tokenExpiresIn(token, now = Date.now()) {
+  const claims = tokenClaims(token);
+  if (!claims) return null;
+  const exp = claimNumber(claims.exp);
+  if (exp === null) return null;
+  let left = exp * 1000 - now;
+  const iat = claimNumber(claims.iat);
+  if (iat !== null && exp > iat) {
+    const lifetime = (exp - iat) * 1000;
+    if (left > lifetime || left <= 0) left = lifetime; // the clocks disagree: the token's span
+  }
+  return left > 0 ? left : null;
+}
+
+/** Delay (ms) before refreshing a token that expires in `remaining` ms: `min(margin,
+ *  remaining / 5)` before expiry, moved earlier by a random jitter of up to
+ *  `min(remaining / 10, 60 s)` so that clients whose tokens expire together spread out. */
+export function refreshDelay(remaining, { margin = 10000, random = Math.random } = {}) {
+  if (!(remaining > 0)) return 0;
+  const lead = Math.min(margin, remaining / 5);
+  const jitter = random() * Math.min(remaining / 10, REFRESH_SPREAD_CAP);
+  return Math.max(0, remaining - lead - jitter);
+}
+
 // ---------------------------------------------------------------------------
 
 /** Error of a request: a server `error` reply (kind "server"), a timeout, or a lost connection. */
@@ -164,7 +222,11 @@ export class FastWS {
     this._closed = false;
     this._lastToken = null;       // the token the current/last attempt used
     this._expiredToken = null;    // the last token the server closed as expired
+    this._refreshTimer = null;    // the next live token refresh (token function + JWT exp)
+    this._refreshExpires = 0;     // when the token in force expires (Date.now() ms)
+    this._refreshFailures = 0;    // failed refreshes in a row for that token
     this.reconnects = 0;
+    this.tokenRefreshes = 0;      // tokens replaced on a live connection
     this._installWindowHooks();
     // Connect at once, but let the caller attach listeners first (same tick).
     queueMicrotask(() => this._connect());
@@ -173,7 +235,8 @@ export class FastWS {
   // ----- events ------------------------------------------------------------
 
   /** Listen to "state", "connected", "disconnect", "reconnecting", "subscribed",
-   *  "unsubscribed", "join", "leave", "error", "closed", "message", "online", "offline".
+   *  "unsubscribed", "join", "leave", "error", "closed", "message", "online", "offline",
+   *  "visible", "refresh".
    *  Returns an off() function. */
   on(event, fn) {
     if (!this._listeners.has(event)) this._listeners.set(event, new Set());
@@ -265,9 +328,12 @@ export class FastWS {
     return this._request({ type: "presence", channel: normalizeChannel(channel) });
   }
 
-  /** Authenticate the live connection (also used for every later reconnect). */
+  /** Authenticate the live connection (also used for every later reconnect, so a token
+   *  function given to the constructor is no longer called). */
   auth(token) {
+    if (typeof token !== "string" || token === "") throw new TypeError("token must be a non-empty string");
     this.options.token = token;
+    this._disarmRefresh();
     return this._request({ type: "auth", token });
   }
 
@@ -398,6 +464,8 @@ export class FastWS {
     this._outbox = [];
     for (const entry of outbox) if (this._pending.has(entry.id)) this._sendEntry(entry);
     this._armPing();
+    this._refreshFailures = 0;
+    this._armRefresh(ws);
   }
 
   _onMessage(ws, ev) {
@@ -533,6 +601,7 @@ export class FastWS {
     if (ws !== this._ws) return;
     this._ws = null;
     this._disarmPing();
+    this._disarmRefresh();
     const push = this._disconnectPush;
     this._disconnectPush = null;
     const opened = this._openedAt > 0;
@@ -605,6 +674,7 @@ export class FastWS {
     clearTimeout(this._timer);
     this._timer = null;
     this._disarmPing();
+    this._disarmRefresh();
     const ws = this._ws;
     this._ws = null;
     if (ws) {
@@ -625,6 +695,57 @@ export class FastWS {
     this._removeWindowHooks();
     this._setState("closed");
     this._emit("closed", { code, reason, fromServer });
+  }
+
+  // ----- token refresh -----------------------------------------------------
+
+  /** With a token function and a JWT carrying `exp`, plan its refresh on this connection. */
+  _armRefresh(ws) {
+    this._disarmRefresh();
+    if (!this.options.tokenRefresh || typeof this.options.token !== "function") return;
+    const left = tokenExpiresIn(this._lastToken);
+    if (left === null) return; // no exp, or not a JWT: only reconnects ask for a token
+    this._refreshExpires = Date.now() + left;
+    const delay = refreshDelay(left, { margin: this.options.tokenRefreshMargin, random: this.options.random });
+    this._refreshTimer = setTimeout(() => this._refresh(ws), delay);
+  }
+
+  _disarmRefresh() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+  }
+
+  /** Ask the token function for a new token and send it in an `auth` request; on failure
+   *  retry with the reconnect backoff while the next try comes before `exp` (then the
+   *  server closes 4501 "token expired" and the reconnect path gets a new token). */
+  async _refresh(ws) {
+    this._refreshTimer = null;
+    const live = () => ws === this._ws && this.state === "connected" && typeof this.options.token === "function";
+    if (!live()) return;
+    const current = this._lastToken;
+    const attempt = this._refreshFailures + 1;
+    let token = null;
+    try {
+      token = await this.options.token();
+      if (!live()) return;
+      if (typeof token !== "string" || token === "") throw new Error("the token function gave no token");
+      if (token === current) throw new Error("the token function gave back the current token");
+      await this._request({ type: "auth", token });
+    } catch (err) {
+      if (!live() || this._refreshTimer) return;
+      this._refreshFailures++;
+      const delay = backoffDelay(this._refreshFailures - 1, this.options);
+      const retry = Date.now() + delay < this._refreshExpires;
+      this._emit("refresh", { ok: false, attempt, error: err, retryIn: retry ? delay : null });
+      if (retry) this._refreshTimer = setTimeout(() => this._refresh(ws), delay);
+      return;
+    }
+    if (ws !== this._ws) return;
+    this._lastToken = token;
+    this._refreshFailures = 0;
+    this.tokenRefreshes++;
+    this._emit("refresh", { ok: true, attempt, expiresIn: tokenExpiresIn(token) });
+    if (live()) this._armRefresh(ws);
   }
 
   // ----- liveness ----------------------------------------------------------

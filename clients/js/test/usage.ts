@@ -2,7 +2,8 @@
 // `npm run check-types` (tsc --noEmit, strict). Nothing here runs.
 import FastWSDefault, {
   FastWS, FastWSError, backoffDelay, globMatch, isPattern,
-  type EventMeta, type FastWSEvent, type State, type SubscribedInfo,
+  refreshDelay, tokenClaims, tokenExpiresIn,
+  type EventMeta, type FastWSEvent, type RefreshInfo, type State, type SubscribedInfo,
 } from "../fastws.js";
 
 interface Bet { market: string; amount: string }
@@ -12,6 +13,8 @@ const c = new FastWS(`wss://example.invalid/ws`, {
   minDelay: 500,
   maxDelay: 20_000,
   pingInterval: 25_000,
+  tokenRefresh: true,
+  tokenRefreshMargin: 10_000,
 });
 const d: FastWS = new FastWSDefault("ws://127.0.0.1:8765/ws", { token: "t" });
 d.close(1000, "bye");
@@ -25,6 +28,7 @@ c.on("reconnecting", ({ attempt, delay, offline }) => console.log(attempt, delay
 c.on("disconnect", (i) => console.log(i.code, i.reason, i.after_ms, i.reconnect, i.refresh));
 c.on("subscribed", (i: SubscribedInfo) => console.log(i.channel, i.recovered, i.replayed));
 c.on("error", (err) => console.log(err.message));
+c.on("refresh", (i: RefreshInfo) => console.log(i.ok, i.attempt, i.expiresIn, i.retryIn, i.error));
 
 const sub = c.subscribe<Bet>("events:*", (e: FastWSEvent<Bet>, meta: EventMeta) => {
   const amount: string = e.data.amount;
@@ -54,7 +58,7 @@ async function main(): Promise<void> {
   console.log(a.user, (await c.ping()).type);
   c.options.maxDelay = 300;
   c.reconnectNow();
-  console.log(c.state, c.reconnects, c.subscriptions(), c.url);
+  console.log(c.state, c.reconnects, c.tokenRefreshes, c.subscriptions(), c.url);
   sub.unsubscribe();
   c.unsubscribe("market:0xabc");
 }
@@ -63,3 +67,7 @@ void main();
 const ms: number = backoffDelay(3, { minDelay: 500, maxDelay: 20_000, random: Math.random });
 const m: boolean = globMatch("events:*", "events:bet_placed") && isPattern("market:0x*");
 console.log(ms, m);
+const claims: Record<string, unknown> | null = tokenClaims("a.b.c");
+const left: number | null = tokenExpiresIn("a.b.c", Date.now());
+const wait: number = refreshDelay(left ?? 0, { margin: 10_000, random: Math.random });
+console.log(claims?.exp, wait);
