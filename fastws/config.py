@@ -348,8 +348,10 @@ class ServerConfig:
                                       _Str("a file path", optional=True))
     allow_origins: tuple[str, ...] = _opt((), "Origins allowed to open WebSockets (browser "
                                           "`Origin` header); empty = any. Others are closed "
-                                          "with 4503.", _List(_Str("an origin",
-                                                                   check=_check_origin)),
+                                          "with 4503. Also the origins whose pages may call "
+                                          "/auth/nonce and /auth/siwe (CORS): empty = none, "
+                                          "`*` = any.",
+                                          _List(_Str("an origin", check=_check_origin)),
                                           flag="--allow-origin")
     demo: bool = _opt(False, "Run the embedded demo chain feeding live events.", _Bool(),
                       reload=False)

@@ -354,8 +354,9 @@ class App:
                     body: bytes) -> bytes:
         # the broker spends SIWE nonces: once across every process and node sharing it
         status, obj, hdrs = await auth.http_auth(self.node.siwe, method, route, headers, body,
-                                                 claim=self.node.broker.claim_once)
-        return _json(status, obj, hdrs)
+                                                 claim=self.node.broker.claim_once,
+                                                 origins=self.node.config.server.allow_origins)
+        return _json(status, obj, hdrs) if obj is not None else _response(status, b"", hdrs)
 
     async def _metrics_all(self, worker: workers.Worker) -> bytes:
         body = await worker.metrics(self.metrics.registry)
@@ -404,9 +405,13 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
 
 
 def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -> bytes:
-    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
-            f"Content-Length: {len(body)}", f"Server: fastws/{__version__}"]
-    hdrs = {"Content-Type": "application/json"}
+    if status == 204:       # no body, no Content-Length (RFC 9110)
+        head = ["HTTP/1.1 204 No Content", f"Server: fastws/{__version__}"]
+        hdrs = {}
+    else:
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
+                f"Content-Length: {len(body)}", f"Server: fastws/{__version__}"]
+        hdrs = {"Content-Type": "application/json"}
     hdrs.update(headers or {})
     head += [f"{k}: {v}" for k, v in hdrs.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
