@@ -9,6 +9,8 @@
   a strict message parser (:func:`parse_siwe_message`), domain and chain id checks,
   single-use expiring nonces, and signature recovery with eth-account; it answers
   with an HS256 JWT whose ``sub`` is the checksummed address.
+- :class:`ContractWallets` checks EIP-1271 contract-wallet signatures through a
+  JSON-RPC node (``isValidSignature``), when ``siwe_rpc_url`` is set.
 - :func:`http_auth` answers the ``/auth/*`` requests, with CORS for the origins of
   ``allow_origins`` (:func:`cors_headers`).
 - :func:`attach` binds an Identity to a connection and arms its expiry: when ``exp``
@@ -16,14 +18,17 @@
   unless an ``auth`` message brought a newer token first.
 - :func:`granted` says whether a ``channels`` claim allows a channel or pattern.
 
-Nothing here does socket I/O; the server calls these from its request handlers.
+Nothing here does socket I/O but :class:`ContractWallets`' RPC calls (asynchronous,
+with a deadline); the server calls these from its request handlers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import struct
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Auth",
     "AuthError",
+    "ContractWallets",
     "Identity",
     "Siwe",
     "SiweError",
@@ -62,6 +68,8 @@ _RSA_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512",
                   "secp256k1": "ES256K"}
 _ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+log = logging.getLogger("fastws.auth")
 
 
 def is_address(text: str) -> bool:
@@ -560,19 +568,26 @@ class Siwe:
         Raises :class:`SiweError` with the HTTP status: 400 malformed, 401 nonce or
         signature refused (a nonce works once), 403 domain or chain id not allowed,
         501 no jwt_secret, 503 too many sign-ins at once.  The nonce is spent in this
-        process only; the server uses :meth:`sign_in_shared`.
+        process only, and only signatures by the address's own key are accepted; the
+        server uses :meth:`sign_in_shared`.
         """
         msg, now, _ = self._spend(message, signature, host, now)
-        return self._issue(msg, message, signature, now)
+        return self._issue(msg, _recover(message, signature), now)
 
     async def sign_in_shared(self, message: object, signature: object, host: str | None,
                              claim: Callable[[str, float], Awaitable[bool]],
-                             now: float | None = None) -> dict[str, Any]:
+                             now: float | None = None,
+                             wallets: ContractWallets | None = None) -> dict[str, Any]:
         """:meth:`sign_in`, the nonce also spent through ``claim`` (the broker's
         ``claim_once``): with a shared broker it works once across every process and
         node, not only in this one.  The claim lasts until the nonce expires plus
         :attr:`CLOCK_SKEW`, for nodes whose clocks differ.  503 when the broker cannot
         record it (the nonce is spent here anyway: the client gets a new one).
+
+        With ``wallets``, a signature that does not recover to the message's address
+        is also accepted when that address is a contract whose EIP-1271
+        ``isValidSignature`` accepts it (:meth:`ContractWallets.verify`; 503 when the
+        RPC node cannot tell).
         """
         msg, now, expiry = self._spend(message, signature, host, now)
         try:
@@ -582,7 +597,13 @@ class Siwe:
                             "get a new nonce and retry") from None
         if not first:
             raise SiweError(401, "nonce already used (replay refused)")
-        return self._issue(msg, message, signature, now)
+        signer = _recover(message, signature)
+        if (signer is None or signer.lower() != msg.address.lower()) and wallets is not None \
+                and await wallets.verify(msg.address, message, signature, msg.chain_id):
+            from eth_utils import to_checksum_address
+
+            signer = to_checksum_address(msg.address)
+        return self._issue(msg, signer, now)
 
     def _spend(self, message: object, signature: object, host: str | None,
                now: float | None) -> tuple[SiweMessage, float, float]:
@@ -614,15 +635,13 @@ class Siwe:
         self.used[msg.nonce] = expiry          # spent from its first presentation on
         return msg, now, expiry
 
-    def _issue(self, msg: SiweMessage, message: str, signature: str,
-               now: float) -> dict[str, Any]:
-        ts = lambda d: d.timestamp()  # noqa: E731
-        signer = _recover(message, signature)
+    def _issue(self, msg: SiweMessage, signer: str | None, now: float) -> dict[str, Any]:
+        """The token for ``signer`` (checksummed), if it is the message's address."""
         if signer is None or signer.lower() != msg.address.lower():
             raise SiweError(401, "signature does not match the message's address")
         ttl = self.TOKEN_TTL
         if msg.expiration_time is not None:
-            ttl = min(ttl, ts(msg.expiration_time) - now)
+            ttl = min(ttl, msg.expiration_time.timestamp() - now)
         token = self.auth.issue(signer, ttl, now, chain_id=msg.chain_id)
         return {"token": token, "sub": signer, "exp": int(now + ttl)}
 
@@ -634,6 +653,113 @@ class Siwe:
             return
         for k in [k for k, exp in self.used.items() if exp <= now]:
             del self.used[k]
+
+
+# --------------------------------------------------------------------------- EIP-1271
+
+
+class ContractWallets:
+    """EIP-1271 signature checks for contract wallets, through one JSON-RPC node.
+
+    ``ContractWallets(url, timeout)``: :meth:`verify` asks the node (web3's
+    ``AsyncHTTPProvider``, no retries) for its chain id (once), the address's code
+    and, when it has code, ``isValidSignature(bytes32 hash, bytes signature)`` with
+    the message's EIP-191 hash; the signature is valid iff the call returns the magic
+    value ``0x1626ba7e``.  The calls of one check take at most ``timeout`` seconds in
+    all, and never block the event loop (web3 is even imported in a thread).
+    """
+
+    MAGIC = bytes.fromhex("1626ba7e")       # bytes4(keccak256("isValidSignature(bytes32,bytes)"))
+    MAX_SIGNATURE = 4096                    # bytes (multisig wallets concatenate signatures)
+
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.chain_id: int | None = None    # the node's, once asked
+        self._w3: Any = None
+
+    async def _web3(self) -> Any:
+        if self._w3 is None:
+            import importlib
+
+            await asyncio.to_thread(importlib.import_module, "web3")   # ~0.5 s of CPU
+            import aiohttp
+            from web3 import AsyncHTTPProvider, AsyncWeb3
+
+            if self._w3 is None:
+                provider = AsyncHTTPProvider(
+                    self.url, exception_retry_configuration=None,
+                    request_kwargs={"timeout": aiohttp.ClientTimeout(total=self.timeout)})
+                self._w3 = AsyncWeb3(provider)
+        return self._w3
+
+    async def verify(self, address: str, message: str, signature: str, chain_id: int) -> bool:
+        """True if the contract at ``address`` accepts ``signature`` of ``message``.
+
+        False when the address has no code (an EOA whose key did not sign), when the
+        signature is not hex, and when the contract answers anything but the magic
+        value or reverts.  Raises :class:`SiweError` 401 when ``chain_id`` is not the
+        node's chain (the contract there may be another one), and 503 "could not
+        verify contract wallet" when the node fails or does not answer in time.
+        """
+        sig = signature[2:] if signature[:2] in ("0x", "0X") else signature
+        if not sig or len(sig) % 2 or len(sig) > 2 * self.MAX_SIGNATURE:
+            return False
+        try:
+            raw = bytes.fromhex(sig)
+        except ValueError:
+            return False
+        try:
+            w3 = await self._web3()         # (the first import is not the node's time)
+            return await asyncio.wait_for(self._verify(w3, address, message, raw, chain_id),
+                                          self.timeout)
+        except SiweError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the node is a 503
+            log.warning("could not verify an EIP-1271 signature of %s: %s: %s", address,
+                        type(exc).__name__, self._redact(str(exc))[:300])
+            raise SiweError(503, "could not verify contract wallet: the RPC node failed or "
+                            "did not answer in time; get a new nonce and retry") from None
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the parts of the URL that may hold an API key."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        for secret in (parts.path, parts.query, parts.username, parts.password):
+            if secret and len(secret) > 1:
+                text = text.replace(secret, "…")
+        return text
+
+    async def _verify(self, w3: Any, address: str, message: str, signature: bytes,
+                      chain_id: int) -> bool:
+        from eth_abi import encode
+        from eth_utils import keccak, to_checksum_address
+        from web3.exceptions import ContractLogicError
+
+        if self.chain_id is None:
+            self.chain_id = int(await w3.eth.chain_id)
+        if chain_id != self.chain_id:
+            raise SiweError(401, "signature does not match the message's address (contract "
+                            f"wallets are verified on chain {self.chain_id} only, the message "
+                            f"names chain {chain_id})")
+        to = to_checksum_address(address)
+        if not await w3.eth.get_code(to):
+            return False
+        text = message.encode()
+        digest = keccak(b"\x19Ethereum Signed Message:\n" + str(len(text)).encode() + text)
+        data = self.MAGIC + encode(["bytes32", "bytes"], [digest, signature])
+        try:
+            out = bytes(await w3.eth.call({"to": to, "data": data}))
+        except ContractLogicError:       # reverted: the wallet refuses
+            return False
+        return out[:32] == self.MAGIC + bytes(28)
+
+    async def close(self) -> None:
+        """Close the HTTP session to the node."""
+        if self._w3 is not None:
+            await self._w3.provider.disconnect()
+            self._w3 = None
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -665,7 +791,7 @@ def cors_headers(origins: Iterable[str], origin: str | None) -> dict[str, str] |
 
 async def http_auth(siwe: Siwe, method: str, route: str, headers: dict[str, str],
                     body: bytes, claim: Callable[[str, float], Awaitable[bool]] | None = None,
-                    *, origins: Iterable[str] = (),
+                    *, origins: Iterable[str] = (), wallets: ContractWallets | None = None,
                     ) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
     """Answer ``GET /auth/nonce``, ``POST /auth/siwe`` and their CORS preflights
     (``OPTIONS``): (status, JSON body or None for none, headers).
@@ -676,7 +802,7 @@ async def http_auth(siwe: Siwe, method: str, route: str, headers: dict[str, str]
     it, nonces are spent in this process only.  ``origins`` (``allow_origins``) are
     the origins answered with CORS headers (:func:`cors_headers`): a preflight from
     one of them gets 204 with the allowed methods and headers, from another 403 with
-    no CORS header.
+    no CORS header.  ``wallets`` enables EIP-1271 contract-wallet signatures.
     """
     origin = headers.get("origin")
     cors = cors_headers(origins, origin)
@@ -690,12 +816,14 @@ async def http_auth(siwe: Siwe, method: str, route: str, headers: dict[str, str]
         return 204, None, {**cors, "Access-Control-Allow-Methods": allow,
                            "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
                            "Access-Control-Max-Age": str(CORS_MAX_AGE), **vary}
-    status, obj, extra = await _auth_answer(siwe, method, route, headers, body, claim)
+    status, obj, extra = await _auth_answer(siwe, method, route, headers, body, claim,
+                                            wallets)
     return status, obj, {**extra, **(cors or {}), **vary}
 
 
 async def _auth_answer(siwe: Siwe, method: str, route: str, headers: dict[str, str],
                        body: bytes, claim: Callable[[str, float], Awaitable[bool]] | None,
+                       wallets: ContractWallets | None,
                        ) -> tuple[int, dict[str, Any], dict[str, str]]:
     import orjson
 
@@ -716,7 +844,7 @@ async def _auth_answer(siwe: Siwe, method: str, route: str, headers: dict[str, s
                 return 400, {"error": "body must be a JSON object"}, {}
             args = (msg.get("message"), msg.get("signature"), headers.get("host"))
             out = (siwe.sign_in(*args) if claim is None
-                   else await siwe.sign_in_shared(*args, claim))
+                   else await siwe.sign_in_shared(*args, claim, wallets=wallets))
             return 200, out, nocache
     except SiweError as exc:
         extra = {"Retry-After": "1"} if exc.status == 503 else {}

@@ -289,6 +289,17 @@ def _check_origin(text: str) -> str:
     return text.rstrip("/").lower()
 
 
+def _check_http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+    return text
+
+
 def _check_host(text: str) -> str:
     if len(text) > 253:
         raise ValueError(f"must be a host name or IP address, got {text!r}")
@@ -380,6 +391,15 @@ class ServerConfig:
     siwe_chain_ids: tuple[int, ...] = _opt((), "Chain ids accepted in SIWE messages; "
                                            "empty = any.", _List(_Int(1)),
                                            flag="--siwe-chain-id")
+    siwe_rpc_url: str | None = _opt(None, "JSON-RPC endpoint (http:// or https://) of the "
+                                    "chain whose contract wallets may sign in with SIWE "
+                                    "(EIP-1271 isValidSignature, for messages naming that "
+                                    "chain's id); unset = only signatures by the address's "
+                                    "own key.", _Str("an http:// or https:// URL",
+                                                     optional=True, check=_check_http_url))
+    siwe_rpc_timeout: float = _opt(5.0, "Seconds one EIP-1271 check may take in all (chain "
+                                   "id, code, call); past it the sign-in gets 503.",
+                                   _Seconds(), unit="s")
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """``trusted_proxies`` parsed (host bits ignored), for client-IP checks."""

@@ -240,6 +240,7 @@ class App:
         self.ip_connections = KeyedLimiter()   # connections_per_ip
         self.ip_requests = KeyedLimiter()      # requests_per_ip_per_s
         self._trusted: tuple[Any, Any] = (None, ())
+        self._wallets: auth.ContractWallets | None = None   # EIP-1271 (siwe_rpc_url)
 
     def ip_limit(self, transport: asyncio.BaseTransport, headers: dict[str, str],
                  upgrade: bool) -> float:
@@ -355,8 +356,21 @@ class App:
         # the broker spends SIWE nonces: once across every process and node sharing it
         status, obj, hdrs = await auth.http_auth(self.node.siwe, method, route, headers, body,
                                                  claim=self.node.broker.claim_once,
-                                                 origins=self.node.config.server.allow_origins)
+                                                 origins=self.node.config.server.allow_origins,
+                                                 wallets=self._contract_wallets())
         return _json(status, obj, hdrs) if obj is not None else _response(status, b"", hdrs)
+
+    def _contract_wallets(self) -> auth.ContractWallets | None:
+        """The EIP-1271 checker of the live ``siwe_rpc_url`` (a new one after SIGHUP
+        changes it), or None when it is unset."""
+        cfg, old = self.node.config.server, self._wallets
+        if old is not None and (old.url, old.timeout) == (cfg.siwe_rpc_url, cfg.siwe_rpc_timeout):
+            return old
+        if old is not None:
+            self.loop.create_task(old.close())
+        self._wallets = (auth.ContractWallets(cfg.siwe_rpc_url, cfg.siwe_rpc_timeout)
+                         if cfg.siwe_rpc_url else None)
+        return self._wallets
 
     async def _metrics_all(self, worker: workers.Worker) -> bytes:
         body = await worker.metrics(self.metrics.registry)

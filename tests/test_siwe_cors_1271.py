@@ -1,21 +1,38 @@
-"""CORS on the sign-in endpoints, on real servers.
+"""CORS on the sign-in endpoints and EIP-1271 contract-wallet sign-in, on real servers.
 
-Raw HTTP requests (preflights, then the real requests, some on one keep-alive
+CORS: raw HTTP requests (preflights, then the real requests, some on one keep-alive
 connection) to ``fastws serve`` processes with and without ``allow_origins``.
+
+EIP-1271: a real EVM (eth-tester's py-evm chain, :class:`DemoChain`) served over HTTP
+JSON-RPC (:class:`RpcServer`), with ``contracts/Wallet1271.vy`` deployed from its
+committed compile output (``tests/data/Wallet1271.json``): a one-owner wallet whose
+``isValidSignature`` accepts what the owner's key signed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import jwt
+import pytest
+from conftest import free_port, http
 from eth_account import Account
 from test_auth import sign, siwe_message
+from wsclient import connect
 
-SECRET = "cors-test-secret-of-32-bytes-plus"
+from fastws.config import ConfigError, load_config
+
+SECRET = "cors-1271-test-secret-of-32-bytes-plus"
 DAPP = "https://dapp.example"
 FAST = "[server]\ndrain_timeout = 0.5\n"
+ARTIFACT = Path(__file__).parent / "data" / "Wallet1271.json"
+SOURCE = Path(__file__).parent.parent / "contracts" / "Wallet1271.vy"
 
 
 # --------------------------------------------------------------------------- raw HTTP
@@ -169,3 +186,173 @@ def test_cors_is_off_without_allow_origins_and_open_with_star(fastws_server) -> 
     # other routes are untouched
     (a,) = exchange(star.port, request("OPTIONS", "/api/publish", DAPP, port=star.port))
     assert a.status == 405 and "access-control-allow-origin" not in a.headers
+
+
+# --------------------------------------------------------------------------- EIP-1271
+
+
+@dataclass
+class Chain:
+    rpc: object                  # fastws.indexer.demo_chain.RpcServer
+    chain_id: int
+    wallet: str                  # the Wallet1271's address, checksummed
+    owner: object                # its owner's eth-account key
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[Chain]:
+    """An eth-tester chain behind HTTP JSON-RPC, with a Wallet1271 owned by a new key."""
+    from fastws.indexer.demo_chain import DemoChain, RpcServer
+
+    demo = DemoChain(contracts=0)
+    artifact = json.loads(ARTIFACT.read_text())["contracts/Wallet1271.vy"]
+    owner = Account.create()
+    with demo.lock:
+        factory = demo.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+        tx = factory.constructor(owner.address).transact({"from": demo.accounts[0],
+                                                          "gas": 1_000_000})
+        receipt = demo.w3.eth.get_transaction_receipt(tx)
+        assert receipt.status == 1
+        wallet = receipt.contractAddress
+        chain_id = int(demo.w3.eth.chain_id)
+        assert demo.w3.eth.contract(address=wallet, abi=artifact["abi"]).functions.owner(
+        ).call() == owner.address
+    rpc = RpcServer(demo).start()
+    yield Chain(rpc, chain_id, wallet, owner)
+    rpc.stop()
+
+
+def sign_in(port: int, account, address: str, chain_id: int) -> tuple[int, dict, dict]:
+    body = signed_body(port, account, address, chain_id)
+    status, headers, raw = http("POST", f"http://127.0.0.1:{port}/auth/siwe", body)
+    return status, {k.lower(): v for k, v in headers.items()}, json.loads(raw)
+
+
+def no_traceback(srv) -> None:
+    out = srv.output()
+    assert "Traceback" not in out, out
+
+
+def test_wallet_artifact_is_the_committed_source() -> None:
+    artifact = json.loads(ARTIFACT.read_text())
+    assert artifact["version"] == "0.4.3"
+    abi = artifact["contracts/Wallet1271.vy"]["abi"]
+    fn = next(f for f in abi if f.get("name") == "isValidSignature")
+    assert [i["type"] for i in fn["inputs"]] == ["bytes32", "bytes"]
+    assert [o["type"] for o in fn["outputs"]] == ["bytes4"]
+    vyper = pytest.importorskip("vyper")   # a developer tool: checked where installed
+    from vyper.compiler.settings import Settings
+
+    out = vyper.compile_code(SOURCE.read_text(), output_formats=["bytecode"],
+                             settings=Settings(evm_version="cancun"))
+    assert out["bytecode"] == artifact["contracts/Wallet1271.vy"]["bytecode"]
+
+
+async def test_contract_wallet_signs_in_through_eip1271(fastws_server, chain) -> None:
+    srv = fastws_server("--jwt-secret", SECRET, "--siwe-rpc-url", chain.rpc.url, config=FAST)
+    port = srv.port
+    # the owner's personal_sign signature, for the contract's address: accepted
+    status, _, out = await asyncio.to_thread(sign_in, port, chain.owner, chain.wallet,
+                                             chain.chain_id)
+    assert status == 200, out
+    assert out["sub"] == chain.wallet
+    claims = jwt.decode(out["token"], SECRET, algorithms=["HS256"])
+    assert claims["sub"] == chain.wallet and claims["chain_id"] == chain.chain_id
+    assert chain.rpc.calls.get("eth_call", 0) >= 1
+    # a lower-case address in the message: the token still names the checksummed one
+    status, _, out = await asyncio.to_thread(sign_in, port, chain.owner, chain.wallet.lower(),
+                                             chain.chain_id)
+    assert status == 200 and out["sub"] == chain.wallet, out
+    # the token owns the contract's private channel
+    c = await connect(srv.ws_url + "?token=" + out["token"])
+    reply = await c.request({"id": 1, "type": "subscribe", "channel": "wallet:" + chain.wallet})
+    assert reply.get("type") != "error", reply
+    c.close()
+
+    # another key's signature: the contract says no
+    status, _, out = await asyncio.to_thread(sign_in, port, Account.create(), chain.wallet,
+                                             chain.chain_id)
+    assert status == 401 and out["error"] == "signature does not match the message's address"
+    # a message naming another chain: that chain's contract is not the one the node sees
+    status, _, out = await asyncio.to_thread(sign_in, port, chain.owner, chain.wallet, 1)
+    assert status == 401 and f"verified on chain {chain.chain_id} only" in out["error"], out
+    # an address without code, signed by another key: refused as before
+    status, _, out = await asyncio.to_thread(sign_in, port, chain.owner,
+                                             Account.create().address, chain.chain_id)
+    assert status == 401 and out["error"] == "signature does not match the message's address"
+    # plain accounts sign in as before, without asking the node anything
+    calls = dict(chain.rpc.calls)
+    acct = Account.create()
+    status, _, out = await asyncio.to_thread(sign_in, port, acct, acct.address, chain.chain_id)
+    assert status == 200 and out["sub"] == acct.address
+    assert chain.rpc.calls == calls
+    no_traceback(srv)
+
+
+async def test_contract_wallet_refused_without_rpc_url(fastws_server, chain) -> None:
+    srv = fastws_server("--jwt-secret", SECRET, config=FAST)
+    status, _, out = await asyncio.to_thread(sign_in, srv.port, chain.owner, chain.wallet,
+                                             chain.chain_id)
+    assert status == 401 and out["error"] == "signature does not match the message's address"
+
+
+async def test_rpc_failures_answer_503(fastws_server, chain) -> None:
+    # nothing listens at the RPC URL
+    down = fastws_server("--jwt-secret", SECRET, "--siwe-rpc-url",
+                         f"http://127.0.0.1:{free_port()}", config=FAST)
+    status, headers, out = await asyncio.to_thread(sign_in, down.port, chain.owner,
+                                                   chain.wallet, chain.chain_id)
+    assert status == 503 and out["error"].startswith("could not verify contract wallet"), out
+    assert headers["retry-after"] == "1"
+    # a node that accepts the connection and never answers: 503 after siwe_rpc_timeout
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        slow = fastws_server("--jwt-secret", SECRET, "--siwe-rpc-timeout", "1",
+                             "--siwe-rpc-url", f"http://127.0.0.1:{mute.getsockname()[1]}",
+                             config=FAST)
+        body = await asyncio.to_thread(signed_body, slow.port, chain.owner, chain.wallet,
+                                       chain.chain_id)
+        t0 = time.monotonic()
+        pending = asyncio.ensure_future(asyncio.to_thread(
+            http, "POST", slow.http_url + "/auth/siwe", body))
+        conn, _ = await asyncio.to_thread(mute.accept)   # the server now waits on the node
+        # meanwhile the event loop is free: the server answers other requests at once
+        assert (await asyncio.to_thread(http, "GET", slow.http_url + "/healthz"))[0] == 200
+        assert not pending.done()
+        status, _, raw = await pending
+        conn.close()
+        assert status == 503 and "could not verify contract wallet" in json.loads(raw)["error"]
+        assert 0.9 < time.monotonic() - t0 < 5
+    # a node answering eth_call with an HTTP error, then with a JSON-RPC error
+    srv = fastws_server("--jwt-secret", SECRET, "--siwe-rpc-url", chain.rpc.url, config=FAST)
+    faults = [(500, {}, b"upstream down"),
+              (200, {}, b'{"jsonrpc":"2.0","id":1,"error":{"code":-32005,"message":"limit"}}')]
+    try:
+        for fault in faults:
+            chain.rpc.fault = lambda method, params, f=fault: f if method == "eth_call" else None
+            status, _, out = await asyncio.to_thread(sign_in, srv.port, chain.owner,
+                                                     chain.wallet, chain.chain_id)
+            assert status == 503 and "could not verify contract wallet" in out["error"], out
+    finally:
+        chain.rpc.fault = None
+    # and once the node is back, the same wallet signs in
+    status, _, out = await asyncio.to_thread(sign_in, srv.port, chain.owner, chain.wallet,
+                                             chain.chain_id)
+    assert status == 200 and out["sub"] == chain.wallet
+    for s in (down, slow, srv):
+        no_traceback(s)
+
+
+def test_rpc_options_are_checked() -> None:
+    c = load_config({"siwe_rpc_url": "https://rpc.example/v1/key", "siwe_rpc_timeout": "2"}, {})
+    assert c.server.siwe_rpc_url == "https://rpc.example/v1/key"
+    assert c.server.siwe_rpc_timeout == 2.0
+    assert load_config({}, {}).server.siwe_rpc_url is None
+    for bad, why in (({"siwe_rpc_url": "ws://node:8546"}, "http:// or https:// URL"),
+                     ({"siwe_rpc_url": "http://"}, "http:// or https:// URL"),
+                     ({"siwe_rpc_url": "http://node:99999"}, "bad port"),
+                     ({"siwe_rpc_timeout": "0"}, "positive number of seconds")):
+        with pytest.raises(ConfigError) as err:
+            load_config(bad, {})
+        assert why in str(err.value), str(err.value)
