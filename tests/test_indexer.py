@@ -25,7 +25,7 @@ from eth_account import Account
 from wsclient import connect
 
 from fastws.indexer.checkpoint import FileCheckpoint, MemoryCheckpoint
-from fastws.indexer.demo_chain import FOLLOW, DemoChain, RpcServer
+from fastws.indexer.demo_chain import FOLLOW, DemoChain, RpcServer, WsRpcServer
 from fastws.indexer.mapping import EventCodec, Follow
 from fastws.indexer.publish import HttpPublisher
 from fastws.indexer.runner import Indexer
@@ -603,3 +603,118 @@ async def test_reorg_of_a_factory_event_stops_following_its_contract(
         assert ix.stats.reorgs == 1 and ix.stats.retractions == 3
     finally:
         await close(ix)
+
+
+# --------------------------------------------------------------------------- new heads
+
+
+def metric(port: int, name: str) -> float:
+    """One metric of the indexer's /metrics (-1 while it is not serving yet)."""
+    try:
+        return scrape(f"http://127.0.0.1:{port}").get(name, -1)
+    except OSError:
+        return -1
+
+
+@pytest.fixture(scope="module")
+def ws_server(chain: DemoChain) -> Iterator[WsRpcServer]:
+    server = WsRpcServer(chain).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ws_rpc(ws_server: WsRpcServer) -> Iterator[WsRpcServer]:
+    ws_server.fault = None
+    yield ws_server
+    ws_server.fault = None
+
+
+async def test_ws_rpc_new_heads_wake_the_indexer(chain, ws_rpc, fastws_server,
+                                                 tmp_path) -> None:
+    srv = fastws_server()
+    addr = chain.deploy()
+    first = chain.head() + 1
+    c = await connect(srv.ws_url)
+    await subscribe(c, f"market:{addr}", 1)
+    mport = free_port()
+    log = tmp_path / "indexer.log"
+    # a poll interval far longer than the test: only newHeads can wake the indexer
+    proc = start_indexer("--rpc", ws_rpc.url, "--contract", addr, "--from-block", str(first),
+                         "--confirmations", "1", "--url", srv.http_url, "--api-key",
+                         srv.api_key, "--checkpoint", str(tmp_path / "cp.json"),
+                         "--poll-interval", "600", "--metrics-port", str(mport), log=log)
+    try:
+        def idle_and_subscribed() -> bool:
+            return (metric(mport, "fastws_indexer_head_subscription") == 1
+                    and metric(mport, "fastws_indexer_checkpoint_block") == chain.head())
+        await until(idle_and_subscribed, what="subscribed and caught up")
+        mid = chain.create_market(addr, "Will it rain in Paris tomorrow?")
+        got = await events(c, 1, timeout=10)
+        chain.place_bet(addr, mid, True, WEI, bettor=1)
+        chain.mine(1)                                     # an empty block wakes it too
+        chain.place_bet(addr, mid, False, 2 * WEI, bettor=2)
+        got += await events(c, 2, timeout=10)
+        assert [e["data"]["eventType"] for e in got] == ["MarketCreated", "BetPlaced",
+                                                         "BetPlaced"]
+        metrics = scrape(f"http://127.0.0.1:{mport}")
+        assert metrics["fastws_indexer_new_heads_total"] >= 4
+        assert metrics["fastws_indexer_head_subscription_failures_total"] == 0
+        assert ws_rpc.calls.get("eth_subscribe", 0) >= 1
+    finally:
+        assert stop(proc) == 0, log.read_text()
+    assert "new heads by subscription" in log.read_text()
+
+
+async def test_ws_rpc_falls_back_to_polling_and_subscribes_again(
+        chain, ws_rpc, fastws_server, tmp_path) -> None:
+    srv = fastws_server()
+    addr = chain.deploy()
+    first = chain.head() + 1
+    c = await connect(srv.ws_url)
+    await subscribe(c, f"market:{addr}", 1)
+    mport = free_port()
+    log = tmp_path / "indexer.log"
+
+    def refuse(method: str, params: list[Any]) -> dict[str, Any] | None:
+        if method == "eth_subscribe":
+            return {"code": -32601, "message": "the method eth_subscribe is not available"}
+        return None
+
+    ws_rpc.fault = refuse
+    mid = chain.create_market(addr, "Will the launch happen on time?")
+    proc = start_indexer("--rpc", ws_rpc.url, "--contract", addr, "--from-block", str(first),
+                         "--confirmations", "1", "--url", srv.http_url, "--api-key",
+                         srv.api_key, "--checkpoint", str(tmp_path / "cp.json"),
+                         "--poll-interval", "0.1", "--metrics-port", str(mport), log=log)
+
+    try:
+        got = await events(c, 1)                         # polling: the subscription failed
+        await until(lambda: metric(mport, "fastws_indexer_head_subscription_failures_total") >= 1,
+                    what="a failed subscription")
+        assert metric(mport, "fastws_indexer_head_subscription") == 0
+        chain.place_bet(addr, mid, True, WEI, bettor=1)
+        got += await events(c, 1)
+
+        ws_rpc.fault = None                              # the node accepts it again
+        await until(lambda: metric(mport, "fastws_indexer_head_subscription") == 1,
+                    what="subscribed again")
+        failures = metric(mport, "fastws_indexer_head_subscription_failures_total")
+
+        ws_rpc.drop()                                    # the node restarts
+        await until(lambda: metric(mport, "fastws_indexer_head_subscription_failures_total")
+                    == failures + 1, what="the drop counted")
+        chain.place_bet(addr, mid, False, 3 * WEI, bettor=2)
+        got += await events(c, 1)
+        await until(lambda: metric(mport, "fastws_indexer_head_subscription") == 1,
+                    what="subscribed after the drop")
+        chain.resolve(addr, mid, True)
+        got += await events(c, 1)
+    finally:
+        assert stop(proc) == 0, log.read_text()
+    assert [e["data"]["eventType"] for e in got] == ["MarketCreated", "BetPlaced", "BetPlaced",
+                                                     "MarketResolved"]
+    text = log.read_text()
+    assert "eth_subscribe newHeads failed" in text and "polling every 0.1s" in text
+    assert "newHeads subscription lost" in text
+    assert "Traceback" not in text

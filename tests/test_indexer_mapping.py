@@ -208,7 +208,7 @@ def test_flags_defaults_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 @pytest.mark.parametrize(("argv", "flag"), [
     (["--contract", ADDR], "--rpc"),
-    (["--rpc", "ws://x", "--contract", ADDR], "--rpc"),
+    (["--rpc", "ftp://x", "--contract", ADDR], "--rpc"),
     (["--rpc", "http://x"], "--contract"),
     ([*RPC[:3], "0x1234"], "--contract"),
     ([*RPC, "--confirmations", "0"], "--confirmations"),

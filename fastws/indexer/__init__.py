@@ -68,7 +68,9 @@ def _build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Publish each log of the contracts, once "
                       "confirmed, to events:<event_name> and market:<address> of a fastws "
                       "server; a reorg publishes retractions first. See docs/indexer.md.")
-    p.add_argument("--rpc", metavar="URL", help="JSON-RPC HTTP endpoint of a node [FASTWS_RPC]")
+    p.add_argument("--rpc", metavar="URL",
+                   help="JSON-RPC endpoint of a node: http(s)://, or ws(s):// to be woken "
+                        "by eth_subscribe newHeads instead of polling [FASTWS_RPC]")
     p.add_argument("--contract", metavar="ADDR[,ADDR]",
                    help="contract address(es) to index [FASTWS_CONTRACT]")
     p.add_argument("--abi", metavar="FILE",
@@ -101,7 +103,8 @@ def _build_parser() -> OneLineParser:
                    help="the servers' fastws.toml, for the namespaces' history rules "
                         "(Redis broker only) [FASTWS_CONFIG]")
     p.add_argument("--poll-interval", metavar="SECONDS",
-                   help="seconds between polls of the head (default 1) [FASTWS_POLL_INTERVAL]")
+                   help="seconds between polls of the head (default 1; with ws:// only "
+                        "while the newHeads subscription is down) [FASTWS_POLL_INTERVAL]")
     p.add_argument("--max-range", metavar="N",
                    help="most blocks per eth_getLogs call (default 2000; narrower when the "
                         "node refuses) [FASTWS_MAX_RANGE]")
@@ -157,8 +160,8 @@ def parse_args(argv: list[str]) -> IndexArgs:
     rpc = pick("rpc", "RPC")
     if not rpc:
         raise UsageError("--rpc: required (the node's JSON-RPC URL)")
-    if not rpc.startswith(("http://", "https://")):
-        raise UsageError(f"--rpc: {rpc!r} is not an http:// or https:// URL")
+    if not rpc.startswith(("http://", "https://", "ws://", "wss://")):
+        raise UsageError(f"--rpc: {rpc!r} is not an http://, https://, ws:// or wss:// URL")
     raw_contracts = pick("contract", "CONTRACT")
     if not raw_contracts:
         raise UsageError("--contract: required (one or more 0x addresses, comma-separated)")
@@ -247,11 +250,12 @@ def parse_args(argv: list[str]) -> IndexArgs:
 
 async def _run(args: IndexArgs) -> int:
     from fastws.indexer.checkpoint import CheckpointMismatch, FileCheckpoint, RedisCheckpoint
+    from fastws.indexer.heads import NewHeads
     from fastws.indexer.mapping import EventCodec
     from fastws.indexer.metrics import serve_metrics
     from fastws.indexer.publish import BrokerPublisher, HttpPublisher, PublishRefused
     from fastws.indexer.runner import Indexer, IndexerStats
-    from fastws.indexer.source import HttpRpc, LogSource
+    from fastws.indexer.source import HttpRpc, LogSource, WsRpc
 
     stats = IndexerStats()
     if args.metrics_port:
@@ -260,7 +264,13 @@ async def _run(args: IndexArgs) -> int:
         except OSError as exc:
             _say(f"--metrics-port: cannot listen on {args.metrics_port}: {exc.strerror or exc}")
             return 2
-    rpc = HttpRpc(args.rpc)
+    rpc: Any
+    heads: NewHeads | None = None
+    if args.rpc.startswith(("ws://", "wss://")):
+        rpc = WsRpc(args.rpc)
+        heads = NewHeads(rpc, poll_interval=args.poll_interval, stats=stats)
+    else:
+        rpc = HttpRpc(args.rpc)
     publisher: Any
     store: Any
     if args.broker is not None:
@@ -274,7 +284,8 @@ async def _run(args: IndexArgs) -> int:
     source = LogSource(rpc, args.contracts, max_range=args.max_range, on_fault=stats.fault)
     indexer = Indexer(source, EventCodec(args.abi), publisher, store,
                       confirmations=args.confirmations, from_block=args.from_block,
-                      poll_interval=args.poll_interval, stats=stats, follow=args.follow)
+                      poll_interval=args.poll_interval, stats=stats, follow=args.follow,
+                      heads=heads)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -291,6 +302,8 @@ async def _run(args: IndexArgs) -> int:
             return 0
         stopped.cancel()
         opened.result()
+        if heads is not None:
+            heads.start()
         await indexer.run(stop)
     except CheckpointMismatch as exc:
         _say(f"--checkpoint: {args.checkpoint} {exc}; give another --checkpoint")
@@ -299,6 +312,8 @@ async def _run(args: IndexArgs) -> int:
         _say(str(exc))
         return 1
     finally:
+        if heads is not None:
+            await heads.stop()
         await publisher.close()
         await rpc.close()
         if isinstance(store, RedisCheckpoint):

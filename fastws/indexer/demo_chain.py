@@ -13,9 +13,11 @@ not thread-safe.
 :class:`RpcServer` serves the chain as a standard HTTP JSON-RPC endpoint (hex
 quantities, like any node), so that ``fastws index --rpc`` can read it from another
 process; a ``fault`` hook lets tests answer a call with an HTTP status or a JSON-RPC
-error instead.  Run both by hand with::
+error instead.  :class:`WsRpcServer` serves it over WebSocket (``websockets``, which
+web3 depends on), with ``eth_subscribe("newHeads")``: every block mined, by any path
+into the chain, is pushed to the subscribers as it is mined.  Run them by hand with::
 
-    python -m fastws.indexer.demo_chain --port 8545   # prints the contract addresses
+    python -m fastws.indexer.demo_chain --port 8545 --ws-port 8546   # prints the addresses
 
 eth-tester and py-evm come with ``web3[tester]``.
 """
@@ -23,9 +25,12 @@ eth-tester and py-evm come with ``web3[tester]``.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
-__all__ = ["DemoChain", "FOLLOW", "QUESTIONS", "RpcServer", "load_artifact"]
+__all__ = ["DemoChain", "FOLLOW", "QUESTIONS", "RpcServer", "WsRpcServer", "load_artifact"]
 
 log = logging.getLogger("fastws.indexer")
 
@@ -84,6 +89,21 @@ class DemoChain:
         self.open_markets: dict[str, list[int]] = {}
         self.end_times: dict[tuple[str, int], int] = {}
         self.ticks = 0
+        self.block_listeners: list[Callable[[dict[str, Any]], None]] = []
+        mine_blocks = self.tester.mine_blocks
+
+        def mine_and_tell(*args: Any, **kwargs: Any) -> Any:
+            # every block goes through EthereumTester.mine_blocks (auto-mined
+            # transactions, mine(), raw transactions sent over RPC): tell the listeners
+            hashes = mine_blocks(*args, **kwargs)
+            for block_hash in hashes:
+                if self.block_listeners:
+                    block = self.tester.get_block_by_hash(block_hash)
+                    for listener in list(self.block_listeners):
+                        listener(block)
+            return hashes
+
+        self.tester.mine_blocks = mine_and_tell   # type: ignore[method-assign]
         with self.lock:
             blueprint = self._create(artifact["blueprintBytecode"])
             ctor = self.w3.eth.contract(abi=self.factory_abi,
@@ -248,6 +268,31 @@ def to_rpc_json(value: Any) -> Any:
     return value
 
 
+def answer_call(chain: DemoChain, req: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-RPC response object to one call ``req``, as a node sends it."""
+    method, params = req.get("method", ""), req.get("params") or []
+    try:
+        resp = chain.request(method, params)
+    except Exception as exc:  # noqa: BLE001 - a node answers errors, it does not crash
+        resp = {"error": {"code": -32000, "message": f"{type(exc).__name__}: {exc}"}}
+    out: dict[str, Any] = {"jsonrpc": "2.0", "id": req.get("id")}
+    if resp.get("error") is not None:
+        err = resp["error"]
+        out["error"] = err if isinstance(err, dict) else {"code": -32000, "message": str(err)}
+    else:
+        out["result"] = to_rpc_json(resp.get("result"))
+    return out
+
+
+def head_json(block: dict[str, Any]) -> dict[str, Any]:
+    """An eth-tester block as the header a ``newHeads`` notification carries."""
+    keys = {"number": "number", "hash": "hash", "parent_hash": "parentHash",
+            "timestamp": "timestamp", "miner": "miner", "gas_limit": "gasLimit",
+            "gas_used": "gasUsed", "base_fee_per_gas": "baseFeePerGas",
+            "state_root": "stateRoot", "logs_bloom": "logsBloom"}
+    return {name: to_rpc_json(block[key]) for key, name in keys.items() if key in block}
+
+
 FaultHook = Callable[[str, list[Any]], "tuple[int, dict[str, str], bytes] | None"]
 
 
@@ -306,17 +351,7 @@ class RpcServer:
             answer = self.fault(method, params)
             if answer is not None:
                 return answer
-        try:
-            resp = self.chain.request(method, params)
-        except Exception as exc:  # noqa: BLE001 - a node answers errors, it does not crash
-            resp = {"error": {"code": -32000, "message": f"{type(exc).__name__}: {exc}"}}
-        out: dict[str, Any] = {"jsonrpc": "2.0", "id": req.get("id")}
-        if resp.get("error") is not None:
-            err = resp["error"]
-            out["error"] = err if isinstance(err, dict) else {"code": -32000, "message": str(err)}
-        else:
-            out["result"] = to_rpc_json(resp.get("result"))
-        return 200, {}, out
+        return 200, {}, answer_call(self.chain, req)
 
     def start(self) -> RpcServer:
         """Serve in a daemon thread; returns self."""
@@ -331,11 +366,155 @@ class RpcServer:
         self._httpd.server_close()
 
 
+WsFaultHook = Callable[[str, list[Any]], "dict[str, Any] | None"]
+
+
+class WsRpcServer:
+    """Serves a :class:`DemoChain` over WebSocket JSON-RPC on 127.0.0.1, in a thread,
+    with ``eth_subscribe("newHeads")`` / ``eth_unsubscribe``.
+
+    Each block mined is pushed to every newHeads subscriber from the chain's mining
+    hook (no polling).  ``fault(method, params)`` may return a JSON-RPC ``error`` object
+    to answer a call with instead (e.g. refuse ``eth_subscribe``); :meth:`drop` closes
+    every connection, as a node restarting does.  ``calls`` counts calls by method.
+    """
+
+    def __init__(self, chain: DemoChain, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.chain = chain
+        self.fault: WsFaultHook | None = None
+        self.calls: dict[str, int] = {}
+        self.host = host
+        self._port = port
+        self._loop = asyncio.new_event_loop()
+        self._subs: dict[str, Any] = {}          # subscription id → connection
+        self._server: Any = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.port = 0
+        self.url = ""
+
+    def start(self) -> WsRpcServer:
+        """Listen and serve in a daemon thread; returns self once listening."""
+        self._thread = threading.Thread(target=self._serve, name="demo-chain-ws-rpc",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._server is None:
+            raise RuntimeError("the WebSocket JSON-RPC server did not start")
+        self.chain.block_listeners.append(self._on_block)
+        return self
+
+    def _serve(self) -> None:
+        from websockets.asyncio.server import serve
+
+        asyncio.set_event_loop(self._loop)
+
+        async def listen() -> None:
+            self._server = await serve(self._handler, self.host, self._port, max_size=None,
+                                       compression=None)
+            self.port = self._server.sockets[0].getsockname()[1]
+            self.url = f"ws://{self.host}:{self.port}"
+            self._ready.set()
+
+        try:
+            self._loop.run_until_complete(listen())
+            self._loop.run_forever()
+        finally:
+            self._ready.set()
+
+    async def _handler(self, conn: Any) -> None:
+        try:
+            async for raw in conn:
+                try:
+                    req = json.loads(raw)
+                except ValueError:
+                    await conn.send(json.dumps({"jsonrpc": "2.0", "id": None, "error": {
+                        "code": -32700, "message": "parse error"}}))
+                    continue
+                for one in req if isinstance(req, list) else [req]:
+                    await conn.send(json.dumps(self._answer(conn, one)))
+        except Exception:  # noqa: BLE001 - a client going away ends its handler
+            pass
+        finally:
+            for sub, c in list(self._subs.items()):
+                if c is conn:
+                    self._subs.pop(sub, None)
+
+    def _answer(self, conn: Any, req: dict[str, Any]) -> dict[str, Any]:
+        method, params = req.get("method", ""), req.get("params") or []
+        self.calls[method] = self.calls.get(method, 0) + 1
+        out: dict[str, Any] = {"jsonrpc": "2.0", "id": req.get("id")}
+        if self.fault is not None:
+            err = self.fault(method, params)
+            if err is not None:
+                return dict(out, error=err)
+        if method == "eth_subscribe":
+            if params[:1] != ["newHeads"]:
+                return dict(out, error={"code": -32602,
+                                        "message": f"unsupported subscription {params[:1]}"})
+            sub = "0x" + secrets.token_hex(16)
+            self._subs[sub] = conn
+            return dict(out, result=sub)
+        if method == "eth_unsubscribe":
+            return dict(out, result=self._subs.pop(params[0] if params else "", None)
+                        is not None)
+        return answer_call(self.chain, req)
+
+    def _on_block(self, block: dict[str, Any]) -> None:
+        """Called by the chain's mining hook (in the mining thread)."""
+        if self._subs:
+            head = head_json(block)
+            with contextlib.suppress(RuntimeError):    # the loop may be closed
+                self._loop.call_soon_threadsafe(self._push, head)
+
+    def _push(self, head: dict[str, Any]) -> None:
+        for sub, conn in list(self._subs.items()):
+            msg = json.dumps({"jsonrpc": "2.0", "method": "eth_subscription",
+                              "params": {"subscription": sub, "result": head}})
+            self._loop.create_task(self._send(conn, msg))
+
+    @staticmethod
+    async def _send(conn: Any, msg: str) -> None:
+        with contextlib.suppress(Exception):
+            await conn.send(msg)
+
+    @property
+    def subscribers(self) -> int:
+        """newHeads subscriptions open now."""
+        return len(self._subs)
+
+    def drop(self) -> None:
+        """Close every client connection (their subscriptions end with them)."""
+        async def close_all() -> None:
+            for conn in list(self._server.connections):
+                await conn.close(1012, "restarting")
+
+        asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(10)
+
+    def stop(self) -> None:
+        """Stop serving, close the connections and the socket."""
+        if self._on_block in self.chain.block_listeners:
+            self.chain.block_listeners.remove(self._on_block)
+
+        async def shut() -> None:
+            self._server.close()
+            await self._server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastws.indexer.demo_chain``: a demo chain with an RPC endpoint."""
     parser = argparse.ArgumentParser(prog="python -m fastws.indexer.demo_chain",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8545, help="JSON-RPC port (default 8545)")
+    parser.add_argument("--ws-port", type=int, default=0,
+                        help="WebSocket JSON-RPC port, with eth_subscribe newHeads (default "
+                             "0: none)")
     parser.add_argument("--contracts", type=int, default=2, help="markets contracts to deploy")
     parser.add_argument("--interval", type=float, default=1.0,
                         help="seconds between demo transactions (0: no driver)")
@@ -343,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     chain = DemoChain(args.contracts)
     rpc = RpcServer(chain, args.port).start()
-    print(f"rpc {rpc.url}  factory {chain.factory_address}  contracts "
-          f"{','.join(chain.addresses)}  block {chain.head()}", flush=True)
+    ws = WsRpcServer(chain, args.ws_port).start() if args.ws_port else None
+    print(f"rpc {rpc.url}{f'  ws {ws.url}' if ws else ''}  factory {chain.factory_address}  "
+          f"contracts {','.join(chain.addresses)}  block {chain.head()}", flush=True)
     try:
         while True:
             if args.interval > 0:
@@ -352,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.interval if args.interval > 0 else 3600)
     except KeyboardInterrupt:
         rpc.stop()
+        if ws is not None:
+            ws.stop()
     return 0
 
 

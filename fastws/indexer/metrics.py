@@ -4,7 +4,9 @@
 minus the last processed block), ``fastws_indexer_events_total`` (events published),
 plus ``fastws_indexer_checkpoint_block``, ``fastws_indexer_followed_contracts``,
 ``fastws_indexer_retractions_total``, ``fastws_indexer_reorgs_total``,
-``fastws_indexer_skipped_logs_total`` and ``fastws_indexer_rpc_faults_total{kind}``.
+``fastws_indexer_skipped_logs_total``, ``fastws_indexer_rpc_faults_total{kind}`` and,
+with a ws:// RPC, ``fastws_indexer_head_subscription`` (gauge),
+``fastws_indexer_head_subscription_failures_total`` and ``fastws_indexer_new_heads_total``.
 ``fastws index --metrics-port`` serves them with the ``process_*`` metrics;
 ``serve --demo`` adds them to the server's ``/metrics``.
 """
@@ -50,6 +52,14 @@ class IndexerCollector:
                                   value=s.reorgs)
         yield CounterMetricFamily("fastws_indexer_skipped_logs",
                                   "Logs not in the ABI or not decodable.", value=s.skipped_logs)
+        yield GaugeMetricFamily("fastws_indexer_head_subscription",
+                                "1 while new heads come by eth_subscribe, 0 while polling.",
+                                value=int(s.subscribed))
+        yield CounterMetricFamily("fastws_indexer_head_subscription_failures",
+                                  "newHeads subscriptions refused or lost (then: polling).",
+                                  value=s.subscription_failures)
+        yield CounterMetricFamily("fastws_indexer_new_heads",
+                                  "newHeads notifications received.", value=s.new_heads)
         faults = CounterMetricFamily("fastws_indexer_rpc_faults",
                                      "RPC faults: transient (timeout, 429, 5xx), error, range.",
                                      labels=["kind"])

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastws.indexer.checkpoint import Checkpoint, CheckpointStore, Followed, PublishedEvent
+from fastws.indexer.heads import SUBSCRIBED_POLL, NewHeads
 from fastws.indexer.mapping import EventCodec, Follow, RawLog, event_data, snake_case
 from fastws.indexer.publish import Publisher
 from fastws.indexer.source import BlockHeader, LogSource
@@ -64,6 +65,9 @@ class IndexerStats:
     reorgs: int = 0
     skipped_logs: int = 0
     followed: int = 0        # contracts followed through --follow
+    subscribed: bool = False          # newHeads subscription up (ws:// RPC)
+    subscription_failures: int = 0    # newHeads subscriptions refused or lost
+    new_heads: int = 0                # newHeads notifications received
     rpc_faults: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -83,14 +87,16 @@ class Indexer:
     not yet safe, i.e. new events only); a stored checkpoint always wins over it.
     ``reorg_window`` is how many recent blocks are kept to survive reorgs.  ``follow``
     names the event whose address argument is a contract to watch from then on
-    (``codec`` must decode that contract's events too).
+    (``codec`` must decode that contract's events too).  ``heads`` (a started
+    :class:`~fastws.indexer.heads.NewHeads`) wakes the loop at each new block instead
+    of every ``poll_interval`` while its subscription is up.
     """
 
     def __init__(self, source: LogSource, codec: EventCodec, publisher: Publisher,
                  store: CheckpointStore, *, confirmations: int = 2,
                  from_block: int | None = None, poll_interval: float = 1.0,
                  reorg_window: int = 128, stats: IndexerStats | None = None,
-                 follow: Follow | None = None) -> None:
+                 follow: Follow | None = None, heads: NewHeads | None = None) -> None:
         if confirmations < 1:
             raise ValueError("confirmations must be at least 1")
         self.source = source
@@ -103,6 +109,7 @@ class Indexer:
         self.reorg_window = max(1, reorg_window)
         self.stats = stats or IndexerStats()
         self.follow = follow
+        self.heads = heads
         self.contracts = list(source.addresses)     # the given ones; followed ones join
         self.cp: Checkpoint | None = None
         self._unknown_topics: set[str] = set()
@@ -142,12 +149,27 @@ class Indexer:
             await self.open()
         stop = stop or asyncio.Event()
         while not stop.is_set():
+            if self.heads is not None:
+                self.heads.woken.clear()     # a head from now on wakes the next wait
             more = await self.step()
             if not more:
-                try:
-                    await asyncio.wait_for(stop.wait(), self.poll_interval)
-                except TimeoutError:
-                    pass
+                await self._idle(stop)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for the next poll: ``poll_interval``, or the next new head while the
+        newHeads subscription is up (and at most SUBSCRIBED_POLL)."""
+        heads = self.heads
+        waits = [asyncio.ensure_future(stop.wait())]
+        timeout = self.poll_interval
+        if heads is not None:
+            waits.append(asyncio.ensure_future(heads.woken.wait()))
+            if heads.live:
+                timeout = max(self.poll_interval, SUBSCRIBED_POLL)
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     # ------------------------------------------------------------------ one poll
 

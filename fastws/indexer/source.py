@@ -1,10 +1,13 @@
 """Reading the chain: JSON-RPC transports, retries with backoff, adaptive getLogs ranges.
 
-Two transports share one small interface, :class:`Rpc` (``request(method, params)`` →
-the raw JSON-RPC result):
+Three transports share one small interface, :class:`Rpc` (``request(method, params)``
+→ the raw JSON-RPC result):
 
 - :class:`HttpRpc`: a node's HTTP endpoint through web3.py's ``AsyncHTTPProvider``
   (its own retries switched off: this module decides what to retry);
+- :class:`WsRpc`: a node's WebSocket endpoint (``ws://``, ``wss://``), one connection
+  opened again on demand, which also carries ``eth_subscribe`` notifications (see
+  :mod:`fastws.indexer.heads`);
 - :class:`TesterRpc`: an in-process eth-tester chain (the demo and the tests).
 
 Faults are sorted in two kinds.  :class:`RpcTransient` (timeouts, refused connections,
@@ -19,6 +22,9 @@ a getLogs call that times out is taken the same way (the node had too much to do
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import json
 import logging
 import random
 import re
@@ -37,6 +43,7 @@ __all__ = [
     "RpcError",
     "RpcTransient",
     "TesterRpc",
+    "WsRpc",
 ]
 
 log = logging.getLogger("fastws.indexer")
@@ -108,6 +115,129 @@ class HttpRpc:
 
     async def close(self) -> None:
         await self._provider.disconnect()
+
+
+class WsRpc:
+    """A node's WebSocket JSON-RPC endpoint (``ws://``, ``wss://``) on ``websockets``.
+
+    Calls share one connection, opened on the first call and again after it drops;
+    answers are matched to calls by id.  :meth:`subscribe` registers an
+    ``eth_subscribe`` on that connection: its notifications go to ``on_message``, and
+    ``on_lost`` is called once when the connection (so the subscription) is gone.  A
+    call whose connection fails or drops raises :class:`RpcTransient` (retried by
+    :class:`LogSource`); one with no answer within ``timeout`` too (``timeout=True``).
+    """
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._conn: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._subs: dict[str, Callable[[Any], None]] = {}
+        self._on_lost: list[Callable[[], None]] = []
+        self.connects = 0
+
+    async def _connection(self, method: str) -> Any:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidURI
+
+        async with self._lock:
+            if self._conn is None:
+                try:
+                    conn = await connect(self.url, open_timeout=self.timeout, max_size=None,
+                                         proxy=None)
+                except (OSError, TimeoutError, InvalidHandshake) as exc:
+                    raise RpcTransient(method, f"cannot connect to {self.url}: "
+                                       f"{type(exc).__name__}: {exc}".rstrip(": "),
+                                       timeout=isinstance(exc, TimeoutError)) from None
+                except InvalidURI as exc:
+                    raise RpcError(method, None, str(exc)) from None
+                self._conn = conn
+                self.connects += 1
+                self._reader = asyncio.get_running_loop().create_task(self._read(conn))
+            return self._conn
+
+    async def _read(self, conn: Any) -> None:
+        try:
+            async for raw in conn:
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    log.warning("rpc %s: a message that is not JSON; ignored", self.url)
+                    continue
+                if not isinstance(msg, dict):
+                    continue
+                if msg.get("method") == "eth_subscription":
+                    params = msg.get("params") or {}
+                    handler = self._subs.get(params.get("subscription"))
+                    if handler is not None:
+                        handler(params.get("result"))
+                    continue
+                fut = self._pending.pop(msg.get("id"), None)   # type: ignore[arg-type]
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except Exception as exc:  # noqa: BLE001 - any way the connection ends
+            log.debug("rpc %s: connection ended: %s", self.url, exc)
+        finally:
+            self._lost(conn)
+
+    def _lost(self, conn: Any) -> None:
+        """The connection is gone: fail the calls in flight, end the subscriptions."""
+        if self._conn is not conn:
+            return
+        self._conn = None
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(RpcTransient("rpc", "connection closed"))
+        self._subs.clear()
+        lost, self._on_lost = self._on_lost, []
+        for fn in lost:
+            fn()
+
+    async def request(self, method: str, params: list[Any]) -> Any:
+        from websockets.exceptions import ConnectionClosed
+
+        conn = await self._connection(method)
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await conn.send(json.dumps({"jsonrpc": "2.0", "id": rid, "method": method,
+                                        "params": params}))
+            response = await asyncio.wait_for(fut, self.timeout)
+        except ConnectionClosed as exc:
+            raise RpcTransient(method, f"connection closed ({exc})") from None
+        except TimeoutError:
+            raise RpcTransient(method, f"no answer in {self.timeout:g}s", timeout=True) from None
+        except RpcTransient as exc:
+            raise RpcTransient(method, exc.reason) from None
+        finally:
+            self._pending.pop(rid, None)
+        return _result(method, response)
+
+    async def subscribe(self, kind: str, on_message: Callable[[Any], None],
+                        on_lost: Callable[[], None]) -> str:
+        """``eth_subscribe(kind)``; returns the subscription id.  Raises RpcError when
+        the node refuses it, RpcTransient when the call fails."""
+        sub = await self.request("eth_subscribe", [kind])
+        if not isinstance(sub, str) or self._conn is None:
+            raise RpcTransient("eth_subscribe", f"unexpected answer {sub!r}")
+        self._subs[sub] = on_message
+        self._on_lost.append(on_lost)
+        return sub
+
+    async def close(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._reader, self.timeout)
 
 
 class TesterRpc:
