@@ -867,6 +867,35 @@ async def test_real_failed_refresh_falls_back_to_reconnect(fastws_server) -> Non
         assert len(refused) >= 2 and c.token_refreshes == 0  # retried, then gave up
 
 
+async def test_real_manual_auth_reschedules_the_refresh(fastws_server) -> None:
+    """A token sent by hand with auth() is the one whose exp the refresh then follows."""
+    secret = "test-secret-0123456789abcdef0123"
+    srv = fastws_server("--jwt-secret", secret)
+    calls: list[float] = []
+
+    def token() -> str:  # long-lived tokens: without auth() no refresh would be due
+        calls.append(time.monotonic())
+        return _jwt(secret, "dave", 3600)
+
+    async with connect(srv.ws_url, token=token, **FAST) as c:
+        await c.subscribe("user:dave")
+        with pytest.raises(TypeError, match="non-empty string"):
+            await c.auth("")
+        short = _jwt(secret, "dave", 3, iat=True)
+        assert (await c.auth(short))["user"] == "dave"
+        async with asyncio.timeout(10):  # due within ~2.4 s of that short token
+            while c.token_refreshes < 1:
+                await asyncio.sleep(0.05)
+        assert len(calls) == 2 and c.reconnects == 0
+        claims = token_claims(short)
+        assert claims is not None
+        # Nothing to await: that the server does not close at the short token's exp.
+        await asyncio.sleep(max(0.0, claims["exp"] - time.time()) + 0.3)
+        await _publish(srv, "user:dave", "still here")
+        assert (await c.next_event(timeout=5)).data == "still here"
+        assert c.reconnects == 0 and c.connected
+
+
 async def test_real_refresh_can_be_turned_off(fastws_server) -> None:
     """token_refresh=False: a callable is only asked on (re)connects, as before."""
     secret = "test-secret-0123456789abcdef0123"
