@@ -758,8 +758,9 @@ class Client:
                                           cap=self.backoff_cap, rand=self.rand)
                     failures += 1
                     if loop.time() + delay >= expires:
-                        log.warning("fastws client: token refresh failed (%s); the server "
-                                    "will close at exp and the client reconnect", exc)
+                        log.warning("fastws client: token refresh failed (%s); giving up: at "
+                                    "exp the server closes 4501 and the client reconnects",
+                                    exc)
                         return
                     log.info("fastws client: token refresh failed (%s), retrying in %.2f s",
                              exc, delay)
