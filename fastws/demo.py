@@ -14,8 +14,10 @@ the factory and the first contracts and follows ``MarketDeployed.market``, so a 
 contract the driver deploys later (``events:market_deployed``) is indexed from its
 first block on, like ``fastws index --follow``.
 
-The demo indexes with 1 confirmation (the embedded chain never reorganizes) so events
-show up as soon as their block is mined.  py-evm keeps every block in memory (~8 KB
+The demo indexes with 1 confirmation (the embedded chain never reorganizes), and the
+chain's mining hook wakes the indexer at each block (as ``eth_subscribe("newHeads")``
+does for ``fastws index --rpc ws://``), so events show up as soon as their block is
+mined.  py-evm keeps every block in memory (~8 KB
 each), so after ``MAX_BLOCKS`` blocks the demo starts over on a fresh chain (block
 numbers start again from 0).  Needs ``web3[tester]``.
 """
@@ -102,12 +104,15 @@ async def _one_chain(node: Node, node_loop: asyncio.AbstractEventLoop, interval:
                      contracts: int, stats: Any) -> None:
     from fastws.indexer.checkpoint import MemoryCheckpoint
     from fastws.indexer.demo_chain import FOLLOW, DemoChain
+    from fastws.indexer.heads import ChainHeads
     from fastws.indexer.mapping import EventCodec, Follow
     from fastws.indexer.publish import NodePublisher
     from fastws.indexer.runner import Indexer
     from fastws.indexer.source import LogSource, TesterRpc
 
     chain = DemoChain(contracts)
+    heads = ChainHeads()                 # woken at each block, as by a node's newHeads
+    chain.block_listeners.append(heads.notify)
     abi = chain.factory_abi + chain.abi
     # the factory and the contracts it deployed so far, from the next block on (their
     # deployment is history); the ones it deploys later are found through FOLLOW
@@ -116,7 +121,7 @@ async def _one_chain(node: Node, node_loop: asyncio.AbstractEventLoop, interval:
     indexer = Indexer(source, EventCodec(abi), NodePublisher(node, node_loop),
                       MemoryCheckpoint(), confirmations=1, from_block=chain.head() + 1,
                       poll_interval=min(0.25, interval), stats=stats,
-                      follow=Follow.parse(FOLLOW, abi))
+                      follow=Follow.parse(FOLLOW, abi), heads=heads)
     await indexer.open()
     log.info("demo chain: factory %s, contracts %s", chain.factory_address,
              ", ".join(chain.addresses))

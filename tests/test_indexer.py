@@ -718,3 +718,12 @@ async def test_ws_rpc_falls_back_to_polling_and_subscribes_again(
     assert "eth_subscribe newHeads failed" in text and "polling every 0.1s" in text
     assert "newHeads subscription lost" in text
     assert "Traceback" not in text
+
+
+async def test_latency_tool_times_both_modes() -> None:
+    """The documented measurement (docs/indexer.md) runs: two modes, one time per block."""
+    from fastws.indexer.latency import measure
+
+    results = await measure(blocks=2, poll=0.2)
+    assert list(results) == ["polling every 0.2s (http)", "newHeads subscription (ws)"]
+    assert all(len(xs) == 2 and all(0 < x < 30 for x in xs) for xs in results.values())

@@ -20,15 +20,38 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fastws.indexer.source import Backoff, RpcError, RpcTransient, WsRpc
 
-__all__ = ["SUBSCRIBED_POLL", "NewHeads"]
+__all__ = ["SUBSCRIBED_POLL", "ChainHeads", "HeadSignal", "NewHeads"]
 
 log = logging.getLogger("fastws.indexer")
 
 SUBSCRIBED_POLL = 30.0     # seconds between head reads while notifications come
+
+
+class HeadSignal(Protocol):
+    """What the indexer's loop waits on between polls: ``woken`` is set at a new head;
+    while ``live`` is false it polls every ``poll_interval`` instead."""
+
+    woken: asyncio.Event
+    live: bool
+
+
+class ChainHeads:
+    """New heads of an in-process chain (``serve --demo``): :meth:`notify` is its
+    mining hook, called from any thread."""
+
+    def __init__(self) -> None:
+        self.woken = asyncio.Event()
+        self.live = True
+        self._loop = asyncio.get_running_loop()
+
+    def notify(self, *_: Any) -> None:
+        """A block was mined: wake the loop."""
+        with contextlib.suppress(RuntimeError):      # the loop may be closed
+            self._loop.call_soon_threadsafe(self.woken.set)
 
 
 class NewHeads:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastws.indexer.checkpoint import Checkpoint, CheckpointStore, Followed, PublishedEvent
-from fastws.indexer.heads import SUBSCRIBED_POLL, NewHeads
+from fastws.indexer.heads import SUBSCRIBED_POLL, HeadSignal
 from fastws.indexer.mapping import EventCodec, Follow, RawLog, event_data, snake_case
 from fastws.indexer.publish import Publisher
 from fastws.indexer.source import BlockHeader, LogSource
@@ -88,15 +88,16 @@ class Indexer:
     ``reorg_window`` is how many recent blocks are kept to survive reorgs.  ``follow``
     names the event whose address argument is a contract to watch from then on
     (``codec`` must decode that contract's events too).  ``heads`` (a started
-    :class:`~fastws.indexer.heads.NewHeads`) wakes the loop at each new block instead
-    of every ``poll_interval`` while its subscription is up.
+    :class:`~fastws.indexer.heads.NewHeads`, or any
+    :class:`~fastws.indexer.heads.HeadSignal`) wakes the loop at each new block instead
+    of every ``poll_interval`` while it is live.
     """
 
     def __init__(self, source: LogSource, codec: EventCodec, publisher: Publisher,
                  store: CheckpointStore, *, confirmations: int = 2,
                  from_block: int | None = None, poll_interval: float = 1.0,
                  reorg_window: int = 128, stats: IndexerStats | None = None,
-                 follow: Follow | None = None, heads: NewHeads | None = None) -> None:
+                 follow: Follow | None = None, heads: HeadSignal | None = None) -> None:
         if confirmations < 1:
             raise ValueError("confirmations must be at least 1")
         self.source = source
