@@ -209,6 +209,7 @@ def test_flags_defaults_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
 @pytest.mark.parametrize(("argv", "flag"), [
     (["--contract", ADDR], "--rpc"),
     (["--rpc", "ftp://x", "--contract", ADDR], "--rpc"),
+    (["--rpc", "ws://", "--contract", ADDR], "--rpc"),
     (["--rpc", "http://x"], "--contract"),
     ([*RPC[:3], "0x1234"], "--contract"),
     ([*RPC, "--confirmations", "0"], "--confirmations"),
@@ -249,6 +250,13 @@ def test_redis_broker_flags(tmp_path) -> None:
                     "--checkpoint", "my:key"])
     assert a.config.for_channel("events:x").history_size == 7 and a.checkpoint == "my:key"
     assert parse_args([*RPC, "--broker", "memory://"]).broker is None    # → --url
+
+
+def test_ws_rpc_flags() -> None:
+    assert parse_args(["--rpc", "ws://127.0.0.1:8546", "--contract", ADDR]).rpc \
+        == "ws://127.0.0.1:8546"
+    assert parse_args(["--rpc", "wss://node.example/v3/k", "--contract", ADDR]).rpc \
+        == "wss://node.example/v3/k"
 
 
 def test_follow_flags(tmp_path) -> None:

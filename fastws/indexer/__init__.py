@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastws.cli import OneLineParser, UsageError
 
@@ -162,6 +163,8 @@ def parse_args(argv: list[str]) -> IndexArgs:
         raise UsageError("--rpc: required (the node's JSON-RPC URL)")
     if not rpc.startswith(("http://", "https://", "ws://", "wss://")):
         raise UsageError(f"--rpc: {rpc!r} is not an http://, https://, ws:// or wss:// URL")
+    if not urlsplit(rpc).hostname:
+        raise UsageError(f"--rpc: {rpc!r} names no host")
     raw_contracts = pick("contract", "CONTRACT")
     if not raw_contracts:
         raise UsageError("--contract: required (one or more 0x addresses, comma-separated)")
