@@ -93,6 +93,14 @@ class NodeCollector:
         yield errors
         yield GaugeMetricFamily("fastws_broker_up", "1 when the broker is connected.",
                                 value=1 if node.broker.up else 0)
+        broker = node.broker
+        yield GaugeMetricFamily("fastws_broker_shards",
+                                "Independent parts of the broker (Redis Cluster masters; 1 "
+                                "otherwise).", value=getattr(broker, "shards", 1))
+        yield GaugeMetricFamily("fastws_broker_shards_up",
+                                "Broker shards connected now: publications to a channel "
+                                "whose shard is down answer 503.",
+                                value=getattr(broker, "shards_up", 1 if broker.up else 0))
         yield CounterMetricFamily("fastws_broker_reconnects", "Broker reconnections.",
                                   value=node.broker_reconnects)
         yield CounterMetricFamily("fastws_gaps", "Channels found to have lost publications "

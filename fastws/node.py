@@ -233,6 +233,20 @@ class Node:
             if conn.subs and not conn.closing:
                 conn.disconnect(DISCONNECT_INSUFFICIENT_STATE)
 
+    def handle_shard_gap(self, lost: Callable[[str], bool]) -> None:
+        """Broker callback after one Redis Cluster shard was lost and is back: only the
+        connections holding a channel ``lost`` names, or any pattern (its feeds span
+        every shard), are closed with 4010; the others keep their streams."""
+        from fastws.codes import DISCONNECT_INSUFFICIENT_STATE
+
+        self.broker_reconnects += 1
+        for name in [n for n in self._positions if lost(n)]:
+            del self._positions[name]
+        for conn in list(self.hub.conns):
+            if conn.subs and not conn.closing and any(
+                    channels.is_pattern(n) or lost(n) for n in conn.subs):
+                conn.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+
     # ------------------------------------------------------------------ permissions
 
     @staticmethod

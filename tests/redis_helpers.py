@@ -1,23 +1,29 @@
-"""Helpers of the Redis tests: polling, redis-cli, raw subscribers, and fastws nodes whose
-broker timings are shortened (presence expiry) so that a test of them takes seconds."""
+"""Helpers of the Redis tests: polling, redis-cli, raw subscribers, fastws nodes whose
+broker timings are shortened (presence expiry) so that a test of them takes seconds,
+and Redis Clusters started by the test."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from conftest import API_KEY, ROOT, ServerProc, free_port, wait_port
+from redis.crc import key_slot
 from wsclient import RawClient
 
-__all__ = ["until", "cli", "redis_server_proc", "sub", "events", "start_tuned_server"]
+__all__ = ["until", "cli", "redis_server_proc", "sub", "events", "start_tuned_server",
+           "Cluster", "start_cluster"]
 
 
 async def until(pred: Callable[[], object], timeout: float = 30.0,
@@ -99,3 +105,145 @@ def start_tuned_server(constants: Mapping[str, float], *args: str,
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise RuntimeError("server did not start:\n" + srv.output()) from None
     return srv
+
+
+# ---------------------------------------------------------------------- Redis Cluster
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Cluster:
+    """cluster-enabled redis-server processes forming one cluster, started by a test."""
+
+    ports: list[int]
+    procs: list[subprocess.Popen]
+    directory: str
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def cli(self, port: int, *args: str) -> str:
+        """``redis-cli -p PORT ARGS…`` on one of its nodes (output not stripped)."""
+        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                              text=True, timeout=10).stdout
+
+    def _nodes(self) -> list[list[str]]:
+        live = next(p for p, proc in zip(self.ports, self.procs, strict=True)
+                    if proc.poll() is None)
+        return [line.split() for line in self.cli(live, "cluster", "nodes").splitlines()]
+
+    def owner(self, channel: str) -> int:
+        """The port of the master owning ``channel``'s slot."""
+        slot = key_slot(channel.encode())
+        for parts in self._nodes():
+            if "master" not in parts[2] or "fail" in parts[2]:
+                continue
+            for rng in parts[8:]:
+                lo, _, hi = rng.partition("-")
+                if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                    return int(parts[1].split(":")[1].split("@")[0])
+        raise AssertionError(f"no owner for slot {slot}")
+
+    def replica_of(self, master_port: int) -> int:
+        """The port of a replica of the master on ``master_port``."""
+        nodes = self._nodes()
+        ids = {int(p[1].split(":")[1].split("@")[0]): p[0] for p in nodes}
+        for p in nodes:
+            if "slave" in p[2] and p[3] == ids[master_port]:
+                return int(p[1].split(":")[1].split("@")[0])
+        raise AssertionError(f"no replica of {master_port}")
+
+    def channels_by_master(self, prefix: str, per_master: int = 1) -> dict[int, list[str]]:
+        """``per_master`` channel names ``PREFIX:N`` on each master (port → names)."""
+        masters = {int(p[1].split(":")[1].split("@")[0]) for p in self._nodes()
+                   if "master" in p[2] and "fail" not in p[2] and len(p) > 8}
+        out: dict[int, list[str]] = {m: [] for m in masters}
+        i = 0
+        while any(len(v) < per_master for v in out.values()):
+            name = f"{prefix}:{i}"
+            owner = self.owner(name)
+            if len(out[owner]) < per_master:
+                out[owner].append(name)
+            i += 1
+        return out
+
+    def holder_of(self, client_name: str) -> int | None:
+        """The port of the node on which a connection named ``client_name`` is."""
+        for port, proc in zip(self.ports, self.procs, strict=True):
+            if proc.poll() is None and f"name={client_name} " in self.cli(port, "client",
+                                                                          "list"):
+                return port
+        return None
+
+    def _spawn(self, port: int) -> subprocess.Popen:
+        return redis_server_proc(
+            "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+            "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "2000",
+            "--dir", self.directory, "--save", "", "--appendonly", "no", *self.extra)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port``."""
+        proc = self.procs[self.ports.index(port)]
+        proc.kill()
+        proc.wait(10)
+
+    def restart(self, port: int) -> None:
+        """Start the node on ``port`` again (it rejoins from its nodes file)."""
+        i = self.ports.index(port)
+        self.procs[i] = self._spawn(port)
+        wait_port(port, self.procs[i])
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_cluster(masters: int = 3, replicas: int = 0, extra: tuple[str, ...] = ()) -> Cluster:
+    """Start ``masters`` × (1 + ``replicas``) cluster-enabled redis-servers (``extra``:
+    more redis-server arguments) and join them with redis-cli (each master gets
+    ``replicas`` replicas)."""
+    directory = tempfile.mkdtemp(prefix="fastws-cluster-")
+    ports: list[int] = []
+    while len(ports) < masters * (1 + replicas):  # the bus listens on port + 10000
+        p = random.randint(20000, 29999)
+        if p not in ports and _port_free(p) and _port_free(p + 10000):
+            ports.append(p)
+    cluster = Cluster(ports, [], directory, list(extra))
+    try:
+        cluster.procs.extend(cluster._spawn(p) for p in ports)
+        for p, proc in zip(ports, cluster.procs, strict=True):
+            wait_port(p, proc)
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas",
+                        str(replicas), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in cluster.cli(p, "cluster", "info") for p in ports):
+            assert time.monotonic() < deadline, "cluster did not become ok"
+            time.sleep(0.05)
+        while replicas and cluster.cli(ports[0], "info", "replication").count(
+                "state=online") < replicas and "role:master" in cluster.cli(
+                ports[0], "info", "replication"):
+            assert time.monotonic() < deadline, "replicas did not sync"
+            time.sleep(0.05)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

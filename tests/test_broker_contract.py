@@ -56,7 +56,7 @@ class Collector:
 @pytest.fixture(scope="module")
 def contract_cluster() -> Iterator[str]:
     """A 3-master Redis Cluster for the cluster run of the contract (started once)."""
-    from test_redis_cluster import start_cluster
+    from redis_helpers import start_cluster
 
     cluster = start_cluster()
     yield cluster.url

@@ -1,124 +1,17 @@
-"""Redis Cluster: a 3-master cluster started by the test, sharded pub/sub, patterns."""
+"""Redis Cluster: a 3-master cluster started by the test, sharded pub/sub, patterns, and
+faults confined to the shard they happen on."""
 
 from __future__ import annotations
 
 import asyncio
-import random
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
-from dataclasses import dataclass, field
 
 import pytest
-from conftest import wait_port
-from redis.crc import key_slot
+from conftest import ServerProc, http, scrape
+from redis_helpers import events, start_cluster, sub, until
 from wsclient import RawClient, connect
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-@dataclass
-class Cluster:
-    """redis-server processes forming one cluster (masters only)."""
-
-    ports: list[int]
-    procs: list[subprocess.Popen]
-    directory: str
-    extra: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
-
-    def cli(self, port: int, *args: str) -> str:
-        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
-                              text=True, timeout=10).stdout
-
-    def owner(self, channel: str) -> int:
-        """The port of the master owning ``channel``'s slot."""
-        slot = key_slot(channel.encode())
-        for line in self.cli(self.ports[0], "cluster", "nodes").splitlines():
-            parts = line.split()
-            if "master" not in parts[2] or "fail" in parts[2]:
-                continue
-            for rng in parts[8:]:
-                lo, _, hi = rng.partition("-")
-                if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
-                    return int(parts[1].split(":")[1].split("@")[0])
-        raise AssertionError(f"no owner for slot {slot}")
-
-    def replica_of(self, master_port: int) -> int:
-        """The port of a replica of the master on ``master_port``."""
-        nodes = [line.split() for line in self.cli(self.ports[0], "cluster", "nodes")
-                 .splitlines()]
-        ids = {int(p[1].split(":")[1].split("@")[0]): p[0] for p in nodes}
-        for p in nodes:
-            if "slave" in p[2] and p[3] == ids[master_port]:
-                return int(p[1].split(":")[1].split("@")[0])
-        raise AssertionError(f"no replica of {master_port}")
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def start_cluster(masters: int = 3, replicas: int = 0) -> Cluster:
-    """Start ``masters`` × (1 + ``replicas``) cluster-enabled redis-servers and join them
-    with redis-cli (each master gets ``replicas`` replicas)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed")
-    directory = tempfile.mkdtemp(prefix="fastws-cluster-")
-    ports: list[int] = []
-    while len(ports) < masters * (1 + replicas):  # the bus listens on port + 10000
-        p = random.randint(20000, 29999)
-        if p not in ports and _free(p) and _free(p + 10000):
-            ports.append(p)
-    procs = [subprocess.Popen(
-        [exe, "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-         "--cluster-config-file", f"nodes-{p}.conf", "--cluster-node-timeout", "2000",
-         "--dir", directory, "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
-    cluster = Cluster(ports, procs, directory)
-    try:
-        for p, proc in zip(ports, procs, strict=True):
-            wait_port(p, proc)
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas",
-                        str(replicas),
-                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        deadline = time.monotonic() + 30
-        while not all("cluster_state:ok" in cluster.cli(p, "cluster", "info") for p in ports):
-            assert time.monotonic() < deadline, "cluster did not become ok"
-            time.sleep(0.05)
-        while replicas and cluster.cli(ports[0], "info", "replication").count(
-                "state=online") < replicas and "role:master" in cluster.cli(
-                ports[0], "info", "replication"):
-            assert time.monotonic() < deadline, "replicas did not sync"
-            time.sleep(0.05)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
 
 
 @pytest.fixture(scope="module")
@@ -126,20 +19,6 @@ def redis_cluster():
     c = start_cluster()
     yield c
     c.stop()
-
-
-async def events(c: RawClient, n: int) -> list[dict]:
-    out = []
-    while len(out) < n:
-        m = await c.recv()
-        if m.get("type") == "event":
-            out.append(m)
-    return out
-
-
-async def sub(c: RawClient, channel: str, rid: int) -> None:
-    reply = await c.request({"id": rid, "type": "subscribe", "channel": channel})
-    assert reply["type"] == "subscribed", reply
 
 
 async def test_cluster_sharded_fanout_patterns_and_raw_publish(redis_cluster, fastws_server):
@@ -192,65 +71,175 @@ async def test_cluster_sharded_fanout_patterns_and_raw_publish(redis_cluster, fa
         c.close()
 
 
-async def test_cluster_failover_keeps_every_acknowledged_publication(fastws_server):
+@pytest.fixture(scope="module")
+def replica_cluster():
+    """3 masters, each with one replica (failovers change which is which)."""
+    c = start_cluster(masters=3, replicas=1)
+    yield c
+    c.stop()
+
+
+async def test_cluster_failover_keeps_every_acknowledged_publication(replica_cluster,
+                                                                     fastws_server):
     """A graceful CLUSTER FAILOVER of the channel's master while a subscriber listens:
     every publication answered 200 reaches it (live, or after its 4010 through since),
     and offsets never repeat."""
     import orjson
-    from conftest import http
 
     import fastws
 
-    cluster = start_cluster(masters=3, replicas=1)
+    cluster = replica_cluster
+    node = fastws_server("--broker", cluster.url)
+    channel = f"events:{uuid.uuid4().hex[:8]}"
+    master = cluster.owner(channel)
+    replica = cluster.replica_of(master)
+    received: list[int] = []
+    ok: list[int] = []
+    results: list[dict] = []
+    seq = 0
+
+    def publish() -> bool:
+        nonlocal seq
+        seq += 1
+        status, _, body = http("POST", node.http_url + "/api/publish",
+                               {"channel": channel, "data": seq},
+                               headers={"Authorization": "Bearer test-key"})
+        assert status in (200, 503), (status, body)
+        if status == 200:
+            ok.append(seq)
+            results.append(orjson.loads(body))
+        return status == 200
+
+    async with fastws.connect(node.ws_url) as client:
+        await client.subscribe(channel)
+
+        async def consume() -> None:
+            async for event in client:
+                received.append(event.data)
+        consumer = asyncio.create_task(consume())
+        for _ in range(3):
+            await until(publish, what="a publication before the failover")
+        assert cluster.cli(replica, "cluster", "failover").strip() == "OK"
+        meta = f"fws:{{{channel}}}:{channel}:m"
+
+        def landed_on_new_master() -> bool:
+            return publish() and cluster.cli(replica, "hmget", meta, "e", "o").split() \
+                == [results[-1]["epoch"], str(results[-1]["offset"])]
+        await until(landed_on_new_master, what="a publication on the promoted replica")
+        await until(lambda: set(ok) <= set(received), what="every acknowledged event")
+        consumer.cancel()
+    assert received == sorted(set(received))
+    assert {r["epoch"] for r in results} == {results[0]["epoch"]}
+    offsets = [r["offset"] for r in results]
+    assert offsets == sorted(set(offsets))
+
+
+def publish_status(node: ServerProc, channel: str, data: object = "x") -> int:
+    return http("POST", node.http_url + "/api/publish", {"channel": channel, "data": data},
+                headers={"Authorization": "Bearer test-key"})[0]
+
+
+async def next_event(c: RawClient, data: object) -> None:
+    """The next message of ``c`` is the event ``data`` (no disconnect before it)."""
+    msg = await c.recv()
+    assert msg["type"] == "event" and msg["data"] == data, msg
+
+
+async def closed_with_4010(c: RawClient) -> None:
+    while (msg := await c.recv(timeout=30))["type"] == "event":
+        pass
+    assert msg["type"] == "disconnect" and msg["code"] == 4010, msg
+    assert await c.wait_closed() == 4010
+
+
+async def test_cluster_failover_closes_only_that_shards_subscribers(replica_cluster,
+                                                                    fastws_server):
+    """CLUSTER FAILOVER of one master: the subscribers of its channels, and pattern
+    subscribers (their feeds span every shard), get 4010; those of the other masters'
+    channels keep their streams, and publishing to them never stops."""
+    cluster = replica_cluster
+    node = fastws_server("--broker", cluster.url)
+    await until(lambda: http("GET", node.http_url + "/readyz")[0] == 200, what="ready")
+    base = f"events:{uuid.uuid4().hex[:8]}"
+    by_master = cluster.channels_by_master(base)
+    master = next(iter(by_master))
+    moved = by_master[master][0]
+    kept = [v[0] for p, v in by_master.items() if p != master]
+    clients = {}
+    for ch in [moved, *kept]:
+        clients[ch] = await connect(node.ws_url)
+        await sub(clients[ch], ch, 1)
+    pattern = await connect(node.ws_url)
+    await sub(pattern, base + ":*", 1)
+    before = scrape(node.http_url)['fastws_connections_closed_total{code="4010"}']
+
+    replica = cluster.replica_of(master)
+    assert cluster.cli(replica, "cluster", "failover").strip() == "OK"
+    await closed_with_4010(clients[moved])
+    await closed_with_4010(pattern)
+    await until(lambda: publish_status(node, moved) == 200, what="the moved shard back")
+    for i, ch in enumerate(kept):
+        assert publish_status(node, ch, i) == 200
+        await next_event(clients[ch], i)
+    metrics = scrape(node.http_url)
+    assert metrics['fastws_connections_closed_total{code="4010"}'] == before + 2
+    assert metrics["fastws_broker_shards_up"] == metrics["fastws_broker_shards"] == 3
+    for c in clients.values():
+        c.close()
+
+
+async def test_cluster_master_down_fails_only_its_channels(fastws_server):
+    """A master killed, no replica to take over (cluster-require-full-coverage no): its
+    channels answer 503 (publish, subscribe, history), every other channel keeps working, with
+    no 4010, and the node stays ready (fastws_broker_shards_up says 2 of 3).  When it is
+    back, its channels work again and only their subscribers (and pattern ones) get
+    4010."""
+    cluster = start_cluster(extra=("--cluster-require-full-coverage", "no"))
     try:
         node = fastws_server("--broker", cluster.url)
-        channel = f"events:{uuid.uuid4().hex[:8]}"
-        master = cluster.owner(channel)
-        replica = cluster.replica_of(master)
-        received: list[int] = []
-        ok: list[int] = []
-        results: list[dict] = []
-        seq = 0
+        await until(lambda: http("GET", node.http_url + "/readyz")[0] == 200, what="ready")
+        base = f"events:{uuid.uuid4().hex[:8]}"
+        by_master = cluster.channels_by_master(base, per_master=2)
+        holder = cluster.holder_of(f"fastws-{node.proc.pid}-global")
+        assert holder is not None
+        victim = next(p for p in by_master if p != holder)  # the global link lives on
+        dead, dead_too = by_master[victim]
+        live = [v[0] for p, v in by_master.items() if p != victim]
+        clients = {}
+        for ch in [dead, *live]:
+            clients[ch] = await connect(node.ws_url)
+            await sub(clients[ch], ch, 1)
+        pattern = await connect(node.ws_url)
+        await sub(pattern, base + ":*", 1)
 
-        def publish() -> bool:
-            nonlocal seq
-            seq += 1
-            status, _, body = http("POST", node.http_url + "/api/publish",
-                                   {"channel": channel, "data": seq},
-                                   headers={"Authorization": "Bearer test-key"})
-            assert status in (200, 503), (status, body)
-            if status == 200:
-                ok.append(seq)
-                results.append(orjson.loads(body))
-            return status == 200
+        cluster.kill(victim)
+        await until(lambda: publish_status(node, dead) == 503, what="503 on the lost shard")
+        for i, ch in enumerate(live):
+            assert publish_status(node, ch, i) == 200
+            await next_event(clients[ch], i)
+        assert sorted(e["data"] for e in await events(pattern, len(live))) == [0, 1]
+        assert http("GET", node.http_url + "/readyz")[0] == 200
+        metrics = scrape(node.http_url)
+        assert (metrics["fastws_broker_shards"], metrics["fastws_broker_shards_up"]) == (3, 2)
+        assert metrics["fastws_broker_up"] == 1
+        other = await connect(node.ws_url)
+        refused = await other.request({"id": 1, "type": "subscribe", "channel": dead_too})
+        assert refused["type"] == "error" and refused["code"] == 503, refused
+        refused = await other.request({"id": 2, "type": "history", "channel": dead_too})
+        assert refused["type"] == "error" and refused["code"] == 503, refused
+        await sub(other, live[0], 3)                       # the others still subscribe
 
-        async def until(pred, what: str, timeout: float = 30.0) -> None:
-            deadline = time.monotonic() + timeout
-            while not await asyncio.to_thread(pred):
-                assert time.monotonic() < deadline, f"timed out waiting for {what}"
-                await asyncio.sleep(0.05)
-
-        async with fastws.connect(node.ws_url) as client:
-            await client.subscribe(channel)
-
-            async def consume() -> None:
-                async for event in client:
-                    received.append(event.data)
-            consumer = asyncio.create_task(consume())
-            for _ in range(3):
-                await until(publish, "a publication before the failover")
-            assert cluster.cli(replica, "cluster", "failover").strip() == "OK"
-            meta = f"fws:{{{channel}}}:{channel}:m"
-
-            def landed_on_new_master() -> bool:
-                return publish() and cluster.cli(replica, "hmget", meta, "e", "o").split() \
-                    == [results[-1]["epoch"], str(results[-1]["offset"])]
-            await until(landed_on_new_master, "a publication on the promoted replica")
-            await until(lambda: set(ok) <= set(received), "every acknowledged event")
-            consumer.cancel()
-        assert received == sorted(set(received))
-        assert {r["epoch"] for r in results} == {results[0]["epoch"]}
-        offsets = [r["offset"] for r in results]
-        assert offsets == sorted(set(offsets))
+        cluster.restart(victim)
+        await closed_with_4010(clients[dead])
+        await closed_with_4010(pattern)
+        await until(lambda: publish_status(node, dead) == 200, what="the shard back")
+        assert scrape(node.http_url)["fastws_broker_shards_up"] == 3
+        for i, ch in enumerate(live):
+            assert publish_status(node, ch, f"after {i}") == 200
+            await next_event(clients[ch], f"after {i}")
+        await next_event(other, "after 0")
+        await sub(other, dead_too, 4)
+        for c in [*clients.values(), other]:
+            c.close()
     finally:
         cluster.stop()

@@ -52,7 +52,14 @@ class BrokerHandler(Protocol):
         """Delivery was interrupted and is back (a broker reconnect): publications may
         have been lost meanwhile for every channel and pattern, so the node tells its
         subscribed clients to recover (close 4010).  Brokers that cannot lose
-        deliveries never call it."""
+        deliveries never call it.
+
+        A handler may also have ``handle_shard_gap(lost: Callable[[str], bool])``, for a
+        gap of part of the channels only: a Redis Cluster shard was lost and is back
+        (maybe on a promoted replica), so publications may have been lost for every
+        channel ``lost(channel)`` is true for, and for every pattern (a pattern's feeds
+        span every shard).  The cluster broker calls it when the handler has it, else
+        this method (every subscription)."""
 
     def handle_presence(self, channel: str, typ: str, client: str, user: str | None) -> None:
         """A client of *another* node joined or left ``channel`` (``typ`` "join"/"leave");
@@ -63,6 +70,16 @@ class Broker(ABC):
     """Carries publications between nodes; keeps per-channel offsets, epochs and history."""
 
     up: bool = False
+
+    @property
+    def shards(self) -> int:
+        """How many independent parts (Redis Cluster masters) the broker spans."""
+        return 1
+
+    @property
+    def shards_up(self) -> int:
+        """How many of :attr:`shards` are connected now (a cluster may lose one)."""
+        return 1 if self.up else 0
 
     @abstractmethod
     async def start(self, handler: BrokerHandler) -> None:

@@ -22,15 +22,26 @@ shard, back to back on the same shard link, so the link skips the feed copy exac
 when it holds the channel itself (it then got the channel's copy just before).  Raw
 ``SPUBLISH`` by a producer reaches channel subscribers only (not patterns).
 
-Any link lost, or a slot moved (Redis unsubscribes the link): the broker is down until
-every link is back, with the slot map read again; then subscribed clients are closed
-with 4010 and recover with ``since``, as with one Redis.
+**Faults, per shard.**  A shard (one master and this node's two connections to it) is
+up or down on its own.  A shard link or command connection lost, a ``MOVED``/``ASK``/
+``READONLY`` answer, or Redis unsubscribing a shard link (its slots moved: a failover)
+takes that shard down: publications, history and subscriptions of the channels whose
+slot it owned answer 503 (:class:`BrokerUnavailable`), every other channel keeps
+working.  The broker reads the slot map again at once and then with backoff, connects
+the master(s) now owning those slots, resubscribes there, and only then tells the
+handler which channels may have lost publications (``handle_shard_gap``: those of the
+lost shard's slots; the node closes their subscribers, and every pattern subscriber,
+whose feeds cover every slot, with 4010).  The broker is :attr:`up` while the global
+link and at least one shard are; losing the global link (raw ``PUBLISH`` of every
+channel may have been missed) is a gap of every subscription (``handle_gap``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
 import random
 from typing import Any
 
@@ -40,15 +51,21 @@ from redis.crc import key_slot
 from fastws._match import is_pattern
 from fastws.broker.base import BrokerUnavailable
 from fastws.broker.redis import (
+    BACKOFF_MAX,
+    BACKOFF_MIN,
+    CONNECT_ERRORS,
     CONNECT_TIMEOUT,
     SCRIPTS,
     RedisBroker,
     _command_options,
     _Commands,
     _PubSub,
+    _Target,
 )
 
 __all__ = ["RedisClusterBroker", "FEED_PREFIX", "slot_tags"]
+
+log = logging.getLogger("fastws.broker")
 
 FEED_PREFIX = "fws:feed:"
 SLOTS = 16384
@@ -76,8 +93,35 @@ def feed_of(slot: int) -> str:
     return f"{FEED_PREFIX}{{{slot_tags()[slot]}}}"
 
 
+class _Shard:
+    """One master of the cluster: this node's shard link and command connection to it.
+
+    ``up`` once both are connected (and subscribed), until either is lost."""
+
+    def __init__(self, broker: RedisClusterBroker, name: str, host: str, port: int) -> None:
+        self.name, self.host, self.port = name, host, port
+        lost = functools.partial(broker._on_shard_lost, self)
+        self.link = _PubSub(f"shard-{name}", broker._deliver, lost, exact="SSUBSCRIBE",
+                            pattern=None)
+        self.link._deliver = functools.partial(broker._deliver_shard, self.link)
+        self.cmd = _Commands(f"commands-{name}", lost)
+        self.up = False
+
+    async def connect(self, target: _Target) -> None:
+        """Open both connections; the link subscribes what it wants (its ``wanted``)."""
+        await asyncio.gather(self.link.connect(self.host, self.port, target),
+                             self.cmd.connect(self.host, self.port, target, SCRIPTS))
+
+    def drop(self) -> None:
+        """Close both connections (their waiters fail with BrokerUnavailable)."""
+        self.up = False
+        self.link.drop()
+        self.cmd.drop()
+
+
 class RedisClusterBroker(RedisBroker):
-    """Broker on a Redis Cluster: sharded channels, feeds for patterns, one global link."""
+    """Broker on a Redis Cluster: sharded channels, feeds for patterns, one global link;
+    each shard fails and recovers on its own."""
 
     def _setup_commands(self, url: str, max_connections: int) -> None:
         nodes = [ClusterNode(host, port) for host, port in self.target.hosts]
@@ -85,72 +129,255 @@ class RedisClusterBroker(RedisBroker):
         self.redis = RedisCluster(startup_nodes=nodes, username=self.target.username,
                                   password=self.target.password,
                                   max_connections=max_connections, **_command_options())
-        self._global = _PubSub("global", self._deliver, self._on_link_lost)
+        self._global = _PubSub("global", self._deliver, self._on_global_lost)
         self._main = self._global
-        self._shards: dict[str, _PubSub] = {}
-        self._cmds: dict[str, _Commands] = {}
+        self._global_up = False
+        self._shards: dict[str, _Shard] = {}
         self._slot_owner: dict[int, str] = {}
+        self._gap_slots: set[int] = set()   # lost delivery; a gap once their owner is up
+        self._gap_all = False               # the global link was lost: every subscription
+        self._wake: asyncio.Event | None = None
 
     def _links(self) -> list[_PubSub]:
-        return [self._global, *self._shards.values()]
+        return [self._global, *(s.link for s in self._shards.values())]
 
     def _command_links(self) -> list[_Commands]:
-        return list(self._cmds.values())
+        return [s.cmd for s in self._shards.values()]
+
+    @property
+    def shards(self) -> int:
+        """Masters in the slot map."""
+        return len(self._shards)
+
+    @property
+    def shards_up(self) -> int:
+        """Masters this node is connected to (publications to their slots work)."""
+        return sum(1 for s in self._shards.values() if s.up)
+
+    def _owner_of(self, slot: int) -> _Shard:
+        """The shard owning ``slot``, when it is up (else BrokerUnavailable: 503)."""
+        owner = self._slot_owner.get(slot)
+        shard = self._shards.get(owner) if owner is not None else None
+        if shard is None or not shard.up:
+            raise BrokerUnavailable(f"redis cluster: the master of slot {slot} "
+                                    f"({owner or 'none'}) is not available")
+        return shard
 
     def _command_for(self, channel: str) -> _Commands:
-        owner = self._slot_owner.get(key_slot(channel.encode()))
-        cmd = self._cmds.get(owner) if owner is not None else None
-        if cmd is None:
-            raise BrokerUnavailable("redis cluster: the channel's slot has no master")
-        return cmd
+        return self._owner_of(key_slot(channel.encode())).cmd
 
     async def start(self, handler: Any) -> None:
         await asyncio.to_thread(slot_tags)
         await super().start(handler)
 
-    # ------------------------------------------------------------------ links
+    # ------------------------------------------------------------------ shards
 
-    async def _connect(self) -> None:
+    async def _run(self, first: asyncio.Future) -> None:
+        """Keep every shard and the global link connected: read the slot map and
+        connect what is down, at once when something is lost, else with backoff while
+        anything is missing."""
+        self._wake = asyncio.Event()
+        attempt = 0
+        while not self._closed:
+            self._wake.clear()
+            try:
+                fresh = await self._sync()
+            except Exception as exc:  # noqa: BLE001 - whatever it was, try again later
+                fresh = False
+                if not isinstance(exc, CONNECT_ERRORS):
+                    log.exception("redis cluster: unexpected error while connecting; "
+                                  "retrying")
+                elif attempt == 0:
+                    log.warning("redis cluster: cannot read the slot map from %s: %s; "
+                                "retrying", self.url, exc or type(exc).__name__)
+            self._set_up()
+            if self.up:
+                if self._pinger is None or self._pinger.done():
+                    self._pinger = self._loop.create_task(self._ping_loop())
+                if self._refresher is None or self._refresher.done():
+                    self._refresher = self._loop.create_task(self._presence_loop())
+                elif fresh and self._presence_local:  # re-add ours on the new masters
+                    self._readd = self._loop.create_task(self._presence_refresh())
+                self._settle_gaps()
+            if not first.done():
+                first.set_result(None)
+            if self._healthy():
+                attempt = 0
+                await self._wake.wait()
+                continue
+            attempt += 1
+            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(attempt, 10))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay * random.uniform(0.5, 1.0))
+
+    def _healthy(self) -> bool:
+        return (self._global_up and bool(self._shards) and not self._gap_slots
+                and not self._gap_all and len(self._slot_owner) == SLOTS
+                and all(s.up for s in self._shards.values()))
+
+    def _set_up(self) -> None:
+        self.up = self._global_up and any(s.up for s in self._shards.values())
+
+    async def _sync(self) -> bool:
+        """Read the slot map; keep the shards that are up and still masters, connect
+        the other masters (each on its own: one that fails stays down), move
+        subscriptions to their slots' owners, connect the global link if it is down.
+        Returns whether a shard was (re)connected."""
         await asyncio.wait_for(self.redis.nodes_manager.initialize(), CONNECT_TIMEOUT * 2)
-        masters = self.redis.get_primaries()
+        masters = {n.name: n for n in self.redis.get_primaries()}
         if not masters:
             raise BrokerUnavailable("redis cluster: no master")
-        self._slot_owner = {}
-        for slot, nodes in self.redis.nodes_manager.slots_cache.items():
-            if nodes:
-                self._slot_owner[slot] = nodes[0].name
-        self._shards = {}
-        self._cmds = {n.name: _Commands(f"commands-{n.name}", self._on_link_lost)
-                      for n in masters}
-        for node in masters:
-            link = _PubSub(f"shard-{node.name}", self._deliver, self._on_link_lost,
-                           exact="SSUBSCRIBE", pattern=None)
-            link._deliver = functools.partial(self._deliver_shard, link)
-            self._shards[node.name] = link
-        self._global.wanted = set(self._wanted)
+        owners = {slot: nodes[0].name
+                  for slot, nodes in self.redis.nodes_manager.slots_cache.items() if nodes}
+        for slot, owner in owners.items():
+            old = self._slot_owner.get(slot)
+            if old is not None and old != owner:  # moved: its old shard's deliveries end
+                self._gap_slots.add(slot)
+        for name, shard in list(self._shards.items()):
+            if not shard.up or name not in masters:
+                shard.drop()
+                del self._shards[name]
+        self._slot_owner = owners
+        fresh = [_Shard(self, name, node.host, node.port) for name, node in masters.items()
+                 if name not in self._shards]
+        for shard in fresh:
+            self._shards[shard.name] = shard
+        wanted = self._wanted_by_shard()
+        confirms: list[asyncio.Future] = []
+        for shard in self._shards.values():
+            want = wanted.get(shard.name, set())
+            if shard in fresh:
+                shard.link.wanted = want
+                continue
+            for name in shard.link.wanted - want:
+                shard.link.unsubscribe(name)
+            confirms.extend(shard.link.subscribe(name) for name in want - shard.link.wanted)
+        await asyncio.gather(*(self._connect_shard(s) for s in fresh))
+        if confirms:
+            await asyncio.wait_for(asyncio.gather(*confirms), CONNECT_TIMEOUT * 2)
+        if not self._global_up:
+            live = [s for s in self._shards.values() if s.up]
+            if live:
+                entry = random.choice(live)
+                self._global.wanted = set(self._wanted)
+                try:
+                    await self._global.connect(entry.host, entry.port, self.target)
+                except BaseException:
+                    self._global.drop()
+                    raise
+                self._global_up = self._global.connected
+        return any(s.up for s in fresh)
+
+    def _wanted_by_shard(self) -> dict[str, set[str]]:
+        """What each master's shard link should hold: the channels of its slots, and
+        the feeds of its slots when the node holds a pattern."""
+        out: dict[str, set[str]] = {}
+        patterns = False
         for name in self._wanted:
-            if not is_pattern(name):
-                self._shard_for(name).wanted.add(name)
-        if any(is_pattern(n) for n in self._wanted):
-            for slot in range(SLOTS):
-                self._shard_of_slot(slot).wanted.add(feed_of(slot))
-        entry = random.choice(masters)
-        coros = [self._global.connect(entry.host, entry.port, self.target)]
-        for node in masters:
-            coros.append(self._shards[node.name].connect(node.host, node.port, self.target))
-            coros.append(self._cmds[node.name].connect(node.host, node.port, self.target,
-                                                       SCRIPTS))
-        await asyncio.gather(*coros)
+            if is_pattern(name):
+                patterns = True
+                continue
+            owner = self._slot_owner.get(key_slot(name.encode()))
+            if owner is not None:
+                out.setdefault(owner, set()).add(name)
+        if patterns:
+            for slot, owner in self._slot_owner.items():
+                out.setdefault(owner, set()).add(feed_of(slot))
+        return out
 
-    def _shard_of_slot(self, slot: int) -> _PubSub:
+    async def _connect_shard(self, shard: _Shard) -> None:
+        try:
+            await shard.connect(self.target)
+        except Exception as exc:  # noqa: BLE001 - it stays down; retried with backoff
+            shard.drop()
+            if not isinstance(exc, CONNECT_ERRORS):
+                log.exception("redis cluster: unexpected error connecting to %s", shard.name)
+            else:
+                log.debug("redis cluster: cannot connect to the master %s: %s", shard.name,
+                          exc or type(exc).__name__)
+            return
+        if self._shards.get(shard.name) is shard and shard.link.connected \
+                and shard.cmd.connected:
+            shard.up = True
+        else:  # lost meanwhile
+            shard.drop()
+
+    def _on_shard_lost(self, shard: _Shard) -> None:
+        """One of ``shard``'s connections is lost: the shard is down (its slots' channels
+        answer 503); what it delivered may have a gap, told once its slots are back."""
+        if self._shards.get(shard.name) is not shard:
+            return  # retired already
+        if shard.up:
+            log.warning("redis cluster: lost the master %s; its slots are unavailable "
+                        "until it or a replica of it is reachable", shard.name)
+            self._gap_slots.update(slot for slot, owner in self._slot_owner.items()
+                                   if owner == shard.name)
+        shard.drop()
+        self._set_up()
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_global_lost(self) -> None:
+        """The global link is lost: raw publications of any channel may be missed."""
+        if self._global_up:
+            log.warning("redis cluster: the global pub/sub link was lost; reconnecting")
+            self._gap_all = True
+        self._global_up = False
+        self._global.drop()
+        self._set_up()
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_link_lost(self) -> None:
+        """Everything is lost (what the single-Redis code calls): each shard and the
+        global link, each with its own gap."""
+        for shard in list(self._shards.values()):
+            self._on_shard_lost(shard)
+        self._on_global_lost()
+
+    def _moved(self, cmd: _Commands) -> None:
+        """A master answered MOVED/ASK/READONLY: its slots moved (a failover), so that
+        shard is down until the slot map is read again."""
+        for shard in list(self._shards.values()):
+            if shard.cmd is cmd:
+                self._on_shard_lost(shard)
+
+    def _slot_up(self, slot: int) -> bool:
         owner = self._slot_owner.get(slot)
-        link = self._shards.get(owner) if owner is not None else None
-        if link is None:
-            raise BrokerUnavailable(f"redis cluster: slot {slot} has no master")
-        return link
+        shard = self._shards.get(owner) if owner is not None else None
+        return shard is not None and shard.up
 
-    def _shard_for(self, channel: str) -> _PubSub:
-        return self._shard_of_slot(key_slot(channel.encode()))
+    def _settle_gaps(self) -> None:
+        """Tell the handler about the gaps whose channels are delivered again: after a
+        global link loss every subscription, else the channels of the slots whose
+        (new) master is up (and every pattern)."""
+        if not self._global_up:
+            return
+        if self._gap_all:
+            self._gap_all = False
+            self._gap_slots = {s for s in self._gap_slots if not self._slot_up(s)}
+            self._tell_gap(None)
+            return
+        ready = {s for s in self._gap_slots if self._slot_up(s)}
+        if ready:
+            self._gap_slots -= ready
+            self._tell_gap(ready)
+
+    def _tell_gap(self, slots: set[int] | None) -> None:
+        self.reconnects += 1
+        log.warning("redis cluster: %s resubscribed; closing their subscribers with 4010",
+                    "every channel and pattern" if slots is None
+                    else f"the channels of {len(slots)} slots")
+        try:
+            shard_gap = getattr(self._handler, "handle_shard_gap", None)
+            if slots is not None and shard_gap is not None:
+                def lost(channel: str) -> bool:
+                    return key_slot(channel.encode()) in slots
+                shard_gap(lost)
+            elif (gap := getattr(self._handler, "handle_gap", None)) is not None:
+                gap()
+        except Exception:
+            log.exception("handle_gap failed")
 
     def _deliver_shard(self, link: _PubSub, channel: bytes, payload: bytes) -> None:
         if channel.startswith(b"fws:feed:"):
@@ -165,34 +392,37 @@ class RedisClusterBroker(RedisBroker):
     # ------------------------------------------------------------------ subscriptions
 
     async def subscribe(self, name: str) -> None:
+        """Return once Redis confirmed it on the global link and on the channel's shard
+        (503 while that shard is down).  The first pattern subscribes the feeds of every
+        slot whose shard is up (the others' once they are back)."""
         if not self.up:
             raise BrokerUnavailable("redis cluster is not connected")
-        first_pattern = is_pattern(name) and not any(is_pattern(n) for n in self._wanted)
+        futs: list[asyncio.Future] = []
+        if not is_pattern(name):
+            shard = self._owner_of(key_slot(name.encode()))
+            futs.append(shard.link.subscribe(name))
+        elif not any(is_pattern(n) for n in self._wanted):
+            for slot, owner in self._slot_owner.items():
+                shard = self._shards.get(owner)
+                if shard is not None and shard.up:
+                    futs.append(shard.link.subscribe(feed_of(slot)))
         self._wanted.add(name)
-        try:
-            futs = [self._global.subscribe(name)]
-            if not is_pattern(name):
-                futs.append(self._shard_for(name).subscribe(name))
-            elif first_pattern:
-                futs.extend(self._shard_of_slot(s).subscribe(feed_of(s)) for s in range(SLOTS))
-        except BrokerUnavailable:
-            self._on_link_lost()  # the slot map changed: start again
-            raise
+        futs.append(self._global.subscribe(name))
         await asyncio.shield(asyncio.gather(*futs))
 
     async def unsubscribe(self, name: str) -> None:
         self._wanted.discard(name)
         self._global.unsubscribe(name)
-        if not self.up:
-            return
-        try:
-            if not is_pattern(name):
-                self._shard_for(name).unsubscribe(name)
-            elif not any(is_pattern(n) for n in self._wanted):
-                for s in range(SLOTS):
-                    self._shard_of_slot(s).unsubscribe(feed_of(s))
-        except BrokerUnavailable:
-            self._on_link_lost()
+        if not is_pattern(name):
+            owner = self._slot_owner.get(key_slot(name.encode()))
+            shard = self._shards.get(owner) if owner is not None else None
+            if shard is not None:
+                shard.link.unsubscribe(name)
+        elif not any(is_pattern(n) for n in self._wanted):
+            for slot, owner in self._slot_owner.items():
+                shard = self._shards.get(owner)
+                if shard is not None:
+                    shard.link.unsubscribe(feed_of(slot))
 
     keeps_logs = False  # a namespace log's slot is not its channels': no atomic append
 

@@ -109,6 +109,9 @@ PRESENCE_EXPIRY = 20.0       # seconds a presence entry lives without its node's
 # the channel sweeps it every PRESENCE_REFRESH
 PRESENCE_TTL = PRESENCE_EXPIRY + PRESENCE_REFRESH
 PRESENCE_BATCH = 500         # clients re-added per refresh script call
+# what connecting may raise when Redis is away or busy (retried quietly)
+CONNECT_ERRORS = (TimeoutError, OSError, BrokerUnavailable, ResponseError,
+                  RedisConnectionError, RedisTimeoutError, RedisClusterException)
 _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
                         "NOREPLICAS", "BUSY")
 _ENV_LEN = len(ENVELOPE_PREFIX)
@@ -149,9 +152,11 @@ def decode_payload(payload: bytes, now: float) -> tuple[bytes, int, str, float]:
 class _Link(asyncio.Protocol):
     """The pub/sub socket: feeds a hiredis reader and hands every reply to the broker."""
 
-    def __init__(self, on_reply: Callable[[Any], None], on_lost: Callable[[], None]) -> None:
+    def __init__(self, on_reply: Callable[[Any], None],
+                 on_lost: Callable[[_Link], None]) -> None:
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
+        self.aborted = False
         self._on_reply = on_reply
         self._on_lost = on_lost
 
@@ -162,7 +167,7 @@ class _Link(asyncio.Protocol):
         reader = self.reader
         reader.feed(data)
         on_reply = self._on_reply
-        while True:
+        while not self.aborted:  # after abort() the rest is dropped: the link is dead
             reply = reader.gets()
             if reply is False:
                 return
@@ -170,13 +175,14 @@ class _Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._on_lost()
+        self._on_lost(self)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
 
     def abort(self) -> None:
+        self.aborted = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -251,7 +257,11 @@ class _Connection:
         """Connect, then send AUTH (when the URL has credentials) and CLIENT SETNAME
         through ``send``; returns their replies' futures."""
         self.loop = asyncio.get_running_loop()
-        self.link = await target.open(host, port, _Link(self._on_reply, self._lost))
+        link = self.link = _Link(self._on_reply, self._lost)  # current before it can be lost
+        await target.open(host, port, link)
+        if self.link is not link:  # dropped while connecting
+            link.abort()
+            raise BrokerUnavailable("redis connection dropped while connecting")
         waits = []
         if (auth := target.auth_args()) is not None:
             waits.append(send("AUTH", *auth))
@@ -261,7 +271,11 @@ class _Connection:
     def _on_reply(self, reply: Any) -> None:
         raise NotImplementedError
 
-    def _lost(self) -> None:
+    def _lost(self, link: _Link) -> None:
+        """``link`` was lost.  Only the current link counts: one the connection dropped
+        itself (``drop``) reports its end later, maybe after a new link was opened."""
+        if link is not self.link:
+            return
         self.drop()
         self._on_lost_cb()
 
@@ -738,10 +752,7 @@ class RedisBroker(Broker):
                     link.drop()
                 for cmd in self._command_links():
                     cmd.drop()
-                expected = isinstance(exc, (TimeoutError, OSError, BrokerUnavailable,
-                                            ResponseError, RedisConnectionError,
-                                            RedisTimeoutError, RedisClusterException))
-                if not expected:
+                if not isinstance(exc, CONNECT_ERRORS):
                     log.exception("redis: unexpected error while connecting; retrying")
                 elif attempt == 0:
                     log.warning("redis pub/sub: cannot connect to %s: %s; retrying",
@@ -779,6 +790,11 @@ class RedisBroker(Broker):
             if not self._closed:
                 log.warning("redis pub/sub: connection to %s lost; reconnecting",
                             _safe(self.url))
+
+    def _moved(self, cmd: _Commands) -> None:
+        """``cmd``'s server is no longer the master of what it was asked (MOVED, ASK,
+        READONLY): find the master(s) again.  With one Redis, everything reconnects."""
+        self._on_link_lost()
 
     def _on_link_lost(self) -> None:
         """Any pub/sub link lost: not up; drop them all and start again (gap afterwards)."""
@@ -1034,13 +1050,14 @@ class RedisBroker(Broker):
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         rkey = ONCE_PREFIX + key
+        cmd = self._command_for(rkey)
         try:
-            reply = await self._command_for(rkey).call("SET", rkey, "1", "NX", "PX",
-                                                       max(1, int(ttl * 1000)), durable=True)
+            reply = await cmd.call("SET", rkey, "1", "NX", "PX", max(1, int(ttl * 1000)),
+                                   durable=True)
         except ResponseError as exc:
             msg = str(exc)
             if msg.startswith(("MOVED", "ASK", "READONLY")):
-                self._on_link_lost()  # as in _eval: find the master(s) again
+                self._moved(cmd)  # as in _eval: find the master(s) again
             if msg.startswith(("MOVED", "ASK", "READONLY", *_UNAVAILABLE_REPLIES)):
                 raise BrokerUnavailable(f"redis: {msg}") from None
             raise
@@ -1063,7 +1080,7 @@ class RedisBroker(Broker):
             if msg.startswith(("MOVED", "ASK", "READONLY")):
                 # cluster slots moved, or this master became a replica (failover):
                 # find the master(s) again, resubscribe, tell the clients (4010)
-                self._on_link_lost()
+                self._moved(link)
                 raise BrokerUnavailable(f"redis: {msg}") from None
             if msg.startswith(_UNAVAILABLE_REPLIES):
                 raise BrokerUnavailable(f"redis: {msg}") from None
