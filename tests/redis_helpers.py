@@ -5,6 +5,7 @@ and Redis Clusters started by the test."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -13,16 +14,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import pytest
-from conftest import API_KEY, ROOT, ServerProc, free_port, wait_port
+from conftest import API_KEY, ROOT, ServerProc, free_port, http, wait_port
 from redis.crc import key_slot
 from wsclient import RawClient
 
-__all__ = ["until", "cli", "redis_server_proc", "sub", "events", "start_tuned_server",
+import fastws
+from fastws.broker.redis_scripts import keys_for
+
+__all__ = ["until", "cli", "redis_server_proc", "sub", "events", "uniq", "readyz",
+           "api_publish", "stream_top", "ApiPublisher", "listening", "start_tuned_server",
            "Cluster", "start_cluster"]
 
 
@@ -65,6 +72,81 @@ async def events(c: RawClient, n: int) -> list[dict]:
         if m.get("type") == "event":
             out.append(m)
     return out
+
+
+def uniq(prefix: str = "events") -> str:
+    """A channel name no other test uses: ``PREFIX:RANDOM``."""
+    return f"{prefix}:{uuid.uuid4().hex[:10]}"
+
+
+def readyz(node: ServerProc) -> int:
+    """The status of the node's GET /readyz."""
+    return http("GET", node.http_url + "/readyz")[0]
+
+
+def api_publish(base_url: str, channel: str, data: object) -> tuple[int, bytes]:
+    """POST /api/publish with the test API key; (status, body), whatever the status."""
+    status, _, body = http("POST", base_url + "/api/publish",
+                           {"channel": channel, "data": data},
+                           headers={"Authorization": f"Bearer {API_KEY}"})
+    return status, body
+
+
+def stream_top(port: int, channel: str) -> list[str]:
+    """[epoch, offset] of ``channel``'s stream as the Redis on ``port`` has it."""
+    meta, _, _ = keys_for(channel)
+    return cli(port, "hmget", meta, "e", "o").split()
+
+
+class ApiPublisher:
+    """Publishes to one channel through POST /api/publish, across faults: every answer
+    must be 200 or 503; remembers the data answered 200 (``ok``, with their ``results``)
+    and 503 (``refused``: outcome unknown)."""
+
+    def __init__(self, base_url: str, channel: str) -> None:
+        self.base_url, self.channel = base_url, channel
+        self.ok: list[object] = []
+        self.results: list[dict] = []
+        self.refused: list[object] = []
+
+    def publish(self, data: object) -> bool:
+        """Publish ``data``; True when it was answered 200."""
+        status, body = api_publish(self.base_url, self.channel, data)
+        assert status in (200, 503), (status, body)
+        if status == 200:
+            self.ok.append(data)
+            self.results.append(orjson.loads(body))
+        else:
+            self.refused.append(data)
+        return status == 200
+
+    def last_position(self) -> list[str]:
+        """[epoch, offset] of the last publication answered 200 (as :func:`stream_top`)."""
+        return [self.results[-1]["epoch"], str(self.results[-1]["offset"])]
+
+    def assert_offsets_go_on(self) -> None:
+        """One epoch, offsets strictly increasing over every publication answered 200."""
+        assert {r["epoch"] for r in self.results} == {self.results[0]["epoch"]}
+        offsets = [r["offset"] for r in self.results]
+        assert offsets == sorted(set(offsets))
+
+
+@contextlib.asynccontextmanager
+async def listening(ws_url: str, channel: str) -> AsyncIterator[list[fastws.Event]]:
+    """A Python client (it reconnects and recovers with ``since`` by itself) subscribed
+    to ``channel``; yields the list its events are appended to, in the background."""
+    received: list[fastws.Event] = []
+    async with fastws.connect(ws_url) as client:
+        await client.subscribe(channel)
+
+        async def consume() -> None:
+            async for event in client:
+                received.append(event)
+        consumer = asyncio.create_task(consume())
+        try:
+            yield received
+        finally:
+            consumer.cancel()
 
 
 _LAUNCH = """\

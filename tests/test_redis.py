@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 import redis.asyncio as aioredis
 from conftest import http, scrape
-from wsclient import RawClient, connect
+from redis_helpers import events, sub, uniq
+from wsclient import connect
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def uniq(prefix: str = "events") -> str:
-    return f"{prefix}:{uuid.uuid4().hex[:10]}"
-
-
-async def sub(c: RawClient, channel: str, rid: int, **extra) -> dict:
-    reply = await c.request({"id": rid, "type": "subscribe", "channel": channel, **extra})
-    assert reply["type"] == "subscribed", reply
-    return reply
-
-
-async def events(c: RawClient, n: int) -> list[dict]:
-    out = []
-    while len(out) < n:
-        m = await c.recv()
-        if m.get("type") == "event":
-            out.append(m)
-    return out
 
 
 @pytest.fixture

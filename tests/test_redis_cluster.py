@@ -4,11 +4,22 @@ faults confined to the shard they happen on."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 
 import pytest
-from conftest import ServerProc, http, scrape
-from redis_helpers import events, start_cluster, sub, until
+from conftest import ServerProc, scrape
+from redis_helpers import (
+    ApiPublisher,
+    api_publish,
+    events,
+    listening,
+    readyz,
+    start_cluster,
+    stream_top,
+    sub,
+    until,
+)
 from wsclient import RawClient, connect
 
 pytestmark = pytest.mark.timeout(120)
@@ -84,65 +95,50 @@ async def test_cluster_failover_keeps_every_acknowledged_publication(replica_clu
     """A graceful CLUSTER FAILOVER of the channel's master while a subscriber listens:
     every publication answered 200 reaches it (live, or after its 4010 through since),
     and offsets never repeat."""
-    import orjson
-
-    import fastws
-
     cluster = replica_cluster
     node = fastws_server("--broker", cluster.url)
     channel = f"events:{uuid.uuid4().hex[:8]}"
     master = cluster.owner(channel)
     replica = cluster.replica_of(master)
-    received: list[int] = []
-    ok: list[int] = []
-    results: list[dict] = []
-    seq = 0
+    pub = ApiPublisher(node.http_url, channel)
+    seq = itertools.count(1)                       # every attempt its own data
 
-    def publish() -> bool:
-        nonlocal seq
-        seq += 1
-        status, _, body = http("POST", node.http_url + "/api/publish",
-                               {"channel": channel, "data": seq},
-                               headers={"Authorization": "Bearer test-key"})
-        assert status in (200, 503), (status, body)
-        if status == 200:
-            ok.append(seq)
-            results.append(orjson.loads(body))
-        return status == 200
-
-    async with fastws.connect(node.ws_url) as client:
-        await client.subscribe(channel)
-
-        async def consume() -> None:
-            async for event in client:
-                received.append(event.data)
-        consumer = asyncio.create_task(consume())
+    async with listening(node.ws_url, channel) as received:
         for _ in range(3):
-            await until(publish, what="a publication before the failover")
+            await until(lambda: pub.publish(next(seq)), what="a publication before")
         assert cluster.cli(replica, "cluster", "failover").strip() == "OK"
-        meta = f"fws:{{{channel}}}:{channel}:m"
 
         def landed_on_new_master() -> bool:
-            return publish() and cluster.cli(replica, "hmget", meta, "e", "o").split() \
-                == [results[-1]["epoch"], str(results[-1]["offset"])]
+            return pub.publish(next(seq)) and stream_top(replica, channel) == \
+                pub.last_position()
         await until(landed_on_new_master, what="a publication on the promoted replica")
-        await until(lambda: set(ok) <= set(received), what="every acknowledged event")
-        consumer.cancel()
-    assert received == sorted(set(received))
-    assert {r["epoch"] for r in results} == {results[0]["epoch"]}
-    offsets = [r["offset"] for r in results]
-    assert offsets == sorted(set(offsets))
+        await until(lambda: set(pub.ok) <= {e.data for e in received},
+                    what="every acknowledged event")
+        data = [e.data for e in received]
+    assert data == sorted(set(data))
+    pub.assert_offsets_go_on()
 
 
 def publish_status(node: ServerProc, channel: str, data: object = "x") -> int:
-    return http("POST", node.http_url + "/api/publish", {"channel": channel, "data": data},
-                headers={"Authorization": "Bearer test-key"})[0]
+    return api_publish(node.http_url, channel, data)[0]
 
 
 async def next_event(c: RawClient, data: object) -> None:
     """The next message of ``c`` is the event ``data`` (no disconnect before it)."""
     msg = await c.recv()
     assert msg["type"] == "event" and msg["data"] == data, msg
+
+
+async def subscribers(node: ServerProc, channels: list[str],
+                      pattern: str) -> tuple[dict[str, RawClient], RawClient]:
+    """One raw connection subscribed to each of ``channels``, and one to ``pattern``."""
+    clients = {}
+    for ch in channels:
+        clients[ch] = await connect(node.ws_url)
+        await sub(clients[ch], ch, 1)
+    holder = await connect(node.ws_url)
+    await sub(holder, pattern, 1)
+    return clients, holder
 
 
 async def closed_with_4010(c: RawClient) -> None:
@@ -159,18 +155,13 @@ async def test_cluster_failover_closes_only_that_shards_subscribers(replica_clus
     channels keep their streams, and publishing to them never stops."""
     cluster = replica_cluster
     node = fastws_server("--broker", cluster.url)
-    await until(lambda: http("GET", node.http_url + "/readyz")[0] == 200, what="ready")
+    await until(lambda: readyz(node) == 200, what="ready")
     base = f"events:{uuid.uuid4().hex[:8]}"
     by_master = cluster.channels_by_master(base)
     master = next(iter(by_master))
     moved = by_master[master][0]
     kept = [v[0] for p, v in by_master.items() if p != master]
-    clients = {}
-    for ch in [moved, *kept]:
-        clients[ch] = await connect(node.ws_url)
-        await sub(clients[ch], ch, 1)
-    pattern = await connect(node.ws_url)
-    await sub(pattern, base + ":*", 1)
+    clients, pattern = await subscribers(node, [moved, *kept], base + ":*")
     before = scrape(node.http_url)['fastws_connections_closed_total{code="4010"}']
 
     replica = cluster.replica_of(master)
@@ -184,20 +175,20 @@ async def test_cluster_failover_closes_only_that_shards_subscribers(replica_clus
     metrics = scrape(node.http_url)
     assert metrics['fastws_connections_closed_total{code="4010"}'] == before + 2
     assert metrics["fastws_broker_shards_up"] == metrics["fastws_broker_shards"] == 3
-    for c in clients.values():
+    for c in [*clients.values(), pattern]:
         c.close()
 
 
 async def test_cluster_master_down_fails_only_its_channels(fastws_server):
     """A master killed, no replica to take over (cluster-require-full-coverage no): its
-    channels answer 503 (publish, subscribe, history), every other channel keeps working, with
-    no 4010, and the node stays ready (fastws_broker_shards_up says 2 of 3).  When it is
-    back, its channels work again and only their subscribers (and pattern ones) get
-    4010."""
+    channels answer 503 (publish, subscribe, history), every other channel keeps
+    working, with no 4010, and the node stays ready (fastws_broker_shards_up says 2 of
+    3).  When it is back, its channels work again and only their subscribers (and
+    pattern ones) get 4010."""
     cluster = start_cluster(extra=("--cluster-require-full-coverage", "no"))
     try:
         node = fastws_server("--broker", cluster.url)
-        await until(lambda: http("GET", node.http_url + "/readyz")[0] == 200, what="ready")
+        await until(lambda: readyz(node) == 200, what="ready")
         base = f"events:{uuid.uuid4().hex[:8]}"
         by_master = cluster.channels_by_master(base, per_master=2)
         holder = cluster.holder_of(f"fastws-{node.proc.pid}-global")
@@ -205,12 +196,7 @@ async def test_cluster_master_down_fails_only_its_channels(fastws_server):
         victim = next(p for p in by_master if p != holder)  # the global link lives on
         dead, dead_too = by_master[victim]
         live = [v[0] for p, v in by_master.items() if p != victim]
-        clients = {}
-        for ch in [dead, *live]:
-            clients[ch] = await connect(node.ws_url)
-            await sub(clients[ch], ch, 1)
-        pattern = await connect(node.ws_url)
-        await sub(pattern, base + ":*", 1)
+        clients, pattern = await subscribers(node, [dead, *live], base + ":*")
 
         cluster.kill(victim)
         await until(lambda: publish_status(node, dead) == 503, what="503 on the lost shard")
@@ -218,7 +204,7 @@ async def test_cluster_master_down_fails_only_its_channels(fastws_server):
             assert publish_status(node, ch, i) == 200
             await next_event(clients[ch], i)
         assert sorted(e["data"] for e in await events(pattern, len(live))) == [0, 1]
-        assert http("GET", node.http_url + "/readyz")[0] == 200
+        assert readyz(node) == 200
         metrics = scrape(node.http_url)
         assert (metrics["fastws_broker_shards"], metrics["fastws_broker_shards_up"]) == (3, 2)
         assert metrics["fastws_broker_up"] == 1
