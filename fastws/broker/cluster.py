@@ -243,18 +243,10 @@ class RedisClusterBroker(RedisBroker):
         for shard in fresh:
             self._shards[shard.name] = shard
         wanted = self._wanted_by_shard()
-        confirms: list[asyncio.Future] = []
-        for shard in self._shards.values():
-            want = wanted.get(shard.name, set())
-            if shard in fresh:
-                shard.link.wanted = want
-                continue
-            for name in shard.link.wanted - want:
-                shard.link.unsubscribe(name)
-            confirms.extend(shard.link.subscribe(name) for name in want - shard.link.wanted)
+        for shard in fresh:  # subscribed as they connect
+            shard.link.wanted = wanted.get(shard.name, set())
         await asyncio.gather(*(self._connect_shard(s) for s in fresh))
-        if confirms:
-            await asyncio.wait_for(asyncio.gather(*confirms), CONNECT_TIMEOUT * 2)
+        await self._reconcile()  # slots moved between live shards; subscribes meanwhile
         if not self._global_up:
             live = [s for s in self._shards.values() if s.up]
             if live:
@@ -267,6 +259,21 @@ class RedisClusterBroker(RedisBroker):
                     raise
                 self._global_up = self._global.connected
         return any(s.up for s in fresh)
+
+    async def _reconcile(self) -> None:
+        """Make every live shard link hold what the slot map says it should (the
+        channels and feeds of its slots); return once Redis confirmed the additions."""
+        wanted = self._wanted_by_shard()
+        confirms: list[asyncio.Future] = []
+        for shard in self._shards.values():
+            if not shard.up:
+                continue
+            want = wanted.get(shard.name, set())
+            for name in shard.link.wanted - want:
+                shard.link.unsubscribe(name)
+            confirms.extend(shard.link.subscribe(name) for name in want - shard.link.wanted)
+        if confirms:
+            await asyncio.wait_for(asyncio.gather(*confirms), CONNECT_TIMEOUT * 2)
 
     def _wanted_by_shard(self) -> dict[str, set[str]]:
         """What each master's shard link should hold: the channels of its slots, and
