@@ -433,6 +433,17 @@ cdef class Trie:
         entry = node.patterns.get(pattern)
         return tuple(entry.keys) if entry is not None else ()
 
+    def names(self):
+        """Every channel and pattern with at least one key (exact ones first)."""
+        cdef list out = list(self._exact)
+        cdef list todo = [] if self._root is None else [self._root]
+        cdef _Node node
+        while todo:
+            node = <_Node>todo.pop()
+            out.extend(node.patterns)
+            todo.extend(node.children.values())
+        return out
+
     def __len__(self):
         return self.count()
 

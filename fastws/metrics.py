@@ -18,6 +18,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from fastws import workers
 from fastws._version import __version__
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ class NodeCollector:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        if workers.CURRENT is not None:    # /metrics of --workers N: distinct channels
+            workers.CURRENT.channel_names = node.hub.trie.names
 
     def collect(self) -> Iterator[Metric]:
         node, hub = self.node, self.node.hub

@@ -17,7 +17,9 @@ The worker that answers ``GET /metrics`` reads every other worker's snapshot (li
 with a 1 s timeout per worker), adds them to its own and renders the sum: counters,
 gauges and histogram buckets are summed; ``fastws_broker_up`` and
 ``process_start_time_seconds`` take the minimum, lags and ``process_max_fds`` the
-maximum.  ``fastws_workers`` says how many workers answered.
+maximum; ``fastws_channels`` counts the distinct channel and pattern names over the
+workers (each snapshot lists its names).  ``fastws_workers`` says how many workers
+answered.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +63,9 @@ class Worker:
     count: int
     directory: str
     _server: asyncio.AbstractServer | None = None
+    #: this worker's channel and pattern names (set by the node's metrics collector), so
+    #: ``fastws_channels`` counts distinct names over all workers instead of summing
+    channel_names: Callable[[], list[str]] | None = None
 
     def socket_path(self, index: int) -> str:
         return os.path.join(self.directory, f"w{index}.sock")
@@ -73,7 +78,7 @@ class Worker:
 
         async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
-                w.write(orjson.dumps(snapshot(registry)))
+                w.write(orjson.dumps(snapshot(registry, self.channel_names)))
                 await w.drain()
             finally:
                 w.close()
@@ -90,10 +95,10 @@ class Worker:
         """The text format of the sum over every worker that answers."""
         peers = [i for i in range(self.count) if i != self.index]
         others = await asyncio.gather(*(self._read(i) for i in peers))
-        snaps = [snapshot(registry)] + [s for s in others if s is not None]
+        snaps = [snapshot(registry, self.channel_names)] + [s for s in others if s is not None]
         return merge(snaps)
 
-    async def _read(self, index: int) -> list | None:
+    async def _read(self, index: int) -> dict | None:
         try:
             async with asyncio.timeout(PEER_TIMEOUT):
                 reader, writer = await asyncio.open_unix_connection(self.socket_path(index))
@@ -107,20 +112,26 @@ class Worker:
 CURRENT: Worker | None = None
 
 
-def snapshot(registry: CollectorRegistry) -> list[list[Any]]:
-    """[[family, type, help, [[sample, labels, value], ...]], ...] of one registry."""
-    out = []
+def snapshot(registry: CollectorRegistry,
+             channel_names: Callable[[], list[str]] | None = None) -> dict[str, Any]:
+    """One registry's samples, ``{"families": [[family, type, help, [[sample, labels,
+    value], ...]], ...], "channels": [names] or None}``."""
+    families = []
     for fam in registry.collect():
-        out.append([fam.name, fam.type, fam.documentation,
-                    [[s.name, s.labels, s.value] for s in fam.samples]])
-    return out
+        families.append([fam.name, fam.type, fam.documentation,
+                         [[s.name, s.labels, s.value] for s in fam.samples]])
+    return {"families": families,
+            "channels": channel_names() if channel_names is not None else None}
 
 
-def merge(snaps: list[list[list[Any]]]) -> bytes:
-    """Sum snapshots into one text exposition (see the module docstring for the rules)."""
+def merge(snaps: list[dict[str, Any]]) -> bytes:
+    """Sum snapshots into one text exposition (see the module docstring for the rules).
+
+    ``fastws_channels`` is the number of distinct names over the workers when every
+    snapshot lists its names (a channel subscribed in two workers counts once)."""
     families: dict[str, tuple[str, str, dict[tuple, list[Any]]]] = {}
     for snap in snaps:
-        for name, typ, doc, samples in snap:
+        for name, typ, doc, samples in snap["families"]:
             fam = families.setdefault(name, (typ, doc, {}))
             acc = fam[2]
             for sname, labels, value in samples:
@@ -133,6 +144,11 @@ def merge(snaps: list[list[list[Any]]]) -> bytes:
                     acc[key][2] = max(acc[key][2], value)
                 else:
                     acc[key][2] += value
+    lists = [snap.get("channels") for snap in snaps]
+    if "fastws_channels" in families and all(names is not None for names in lists):
+        distinct = len(set().union(*lists))
+        for sample in families["fastws_channels"][2].values():
+            sample[2] = float(distinct)
 
     class _Merged:
         def collect(self) -> Iterator[Metric]:

@@ -274,6 +274,7 @@ def test_trie_against_brute_force(ops, cache_limit: int) -> None:
             assert set(got) == brute_match(subs, channel), (channel, subs)
         live = [n for n, k in subs.items() if k]
         assert trie.count() == len(trie) == len(live)
+        assert sorted(trie.names()) == sorted(live)
         assert trie._node_count() == expected_nodes(subs)
     for name in NAME_POOL:
         assert set(trie.keys(name)) == set(subs.get(name, {}))

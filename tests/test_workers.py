@@ -44,13 +44,26 @@ def test_merge_sums_counters_and_keeps_min_max():
               [["fastws_event_loop_lag_seconds", {}, 0.1]]],
              ["fastws_connections_closed", "counter", "c",
               [["fastws_connections_closed_total", {"code": "4010"}, 1.0]]]]
-    text = merge([snap, other]).decode()
+    text = merge([{"families": snap, "channels": None},
+                  {"families": other, "channels": None}]).decode()
     assert "fastws_publications_total 7.0" in text
     assert "fastws_broker_up 0.0" in text
     assert "fastws_event_loop_lag_seconds 0.5" in text
     assert 'fastws_connections_closed_total{code="1000"} 3.0' in text
     assert 'fastws_connections_closed_total{code="4010"} 1.0' in text
     assert "fastws_workers 2.0" in text
+
+
+def test_merge_counts_distinct_channels_over_workers():
+    def snap(names):
+        return {"families": [["fastws_channels", "gauge", "c",
+                              [["fastws_channels", {}, float(len(names))]]]],
+                "channels": names}
+
+    text = merge([snap(["a", "b", "events:*"]), snap(["b", "events:*", "c"])]).decode()
+    assert "fastws_channels 4.0" in text        # a, b, c, events:* (not 3 + 3)
+    partial = [snap(["a", "b"]), {"families": snap(["b"])["families"], "channels": None}]
+    assert "fastws_channels 3.0" in merge(partial).decode()   # a peer without names: sum
 
 
 async def test_two_workers_share_the_port_and_sum_metrics(redis_server, fastws_server):
@@ -67,6 +80,7 @@ async def test_two_workers_share_the_port_and_sum_metrics(redis_server, fastws_s
         assert m["fastws_workers"] == 2
         assert m["fastws_connections"] == 12
         assert m["fastws_subscriptions"] == 12
+        assert m["fastws_channels"] == 1     # one channel, however many workers hold it
     res = await asyncio.to_thread(srv.publish, "events:w", {"n": 1})
     for c in clients:
         while (msg := await c.recv())["type"] != "event":
