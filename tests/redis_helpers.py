@@ -29,8 +29,8 @@ import fastws
 from fastws.broker.redis_scripts import keys_for
 
 __all__ = ["until", "cli", "redis_server_proc", "sub", "events", "uniq", "readyz",
-           "api_publish", "stream_top", "ApiPublisher", "listening", "start_tuned_server",
-           "Cluster", "start_cluster"]
+           "api_publish", "stream_top", "ApiPublisher", "listening", "PRESENCE_TUNED",
+           "PRESENCE_WINDOW", "presence_of", "start_tuned_server", "Cluster", "start_cluster"]
 
 
 async def until(pred: Callable[[], object], timeout: float = 30.0,
@@ -147,6 +147,19 @@ async def listening(ws_url: str, channel: str) -> AsyncIterator[list[fastws.Even
             yield received
         finally:
             consumer.cancel()
+
+
+# presence with short timings (start_tuned_server): refresh and sweep every 0.2 s,
+# entries expire 1 s after their node's last refresh, so a dead node's clients leave
+# within PRESENCE_WINDOW (1.2 s)
+PRESENCE_TUNED = {"PRESENCE_REFRESH": 0.2, "PRESENCE_EXPIRY": 1.0}
+PRESENCE_WINDOW = sum(PRESENCE_TUNED.values())
+
+
+async def presence_of(c: RawClient, channel: str, rid: int) -> set[str]:
+    """The client ids a ``presence`` request of ``c`` lists for ``channel``."""
+    listed = await c.request({"id": rid, "type": "presence", "channel": channel})
+    return {m["client"] for m in listed["clients"]}
 
 
 _LAUNCH = """\

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from redis_helpers import sub
+from redis_helpers import PRESENCE_TUNED, PRESENCE_WINDOW, presence_of, sub
 from wsclient import RawClient, connect
 
 from fastws.broker.redis_scripts import presence_keys
@@ -23,16 +23,8 @@ CONFIG = """
 presence = true
 """
 
-# the same code with short timings: refresh and sweep every 0.2 s, entries expire 1 s
-# after their node's last refresh, so a dead node's clients leave within 1.2 s
-REFRESH, EXPIRY = 0.2, 1.0
-TUNED = {"PRESENCE_REFRESH": REFRESH, "PRESENCE_EXPIRY": EXPIRY}
-WINDOW = REFRESH + EXPIRY
-
-
-async def presence_of(c: RawClient, room: str, rid: int) -> set[str]:
-    listed = await c.request({"id": rid, "type": "presence", "channel": room})
-    return {m["client"] for m in listed["clients"]}
+REFRESH = PRESENCE_TUNED["PRESENCE_REFRESH"]
+TUNED, WINDOW = PRESENCE_TUNED, PRESENCE_WINDOW
 
 
 async def until_refreshed(r: aioredis.Redis, room: str, clients: list[str]) -> None:

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import uuid
 
 import pytest
 from conftest import ServerProc, scrape
 from redis_helpers import (
+    PRESENCE_TUNED,
+    PRESENCE_WINDOW,
     ApiPublisher,
     api_publish,
     events,
     listening,
+    presence_of,
     readyz,
     start_cluster,
     stream_top,
@@ -23,6 +27,11 @@ from redis_helpers import (
 from wsclient import RawClient, connect
 
 pytestmark = pytest.mark.timeout(120)
+
+PRESENCE_CONFIG = """
+[namespaces.chat]
+presence = true
+"""
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +238,25 @@ async def test_cluster_master_down_fails_only_its_channels(fastws_server):
             c.close()
     finally:
         cluster.stop()
+
+
+async def test_cluster_presence_leave_of_a_killed_node(redis_cluster, tuned_server):
+    """Presence on a cluster (its events go by SPUBLISH in the channel's shard): a node
+    killed, the survivor's sweep pushes its client's leave, once."""
+    a_node, b_node = (tuned_server(PRESENCE_TUNED, "--broker", redis_cluster.url,
+                                   config=PRESENCE_CONFIG) for _ in range(2))
+    for n in (a_node, b_node):
+        await until(lambda n=n: readyz(n) == 200, what="ready")
+    room = f"chat:{uuid.uuid4().hex[:10]}"
+    a = await connect(a_node.ws_url)
+    await sub(a, room, 1)
+    b = await connect(b_node.ws_url)
+    await sub(b, room, 1)
+    join = await a.recv()
+    assert join["type"] == "join"
+    b_node.stop(signal.SIGKILL)
+    assert await a.recv(timeout=PRESENCE_WINDOW + 5) == {**join, "type": "leave"}
+    assert join["client"] not in await presence_of(a, room, 2)
+    assert publish_status(a_node, room, "marker") == 200
+    await next_event(a, "marker")
+    a.close()
