@@ -7,11 +7,10 @@ import asyncio
 import operator
 import signal
 import time
-import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from redis_helpers import PRESENCE_TUNED, PRESENCE_WINDOW, presence_of, sub
+from redis_helpers import PRESENCE_TUNED, PRESENCE_WINDOW, presence_of, sub, uniq
 from wsclient import RawClient, connect
 
 from fastws.broker.redis_scripts import presence_keys
@@ -57,7 +56,7 @@ async def test_killed_node_clients_leave_with_one_push_each(redis_server, tuned_
     looks, and exactly once although both nodes sweep; presence no longer lists it."""
     a_node, b_node, c_node = (tuned_server(TUNED, "--broker", redis_server.url,
                                            config=CONFIG) for _ in range(3))
-    room = f"chat:{uuid.uuid4().hex[:10]}"
+    room = uniq("chat")
     a = await connect(a_node.ws_url)
     await sub(a, room, 1)
     c = await connect(c_node.ws_url)
@@ -102,7 +101,7 @@ async def test_stalled_node_clients_leave_and_join_again(redis_server, tuned_ser
     with a `join`.  Its own subscribers, for whom the client never left, see neither."""
     a_node, b_node = (tuned_server(TUNED, "--broker", redis_server.url, config=CONFIG)
                       for _ in range(2))
-    room = f"chat:{uuid.uuid4().hex[:10]}"
+    room = uniq("chat")
     a = await connect(a_node.ws_url)
     await sub(a, room, 1)
     b = await connect(b_node.ws_url)

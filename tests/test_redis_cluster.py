@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
-import uuid
 
 import pytest
 from conftest import ServerProc, scrape
@@ -22,6 +21,7 @@ from redis_helpers import (
     start_cluster,
     stream_top,
     sub,
+    uniq,
     until,
 )
 from wsclient import RawClient, connect
@@ -44,7 +44,7 @@ def redis_cluster():
 async def test_cluster_sharded_fanout_patterns_and_raw_publish(redis_cluster, fastws_server):
     n1 = fastws_server("--broker", redis_cluster.url)
     n2 = fastws_server("--broker", redis_cluster.url)
-    base = f"events:{uuid.uuid4().hex[:8]}"
+    base = uniq("events")
     channels = [f"{base}:{i}" for i in range(6)]        # spread over the masters
     assert len({redis_cluster.owner(ch) for ch in channels}) > 1
     exact = await connect(n2.ws_url)
@@ -106,7 +106,7 @@ async def test_cluster_failover_keeps_every_acknowledged_publication(replica_clu
     and offsets never repeat."""
     cluster = replica_cluster
     node = fastws_server("--broker", cluster.url)
-    channel = f"events:{uuid.uuid4().hex[:8]}"
+    channel = uniq("events")
     master = cluster.owner(channel)
     replica = cluster.replica_of(master)
     pub = ApiPublisher(node.http_url, channel)
@@ -165,7 +165,7 @@ async def test_cluster_failover_closes_only_that_shards_subscribers(replica_clus
     cluster = replica_cluster
     node = fastws_server("--broker", cluster.url)
     await until(lambda: readyz(node) == 200, what="ready")
-    base = f"events:{uuid.uuid4().hex[:8]}"
+    base = uniq("events")
     by_master = cluster.channels_by_master(base)
     master = next(iter(by_master))
     moved = by_master[master][0]
@@ -198,7 +198,7 @@ async def test_cluster_master_down_fails_only_its_channels(fastws_server):
     try:
         node = fastws_server("--broker", cluster.url)
         await until(lambda: readyz(node) == 200, what="ready")
-        base = f"events:{uuid.uuid4().hex[:8]}"
+        base = uniq("events")
         by_master = cluster.channels_by_master(base, per_master=2)
         holder = cluster.holder_of(f"fastws-{node.proc.pid}-global")
         assert holder is not None
@@ -247,7 +247,7 @@ async def test_cluster_presence_leave_of_a_killed_node(redis_cluster, tuned_serv
                                    config=PRESENCE_CONFIG) for _ in range(2))
     for n in (a_node, b_node):
         await until(lambda n=n: readyz(n) == 200, what="ready")
-    room = f"chat:{uuid.uuid4().hex[:10]}"
+    room = uniq("chat")
     a = await connect(a_node.ws_url)
     await sub(a, room, 1)
     b = await connect(b_node.ws_url)
