@@ -24,7 +24,13 @@ from fastws import auth, channels, protocol
 from fastws._fanout import Hub, make_frame
 from fastws._match import Trie, glob_match
 from fastws.auth import Auth
-from fastws.broker import Broker, BrokerUnavailable, PublishResult, create_broker
+from fastws.broker import (
+    Broker,
+    BrokerUnavailable,
+    Publication,
+    PublishResult,
+    create_broker,
+)
 from fastws.broker.memory import MemoryBroker
 from fastws.codes import Err
 from fastws.limits import MAX_JSON_DEPTH, Bucket, json_depth
@@ -146,6 +152,41 @@ class Node:
             channel, data_json, history_size=ns.history_size, history_ttl=ns.history_ttl,
             idempotency_key=idempotency_key, log=log,
         )
+
+    def _publication(self, channel: str, data: Any,
+                     idempotency_key: str | None = None) -> Publication:
+        """A broker :class:`Publication` of ``data`` on ``channel`` with its namespace's
+        history rules (ProtocolError if ``data`` nests too deep)."""
+        if json_depth(data) > MAX_JSON_DEPTH:
+            raise ProtocolError(Err.BAD_REQUEST,
+                                f"data nests deeper than {MAX_JSON_DEPTH} levels")
+        ns = self.config.for_channel(channel)
+        log = None
+        if ns.history_size > 0 and ns.subscribe not in ("owner", "api"):
+            space = channels.namespace_of(channel)
+            if space:
+                log = (space, NS_LOG_SIZE)
+        return Publication(channel, orjson.dumps(data), ns.history_size, ns.history_ttl,
+                           idempotency_key, log)
+
+    async def publish_batch(self, items: list[tuple[str, Any, str | None]]
+                            ) -> list[PublishResult | ProtocolError | BrokerUnavailable]:
+        """Publish ``(channel, data, idempotency_key)`` items (validated channels) in
+        order, in one broker batch; one result per item: its offset/epoch, or the
+        ProtocolError (bad data) or BrokerUnavailable that kept it from being published.
+        Raises BrokerUnavailable when the broker took none of them."""
+        out: list[Any] = []
+        pubs: list[Publication] = []
+        for channel, data, key in items:
+            try:
+                pub = self._publication(channel, data, key)
+            except ProtocolError as exc:
+                out.append(exc)
+                continue
+            out.append(None)
+            pubs.append(pub)
+        done = iter(await self.broker.publish_batch(pubs) if pubs else ())
+        return [next(done) if r is None else r for r in out]
 
     def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
                            accepted: float, log_offset: int = 0, log_epoch: str = "") -> None:

@@ -63,6 +63,7 @@ conn_log = logging.getLogger("fastws.conn")   # one debug line per connection ev
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
+MAX_BATCH = 1000                # publications in one POST /api/publish array
 HEAD_TIMEOUT = 10.0             # seconds to send a whole request head (slowloris)
 KEEPALIVE_TIMEOUT = 75.0        # seconds an idle keep-alive HTTP connection stays open
 SLOW_ABORT_AFTER = 2.0          # seconds between a 4008 close and dropping the socket
@@ -376,39 +377,92 @@ class App:
         body = await worker.metrics(self.metrics.registry)
         return _response(200, body, {"Content-Type": CONTENT_TYPE})
 
-    async def _api_publish(self, headers: dict[str, str], body: bytes) -> bytes:
+    def _api_key_ok(self, headers: dict[str, str]) -> bool:
+        """True when the request carries one of the configured API keys."""
         keys = self.node.config.server.api_keys
         authz = headers.get("authorization", "")
-        if not keys or not authz.lower().startswith("bearer ") or authz[7:].strip() not in keys:
+        return bool(keys) and authz.lower().startswith("bearer ") and authz[7:].strip() in keys
+
+    def _publication(self, msg: Any) -> tuple[str, Any, str | None] | str:
+        """``(channel, data, idempotency_key)`` of one publication object of the API,
+        or the reason it is refused."""
+        if not isinstance(msg, dict):
+            return "a publication must be a JSON object"
+        unknown = set(msg) - {"channel", "data", "idempotency_key"}
+        if unknown:
+            return f"unknown field {sorted(unknown)[0]!r}"
+        if "data" not in msg:
+            return "data is required"
+        try:
+            channel = channels.validate(msg.get("channel"),
+                                        self.node.config.limits.max_channel_length,
+                                        allow_pattern=False)
+        except channels.ChannelError as exc:
+            return str(exc)
+        key = msg.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 255):
+            return "idempotency_key must be a string of 1-255 chars"
+        return channel, msg["data"], key
+
+    async def _api_publish(self, headers: dict[str, str], body: bytes) -> bytes:
+        if not self._api_key_ok(headers):
             return _json(401, {"error": "a valid API key is required (Authorization: Bearer)"},
                          {"WWW-Authenticate": "Bearer"})
         try:
             msg = orjson.loads(body)
         except orjson.JSONDecodeError:
             return _json(400, {"error": "body must be JSON"})
+        if isinstance(msg, list):
+            return await self._api_publish_batch(msg)
         if not isinstance(msg, dict):
-            return _json(400, {"error": "body must be a JSON object"})
-        unknown = set(msg) - {"channel", "data", "idempotency_key"}
-        if unknown:
-            return _json(400, {"error": f"unknown field {sorted(unknown)[0]!r}"})
-        if "data" not in msg:
-            return _json(400, {"error": "data is required"})
+            return _json(400, {"error": "body must be a JSON object (or an array of them)"})
+        item = self._publication(msg)
+        if isinstance(item, str):
+            return _json(400, {"error": item})
         try:
-            channel = channels.validate(msg.get("channel"),
-                                        self.node.config.limits.max_channel_length,
-                                        allow_pattern=False)
-        except channels.ChannelError as exc:
-            return _json(400, {"error": str(exc)})
-        key = msg.get("idempotency_key")
-        if key is not None and (not isinstance(key, str) or not key or len(key) > 255):
-            return _json(400, {"error": "idempotency_key must be a string of 1-255 chars"})
-        try:
-            res = await self.node.publish(channel, msg["data"], key)
+            res = await self.node.publish(*item)
         except BrokerUnavailable as exc:
             return _json(503, {"error": f"broker unavailable: {exc}"}, {"Retry-After": "1"})
         except protocol.ProtocolError as exc:
             return _json(400, {"error": exc.message})
         return _json(200, {"offset": res.offset, "epoch": res.epoch})
+
+    async def _api_publish_batch(self, msgs: list[Any]) -> bytes:
+        """A JSON array of publications: each is checked and published on its own (one
+        bad item does not stop the others), in the array's order, in one broker batch;
+        the answer is an array of one result per item, in order."""
+        if not msgs:
+            return _json(400, {"error": "the array of publications is empty"})
+        if len(msgs) > MAX_BATCH:
+            return _json(400, {"error": f"more than {MAX_BATCH} publications in one request"})
+        for i, msg in enumerate(msgs):  # the request's shape is wrong: nothing is published
+            if not isinstance(msg, dict):
+                return _json(400, {"error": f"item {i} of the array is not a JSON object"})
+        results: list[Any] = []
+        items: list[tuple[str, Any, str | None]] = []
+        for msg in msgs:
+            item = self._publication(msg)
+            if isinstance(item, str):
+                results.append({"error": item, "status": 400})
+            else:
+                results.append(None)
+                items.append(item)
+        if items:
+            try:
+                done = iter(await self.node.publish_batch(items))
+            except BrokerUnavailable as exc:
+                return _json(503, {"error": f"broker unavailable: {exc}"}, {"Retry-After": "1"})
+            for i, r in enumerate(results):
+                if r is not None:
+                    continue
+                res = next(done)
+                if isinstance(res, BrokerUnavailable):
+                    results[i] = {"error": f"broker unavailable: {res}", "status": 503}
+                elif isinstance(res, protocol.ProtocolError):
+                    results[i] = {"error": res.message, "status": 400}
+                else:
+                    results[i] = {"offset": res.offset, "epoch": res.epoch}
+        return _json(200, results)
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",

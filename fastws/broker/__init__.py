@@ -7,11 +7,12 @@ from fastws.broker.base import (
     BrokerHandler,
     BrokerUnavailable,
     HistoryResult,
+    Publication,
     PublishResult,
 )
 
-__all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "HistoryResult", "PublishResult",
-           "create_broker"]
+__all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "HistoryResult", "Publication",
+           "PublishResult", "create_broker"]
 
 
 def create_broker(url: str) -> Broker:

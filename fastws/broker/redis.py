@@ -64,6 +64,7 @@ from fastws.broker.base import (
     BrokerHandler,
     BrokerUnavailable,
     HistoryResult,
+    Publication,
     PublishResult,
 )
 from fastws.broker.redis_scripts import (
@@ -972,11 +973,10 @@ class RedisBroker(Broker):
 
     keeps_logs = True  # namespace logs (not on a cluster: the log's slot is not the channel's)
 
-    async def publish(self, channel: str, data: bytes, *, history_size: int,
-                      history_ttl: float, idempotency_key: str | None = None,
-                      log: tuple[str, int] | None = None) -> PublishResult:
-        if not self.up:
-            raise BrokerUnavailable("redis is not connected")
+    def _publish_call(self, channel: str, data: bytes, history_size: int,
+                      history_ttl: float, idempotency_key: str | None,
+                      log: tuple[str, int] | None) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of the publish script for one publication."""
         meta, stream, idem = keys_for(channel)
         keys = [meta, stream]
         if idempotency_key is not None:
@@ -985,9 +985,54 @@ class RedisBroker(Broker):
         if log is not None and log[1] > 0 and self.keeps_logs:
             keys.extend(log_keys(log[0]))
             args.append(log[1])  # ARGV[12]: the namespace log's size
+        return keys, args
+
+    async def publish(self, channel: str, data: bytes, *, history_size: int,
+                      history_ttl: float, idempotency_key: str | None = None,
+                      log: tuple[str, int] | None = None) -> PublishResult:
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        keys, args = self._publish_call(channel, data, history_size, history_ttl,
+                                        idempotency_key, log)
         res = await self._eval(channel, "publish", keys, args, durable=True)
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
+
+    async def publish_batch(self, pubs: list[Publication]
+                            ) -> list[PublishResult | BrokerUnavailable]:
+        """Every publish script of the batch is written before any reply is awaited:
+        one pipeline per command connection (one round trip, and with replicas one
+        ``WAIT`` for all), run by Redis in the batch's order."""
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        calls: list[tuple[str, _Commands, asyncio.Future, list[str], list[Any]]
+                   | BrokerUnavailable] = []
+        for p in pubs:
+            keys, args = self._publish_call(p.channel, p.data, p.history_size,
+                                            p.history_ttl, p.idempotency_key, p.log)
+            try:
+                link = self._command_for(p.channel)
+                fut = self._issue(link, "publish", keys, args, durable=True)
+            except BrokerUnavailable as exc:  # e.g. the channel's cluster shard is down
+                calls.append(exc)
+                continue
+            calls.append((p.channel, link, fut, keys, args))
+        replies = await asyncio.gather(
+            *(self._reply(c[1], c[2], "publish", c[3], c[4], durable=True)
+              for c in calls if not isinstance(c, BrokerUnavailable)),
+            return_exceptions=True)
+        out: list[PublishResult | BrokerUnavailable] = []
+        it = iter(replies)
+        for c in calls:
+            res = c if isinstance(c, BrokerUnavailable) else next(it)
+            if isinstance(res, BrokerUnavailable):
+                out.append(res)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                offset, _, epoch = res.partition(b" ")
+                out.append(PublishResult(int(offset), epoch.decode()))
+        return out
 
     async def log_history(self, namespace: str, *, limit: int, since_channel: str,
                           since_offset: int, since_epoch: str) -> HistoryResult:
@@ -1067,11 +1112,26 @@ class RedisBroker(Broker):
                     args: list[Any], durable: bool = False) -> Any:
         """Run one of SCRIPTS for ``channel`` on its command connection, in call order."""
         link = self._command_for(channel)
+        fut = self._issue(link, script, keys, args, durable)
+        return await self._reply(link, fut, script, keys, args, durable)
+
+    @staticmethod
+    def _issue(link: _Commands, script: str, keys: list[str], args: list[Any],
+               durable: bool) -> asyncio.Future:
+        """Queue the script's EVALSHA on ``link`` now (written at the end of this loop
+        pass with every other command queued in it); the future gets the reply."""
         try:
             sha = link.shas[script]
-            return await link.call("EVALSHA", sha, len(keys), *keys, *args, durable=durable)
         except KeyError:
             raise BrokerUnavailable("redis is not connected") from None
+        return link.call("EVALSHA", sha, len(keys), *keys, *args, durable=durable)
+
+    async def _reply(self, link: _Commands, fut: asyncio.Future, script: str,
+                     keys: list[str], args: list[Any], durable: bool) -> Any:
+        """The reply of an :meth:`_issue`; a flushed script runs again, and replies that
+        mean the master moved or is busy become :class:`BrokerUnavailable`."""
+        try:
+            return await fut
         except ResponseError as exc:
             msg = str(exc)
             if msg.startswith("NOSCRIPT"):  # flushed behind our back: not run, run it now
