@@ -1,9 +1,10 @@
 """Where indexed events go: a small publisher interface and its implementations.
 
 A :class:`Publisher` takes ``(channel, data, idempotency_key)`` and returns once the
-publication is accepted; it retries what can succeed later (the server restarting,
-HTTP 429/5xx) and raises :class:`PublishRefused` for what cannot (a wrong API key, a
-channel the server rejects), which stops the indexer.
+publication is accepted (a :class:`BatchPublisher` also takes a list of them, in
+order: the indexer sends a step's events that way); it retries what can succeed later
+(the server restarting, HTTP 429/5xx) and raises :class:`PublishRefused` for what
+cannot (a wrong API key, a channel the server rejects), which stops the indexer.
 
 - :class:`HttpPublisher`: ``POST /api/publish`` of a fastws server (``--url``,
   ``--api-key``): the way to feed a separate server when it runs ``memory://``.
@@ -30,9 +31,16 @@ if TYPE_CHECKING:
     from fastws.config import NamespaceConfig
     from fastws.node import Node
 
-__all__ = ["BrokerPublisher", "HttpPublisher", "NodePublisher", "PublishRefused", "Publisher"]
+__all__ = ["BatchPublisher", "BrokerPublisher", "HttpPublisher", "Item", "NodePublisher",
+           "PublishRefused", "Publisher"]
 
 log = logging.getLogger("fastws.indexer")
+
+#: one publication: (channel, data, idempotency key)
+Item = tuple[str, dict[str, Any], str]
+
+BATCH_ITEMS = 500              # publications per POST (the server takes up to 1000)
+BATCH_BYTES = 512 * 1024       # encoded bytes per POST (the server takes a 1 MiB body)
 
 
 class PublishRefused(Exception):
@@ -51,8 +59,20 @@ class Publisher(Protocol):
         ...
 
 
+class BatchPublisher(Publisher, Protocol):
+    """A publisher that also takes many publications at once."""
+
+    async def publish_many(self, items: list[Item]) -> None:
+        """Publish ``items`` in their order (per channel, each after the one before it);
+        returns once all are accepted."""
+        ...
+
+
 class HttpPublisher:
-    """Publishes through a fastws server's ``POST /api/publish`` (keep-alive session)."""
+    """Publishes through a fastws server's ``POST /api/publish`` (keep-alive session):
+    :meth:`publish_many` sends up to ``BATCH_ITEMS`` publications per request (a JSON
+    array), falling back to one request per publication on a server that takes no
+    arrays."""
 
     def __init__(self, url: str, api_key: str | None, *, timeout: float = 10.0,
                  backoff: Backoff | None = None) -> None:
@@ -61,6 +81,8 @@ class HttpPublisher:
         self.timeout = timeout
         self.backoff = backoff or Backoff(base=0.1, cap=5.0)
         self.retries = 0
+        self.requests = 0          # POSTs that were answered 200
+        self.batches = True        # False once the server refused an array
         self._session: Any = None
 
     async def _client(self) -> Any:
@@ -85,6 +107,7 @@ class HttpPublisher:
                 async with session.post(self.endpoint, data=body) as resp:
                     text = await resp.read()
                     if resp.status == 200:
+                        self.requests += 1
                         return
                     reason = _reason(text) or resp.reason or ""
                     if resp.status in (401, 403):
@@ -94,6 +117,72 @@ class HttpPublisher:
                         raise PublishRefused(f"HTTP {resp.status} for {channel}: {reason}")
                     retry_after = _float(resp.headers.get("Retry-After"))
                     problem = f"HTTP {resp.status} {reason}".strip()
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            self.retries += 1
+            delay = self.backoff.delay(attempt, retry_after)
+            log.warning("publish to %s: %s; retry in %.2fs", self.endpoint, problem, delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def publish_many(self, items: list[Item]) -> None:
+        """Publish ``items`` in order, in requests of up to BATCH_ITEMS publications (and
+        BATCH_BYTES); a request's items that failed for now (503) are sent again from
+        the first of them on, in order (their keys drop what the server already has)."""
+        i = 0
+        while i < len(items) and self.batches:
+            bodies: list[bytes] = []
+            size = 0
+            for channel, data, key in items[i:i + BATCH_ITEMS]:
+                one = orjson.dumps({"channel": channel, "data": data, "idempotency_key": key})
+                if bodies and size + len(one) > BATCH_BYTES:
+                    break
+                bodies.append(one)
+                size += len(one) + 1
+            await self._post_batch(items[i:i + len(bodies)], bodies)
+            i += len(bodies)
+        for channel, data, key in items[i:]:   # a server without batches
+            await self.publish(channel, data, key)
+
+    async def _post_batch(self, items: list[Item], bodies: list[bytes]) -> None:
+        """POST ``bodies`` as one array until every item is accepted (retrying from the
+        first that was not); on a server that takes no arrays, publish them one by one."""
+        import aiohttp
+
+        session = await self._client()
+        attempt = 0
+        while bodies:
+            retry_after: float | None = None
+            try:
+                async with session.post(self.endpoint,
+                                        data=b"[" + b",".join(bodies) + b"]") as resp:
+                    text = await resp.read()
+                    reason = _reason(text) or resp.reason or ""
+                    if resp.status == 200:
+                        self.requests += 1
+                        failed = _first_failed(items, orjson.loads(text))
+                        if failed is None:
+                            return
+                        at, status, reason = failed
+                        if status != 429 and status < 500:
+                            raise PublishRefused(f"HTTP {status} for {items[at][0]}: {reason}")
+                        items, bodies = items[at:], bodies[at:]
+                        problem = f"{status} {reason} (item {at})"
+                    elif resp.status in (401, 403):
+                        raise PublishRefused(f"HTTP {resp.status} from {self.endpoint}: {reason}"
+                                             " (check --api-key)")
+                    elif resp.status == 400 and "JSON object" in reason:
+                        log.warning("%s takes no batches (%s): publishing one by one",
+                                    self.endpoint, reason)
+                        self.batches = False
+                        for channel, data, key in items:
+                            await self.publish(channel, data, key)
+                        return
+                    elif resp.status != 429 and resp.status < 500:
+                        raise PublishRefused(f"HTTP {resp.status} for a batch: {reason}")
+                    else:
+                        retry_after = _float(resp.headers.get("Retry-After"))
+                        problem = f"HTTP {resp.status} {reason}".strip()
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             self.retries += 1
@@ -179,6 +268,40 @@ class BrokerPublisher:
                 attempt += 1
                 await asyncio.sleep(delay)
 
+    async def publish_many(self, items: list[Item]) -> None:
+        """Publish ``items`` in order with the broker's batch (one Redis pipeline per
+        BATCH_ITEMS); what was not published (BrokerUnavailable) is sent again from the
+        first of them on."""
+        from fastws.broker import BrokerUnavailable, Publication
+
+        if self.broker is None:
+            await self.start()
+        assert self.broker is not None
+        pubs = []
+        for channel, data, key in items:
+            ns = self.rules(channel)
+            pubs.append(Publication(channel, orjson.dumps(data), ns.history_size,
+                                    ns.history_ttl, key))
+        attempt = 0
+        while pubs:
+            chunk = pubs[:BATCH_ITEMS]
+            try:
+                results = await self.broker.publish_batch(chunk)
+            except BrokerUnavailable as exc:
+                results = [exc]
+            failed = next((i for i, r in enumerate(results)
+                           if isinstance(r, BrokerUnavailable)), None)
+            if failed is None:
+                pubs = pubs[len(chunk):]
+                attempt = 0
+                continue
+            pubs = pubs[failed:]
+            self.retries += 1
+            delay = self.backoff.delay(attempt)
+            log.warning("publish to %s: %s; retry in %.2fs", self.url, results[failed], delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
     async def close(self) -> None:
         if self.broker is not None:
             await self.broker.close()
@@ -195,6 +318,19 @@ def _reason(body: bytes) -> str:
             if isinstance(doc.get(key), str):
                 return doc[key]
     return ""
+
+
+def _first_failed(items: list[Item], results: Any) -> tuple[int, int, str] | None:
+    """(index, status, reason) of the first item of a batch answer that was not
+    published, or None when all were."""
+    if not isinstance(results, list) or len(results) != len(items):
+        return 0, 502, "the answer does not hold one result per publication"
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or "offset" not in r:
+            status = r.get("status") if isinstance(r, dict) else None
+            reason = r.get("error", "") if isinstance(r, dict) else ""
+            return i, status if isinstance(status, int) else 502, str(reason)
+    return None
 
 
 def _float(value: str | None) -> float | None:

@@ -220,8 +220,7 @@ class Indexer:
                 log.info("blocks %d..%d do not link up; reading again", n - 1, n)
                 return False
 
-        for lg in logs:
-            await self._publish_log(lg, headers[lg.block_number].timestamp, window_from)
+        await self._publish_logs(logs, headers, window_from)
         for f in created:
             log.info("following %s from block %d (created by %s)", f.address, f.block,
                      f.created_by)
@@ -282,36 +281,55 @@ class Indexer:
             return None
         return {n: h for n, h in zip(numbers, got, strict=True) if h is not None}
 
-    async def _publish_log(self, lg: RawLog, timestamp: int, window_from: int) -> None:
+    async def _publish_logs(self, logs: list[RawLog], headers: dict[int, BlockHeader],
+                            window_from: int) -> None:
+        """Publish the events of ``logs`` (in (block, logIndex) order) and remember those
+        inside the reorg window."""
         cp = self.cp
         assert cp is not None
-        spec = self.codec.spec_for(lg)
-        if spec is None:
-            self.stats.skipped_logs += 1
-            topic = lg.topics[0] if lg.topics else "(anonymous)"
-            if topic not in self._unknown_topics:
-                self._unknown_topics.add(topic)
-                log.warning("log with topic %s of %s is not in the ABI; skipped",
-                            topic, lg.address)
-            return
-        try:
-            data = event_data(spec, lg, timestamp)
-        except Exception as exc:  # a log that does not decode with its ABI entry
-            self.stats.skipped_logs += 1
-            log.warning("cannot decode %s in tx %s: %s; skipped", spec.signature, lg.tx_hash, exc)
-            return
-        key = lg.uid if lg.uid not in cp.retracted else f"{lg.uid}:{lg.block_hash}"
-        await self._send(spec.channel_name, data, key)
-        self.stats.events += 1
-        if lg.block_number >= window_from:
-            cp.recent.append(PublishedEvent(key, data))
+        events: list[tuple[str, dict[str, Any], str, int]] = []
+        for lg in logs:
+            spec = self.codec.spec_for(lg)
+            if spec is None:
+                self.stats.skipped_logs += 1
+                topic = lg.topics[0] if lg.topics else "(anonymous)"
+                if topic not in self._unknown_topics:
+                    self._unknown_topics.add(topic)
+                    log.warning("log with topic %s of %s is not in the ABI; skipped",
+                                topic, lg.address)
+                continue
+            try:
+                data = event_data(spec, lg, headers[lg.block_number].timestamp)
+            except Exception as exc:  # a log that does not decode with its ABI entry
+                self.stats.skipped_logs += 1
+                log.warning("cannot decode %s in tx %s: %s; skipped", spec.signature,
+                            lg.tx_hash, exc)
+                continue
+            key = lg.uid if lg.uid not in cp.retracted else f"{lg.uid}:{lg.block_hash}"
+            events.append((spec.channel_name, data, key, lg.block_number))
+        await self._send([(name, data, key) for name, data, key, _ in events])
+        for _, data, key, block in events:
+            self.stats.events += 1
+            if block >= window_from:
+                cp.recent.append(PublishedEvent(key, data))
 
-    async def _send(self, name: str, data: dict[str, Any], key: str) -> None:
-        """Publish to both channels at once: each channel still gets its events in order,
-        since the next event waits for both."""
-        await asyncio.gather(
-            self.publisher.publish(f"events:{name}", data, key),
-            self.publisher.publish(f"market:{data['marketAddress']}", data, key))
+    async def _send(self, events: list[tuple[str, dict[str, Any], str]]) -> None:
+        """Publish each ``(channel name, data, key)`` event to its two channels, in order.
+
+        A :class:`~fastws.indexer.publish.BatchPublisher` gets them all as one list (the
+        HTTP publisher sends it in a few requests); any other publisher gets one event
+        at a time, to both channels at once: each channel still gets its events in
+        order, since the next event waits for both."""
+        many = getattr(self.publisher, "publish_many", None)
+        if many is not None:
+            await many([item for name, data, key in events
+                        for item in ((f"events:{name}", data, key),
+                                     (f"market:{data['marketAddress']}", data, key))])
+            return
+        for name, data, key in events:
+            await asyncio.gather(
+                self.publisher.publish(f"events:{name}", data, key),
+                self.publisher.publish(f"market:{data['marketAddress']}", data, key))
 
     # ------------------------------------------------------------------ reorgs
 
@@ -334,10 +352,14 @@ class Indexer:
         log.warning("reorg: blocks after %d replaced; retracting %d events",
                     ancestor, len(gone))
         names = {spec.name: spec.channel_name for spec in self.codec.events.values()}
+        retractions = []
         for ev in reversed(gone):
             data = dict(ev.data, removed=True)
             channel_name = names.get(data["eventType"]) or snake_case(data["eventType"])
-            await self._send(channel_name, data, ev.key + ":removed")
+            retractions.append((channel_name, data, ev.key + ":removed"))
+        # all of them are published before this returns: before the new chain's events
+        await self._send(retractions)
+        for _, data, _ in retractions:
             self.stats.retractions += 1
             uid = f"{data['txHash']}:{data['logIndex']}"
             if uid not in cp.retracted:
