@@ -15,8 +15,9 @@ shared broker.  The supervisor
 worker serves a snapshot of its own registry on a Unix socket there (``w<i>.sock``).
 The worker that answers ``GET /metrics`` reads every other worker's snapshot (live,
 with a 1 s timeout per worker), adds them to its own and renders the sum: counters,
-gauges and histogram buckets are summed; ``fastws_broker_up`` and
-``process_start_time_seconds`` take the minimum, lags and ``process_max_fds`` the
+gauges and histogram buckets are summed; ``fastws_broker_up``, the cluster's
+``fastws_broker_shards``/``fastws_broker_shards_up`` (every worker sees the same
+shards) and ``process_start_time_seconds`` take the minimum, lags and ``process_max_fds`` the
 maximum; ``fastws_channels`` counts the distinct channel and pattern names over the
 workers (each snapshot lists its names).  ``fastws_workers`` says how many workers
 answered.
@@ -50,7 +51,8 @@ log = logging.getLogger("fastws.workers")
 PEER_TIMEOUT = 1.0
 FAST_EXIT = 1.0          # seconds: a worker dying faster than this is crash-looping
 STOP_GRACE = 5.0         # seconds beyond drain_timeout before SIGKILL
-_MIN = {"fastws_broker_up", "process_start_time_seconds"}
+_MIN = {"fastws_broker_up", "fastws_broker_shards", "fastws_broker_shards_up",
+        "process_start_time_seconds"}
 _MAX = {"fastws_event_loop_lag_seconds", "fastws_broker_lag_seconds", "process_max_fds",
         "fastws_draining", "fastws_build_info"}
 

@@ -60,6 +60,9 @@ def test_merge_counts_distinct_channels_over_workers():
                               [["fastws_channels", {}, float(len(names))]]]],
                 "channels": names}
 
+    shards = [["fastws_broker_shards_up", "gauge", "s", [["fastws_broker_shards_up", {}, 2.0]]]]
+    two = merge([{"families": shards, "channels": None}] * 2).decode()
+    assert "fastws_broker_shards_up 2.0" in two      # the same shards, not 2 + 2
     text = merge([snap(["a", "b", "events:*"]), snap(["b", "events:*", "c"])]).decode()
     assert "fastws_channels 4.0" in text        # a, b, c, events:* (not 3 + 3)
     partial = [snap(["a", "b"]), {"families": snap(["b"])["families"], "channels": None}]
