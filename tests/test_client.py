@@ -863,7 +863,9 @@ async def test_real_failed_refresh_falls_back_to_reconnect(fastws_server) -> Non
         assert await sub.wait_subscribed(timeout=5) is True
         await _publish(srv, "user:alice", "after refresh")
         assert (await c.next_event(timeout=5)).data == "after refresh"
-        assert len(issued) == 2 and not c.closed
+        # a token per connect attempt (a loaded machine may need more than one attempt
+        # to reconnect); none was handed out on the live connection (token() raises)
+        assert len(issued) >= 2 and not c.closed
         assert len(refused) >= 2 and c.token_refreshes == 0  # retried, then gave up
 
 
