@@ -11,8 +11,12 @@ __all__ = [
     "Err", "Close", "Disconnect",
     "DISCONNECT_DRAINING", "DISCONNECT_SLOW", "DISCONNECT_RATE_LIMITED",
     "DISCONNECT_INSUFFICIENT_STATE", "DISCONNECT_INVALID_TOKEN", "DISCONNECT_ORIGIN",
-    "DISCONNECT_CONNECTION_LIMIT", "DISCONNECT_TOKEN_EXPIRED",
+    "DISCONNECT_CONNECTION_LIMIT", "DISCONNECT_TOKEN_EXPIRED", "DISCONNECT_BY_API",
+    "MAX_CLOSE_REASON",
 ]
+
+#: bytes of UTF-8 a close frame's reason may hold (125 - the 2 bytes of the code)
+MAX_CLOSE_REASON = 123
 
 
 class Err:
@@ -49,6 +53,7 @@ class Close:
     INVALID_TOKEN = 4501
     ORIGIN_NOT_ALLOWED = 4503
     CONNECTION_LIMIT = 4504
+    DISCONNECTED = 4505          # POST /api/disconnect without a code
 
     @staticmethod
     def should_reconnect(code: int) -> bool:
@@ -76,3 +81,4 @@ DISCONNECT_INVALID_TOKEN = Disconnect(Close.INVALID_TOKEN, "invalid token")
 DISCONNECT_TOKEN_EXPIRED = Disconnect(Close.INVALID_TOKEN, "token expired")
 DISCONNECT_ORIGIN = Disconnect(Close.ORIGIN_NOT_ALLOWED, "origin not allowed")
 DISCONNECT_CONNECTION_LIMIT = Disconnect(Close.CONNECTION_LIMIT, "connection limit reached")
+DISCONNECT_BY_API = Disconnect(Close.DISCONNECTED, "disconnected by the server")

@@ -32,7 +32,7 @@ from fastws.broker import (
     create_broker,
 )
 from fastws.broker.memory import MemoryBroker
-from fastws.codes import Err
+from fastws.codes import Disconnect, Err
 from fastws.limits import MAX_JSON_DEPTH, Bucket, json_depth
 from fastws.protocol import ProtocolError, Request
 
@@ -628,6 +628,27 @@ class Node:
         self.hub.broadcast(channel, make_frame(payload), -1.0, True)  # not a publication
 
     # ------------------------------------------------------------------ connections
+
+    def disconnect_user(self, user: str, d: Disconnect) -> int:
+        """Disconnect every connection of ``user`` on this node (the ``disconnect`` push,
+        then close with ``d.code``); returns how many were closed."""
+        n = 0
+        for conn in list(self.hub.conns):
+            if conn.user is not None and not conn.closing and auth.same_owner(conn.user, user):
+                conn.disconnect(d)
+                n += 1
+        return n
+
+    def handle_control(self, payload: bytes) -> None:
+        """Broker callback: another node's control message (``POST /api/disconnect``
+        sends ``{"op":"disconnect","user","code","reason"}``)."""
+        msg = orjson.loads(payload)
+        if isinstance(msg, dict) and msg.get("op") == "disconnect":
+            n = self.disconnect_user(str(msg["user"]),
+                                     Disconnect(int(msg["code"]), str(msg["reason"])))
+            log.info("disconnected %d connections of a user (server API, another node)", n)
+        else:
+            log.warning("unknown control message %r", payload[:200])
 
     def drop(self, conn: Connection, close_code: int) -> None:
         """A connection ended: remove its subscriptions and count its close code."""

@@ -41,6 +41,7 @@ from fastws._frames import MessageAssembler, close_with, receive
 from fastws._version import __version__
 from fastws.broker import BrokerUnavailable
 from fastws.codes import (
+    DISCONNECT_BY_API,
     DISCONNECT_CONNECTION_LIMIT,
     DISCONNECT_DRAINING,
     DISCONNECT_INVALID_TOKEN,
@@ -48,6 +49,7 @@ from fastws.codes import (
     DISCONNECT_RATE_LIMITED,
     DISCONNECT_SLOW,
     DISCONNECT_TOKEN_EXPIRED,
+    MAX_CLOSE_REASON,
     Close,
     Disconnect,
 )
@@ -329,6 +331,10 @@ class App:
             if method != "POST":
                 return _response(405, b'{"error":"use POST"}', {"Allow": "POST"})
             return self.loop.create_task(self._api_publish(headers, body))
+        if route == "/api/disconnect":
+            if method != "POST":
+                return _response(405, b'{"error":"use POST"}', {"Allow": "POST"})
+            return self.loop.create_task(self._api_disconnect(headers, body))
         if route in ("/auth/nonce", "/auth/siwe"):
             return self.loop.create_task(self._auth(method, route, headers, body))
         if method not in ("GET", "HEAD"):
@@ -426,6 +432,45 @@ class App:
         except protocol.ProtocolError as exc:
             return _json(400, {"error": exc.message})
         return _json(200, {"offset": res.offset, "epoch": res.epoch})
+
+    async def _api_disconnect(self, headers: dict[str, str], body: bytes) -> bytes:
+        """``{"user": U[, "code": 4000-4999][, "reason": R]}``: disconnect every connection
+        of U on every node; answers how many this node closed."""
+        if not self._api_key_ok(headers):
+            return _json(401, {"error": "a valid API key is required (Authorization: Bearer)"},
+                         {"WWW-Authenticate": "Bearer"})
+        try:
+            msg = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _json(400, {"error": "body must be JSON"})
+        if not isinstance(msg, dict):
+            return _json(400, {"error": "body must be a JSON object"})
+        unknown = set(msg) - {"user", "code", "reason"}
+        if unknown:
+            return _json(400, {"error": f"unknown field {sorted(unknown)[0]!r}"})
+        user = msg.get("user")
+        if not isinstance(user, str) or not user or len(user) > 255:
+            return _json(400, {"error": "user must be a string of 1-255 chars"})
+        code = msg.get("code", DISCONNECT_BY_API.code)
+        if not isinstance(code, int) or isinstance(code, bool) or not 4000 <= code <= 4999:
+            return _json(400, {"error": "code must be an integer in 4000-4999 (4000-4499: "
+                                        "the client reconnects, 4500-4999: it does not)"})
+        reason = msg.get("reason", DISCONNECT_BY_API.reason)
+        if not isinstance(reason, str) or len(reason.encode()) > MAX_CLOSE_REASON:
+            return _json(400, {"error": f"reason must be a string of at most "
+                                        f"{MAX_CLOSE_REASON} bytes (UTF-8)"})
+        d = Disconnect(code, reason)
+        n = self.node.disconnect_user(user, d)
+        try:
+            await self.node.broker.send_control(orjson.dumps(
+                {"op": "disconnect", "user": user, "code": code, "reason": reason}))
+        except BrokerUnavailable as exc:
+            return _json(503, {"error": f"broker unavailable: {exc}; this node closed its "
+                                        "connections of the user, other nodes were not told",
+                               "disconnected": n}, {"Retry-After": "1"})
+        log.info("disconnected %d connections of a user (server API)", n,
+                 extra={"user": user, "code": code})
+        return _json(200, {"disconnected": n})
 
     async def _api_publish_batch(self, msgs: list[Any]) -> bytes:
         """A JSON array of publications: each is checked and published on its own (one

@@ -79,6 +79,10 @@ class BrokerHandler(Protocol):
         """A client of *another* node joined or left ``channel`` (``typ`` "join"/"leave");
         push it to this node's subscribers of the channel."""
 
+    def handle_control(self, payload: bytes) -> None:
+        """A control message another node sent with :meth:`Broker.send_control` (e.g.
+        disconnect a user's connections).  Optional: brokers call it when it exists."""
+
 
 class Broker(ABC):
     """Carries publications between nodes; keeps per-channel offsets, epochs and history."""
@@ -163,6 +167,13 @@ class Broker(ABC):
         handler delivered meanwhile (subscribe with ``since``): nothing published before
         the read can arrive after the merge.  The default suits brokers that deliver
         inside ``publish`` (the in-memory one): it returns without suspending."""
+        return None
+
+    async def send_control(self, payload: bytes) -> None:
+        """Hand ``payload`` to the ``handle_control`` of every *other* node sharing this
+        broker, on a channel no client can name.  Raises :class:`BrokerUnavailable` when
+        it could not be sent.  The default (a single-process broker) has no other node
+        and does nothing."""
         return None
 
     async def presence_join(self, channel: str, client: str, user: str | None) -> None:

@@ -113,6 +113,9 @@ PRESENCE_BATCH = 500         # clients re-added per refresh script call
 # what connecting may raise when Redis is away or busy (retried quietly)
 CONNECT_ERRORS = (TimeoutError, OSError, BrokerUnavailable, ResponseError,
                   RedisConnectionError, RedisTimeoutError, RedisClusterException)
+# node-to-node control messages (send_control): a name with a space, which no client
+# can subscribe to or publish on (channel names are printable ASCII without space)
+CONTROL_CHANNEL = "fws control"
 _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
                         "NOREPLICAS", "BUSY")
 _ENV_LEN = len(ENVELOPE_PREFIX)
@@ -668,7 +671,7 @@ class RedisBroker(Broker):
         self._closed = False
         self._runner: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
-        self._wanted: set[str] = set()
+        self._wanted: set[str] = {CONTROL_CHANNEL}   # every node hears control messages
         self.node_id = os.urandom(6).hex()
         # channel -> {client id: user JSON} of this node's presence members
         self._presence_local: dict[str, dict[str, bytes]] = {}
@@ -824,6 +827,9 @@ class RedisBroker(Broker):
 
     def _deliver(self, channel: bytes, payload: bytes) -> None:
         name = channel.decode("utf-8", "replace")
+        if name == CONTROL_CHANNEL:
+            self._deliver_control(payload)
+            return
         if payload.startswith(PRESENCE_PREFIX):
             self._deliver_presence(name, payload)
             return
@@ -840,6 +846,27 @@ class RedisBroker(Broker):
             self._handler.handle_publication(name, data, offset, epoch, accepted)
         except Exception:
             log.exception("redis pub/sub: cannot deliver a publication on %s", name)
+
+    def _deliver_control(self, payload: bytes) -> None:
+        """``NODE_ID PAYLOAD`` on the control channel: another node's control message."""
+        node, _, body = payload.partition(b" ")
+        if node.decode("ascii", "replace") == self.node_id:
+            return  # our own: the sending node acted on it already
+        handle = getattr(self._handler, "handle_control", None)
+        if handle is None:
+            return
+        try:
+            handle(body)
+        except Exception:
+            log.exception("redis pub/sub: cannot handle a control message")
+
+    async def send_control(self, payload: bytes) -> None:
+        """Publish ``NODE_ID PAYLOAD`` on the control channel (SPUBLISH on a cluster)."""
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        link = self._command_for(CONTROL_CHANNEL)
+        await link.call(self._presence_command, CONTROL_CHANNEL,
+                        self.node_id.encode() + b" " + payload)
 
     def _deliver_presence(self, channel: str, payload: bytes) -> None:
         try:
@@ -1149,8 +1176,8 @@ class RedisBroker(Broker):
     # ------------------------------------------------------------------ for tests
 
     def wanted(self) -> frozenset[str]:
-        """The channels and patterns this node holds in Redis."""
-        return frozenset(self._wanted)
+        """The channels and patterns this node holds in Redis for its clients."""
+        return frozenset(self._wanted - {CONTROL_CHANNEL})
 
 
 def _command_options() -> dict[str, Any]:
