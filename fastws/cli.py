@@ -3,7 +3,7 @@
 Subcommands (docs/protocol.md section 2)::
 
     fastws serve   [options]          # flags generated from fastws.config.ServerConfig
-    fastws publish [--url URL] [--api-key KEY] CHANNEL JSON
+    fastws publish [--url URL] [--api-key KEY] CHANNEL JSON [CHANNEL JSON ...]
     fastws index   ...                # delegates to fastws.indexer when it exists
     fastws bench   [args]             # runs `python -m loadtest.fanout`
     fastws --version
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--timeout", default="10", help="seconds (default 10)")
     publish.add_argument("channel", metavar="CHANNEL")
     publish.add_argument("data", metavar="JSON")
+    publish.add_argument("more", nargs="*", metavar="CHANNEL JSON",
+                         help="more publications, sent in order as one batch request")
 
     index = sub.add_parser("index", help="publish blockchain contract logs",
                            add_help=False, prefix_chars="\0")
@@ -145,11 +147,21 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def _publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     me = f"{PROG} publish"
-    try:
-        data = json.loads(args.data, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        _say(me, f"JSON: not valid JSON ({exc})")
+    if len(args.more) % 2:
+        _say(me, f"CHANNEL {args.more[-1]!r} has no JSON after it: give CHANNEL JSON pairs")
         return 2
+    pairs = [(args.channel, args.data), *zip(args.more[::2], args.more[1::2], strict=True)]
+    if len(pairs) > 1 and args.idempotency_key is not None:
+        _say(me, "--idempotency-key: only with one publication (one key per channel)")
+        return 2
+    datas = []
+    for n, (_, text) in enumerate(pairs, 1):
+        try:
+            datas.append(json.loads(text, parse_constant=_no_constant))
+        except (ValueError, RecursionError) as exc:
+            where = "JSON" if len(pairs) == 1 else f"JSON #{n}"
+            _say(me, f"{where}: not valid JSON ({exc})")
+            return 2
     url = (args.url or env.get("FASTWS_URL") or DEFAULT_URL).strip()
     label = "--url" if args.url else ("FASTWS_URL" if env.get("FASTWS_URL") else "--url")
     for ws, http in (("ws://", "http://"), ("wss://", "https://")):
@@ -169,9 +181,12 @@ def _publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if key is None:
         key = next((k.strip() for k in env.get("FASTWS_API_KEY", "").split(",") if k.strip()),
                    None)
-    body: dict[str, object] = {"channel": args.channel, "data": data}
+    body: dict[str, object] | list[dict[str, object]]
+    body = {"channel": args.channel, "data": datas[0]}
     if args.idempotency_key is not None:
         body["idempotency_key"] = args.idempotency_key
+    if len(pairs) > 1:
+        body = [{"channel": ch, "data": d} for (ch, _), d in zip(pairs, datas, strict=True)]
     headers = {"Content-Type": "application/json", "User-Agent": f"fastws/{__version__}"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -189,6 +204,17 @@ def _publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         _say(me, f"cannot reach {endpoint}: {reason}")
         return 1
     sys.stdout.write(answer.strip() + "\n")
+    if isinstance(body, list):  # per item: say which were not published
+        try:
+            results = json.loads(answer)
+        except ValueError:
+            results = []
+        failed = [(n, r) for n, r in enumerate(results, 1)
+                  if isinstance(r, dict) and "error" in r]
+        for n, r in failed:
+            _say(me, f"publication #{n} ({pairs[n - 1][0]}): HTTP {r.get('status')}: "
+                     f"{r['error']}")
+        return 1 if failed else 0
     return 0
 
 
