@@ -123,3 +123,12 @@ async def test_indexer_backlog_goes_in_few_requests(chain, server) -> None:
         await pub.close()
         await source.rpc.close()
         c.close()
+
+
+async def test_backlog_tool_smoke() -> None:
+    """``python -m fastws.indexer.backlog`` (the numbers of docs/indexer.md) runs."""
+    from fastws.indexer.backlog import api_rate, catch_up
+
+    res = await catch_up(30, "memory://", None)
+    assert res["events"] == 30 and res["rate"] > 0 and res["seconds"] >= res["first"] > 0
+    assert await api_rate(10, "memory://", 0.3, 2) > 0
