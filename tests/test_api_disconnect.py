@@ -52,6 +52,10 @@ async def test_disconnect_user_on_every_node(redis_server, fastws_server) -> Non
     alice_a2 = await as_user(a.ws_url, "alice")
     alice_b = await as_user(b.ws_url, "alice")
     bob_b = await as_user(b.ws_url, "bob")
+    # a pattern matching every name (PSUBSCRIBE * in Redis) hears no control message
+    watcher = await as_user(b.ws_url, "dave")
+    reply = await watcher.request({"id": 1, "type": "subscribe", "channel": "*"})
+    assert reply["type"] == "subscribed", reply
     status, res = disconnect(a.http_url, {"user": "alice"})
     assert status == 200 and res == {"disconnected": 2}   # node A's own count
     for c in (alice_a, alice_a2, alice_b):
@@ -63,6 +67,11 @@ async def test_disconnect_user_on_every_node(redis_server, fastws_server) -> Non
     # bob, on the node that got the control message, is untouched
     assert (await bob_b.request({"id": 5, "type": "ping"}))["type"] == "pong"
     assert not bob_b.closed.is_set()
+    assert await watcher.request({"id": 7, "type": "ping"}) == {"id": 7, "type": "pong"}
+    assert watcher.messages.empty()
+    a.publish("events:seen", 1)   # while a real publication reaches it, once
+    assert (await watcher.recv())["channel"] == "events:seen"
+    watcher.close()
     # a code of the reconnect range: reconnect true, a randomized after_ms
     status, res = disconnect(b.http_url, {"user": "bob", "code": 4002,
                                           "reason": "please reconnect"})
