@@ -410,14 +410,20 @@ class App:
             return "idempotency_key must be a string of 1-255 chars"
         return channel, msg["data"], key
 
-    async def _api_publish(self, headers: dict[str, str], body: bytes) -> bytes:
+    def _api_request(self, headers: dict[str, str], body: bytes) -> Any:
+        """The parsed JSON body of an API request, or the 401/400 answer (bytes)."""
         if not self._api_key_ok(headers):
             return _json(401, {"error": "a valid API key is required (Authorization: Bearer)"},
                          {"WWW-Authenticate": "Bearer"})
         try:
-            msg = orjson.loads(body)
+            return orjson.loads(body)
         except orjson.JSONDecodeError:
             return _json(400, {"error": "body must be JSON"})
+
+    async def _api_publish(self, headers: dict[str, str], body: bytes) -> bytes:
+        msg = self._api_request(headers, body)
+        if isinstance(msg, bytes):
+            return msg
         if isinstance(msg, list):
             return await self._api_publish_batch(msg)
         if not isinstance(msg, dict):
@@ -436,13 +442,9 @@ class App:
     async def _api_disconnect(self, headers: dict[str, str], body: bytes) -> bytes:
         """``{"user": U[, "code": 4000-4999][, "reason": R]}``: disconnect every connection
         of U on every node; answers how many this node closed."""
-        if not self._api_key_ok(headers):
-            return _json(401, {"error": "a valid API key is required (Authorization: Bearer)"},
-                         {"WWW-Authenticate": "Bearer"})
-        try:
-            msg = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return _json(400, {"error": "body must be JSON"})
+        msg = self._api_request(headers, body)
+        if isinstance(msg, bytes):
+            return msg
         if not isinstance(msg, dict):
             return _json(400, {"error": "body must be a JSON object"})
         unknown = set(msg) - {"user", "code", "reason"}
