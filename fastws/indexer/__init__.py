@@ -65,55 +65,51 @@ def _env(name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
+# (flag, metavar, help): each flag is also read from FASTWS_<FLAG> (``--api-key``:
+# FASTWS_API_KEY), named at the end of its help
+_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--rpc", "URL", "JSON-RPC endpoint of a node: http(s)://, or ws(s):// to be woken by "
+                     "eth_subscribe newHeads instead of polling"),
+    ("--contract", "ADDR[,ADDR]", "contract address(es) to index"),
+    ("--abi", "FILE", "ABI JSON (a list, or an object with an \"abi\" key); default: the "
+                      "bundled PredictionMarket and MarketFactory ABIs"),
+    ("--follow", "EVENT.ARG", "an event (of a factory) whose address argument is a contract "
+                              "to index too, from that event's block on"),
+    ("--child-abi", "FILE", "ABI of the contracts --follow finds (default: --abi)"),
+    ("--from-block", "N", "where a first run starts (default: new blocks only); a "
+                          "checkpoint wins"),
+    ("--confirmations", "N", "publish once a block has N confirmations, its own included "
+                             "(default 2)"),
+    ("--broker", "URL", "redis://host:port/db: publish into the shared broker and keep the "
+                        "checkpoint there; memory:// or unset: through --url"),
+    ("--url", "URL", f"fastws server to publish to over HTTP (default {DEFAULT_URL})"),
+    ("--api-key", "KEY", "the server's API key"),
+    ("--checkpoint", "FILE|KEY", "checkpoint file (default .fastws-index-<contracts "
+                                 "hash>.json), or with a Redis broker its key (default "
+                                 "fastws:indexer:<contracts hash>)"),
+    ("--config", "FILE", "the servers' fastws.toml, for the namespaces' history rules "
+                         "(Redis broker only)"),
+    ("--poll-interval", "SECONDS", "seconds between polls of the head (default 1; with "
+                                   "ws:// only while the newHeads subscription is down)"),
+    ("--max-range", "N", "most blocks per eth_getLogs call (default 2000; narrower when the "
+                         "node refuses)"),
+    ("--metrics-port", "PORT", "serve Prometheus /metrics on 127.0.0.1:PORT (default 0: "
+                               "off)"),
+    ("--log-level", "LEVEL", "debug, info, warning, error (default info)"),
+)
+
+
+def _env_name(flag: str) -> str:
+    """``--api-key`` -> ``API_KEY`` (the variable is FASTWS_API_KEY)."""
+    return flag.removeprefix("--").upper().replace("-", "_")
+
+
 def _build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Publish each log of the contracts, once "
                       "confirmed, to events:<event_name> and market:<address> of a fastws "
                       "server; a reorg publishes retractions first. See docs/indexer.md.")
-    p.add_argument("--rpc", metavar="URL",
-                   help="JSON-RPC endpoint of a node: http(s)://, or ws(s):// to be woken "
-                        "by eth_subscribe newHeads instead of polling [FASTWS_RPC]")
-    p.add_argument("--contract", metavar="ADDR[,ADDR]",
-                   help="contract address(es) to index [FASTWS_CONTRACT]")
-    p.add_argument("--abi", metavar="FILE",
-                   help="ABI JSON (a list, or an object with an \"abi\" key); default: the "
-                        "bundled PredictionMarket and MarketFactory ABIs [FASTWS_ABI]")
-    p.add_argument("--follow", metavar="EVENT.ARG",
-                   help="an event (of a factory) whose address argument is a contract to "
-                        "index too, from that event's block on [FASTWS_FOLLOW]")
-    p.add_argument("--child-abi", metavar="FILE",
-                   help="ABI of the contracts --follow finds (default: --abi) "
-                        "[FASTWS_CHILD_ABI]")
-    p.add_argument("--from-block", metavar="N",
-                   help="where a first run starts (default: new blocks only); a checkpoint "
-                        "wins [FASTWS_FROM_BLOCK]")
-    p.add_argument("--confirmations", metavar="N",
-                   help="publish once a block has N confirmations, its own included "
-                        "(default 2) [FASTWS_CONFIRMATIONS]")
-    p.add_argument("--broker", metavar="URL",
-                   help="redis://host:port/db: publish into the shared broker and keep the "
-                        "checkpoint there; memory:// or unset: through --url [FASTWS_BROKER]")
-    p.add_argument("--url", metavar="URL",
-                   help=f"fastws server to publish to over HTTP (default {DEFAULT_URL}) "
-                        "[FASTWS_URL]")
-    p.add_argument("--api-key", metavar="KEY", help="the server's API key [FASTWS_API_KEY]")
-    p.add_argument("--checkpoint", metavar="FILE|KEY",
-                   help="checkpoint file (default .fastws-index-<contracts hash>.json), or "
-                        "with a Redis broker its key (default fastws:indexer:<contracts "
-                        "hash>) [FASTWS_CHECKPOINT]")
-    p.add_argument("--config", metavar="FILE",
-                   help="the servers' fastws.toml, for the namespaces' history rules "
-                        "(Redis broker only) [FASTWS_CONFIG]")
-    p.add_argument("--poll-interval", metavar="SECONDS",
-                   help="seconds between polls of the head (default 1; with ws:// only "
-                        "while the newHeads subscription is down) [FASTWS_POLL_INTERVAL]")
-    p.add_argument("--max-range", metavar="N",
-                   help="most blocks per eth_getLogs call (default 2000; narrower when the "
-                        "node refuses) [FASTWS_MAX_RANGE]")
-    p.add_argument("--metrics-port", metavar="PORT",
-                   help="serve Prometheus /metrics on 127.0.0.1:PORT (default 0: off) "
-                        "[FASTWS_METRICS_PORT]")
-    p.add_argument("--log-level", metavar="LEVEL",
-                   help="debug, info, warning, error (default info) [FASTWS_LOG_LEVEL]")
+    for flag, metavar, text in _FLAGS:
+        p.add_argument(flag, metavar=metavar, help=f"{text} [FASTWS_{_env_name(flag)}]")
     return p
 
 
@@ -154,18 +150,18 @@ def parse_args(argv: list[str]) -> IndexArgs:
     """Flags > ``FASTWS_*`` environment > defaults; raises :class:`UsageError`."""
     ns = _build_parser().parse_args(argv)
 
-    def pick(attr: str, env: str) -> str | None:
+    def pick(attr: str) -> str | None:      # the flag, else FASTWS_<ATTR>
         value = getattr(ns, attr)
-        return value if value is not None else _env(env)
+        return value if value is not None else _env(attr.upper())
 
-    rpc = pick("rpc", "RPC")
+    rpc = pick("rpc")
     if not rpc:
         raise UsageError("--rpc: required (the node's JSON-RPC URL)")
     if not rpc.startswith(("http://", "https://", "ws://", "wss://")):
         raise UsageError(f"--rpc: {rpc!r} is not an http://, https://, ws:// or wss:// URL")
     if not urlsplit(rpc).hostname:
         raise UsageError(f"--rpc: {rpc!r} names no host")
-    raw_contracts = pick("contract", "CONTRACT")
+    raw_contracts = pick("contract")
     if not raw_contracts:
         raise UsageError("--contract: required (one or more 0x addresses, comma-separated)")
     contracts: list[str] = []
@@ -175,8 +171,8 @@ def parse_args(argv: list[str]) -> IndexArgs:
             raise UsageError(f"--contract: {item!r} is not a 0x address of 40 hex digits")
         if item.lower() not in contracts:
             contracts.append(item.lower())
-    abi = _load_abi(pick("abi", "ABI"))
-    follow_raw, child_abi_path = pick("follow", "FOLLOW"), pick("child_abi", "CHILD_ABI")
+    abi = _load_abi(pick("abi"))
+    follow_raw, child_abi_path = pick("follow"), pick("child_abi")
     follow: Any = None
     if child_abi_path and not follow_raw:
         raise UsageError("--child-abi: only with --follow EVENT.ARG")
@@ -189,10 +185,10 @@ def parse_args(argv: list[str]) -> IndexArgs:
             follow = Follow.parse(follow_raw, abi)
         except ValueError as exc:
             raise UsageError(f"--follow: {exc}") from None
-    from_block = _int("--from-block", pick("from_block", "FROM_BLOCK"), None, 0)
-    confirmations = _int("--confirmations", pick("confirmations", "CONFIRMATIONS"), 2, 1)
-    broker = pick("broker", "BROKER")
-    url = pick("url", "URL")
+    from_block = _int("--from-block", pick("from_block"), None, 0)
+    confirmations = _int("--confirmations", pick("confirmations"), 2, 1)
+    broker = pick("broker")
+    url = pick("url")
     scheme = broker.partition("://")[0].lower() if broker else ""
     if scheme in ("redis+cluster", "redis+sentinel"):
         raise UsageError(f"--broker: {scheme}:// is not available to the indexer yet; give "
@@ -207,13 +203,13 @@ def parse_args(argv: list[str]) -> IndexArgs:
     url = url or DEFAULT_URL
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--url: {url!r} is not an http:// or https:// URL")
-    api_key = pick("api_key", "API_KEY")
+    api_key = pick("api_key")
     if api_key and "," in api_key and ns.api_key is None:
         api_key = api_key.split(",")[0].strip()   # FASTWS_API_KEY may list the server's keys
     identity = ",".join(sorted(contracts)) + (f"|follow={follow}" if follow else "")
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    checkpoint = pick("checkpoint", "CHECKPOINT")
-    config_file = pick("config", "CONFIG")
+    checkpoint = pick("checkpoint")
+    config_file = pick("config")
     config: Any = None
     if broker is not None:
         checkpoint = checkpoint or f"fastws:indexer:{digest}"
@@ -229,18 +225,18 @@ def parse_args(argv: list[str]) -> IndexArgs:
         if cp_path.is_dir() or not cp_path.resolve().parent.is_dir():
             raise UsageError(f"--checkpoint: {checkpoint} is not a file in an existing "
                              "directory")
-    poll_raw = pick("poll_interval", "POLL_INTERVAL") or "1"
+    poll_raw = pick("poll_interval") or "1"
     try:
         poll = float(poll_raw)
     except ValueError:
         raise UsageError(f"--poll-interval: {poll_raw!r} is not a number") from None
     if not 0 < poll <= 3600:
         raise UsageError(f"--poll-interval: must be in (0, 3600] seconds, got {poll_raw}")
-    max_range = _int("--max-range", pick("max_range", "MAX_RANGE"), 2000, 1)
-    metrics_port = _int("--metrics-port", pick("metrics_port", "METRICS_PORT"), 0, 0)
+    max_range = _int("--max-range", pick("max_range"), 2000, 1)
+    metrics_port = _int("--metrics-port", pick("metrics_port"), 0, 0)
     if metrics_port is not None and metrics_port > 65535:
         raise UsageError(f"--metrics-port: {metrics_port} is not a TCP port")
-    level = (pick("log_level", "LOG_LEVEL") or "info").lower()
+    level = (pick("log_level") or "info").lower()
     if level not in ("debug", "info", "warning", "error", "critical"):
         raise UsageError(f"--log-level: {level!r} is not debug, info, warning or error")
     assert confirmations is not None and max_range is not None and metrics_port is not None
