@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -96,34 +96,14 @@ class HttpPublisher:
         return self._session
 
     async def publish(self, channel: str, data: dict[str, Any], idempotency_key: str) -> None:
-        import aiohttp
-
         body = orjson.dumps({"channel": channel, "data": data, "idempotency_key": idempotency_key})
-        session = await self._client()
-        attempt = 0
-        while True:
-            retry_after: float | None = None
-            try:
-                async with session.post(self.endpoint, data=body) as resp:
-                    text = await resp.read()
-                    if resp.status == 200:
-                        self.requests += 1
-                        return
-                    reason = _reason(text) or resp.reason or ""
-                    if resp.status in (401, 403):
-                        raise PublishRefused(f"HTTP {resp.status} from {self.endpoint}: {reason}"
-                                             " (check --api-key)")
-                    if resp.status != 429 and resp.status < 500:
-                        raise PublishRefused(f"HTTP {resp.status} for {channel}: {reason}")
-                    retry_after = _float(resp.headers.get("Retry-After"))
-                    problem = f"HTTP {resp.status} {reason}".strip()
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            self.retries += 1
-            delay = self.backoff.delay(attempt, retry_after)
-            log.warning("publish to %s: %s; retry in %.2fs", self.endpoint, problem, delay)
-            attempt += 1
-            await asyncio.sleep(delay)
+
+        async def settle(status: int, text: bytes, reason: str) -> str | None:
+            if status == 200:
+                return None
+            raise PublishRefused(f"HTTP {status} for {channel}: {reason}")
+
+        await self._post(lambda: body, settle)
 
     async def publish_many(self, items: list[Item]) -> None:
         """Publish ``items`` in order, in requests of up to BATCH_ITEMS publications (and
@@ -147,39 +127,55 @@ class HttpPublisher:
     async def _post_batch(self, items: list[Item], bodies: list[bytes]) -> None:
         """POST ``bodies`` as one array until every item is accepted (retrying from the
         first that was not); on a server that takes no arrays, publish them one by one."""
+
+        async def settle(status: int, text: bytes, reason: str) -> str | None:
+            nonlocal items, bodies
+            if status == 400 and "JSON object" in reason:
+                log.warning("%s takes no batches (%s): publishing one by one",
+                            self.endpoint, reason)
+                self.batches = False
+                for channel, data, key in items:
+                    await self.publish(channel, data, key)
+                return None
+            if status != 200:
+                raise PublishRefused(f"HTTP {status} for a batch: {reason}")
+            failed = _first_failed(items, orjson.loads(text))
+            if failed is None:
+                return None
+            at, status, reason = failed
+            if status != 429 and status < 500:
+                raise PublishRefused(f"HTTP {status} for {items[at][0]}: {reason}")
+            items, bodies = items[at:], bodies[at:]
+            return f"{status} {reason} (item {at})"
+
+        await self._post(lambda: b"[" + b",".join(bodies) + b"]", settle)
+
+    async def _post(self, body: Callable[[], bytes],
+                    settle: Callable[[int, bytes, str], Awaitable[str | None]]) -> None:
+        """POST ``body()`` until ``settle`` is done with an answer.  401/403 raise
+        :class:`PublishRefused`; 429, 5xx and connection errors are retried with backoff;
+        other answers go to ``settle(status, body, reason)``, which returns None when
+        done, raises PublishRefused, or returns what went wrong to retry (``body()``
+        again: settle may have changed it)."""
         import aiohttp
 
         session = await self._client()
         attempt = 0
-        while bodies:
+        while True:
             retry_after: float | None = None
             try:
-                async with session.post(self.endpoint,
-                                        data=b"[" + b",".join(bodies) + b"]") as resp:
+                async with session.post(self.endpoint, data=body()) as resp:
                     text = await resp.read()
                     reason = _reason(text) or resp.reason or ""
                     if resp.status == 200:
                         self.requests += 1
-                        failed = _first_failed(items, orjson.loads(text))
-                        if failed is None:
-                            return
-                        at, status, reason = failed
-                        if status != 429 and status < 500:
-                            raise PublishRefused(f"HTTP {status} for {items[at][0]}: {reason}")
-                        items, bodies = items[at:], bodies[at:]
-                        problem = f"{status} {reason} (item {at})"
-                    elif resp.status in (401, 403):
+                    if resp.status in (401, 403):
                         raise PublishRefused(f"HTTP {resp.status} from {self.endpoint}: {reason}"
                                              " (check --api-key)")
-                    elif resp.status == 400 and "JSON object" in reason:
-                        log.warning("%s takes no batches (%s): publishing one by one",
-                                    self.endpoint, reason)
-                        self.batches = False
-                        for channel, data, key in items:
-                            await self.publish(channel, data, key)
-                        return
-                    elif resp.status != 429 and resp.status < 500:
-                        raise PublishRefused(f"HTTP {resp.status} for a batch: {reason}")
+                    if resp.status == 200 or (resp.status != 429 and resp.status < 500):
+                        problem = await settle(resp.status, text, reason)
+                        if problem is None:
+                            return
                     else:
                         retry_after = _float(resp.headers.get("Retry-After"))
                         problem = f"HTTP {resp.status} {reason}".strip()
