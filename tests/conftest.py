@@ -111,11 +111,12 @@ class ServerProc:
 
 def start_server(*args: str, config: str | None = None, port: int | None = None,
                  env: dict[str, str] | None = None, api_key: str | None = API_KEY,
-                 wait: bool = True) -> ServerProc:
-    """Start `python -m fastws serve` with args; config is TOML text written to a temp file."""
+                 wait: bool = True, launch: tuple[str, ...] = ("-m", "fastws")) -> ServerProc:
+    """Start `python -m fastws serve` with args; config is TOML text written to a temp file;
+    ``launch``: what stands for ``-m fastws`` (e.g. ``-c CODE`` ending in fastws.cli.main)."""
     port = port or free_port()
     tmpdir = tempfile.mkdtemp(prefix="fastws-test-")
-    cmd = [sys.executable, "-m", "fastws", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, *launch, "serve", "--host", "127.0.0.1", "--port", str(port)]
     if api_key:
         cmd += ["--api-key", api_key]
     if config is not None:
@@ -134,7 +135,9 @@ def start_server(*args: str, config: str | None = None, port: int | None = None,
             wait_port(port, proc)
         except Exception:
             srv.stop()
-            raise RuntimeError("server did not start:\n" + srv.output()) from None
+            output = srv.output()
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise RuntimeError("server did not start:\n" + output) from None
     return srv
 
 
@@ -219,6 +222,18 @@ def tuned_server() -> Iterator:
         srv.stop(timeout=3.0)
         for d in srv.tmp:
             shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator:
+    """A DemoChain (eth-tester, no contract yet) served over HTTP JSON-RPC as
+    ``chain.rpc``: one per test module, py-evm taking ~1.5 s to start."""
+    from fastws.indexer.demo_chain import DemoChain, RpcServer
+
+    c = DemoChain(contracts=0)
+    c.rpc = RpcServer(c).start()   # type: ignore[attr-defined]
+    yield c
+    c.rpc.stop()                   # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

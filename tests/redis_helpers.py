@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import orjson
 import pytest
-from conftest import API_KEY, ROOT, ServerProc, free_port, http, wait_port
+from conftest import API_KEY, ServerProc, http, start_server, wait_port
 from redis.crc import key_slot
 from wsclient import RawClient
 
@@ -178,28 +175,8 @@ def start_tuned_server(constants: Mapping[str, float], *args: str,
     """``fastws serve`` (as conftest.start_server) with constants of
     :mod:`fastws.broker.redis` set first, e.g. ``{"PRESENCE_EXPIRY": 1.0}``: the same
     code with shorter timings (these are constants, not configuration)."""
-    port = free_port()
-    tmpdir = tempfile.mkdtemp(prefix="fastws-test-")
-    code = _LAUNCH.format(constants=dict(constants))
-    cmd = [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", API_KEY]
-    if config is not None:
-        path = Path(tmpdir) / "fastws.toml"
-        path.write_text(config)
-        cmd += ["--config", str(path)]
-    cmd += list(args)
-    log = Path(tmpdir) / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTWS_")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    srv = ServerProc(port=port, proc=proc, log=log, tmp=[tmpdir])
-    try:
-        wait_port(port, proc)
-    except Exception:
-        srv.stop()
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise RuntimeError("server did not start:\n" + srv.output()) from None
-    return srv
+    return start_server(*args, config=config,
+                        launch=("-c", _LAUNCH.format(constants=dict(constants))))
 
 
 # ---------------------------------------------------------------------- Redis Cluster

@@ -1,9 +1,9 @@
 """The indexer against a real chain (eth-tester / py-evm) and a real fastws server.
 
-One chain per module (py-evm costs ~1.5 s to start), served over HTTP JSON-RPC by
-``RpcServer`` in a thread; each test deploys its own PredictionMarket contract.  The
-server gets the events through ``POST /api/publish`` and a raw WebSocket client checks
-what subscribers see.
+One chain per module (conftest's ``chain``: py-evm costs ~1.5 s to start), served
+over HTTP JSON-RPC by ``RpcServer`` in a thread; each test deploys its own
+PredictionMarket contract.  The server gets the events through ``POST /api/publish``
+and a raw WebSocket client checks what subscribers see.
 """
 
 from __future__ import annotations
@@ -35,14 +35,6 @@ WEI = 10**18
 FAST = Backoff(base=0.01, cap=0.05)
 
 
-@pytest.fixture(scope="module")
-def chain() -> Iterator[DemoChain]:
-    c = DemoChain(contracts=0)
-    c.rpc = RpcServer(c).start()   # type: ignore[attr-defined]
-    yield c
-    c.rpc.stop()                   # type: ignore[attr-defined]
-
-
 @pytest.fixture
 def rpc(chain: DemoChain) -> Iterator[RpcServer]:
     server: RpcServer = chain.rpc  # type: ignore[attr-defined]
@@ -65,6 +57,17 @@ async def events(c: Any, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
         if m.get("type") == "event":
             out.append(m)
     return out
+
+
+async def watched_contract(chain: DemoChain, fastws_server: Any) -> tuple[Any, str, int, Any]:
+    """A new server, a PredictionMarket deployed, the first block after it, and a client
+    subscribed to the contract's ``market:`` channel (as request 1)."""
+    srv = fastws_server()
+    addr = chain.deploy()
+    first = chain.head() + 1
+    c = await connect(srv.ws_url)
+    await subscribe(c, f"market:{addr}", 1)
+    return srv, addr, first, c
 
 
 def block(chain: DemoChain, number: int) -> Any:
@@ -198,11 +201,7 @@ async def test_cli_publishes_confirmed_events_with_their_fields(chain, rpc, fast
 
 async def test_restart_resumes_from_the_checkpoint_without_loss_or_duplicates(
         chain, rpc, fastws_server, tmp_path) -> None:
-    srv = fastws_server()
-    addr = chain.deploy()
-    first = chain.head() + 1
-    c = await connect(srv.ws_url)
-    await subscribe(c, f"market:{addr}", 1)
+    srv, addr, first, c = await watched_contract(chain, fastws_server)
     cp_file = tmp_path / "cp.json"
     log = tmp_path / "indexer.log"
     args = ["--rpc", rpc.url, "--contract", addr, "--from-block", str(first), "--url",
@@ -630,20 +629,26 @@ def ws_rpc(ws_server: WsRpcServer) -> Iterator[WsRpcServer]:
     ws_server.fault = None
 
 
-async def test_ws_rpc_new_heads_wake_the_indexer(chain, ws_rpc, fastws_server,
-                                                 tmp_path) -> None:
-    srv = fastws_server()
-    addr = chain.deploy()
-    first = chain.head() + 1
-    c = await connect(srv.ws_url)
-    await subscribe(c, f"market:{addr}", 1)
+def start_ws_indexer(ws_rpc: WsRpcServer, srv: Any, addr: str, first: int, tmp_path: Path,
+                     poll_interval: str) -> tuple[subprocess.Popen, int, Path]:
+    """``fastws index`` of ``addr`` from block ``first`` (1 confirmation) over the
+    WebSocket RPC into ``srv``, polling every ``poll_interval`` s while it has no
+    subscription; returns the process, its metrics port and its log."""
     mport = free_port()
     log = tmp_path / "indexer.log"
-    # a poll interval far longer than the test: only newHeads can wake the indexer
     proc = start_indexer("--rpc", ws_rpc.url, "--contract", addr, "--from-block", str(first),
                          "--confirmations", "1", "--url", srv.http_url, "--api-key",
                          srv.api_key, "--checkpoint", str(tmp_path / "cp.json"),
-                         "--poll-interval", "600", "--metrics-port", str(mport), log=log)
+                         "--poll-interval", poll_interval, "--metrics-port", str(mport),
+                         log=log)
+    return proc, mport, log
+
+
+async def test_ws_rpc_new_heads_wake_the_indexer(chain, ws_rpc, fastws_server,
+                                                 tmp_path) -> None:
+    srv, addr, first, c = await watched_contract(chain, fastws_server)
+    # a poll interval far longer than the test: only newHeads can wake the indexer
+    proc, mport, log = start_ws_indexer(ws_rpc, srv, addr, first, tmp_path, "600")
     try:
         def idle_and_subscribed() -> bool:
             return (metric(mport, "fastws_indexer_head_subscription") == 1
@@ -668,13 +673,7 @@ async def test_ws_rpc_new_heads_wake_the_indexer(chain, ws_rpc, fastws_server,
 
 async def test_ws_rpc_falls_back_to_polling_and_subscribes_again(
         chain, ws_rpc, fastws_server, tmp_path) -> None:
-    srv = fastws_server()
-    addr = chain.deploy()
-    first = chain.head() + 1
-    c = await connect(srv.ws_url)
-    await subscribe(c, f"market:{addr}", 1)
-    mport = free_port()
-    log = tmp_path / "indexer.log"
+    srv, addr, first, c = await watched_contract(chain, fastws_server)
 
     def refuse(method: str, params: list[Any]) -> dict[str, Any] | None:
         if method == "eth_subscribe":
@@ -683,10 +682,7 @@ async def test_ws_rpc_falls_back_to_polling_and_subscribes_again(
 
     ws_rpc.fault = refuse
     mid = chain.create_market(addr, "Will the launch happen on time?")
-    proc = start_indexer("--rpc", ws_rpc.url, "--contract", addr, "--from-block", str(first),
-                         "--confirmations", "1", "--url", srv.http_url, "--api-key",
-                         srv.api_key, "--checkpoint", str(tmp_path / "cp.json"),
-                         "--poll-interval", "0.1", "--metrics-port", str(mport), log=log)
+    proc, mport, log = start_ws_indexer(ws_rpc, srv, addr, first, tmp_path, "0.1")
 
     try:
         got = await events(c, 1)                         # polling: the subscription failed

@@ -4,14 +4,11 @@ real eth-tester chain sent in a few requests instead of one per publication."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from redis_helpers import events, sub, uniq
 from wsclient import connect
 
 from fastws.indexer.checkpoint import MemoryCheckpoint
-from fastws.indexer.demo_chain import DemoChain, RpcServer
 from fastws.indexer.mapping import EventCodec
 from fastws.indexer.publish import BATCH_ITEMS, BrokerPublisher, HttpPublisher, PublishRefused
 from fastws.indexer.runner import Indexer
@@ -21,14 +18,6 @@ pytestmark = pytest.mark.timeout(120)
 
 WEI = 10**18
 FAST = Backoff(base=0.01, cap=0.05)
-
-
-@pytest.fixture(scope="module")
-def chain() -> Iterator[DemoChain]:
-    c = DemoChain(contracts=0)
-    c.rpc = RpcServer(c).start()   # type: ignore[attr-defined]
-    yield c
-    c.rpc.stop()                   # type: ignore[attr-defined]
 
 
 async def test_publish_many_in_requests_of_batch_items(server) -> None:
