@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -482,6 +483,26 @@ def _jwt(secret: str, sub: str, ttl: float, *, iat: bool = False) -> str:
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+JWT_SECRET = "test-secret-0123456789abcdef0123"
+
+
+def _carol_tokens(page, fastws_server, ttl: Callable[[int], tuple[float, bool]]):
+    """A server checking JWTs, its page open with ``window.pyToken()`` issuing carol's
+    n-th token (from 0) for ``ttl(n)`` = (seconds, with iat); returns the server and the
+    tokens issued so far."""
+    srv = fastws_server("--jwt-secret", JWT_SECRET)
+    issued: list[str] = []
+
+    def new_token() -> str:
+        seconds, iat = ttl(len(issued))
+        issued.append(_jwt(JWT_SECRET, "carol", seconds, iat=iat))
+        return issued[-1]
+
+    page.expose_function("pyToken", new_token)
+    page.goto(srv.http_url + "/")
+    return srv, issued
+
+
 def test_token_helpers_in_the_browser(page, server):
     """tokenClaims / tokenExpiresIn / refreshDelay, as the Python client's helpers."""
     page.goto(server.http_url + "/")
@@ -521,16 +542,7 @@ def test_token_function_refreshes_the_live_connection(page, fastws_server):
     """A token function with short-lived JWTs (3 s) is called before each exp and its
     token sent in an `auth` request: the page keeps its connection through several
     refreshes (no reconnect, no 4501) and gets every event once, in order."""
-    secret = "test-secret-0123456789abcdef0123"
-    srv = fastws_server("--jwt-secret", secret)
-    issued: list[str] = []
-
-    def new_token() -> str:
-        issued.append(_jwt(secret, "carol", 3, iat=len(issued) % 2 == 1))
-        return issued[-1]
-
-    page.expose_function("pyToken", new_token)
-    page.goto(srv.http_url + "/")
+    srv, issued = _carol_tokens(page, fastws_server, lambda n: (3, n % 2 == 1))
     page.evaluate("""async () => {
       const { FastWS } = await import("/fastws.js");
       window.__log = [];
@@ -575,16 +587,8 @@ def test_failed_refresh_falls_back_to_reconnect(page, fastws_server):
     """While the token function fails, the live refresh is retried until exp; then the
     server closes 4501 "token expired" and the client reconnects with the function's next
     token, the private channel carrying on (a string token would stop for good)."""
-    secret = "test-secret-0123456789abcdef0123"
-    srv = fastws_server("--jwt-secret", secret)
-    issued: list[str] = []
-
-    def new_token() -> str:
-        issued.append(_jwt(secret, "carol", 2 if not issued else 3600))  # first: ~1-2 s
-        return issued[-1]
-
-    page.expose_function("pyToken", new_token)
-    page.goto(srv.http_url + "/")
+    srv, issued = _carol_tokens(page, fastws_server,
+                                lambda n: (2 if n == 0 else 3600, False))  # first: ~1-2 s
     page.evaluate("""async () => {
       const { FastWS } = await import("/fastws.js");
       window.__log = [];
