@@ -8,12 +8,13 @@ JSON bytes so that the frame can be built around it without decoding it again.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "PublishResult", "HistoryResult",
-           "Publication"]
+           "Publication", "Revocation"]
 
 
 class BrokerUnavailable(Exception):
@@ -39,6 +40,29 @@ class Publication:
     history_ttl: float
     idempotency_key: str | None = None
     log: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A token revocation (``POST /api/revoke``), kept until ``until``.
+
+    ``kind`` "user": every token of the user ``key`` whose ``iat`` is at most ``at``
+    (or that has no ``iat``) is refused; ``kind`` "jti": the token whose ``jti`` claim
+    is ``key``.  ``at`` and ``until`` are unix times (seconds).  Two revocations of the
+    same record merge into the later ``at`` and the later ``until`` (:meth:`merge`).
+    """
+
+    kind: str
+    key: str
+    at: float
+    until: float
+
+    def merge(self, other: Revocation | None) -> Revocation:
+        """This record combined with an earlier one of the same kind and key."""
+        if other is None:
+            return self
+        return Revocation(self.kind, self.key, max(self.at, other.at),
+                          max(self.until, other.until))
 
 
 @dataclass(slots=True)
@@ -82,6 +106,13 @@ class BrokerHandler(Protocol):
     def handle_control(self, payload: bytes) -> None:
         """A control message another node sent with :meth:`Broker.send_control` (e.g.
         disconnect a user's connections).  Optional: brokers call it when it exists."""
+
+    def handle_connected(self) -> None:
+        """The broker (re)connected: state kept in it (token revocations) may have
+        changed meanwhile without this node hearing of it; read it again
+        (:meth:`Broker.revocations`).  Optional: brokers that can lose control messages
+        call it, when it exists, on every connect, before ``start`` returns the first
+        time."""
 
 
 class Broker(ABC):
@@ -175,6 +206,30 @@ class Broker(ABC):
         it could not be sent.  The default (a single-process broker) has no other node
         and does nothing."""
         return None
+
+    #: the revocations of a single-process broker: (kind, key) -> record
+    _revoked: dict[tuple[str, str], Revocation] | None = None
+
+    async def revoke(self, rev: Revocation) -> Revocation:
+        """Store a token revocation for every node sharing this broker until
+        ``rev.until`` (merged with a record of the same kind and key already there);
+        returns the record now stored.  Raises :class:`BrokerUnavailable` when it could
+        not be stored.  The default keeps it in this process (a single-process broker).
+        """
+        if self._revoked is None:
+            self._revoked = {}
+        store = self._revoked
+        now = time.time()
+        for k in [k for k, r in store.items() if r.until <= now]:
+            del store[k]
+        merged = store[(rev.kind, rev.key)] = rev.merge(store.get((rev.kind, rev.key)))
+        return merged
+
+    async def revocations(self) -> list[Revocation]:
+        """Every stored revocation that has not expired (a node loads them when it
+        starts and after a reconnect).  Raises :class:`BrokerUnavailable`."""
+        now = time.time()
+        return [r for r in (self._revoked or {}).values() if r.until > now]
 
     async def presence_join(self, channel: str, client: str, user: str | None) -> None:
         """A local client joined ``channel``'s presence: make it visible to every node.

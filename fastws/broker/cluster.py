@@ -144,6 +144,11 @@ class RedisClusterBroker(RedisBroker):
     def _command_links(self) -> list[_Commands]:
         return [s.cmd for s in self._shards.values()]
 
+    def _scan_links(self) -> list[_Commands]:
+        """Every master that is up (its keys are its slots'; one that is down is read
+        when it is back: ``handle_connected`` then)."""
+        return [s.cmd for s in self._shards.values() if s.up]
+
     @property
     def shards(self) -> int:
         """Masters in the slot map."""
@@ -190,7 +195,10 @@ class RedisClusterBroker(RedisBroker):
                 elif attempt == 0:
                     log.warning("redis cluster: cannot read the slot map from %s: %s; "
                                 "retrying", self.url, exc or type(exc).__name__)
+            was_up = self.up
             self._set_up()
+            if self.up and (fresh or not was_up):
+                self._connected()  # a master's keys (revocations) may be new to us
             if self.up:
                 if self._pinger is None or self._pinger.done():
                     self._pinger = self._loop.create_task(self._ping_loop())

@@ -1,5 +1,6 @@
 """The in-memory broker: one process, history in bounded deques, no network.
 
+Token revocations are kept in a dict with their expiry (:meth:`Broker.revoke`).
 Every call completes without suspending, so a subscribe that reads history and then
 registers the subscription cannot miss or duplicate a publication in between.
 """
@@ -163,7 +164,8 @@ class MemoryBroker(Broker):
         return len(self._streams)
 
     def sweep(self, now: float | None = None) -> None:
-        """Free expired history, idempotency and claim_once keys without waiting for a read."""
+        """Free expired history, idempotency, claim_once keys and token revocations without
+        waiting for a read."""
         now = time.monotonic() if now is None else now
         for streams in (self._streams, self._logs):
             for name in [n for n, s in streams.items() if s.expires <= now]:
@@ -172,6 +174,10 @@ class MemoryBroker(Broker):
             del self._idem[key]
         for once in [k for k, exp in self._once.items() if exp <= now]:
             del self._once[once]
+        if self._revoked:  # (token revocations: unix times, see Broker.revoke)
+            wall = time.time()
+            for key in [k for k, r in self._revoked.items() if r.until <= wall]:
+                del self._revoked[key]
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -66,6 +66,7 @@ from fastws.broker.base import (
     HistoryResult,
     Publication,
     PublishResult,
+    Revocation,
 )
 from fastws.broker.redis_scripts import (
     ENVELOPE_PREFIX,
@@ -95,6 +96,24 @@ log = logging.getLogger("fastws.broker")
 
 IDEMPOTENCY_TTL_MS = 300_000
 ONCE_PREFIX = "fws:once:"    # claim_once keys (SET NX PX), e.g. fws:once:siwe:NONCE
+REVOKED_PREFIX = "fws:revoked:"  # token revocations: fws:revoked:user:U, fws:revoked:jti:J
+SCAN_COUNT = 1000            # keys a SCAN step looks at (loading revocations)
+# store a revocation, merged with the one already there (the later "at", the later
+# "until"); the value is "AT UNTIL" (unix seconds), the key expires at UNTIL
+REVOKE_LUA = """
+local at, untl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local old = redis.call('GET', KEYS[1])
+if old then
+  local oat, ountl = string.match(old, '^(%S+) (%S+)$')
+  if oat and tonumber(oat) and tonumber(oat) > at then at = tonumber(oat) end
+  if ountl and tonumber(ountl) and tonumber(ountl) > untl then untl = tonumber(ountl) end
+end
+local ttl = math.ceil((untl - tonumber(ARGV[3])) * 1000)
+if ttl < 1 then ttl = 1 end
+local val = string.format('%.6f %.6f', at, untl)
+redis.call('SET', KEYS[1], val, 'PX', ttl)
+return val
+"""
 PING_INTERVAL = 1.0          # seconds between pub/sub PINGs (lag probe + liveness)
 DEAD_AFTER = 10.0            # a PING unanswered this long: the link is dead, reconnect
 CONNECT_TIMEOUT = 3.0
@@ -771,6 +790,7 @@ class RedisBroker(Broker):
                 continue
             attempt = 0
             self.up = True
+            self._connected()
             if self._pinger is None or self._pinger.done():
                 self._pinger = self._loop.create_task(self._ping_loop())
             if self._refresher is None or self._refresher.done():
@@ -794,6 +814,15 @@ class RedisBroker(Broker):
             if not self._closed:
                 log.warning("redis pub/sub: connection to %s lost; reconnecting",
                             _safe(self.url))
+
+    def _connected(self) -> None:
+        """Tell the handler that the broker (re)connected (``handle_connected``)."""
+        hook = getattr(self._handler, "handle_connected", None)
+        if hook is not None:
+            try:
+                hook()
+            except Exception:
+                log.exception("handle_connected failed")
 
     def _moved(self, cmd: _Commands) -> None:
         """``cmd``'s server is no longer the master of what it was asked (MOVED, ASK,
@@ -1135,6 +1164,53 @@ class RedisBroker(Broker):
             raise
         return reply is not None
 
+    # ------------------------------------------------------------------ revocations
+
+    async def revoke(self, rev: Revocation) -> Revocation:
+        """``fws:revoked:KIND:KEY`` = ``"AT UNTIL"``, expiring at UNTIL, merged with the
+        record already there, on the key's master (its slot's, on a cluster); durable
+        as a publish is (a replica has it before this answers)."""
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        rkey = f"{REVOKED_PREFIX}{rev.kind}:{rev.key}"
+        cmd = self._command_for(rkey)
+        try:
+            reply = await cmd.call("EVAL", REVOKE_LUA, 1, rkey, repr(rev.at), repr(rev.until),
+                                   repr(time.time()), durable=True)
+        except ResponseError as exc:
+            msg = str(exc)
+            if msg.startswith(("MOVED", "ASK", "READONLY")):
+                self._moved(cmd)
+            if msg.startswith(("MOVED", "ASK", "READONLY", *_UNAVAILABLE_REPLIES)):
+                raise BrokerUnavailable(f"redis: {msg}") from None
+            raise
+        return _revocation(rkey.encode(), reply) or rev
+
+    def _scan_links(self) -> list[_Commands]:
+        """The command connections whose keys make up the whole keyspace (one per
+        master that is up, on a cluster)."""
+        return [self._cmd]
+
+    async def revocations(self) -> list[Revocation]:
+        """SCAN every master for ``fws:revoked:*`` keys, then GET them (pipelined)."""
+        if not self.up:
+            raise BrokerUnavailable("redis is not connected")
+        keys: list[bytes] = []
+        gets: list[asyncio.Future] = []
+        for link in self._scan_links():
+            cursor: bytes | str = "0"
+            while True:
+                cursor, batch = await link.call("SCAN", cursor, "MATCH", REVOKED_PREFIX + "*",
+                                                "COUNT", SCAN_COUNT)
+                keys.extend(batch)
+                gets.extend(link.call("GET", k) for k in batch)   # where it lives
+                if cursor in (b"0", "0"):
+                    break
+        values = await asyncio.gather(*gets)
+        now = time.time()
+        out = [_revocation(k, v) for k, v in zip(keys, values, strict=True)]
+        return [r for r in out if r is not None and r.until > now]
+
     async def _eval(self, channel: str, script: str, keys: list[str],
                     args: list[Any], durable: bool = False) -> Any:
         """Run one of SCRIPTS for ``channel`` on its command connection, in call order."""
@@ -1191,6 +1267,21 @@ def _fail(fut: asyncio.Future | None, exc: Exception) -> None:
     if fut is not None and not fut.done():
         fut.set_exception(exc)
         fut.exception()  # retrieved: no "never retrieved" warning when nobody waits
+
+
+def _revocation(key: bytes, value: Any) -> Revocation | None:
+    """The record of a ``fws:revoked:KIND:KEY`` key holding ``"AT UNTIL"``, or None
+    when it is not one (a foreign key under the prefix, or gone)."""
+    if not isinstance(value, bytes) or not key.startswith(REVOKED_PREFIX.encode()):
+        return None
+    kind, sep, name = key[len(REVOKED_PREFIX):].decode("utf-8", "replace").partition(":")
+    try:
+        at, until = (float(x) for x in value.split())
+    except ValueError:
+        return None
+    if not sep or kind not in ("user", "jti") or not name:
+        return None
+    return Revocation(kind, name, at, until)
 
 
 def _safe(url: str) -> str:
