@@ -13,9 +13,10 @@
   JSON-RPC node (``isValidSignature``), when ``siwe_rpc_url`` is set.
 - :func:`http_auth` answers the ``/auth/*`` requests, with CORS for the origins of
   ``allow_origins`` (:func:`cors_headers`).
-- :func:`attach` binds an Identity to a connection and arms its expiry: when ``exp``
-  passes, the connection gets a ``disconnect`` push and close 4501 "token expired",
-  unless an ``auth`` message brought a newer token first.
+- :func:`attach` binds an Identity to a connection (user, grants, and ``iat``/``jti``,
+  which a revocation is checked against) and arms its expiry: when ``exp`` passes,
+  the connection gets a ``disconnect`` push and close 4501 "token expired", unless an
+  ``auth`` message brought a newer token first.
 - :func:`granted` says whether a ``channels`` claim allows a channel or pattern.
 
 Nothing here does socket I/O but :class:`ContractWallets`' RPC calls (asynchronous,
@@ -106,6 +107,8 @@ class Identity:
     user: str
     expires: float | None = None                 # unix time (``exp``), None = never
     channels: tuple[str, ...] | None = None      # ``channels`` claim, None = no limit
+    issued: float | None = None                  # ``iat`` (unix time), None = absent
+    jti: str | None = None                       # ``jti`` (a token id), if a string
     claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -237,16 +240,24 @@ class Auth:
                 grants = tuple(channels.validate(g, 1024) for g in grants)
             except channels.ChannelError as exc:
                 raise AuthError(f"invalid token: channels: {exc}") from None
-        return Identity(sub, float(exp) if exp is not None else None, grants, claims)
+        iat, jti = claims.get("iat"), claims.get("jti")
+        issued = float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) \
+            else None
+        return Identity(sub, float(exp) if exp is not None else None, grants,
+                        issued, jti if isinstance(jti, str) else None, claims)
 
     def issue(self, sub: str, ttl: float, now: float | None = None, **extra: Any) -> str:
-        """Sign an HS256 token for ``sub`` valid ``ttl`` seconds (needs jwt_secret)."""
+        """Sign an HS256 token for ``sub`` valid ``ttl`` seconds (needs jwt_secret).
+
+        It carries ``iat`` and a random ``jti`` (32 hex digits) unless ``extra`` names
+        one: ``POST /api/revoke`` can revoke it alone by that id."""
         if self.secret is None:
             raise AuthError("this server has no jwt_secret to sign tokens with")
         import jwt
 
         now = time.time() if now is None else now
-        claims = {"sub": sub, "iat": int(now), "exp": int(now + ttl), **extra}
+        claims = {"sub": sub, "iat": int(now), "exp": int(now + ttl),
+                  "jti": os.urandom(16).hex(), **extra}
         return jwt.encode(claims, self.secret, algorithm="HS256")
 
 
@@ -353,9 +364,10 @@ def attach(conn: Connection, identity: Identity | None, loop: Any) -> None:
         old.cancel()
         conn.expiry = None
     if identity is None:
-        conn.user, conn.grants = None, None
+        conn.user, conn.grants, conn.iat, conn.jti = None, None, None, None
         return
     conn.user, conn.grants = identity.user, identity.channels
+    conn.iat, conn.jti = identity.issued, identity.jti   # what a revocation is checked on
     if identity.expires is not None:
         delay = max(0.0, identity.expires - time.time())
         conn.expiry = loop.call_later(delay, conn.disconnect, DISCONNECT_TOKEN_EXPIRED)
@@ -563,7 +575,8 @@ class Siwe:
 
     def sign_in(self, message: object, signature: object, host: str | None,
                 now: float | None = None) -> dict[str, Any]:
-        """Check a signed EIP-4361 message; return ``{"token", "sub", "exp"}``.
+        """Check a signed EIP-4361 message; return ``{"token", "sub", "exp", "jti"}``
+        (``jti``: the token's id, for ``POST /api/revoke``).
 
         Raises :class:`SiweError` with the HTTP status: 400 malformed, 401 nonce or
         signature refused (a nonce works once), 403 domain or chain id not allowed,
@@ -642,8 +655,9 @@ class Siwe:
         ttl = self.TOKEN_TTL
         if msg.expiration_time is not None:
             ttl = min(ttl, msg.expiration_time.timestamp() - now)
-        token = self.auth.issue(signer, ttl, now, chain_id=msg.chain_id)
-        return {"token": token, "sub": signer, "exp": int(now + ttl)}
+        jti = os.urandom(16).hex()
+        token = self.auth.issue(signer, ttl, now, chain_id=msg.chain_id, jti=jti)
+        return {"token": token, "sub": signer, "exp": int(now + ttl), "jti": jti}
 
     def _forget_expired(self, now: float) -> None:
         if not self.used:

@@ -400,6 +400,11 @@ class ServerConfig:
     siwe_rpc_timeout: float = _opt(5.0, "Seconds one EIP-1271 check may take in all (chain "
                                    "id, code, call); past it the sign-in gets 503.",
                                    _Seconds(), unit="s")
+    revocation_ttl: float = _opt(86400.0, "Seconds a POST /api/revoke record is kept when "
+                                 "the request gives no ttl (1 s to 366 days): set it to the "
+                                 "longest lifetime of the tokens you accept (SIWE tokens live "
+                                 "3600 s), so that a revoked token expires before its record.",
+                                 _Seconds(), unit="s")
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """``trusted_proxies`` parsed (host bits ignored), for client-IP checks."""
@@ -659,6 +664,10 @@ def _finish(res: _Resolved, origin: _Origin) -> Config:
     label = {k: lbl for k, (_, lbl) in res.server.items()}
     server = ServerConfig(**srv)
 
+    if not 1 <= server.revocation_ttl <= 366 * 86400:
+        raise ConfigError(label.get("revocation_ttl", "revocation_ttl"),
+                          f"must be 1 to {366 * 86400} seconds (366 days), got "
+                          f"{server.revocation_ttl:g}")
     if server.workers > 1 and server.broker == "memory://":
         raise ConfigError(label.get("workers", "workers"),
                           f"{server.workers} workers need a shared broker "

@@ -31,8 +31,9 @@ from fastws.broker import (
     PublishResult,
     create_broker,
 )
+from fastws.broker.base import Revocation
 from fastws.broker.memory import MemoryBroker
-from fastws.codes import Disconnect, Err
+from fastws.codes import DISCONNECT_TOKEN_REVOKED, Disconnect, Err
 from fastws.limits import MAX_JSON_DEPTH, Bucket, json_depth
 from fastws.protocol import ProtocolError, Request
 
@@ -48,6 +49,7 @@ NS_LOG_SIZE = 10_000            # publications a namespace's log keeps (pattern 
 POSITION_CHECK_INTERVAL = 10.0  # seconds between checks of channel positions (gaps)
 MAX_POSITIONS = 100_000         # channels whose last offset is remembered (gap detection)
 CHECK_BATCH = 1000              # channels checked per round
+LOAD_TIMEOUT = 10.0             # seconds start waits for the token revocations to load
 
 
 class Node:
@@ -97,6 +99,11 @@ class Node:
         self._positioner: asyncio.Task | None = None
         # the memory broker cannot lose a publication: no gap detection, no check
         self._track = not isinstance(self.broker, MemoryBroker)
+        # token revocations (POST /api/revoke), this node's copy of the broker's:
+        # user key (see revocation_key) -> (revoked at, until); jti -> until
+        self.revoked_users: dict[str, tuple[float, float]] = {}
+        self.revoked_jtis: dict[str, float] = {}
+        self._loading: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -104,12 +111,23 @@ class Node:
         """Create the hub on the running loop and connect the broker."""
         self.hub = Hub(self.trie, self.config.limits.send_buffer, asyncio.get_running_loop())
         await self.broker.start(self)
+        # the revocations stored before this node started: refused from the first
+        # connection on (a broker that calls handle_connected started loading them)
+        if self._loading is None and self.broker.up:
+            self.handle_connected()
+        if self._loading is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._loading), LOAD_TIMEOUT)
+            except TimeoutError:
+                log.warning("the token revocations are still loading after %.0f s; "
+                            "serving meanwhile", LOAD_TIMEOUT)
         if self._track:
             self._positioner = asyncio.get_running_loop().create_task(self._position_loop())
 
     async def close(self) -> None:
-        if self._positioner is not None:
-            self._positioner.cancel()
+        for task in (self._positioner, self._loading):
+            if task is not None:
+                task.cancel()
         await self.broker.close()
 
     @property
@@ -587,6 +605,8 @@ class Node:
             ident = self.auth.verify(req.token)
         except auth.AuthError as exc:
             raise ProtocolError(Err.UNAUTHORIZED, str(exc)) from None
+        if self.revoked(ident.user, ident.issued, ident.jti):
+            raise ProtocolError(Err.UNAUTHORIZED, DISCONNECT_TOKEN_REVOKED.reason)
         if conn.user is not None and not auth.same_owner(conn.user, ident.user):
             raise ProtocolError(Err.FORBIDDEN, "this connection is authenticated as another "
                                 "user; open a new connection to switch users")
@@ -641,14 +661,95 @@ class Node:
 
     def handle_control(self, payload: bytes) -> None:
         """Broker callback: another node's control message (``POST /api/disconnect``
-        sends ``{"op":"disconnect","user","code","reason"}``)."""
+        sends ``{"op":"disconnect","user","code","reason"}``, ``POST /api/revoke``
+        ``{"op":"revoke","kind","key","at","until"}``)."""
         msg = orjson.loads(payload)
         if isinstance(msg, dict) and msg.get("op") == "disconnect":
             n = self.disconnect_user(str(msg["user"]),
                                      Disconnect(int(msg["code"]), str(msg["reason"])))
             log.info("disconnected %d connections of a user (server API, another node)", n)
+        elif isinstance(msg, dict) and msg.get("op") == "revoke":
+            n = self.apply_revocation(Revocation(str(msg["kind"]), str(msg["key"]),
+                                                 float(msg["at"]), float(msg["until"])))
+            log.info("token revocation from another node: %d connections closed", n)
         else:
             log.warning("unknown control message %r", payload[:200])
+
+    # ------------------------------------------------------------------ revocations
+
+    def revoked(self, user: str, issued: float | None, jti: str | None,
+                now: float | None = None) -> bool:
+        """True if a revocation this node knows of refuses the token of ``user`` with
+        ``iat`` ``issued`` and id ``jti``: its jti is revoked, or its user is and its
+        ``iat`` is at most the revocation's time (or it has none).  Two dict lookups:
+        no broker round trip."""
+        if not self.revoked_users and not self.revoked_jtis:
+            return False
+        now = time.time() if now is None else now
+        if jti is not None:
+            until = self.revoked_jtis.get(jti)
+            if until is not None and until > now:
+                return True
+        rec = self.revoked_users.get(revocation_key(user))
+        if rec is None or rec[1] <= now:
+            return False
+        return issued is None or issued <= rec[0]
+
+    def apply_revocation(self, rev: Revocation) -> int:
+        """Record ``rev`` in this node's copy and disconnect (4501 "token revoked") every
+        live connection whose token it refuses; returns how many were closed."""
+        now = time.time()
+        if rev.until <= now:
+            return 0
+        if rev.kind == "user":
+            key = revocation_key(rev.key)
+            old = self.revoked_users.get(key)
+            self.revoked_users[key] = ((rev.at, rev.until) if old is None else
+                                       (max(rev.at, old[0]), max(rev.until, old[1])))
+        elif rev.kind == "jti":
+            self.revoked_jtis[rev.key] = max(rev.until, self.revoked_jtis.get(rev.key, 0.0))
+        else:
+            return 0
+        self._forget_revocations(now)
+        n = 0
+        for conn in list(self.hub.conns) if self.hub is not None else ():
+            if conn.user is not None and not conn.closing and self.revoked(
+                    conn.user, conn.iat, conn.jti, now):
+                conn.disconnect(DISCONNECT_TOKEN_REVOKED)
+                n += 1
+        return n
+
+    def _forget_revocations(self, now: float) -> None:
+        """Drop expired revocations (whenever one is added: they are few)."""
+        for user in [u for u, r in self.revoked_users.items() if r[1] <= now]:
+            del self.revoked_users[user]
+        for jti in [j for j, until in self.revoked_jtis.items() if until <= now]:
+            del self.revoked_jtis[jti]
+
+    def handle_connected(self) -> None:
+        """Broker callback on every (re)connect: load the stored revocations (a control
+        message sent while this node was away from the broker was missed)."""
+        if self._loading is not None and not self._loading.done():
+            return
+        self._loading = asyncio.get_running_loop().create_task(self.load_revocations())
+
+    async def load_revocations(self) -> int:
+        """Merge every revocation the broker stores into this node's copy, closing the
+        live connections they refuse; returns how many records were read (0 when the
+        broker could not answer: the next reconnect tries again)."""
+        try:
+            revs = await self.broker.revocations()
+        except (BrokerUnavailable, OSError, TimeoutError) as exc:
+            log.warning("could not load the token revocations from the broker: %s", exc)
+            return 0
+        except Exception:
+            log.exception("could not load the token revocations from the broker")
+            return 0
+        closed = sum(self.apply_revocation(r) for r in revs)
+        if revs:
+            log.info("loaded %d token revocations from the broker (%d connections closed)",
+                     len(revs), closed)
+        return len(revs)
 
     def drop(self, conn: Connection, close_code: int) -> None:
         """A connection ended: remove its subscriptions and count its close code."""
@@ -658,6 +759,12 @@ class Node:
         if conn.subs:
             for name in list(conn.subs):
                 self._drop_sub(conn, name)
+
+
+def revocation_key(user: str) -> str:
+    """The key of a user's revocations: 0x addresses in lower case (they compare
+    case-insensitively, as :func:`fastws.auth.same_owner` does), other ids as they are."""
+    return user.lower() if auth.is_address(user) else user
 
 
 def _discard(subs: list[str] | None, name: str) -> None:

@@ -40,6 +40,7 @@ from fastws._fanout import Conn
 from fastws._frames import MessageAssembler, close_with, receive
 from fastws._version import __version__
 from fastws.broker import BrokerUnavailable
+from fastws.broker.base import Revocation
 from fastws.codes import (
     DISCONNECT_BY_API,
     DISCONNECT_CONNECTION_LIMIT,
@@ -49,6 +50,7 @@ from fastws.codes import (
     DISCONNECT_RATE_LIMITED,
     DISCONNECT_SLOW,
     DISCONNECT_TOKEN_EXPIRED,
+    DISCONNECT_TOKEN_REVOKED,
     MAX_CLOSE_REASON,
     Close,
     Disconnect,
@@ -56,7 +58,7 @@ from fastws.codes import (
 from fastws.config import Config
 from fastws.limits import Bucket, KeyedLimiter, client_ip, request_id, retry_after
 from fastws.metrics import CONTENT_TYPE, Metrics
-from fastws.node import Node
+from fastws.node import Node, revocation_key
 
 __all__ = ["Connection", "App", "run", "serve"]
 
@@ -66,6 +68,7 @@ conn_log = logging.getLogger("fastws.conn")   # one debug line per connection ev
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
 MAX_BATCH = 1000                # publications in one POST /api/publish array
+MAX_REVOCATION_TTL = 366 * 86400  # seconds a POST /api/revoke record may be kept
 HEAD_TIMEOUT = 10.0             # seconds to send a whole request head (slowloris)
 KEEPALIVE_TIMEOUT = 75.0        # seconds an idle keep-alive HTTP connection stays open
 SLOW_ABORT_AFTER = 2.0          # seconds between a 4008 close and dropping the socket
@@ -110,7 +113,7 @@ class Connection(Conn):
     """One protocol connection: the picows listener, with the session's state."""
 
     __slots__ = ("node", "client_id", "user", "subs", "assembler", "close_code", "pending_close",
-                 "grants", "expiry", "msg_bucket", "strikes", "sub_bucket")
+                 "grants", "expiry", "msg_bucket", "strikes", "sub_bucket", "iat", "jti")
 
     def __init__(self, node: Node, user: str | None, pending_close: Disconnect | None) -> None:
         self.node = node
@@ -122,6 +125,8 @@ class Connection(Conn):
         self.pending_close = pending_close
         self.grants: tuple[str, ...] | None = None   # the token's channels claim
         self.expiry: asyncio.TimerHandle | None = None  # closes 4501 at the token's exp
+        self.iat: float | None = None     # the token's iat and jti (revocations check them)
+        self.jti: str | None = None
         self.msg_bucket: Bucket | None = None        # messages_per_connection
         self.strikes: Bucket | None = None           # refused requests, then 4029
         self.sub_bucket: Bucket | None = None        # subscribes_per_connection
@@ -316,6 +321,9 @@ class App:
                 ident = node.auth.verify(token)
             except auth.AuthError as exc:
                 pending = DISCONNECT_TOKEN_EXPIRED if exc.expired else DISCONNECT_INVALID_TOKEN
+            else:
+                if node.revoked(ident.user, ident.issued, ident.jti):
+                    ident, pending = None, DISCONNECT_TOKEN_REVOKED
         conn = Connection(node, None, pending)
         if ident is not None:
             auth.attach(conn, ident, self.loop)
@@ -335,6 +343,10 @@ class App:
             if method != "POST":
                 return _response(405, b'{"error":"use POST"}', {"Allow": "POST"})
             return self.loop.create_task(self._api_disconnect(headers, body))
+        if route == "/api/revoke":
+            if method != "POST":
+                return _response(405, b'{"error":"use POST"}', {"Allow": "POST"})
+            return self.loop.create_task(self._api_revoke(headers, body))
         if route in ("/auth/nonce", "/auth/siwe"):
             return self.loop.create_task(self._auth(method, route, headers, body))
         if method not in ("GET", "HEAD"):
@@ -473,6 +485,64 @@ class App:
         log.info("disconnected %d connections of a user (server API)", n,
                  extra={"user": user, "code": code})
         return _json(200, {"disconnected": n})
+
+    async def _api_revoke(self, headers: dict[str, str], body: bytes) -> bytes:
+        """``{"user": U}`` and/or ``{"jti": J}``, optional ``"ttl"``: revoke every token
+        of U issued up to now (``iat`` at most now, or none) and/or the token whose id
+        is J, on every node, for ``ttl`` seconds (default ``revocation_ttl``); the live
+        connections using them are closed with 4501 "token revoked"."""
+        msg = self._api_request(headers, body)
+        if isinstance(msg, bytes):
+            return msg
+        if not isinstance(msg, dict):
+            return _json(400, {"error": "body must be a JSON object"})
+        unknown = set(msg) - {"user", "jti", "ttl"}
+        if unknown:
+            return _json(400, {"error": f"unknown field {sorted(unknown)[0]!r}"})
+        if "user" not in msg and "jti" not in msg:
+            return _json(400, {"error": "give user, jti or both"})
+        targets: list[tuple[str, str]] = []
+        for kind in ("user", "jti"):
+            if kind in msg:
+                value = msg[kind]
+                if not isinstance(value, str) or not value or len(value) > 255:
+                    return _json(400, {"error": f"{kind} must be a string of 1-255 chars"})
+                targets.append((kind, value))
+        ttl = msg.get("ttl", self.node.config.server.revocation_ttl)
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or \
+                not 1 <= ttl <= MAX_REVOCATION_TTL:
+            return _json(400, {"error": f"ttl must be a number of seconds in 1-"
+                                        f"{MAX_REVOCATION_TTL}"})
+        now = time.time()
+        revs = [Revocation(kind, revocation_key(value) if kind == "user" else value, now,
+                           now + ttl) for kind, value in targets]
+        n = 0
+        try:
+            stored = [await self.node.broker.revoke(r) for r in revs]
+        except BrokerUnavailable as exc:
+            for r in revs:  # this node refuses them anyway, until it restarts
+                n += self.node.apply_revocation(r)
+            return _json(503, {"error": f"broker unavailable: {exc}; the revocation was not "
+                                        "stored: only this node refuses the token(s), until "
+                                        "it restarts; retry", "disconnected": n},
+                         {"Retry-After": "1"})
+        for r in stored:
+            n += self.node.apply_revocation(r)
+        try:
+            for r in stored:
+                await self.node.broker.send_control(orjson.dumps(
+                    {"op": "revoke", "kind": r.kind, "key": r.key, "at": r.at,
+                     "until": r.until}))
+        except BrokerUnavailable as exc:
+            return _json(503, {"error": f"broker unavailable: {exc}; the revocation is "
+                                        "stored, but other nodes were not told: they refuse "
+                                        "the token(s) after their next broker reconnect or "
+                                        "restart; retry", "disconnected": n},
+                         {"Retry-After": "1"})
+        log.info("revoked tokens (%s); %d connections closed here",
+                 ", ".join(kind for kind, _ in targets), n,
+                 extra={"user": msg.get("user")})
+        return _json(200, {"disconnected": n, "at": now, "until": max(r.until for r in stored)})
 
     async def _api_publish_batch(self, msgs: list[Any]) -> bytes:
         """A JSON array of publications: each is checked and published on its own (one

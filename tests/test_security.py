@@ -170,6 +170,10 @@ async def test_siwe_sign_in_end_to_end(fastws_server) -> None:
     await asyncio.to_thread(srv.publish, "wallet:" + acct.address.upper().replace("0X", "0x"),
                             {"balance": 5})
     assert (await c.recv())["data"] == {"balance": 5}
+    # the token carries iat and a random jti, which the answer names (POST /api/revoke)
+    claims = jwt.decode(out["token"], SECRET, algorithms=["HS256"])
+    assert claims["jti"] == out["jti"] and len(out["jti"]) == 32, (claims, out)
+    assert claims["iat"] <= time.time() < claims["exp"] == out["exp"]
     # replay, foreign domain, chain id outside the allowlist, wrong signer
     assert (await asyncio.to_thread(sign_in, msg))[0] == 401
     assert (await asyncio.to_thread(
@@ -183,6 +187,14 @@ async def test_siwe_sign_in_end_to_end(fastws_server) -> None:
     assert http("POST", srv.http_url + "/auth/siwe", b"{nope")[0] == 400
     assert http("POST", srv.http_url + "/auth/siwe", {"message": 1})[0] == 400
     assert http("GET", srv.http_url + "/auth/siwe")[0] == 405
+    # revoking the token by its jti closes its connection and refuses it from then on
+    status, _, body = http("POST", srv.http_url + "/api/revoke", {"jti": out["jti"]},
+                           headers={"Authorization": f"Bearer {srv.api_key}"})
+    assert status == 200 and json.loads(body)["disconnected"] == 1, body
+    assert (await c.recv())["reason"] == "token revoked"
+    assert await c.wait_closed() == 4501 and c.close_reason == "token revoked"
+    again = await connect(srv.ws_url + "?token=" + out["token"])
+    assert await again.wait_closed() == 4501 and again.close_reason == "token revoked"
 
 
 async def test_siwe_replay_to_another_node_is_refused(fastws_server, redis_server) -> None:
