@@ -245,3 +245,25 @@ async def redis_pttl(url: str, key: str) -> int:
         return int(await client.pttl(key))
     finally:
         await client.aclose()
+
+
+async def test_a_node_reloads_after_a_broker_reconnect(redis_server, fastws_server) -> None:
+    """A record stored while a node was away from Redis (so it missed the control
+    message) is loaded when the node reconnects: its live connections using the token
+    are closed then, and the token is refused from then on."""
+    import redis.asyncio as aioredis
+
+    node = fastws_server("--broker", redis_server.url, "--jwt-secret", SECRET)
+    tok = token("henry")
+    live = await open_with(node.ws_url, tok)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        now = time.time()
+        await client.set("fws:revoked:user:henry", f"{now} {now + 60}", px=60_000)
+        # not told: the node accepts the token until it reconnects (the window)
+        (await open_with(node.ws_url, tok)).close()
+        assert await client.client_kill_filter(_type="pubsub") >= 1
+    finally:
+        await client.aclose()
+    await closed_revoked(live)
+    await refused(node.ws_url, tok)
