@@ -64,6 +64,15 @@ def http(method: str, url: str, body: object | None = None,
         return err.code, dict(err.headers), err.read()
 
 
+def api(base: str, path: str, body: object,
+        headers: dict[str, str] | None = {"Authorization": f"Bearer {API_KEY}"}  # noqa: B006
+        ) -> tuple[int, dict]:
+    """POST ``body`` to the server API at ``base + path`` (the test API key by default);
+    returns (status, the JSON answer)."""
+    status, _, raw = http("POST", base + path, body, headers=headers)
+    return status, json.loads(raw)
+
+
 @dataclass
 class ServerProc:
     """A `fastws serve` subprocess bound to 127.0.0.1:port."""

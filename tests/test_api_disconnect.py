@@ -4,13 +4,12 @@ answer 400 with a reason, no API key 401; the memory broker disconnects locally.
 
 from __future__ import annotations
 
-import json
 import time
 
 import jwt
 import pytest
-from conftest import API_KEY, http
-from wsclient import RawClient, connect
+from conftest import API_KEY, api, http
+from wsclient import RawClient, connect, connect_with_token
 
 from fastws.codes import Close
 
@@ -26,16 +25,12 @@ def token(sub: str) -> str:
 
 def disconnect(base: str, body: object, headers: dict[str, str] | None = AUTH
                ) -> tuple[int, dict]:
-    status, _, raw = http("POST", base + "/api/disconnect", body, headers=headers)
-    return status, json.loads(raw)
+    return api(base, "/api/disconnect", body, headers)
 
 
 async def as_user(ws_url: str, user: str) -> RawClient:
     """A connection authenticated as ``user``, proven live by a ping round trip."""
-    c = await connect(f"{ws_url}?token={token(user)}")
-    reply = await c.request({"id": 99, "type": "ping"})
-    assert reply["type"] == "pong", reply
-    return c
+    return await connect_with_token(ws_url, token(user))
 
 
 async def until_closed(c: RawClient) -> tuple[dict, int | None]:

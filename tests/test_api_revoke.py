@@ -7,14 +7,13 @@ from Redis; the memory broker; bad bodies 400, no API key 401."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 import jwt
 import pytest
-from conftest import API_KEY, http
-from wsclient import RawClient, connect
+from conftest import API_KEY, api, http
+from wsclient import RawClient, connect, connect_with_token
 
 from fastws.broker.base import Revocation
 from fastws.broker.memory import MemoryBroker
@@ -47,16 +46,8 @@ async def issued_after(at: float, sub: str) -> str:
 
 def revoke(base: str, body: object, headers: dict[str, str] | None = AUTH
            ) -> tuple[int, dict]:
-    status, _, raw = http("POST", base + "/api/revoke", body, headers=headers)
-    return status, json.loads(raw)
+    return api(base, "/api/revoke", body, headers)
 
-
-async def open_with(ws_url: str, tok: str) -> RawClient:
-    """A connection authenticated with ``tok``, proven live by a ping round trip."""
-    c = await connect(f"{ws_url}?token={tok}")
-    reply = await c.request({"id": 99, "type": "ping"})
-    assert reply["type"] == "pong", reply
-    return c
 
 
 async def closed_revoked(c: RawClient) -> None:
@@ -79,7 +70,7 @@ async def refused(ws_url: str, tok: str) -> None:
 
 
 async def accepted(ws_url: str, tok: str) -> None:
-    c = await open_with(ws_url, tok)
+    c = await connect_with_token(ws_url, tok)
     anon = await connect(ws_url)
     reply = await anon.request({"id": 1, "type": "auth", "token": tok})
     assert reply["type"] == "authed", reply
@@ -91,8 +82,8 @@ async def test_revoke_user_on_every_node(redis_server, fastws_server) -> None:
     a = fastws_server("--broker", redis_server.url, "--jwt-secret", SECRET)
     b = fastws_server("--broker", redis_server.url, "--jwt-secret", SECRET)
     old = token("0xAbC0000000000000000000000000000000000001")
-    conns = [await open_with(a.ws_url, old), await open_with(b.ws_url, old)]
-    bob = await open_with(b.ws_url, token("bob"))
+    conns = [await connect_with_token(a.ws_url, old), await connect_with_token(b.ws_url, old)]
+    bob = await connect_with_token(b.ws_url, token("bob"))
     # an address compares case-insensitively: revoking it in lower case is the same user
     status, res = revoke(a.http_url, {"user": "0xabc0000000000000000000000000000000000001"})
     assert status == 200 and res["disconnected"] == 1, res   # node A's own count
@@ -126,8 +117,8 @@ async def test_revoke_by_jti(redis_server, fastws_server) -> None:
     a = fastws_server("--broker", redis_server.url, "--jwt-secret", SECRET)
     b = fastws_server("--broker", redis_server.url, "--jwt-secret", SECRET)
     leaked, kept = token("carol", jti="leaked-1"), token("carol", jti="kept-2")
-    on_b = await open_with(b.ws_url, leaked)
-    other = await open_with(b.ws_url, kept)
+    on_b = await connect_with_token(b.ws_url, leaked)
+    other = await connect_with_token(b.ws_url, kept)
     # an anonymous connection that authenticated with the token by an auth message
     late = await connect(a.ws_url)
     assert (await late.request({"id": 1, "type": "auth", "token": leaked}))["type"] == "authed"
@@ -142,7 +133,7 @@ async def test_revoke_by_jti(redis_server, fastws_server) -> None:
     assert (await other.request({"id": 2, "type": "ping"}))["type"] == "pong"
     assert 0 < await redis_pttl(redis_server.url, "fws:revoked:jti:leaked-1") <= 120_000
     # a user and a jti in one request
-    dave = await open_with(a.ws_url, token("dave", iat=int(time.time()) - 5))
+    dave = await connect_with_token(a.ws_url, token("dave", iat=int(time.time()) - 5))
     status, res = revoke(b.http_url, {"user": "dave", "jti": "kept-2"})
     assert status == 200
     await closed_revoked(other)
@@ -152,7 +143,7 @@ async def test_revoke_by_jti(redis_server, fastws_server) -> None:
 
 async def test_a_refreshed_connection_stays(redis_server, fastws_server) -> None:
     a = fastws_server("--broker", redis_server.url, "--jwt-secret", SECRET)
-    c = await open_with(a.ws_url, token("erin", jti="first"))
+    c = await connect_with_token(a.ws_url, token("erin", jti="first"))
     reply = await c.request({"id": 1, "type": "auth", "token": token("erin", jti="second")})
     assert reply["type"] == "authed", reply
     assert revoke(a.http_url, {"jti": "first"})[0] == 200
@@ -164,7 +155,8 @@ async def test_a_refreshed_connection_stays(redis_server, fastws_server) -> None
 async def test_memory_broker(fastws_server) -> None:
     srv = fastws_server("--jwt-secret", SECRET, "--revocation-ttl", "90")
     tok = token("frank")
-    frank, grace = await open_with(srv.ws_url, tok), await open_with(srv.ws_url, token("grace"))
+    frank = await connect_with_token(srv.ws_url, tok)
+    grace = await connect_with_token(srv.ws_url, token("grace"))
     anon = await connect(srv.ws_url)
     status, res = revoke(srv.http_url, {"user": "frank", "ttl": 60.5})
     assert status == 200 and res["disconnected"] == 1
@@ -255,13 +247,13 @@ async def test_a_node_reloads_after_a_broker_reconnect(redis_server, fastws_serv
 
     node = fastws_server("--broker", redis_server.url, "--jwt-secret", SECRET)
     tok = token("henry")
-    live = await open_with(node.ws_url, tok)
+    live = await connect_with_token(node.ws_url, tok)
     client = aioredis.from_url(redis_server.url)
     try:
         now = time.time()
         await client.set("fws:revoked:user:henry", f"{now} {now + 60}", px=60_000)
         # not told: the node accepts the token until it reconnects (the window)
-        (await open_with(node.ws_url, tok)).close()
+        (await connect_with_token(node.ws_url, tok)).close()
         assert await client.client_kill_filter(_type="pubsub") >= 1
     finally:
         await client.aclose()

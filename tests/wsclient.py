@@ -80,3 +80,11 @@ async def connect(url: str, **kw: Any) -> RawClient:
     """Open one raw connection (kw go to picows.ws_connect, e.g. extra_headers)."""
     _, client = await picows.ws_connect(RawClient, url, **kw)
     return client
+
+
+async def connect_with_token(ws_url: str, token: str) -> RawClient:
+    """A connection authenticated with ``token`` (``?token=``), proven live by a ping."""
+    c = await connect(f"{ws_url}?token={token}")
+    reply = await c.request({"id": 99, "type": "ping"})
+    assert reply["type"] == "pong", reply
+    return c
