@@ -198,7 +198,7 @@ class RedisClusterBroker(RedisBroker):
             was_up = self.up
             self._set_up()
             if self.up and (fresh or not was_up):
-                self._connected()  # a master's keys (revocations) may be new to us
+                self._notify("handle_connected")  # a master's keys (revocations) may be new to us
             if self.up:
                 if self._pinger is None or self._pinger.done():
                     self._pinger = self._loop.create_task(self._ping_loop())

@@ -790,7 +790,7 @@ class RedisBroker(Broker):
                 continue
             attempt = 0
             self.up = True
-            self._connected()
+            self._notify("handle_connected")
             if self._pinger is None or self._pinger.done():
                 self._pinger = self._loop.create_task(self._ping_loop())
             if self._refresher is None or self._refresher.done():
@@ -801,12 +801,7 @@ class RedisBroker(Broker):
                 self.reconnects += 1
                 log.warning("redis pub/sub: reconnected, %d channels and patterns "
                             "resubscribed; closing subscribers with 4010", len(self._wanted))
-                gap = getattr(self._handler, "handle_gap", None)
-                if gap is not None:
-                    try:
-                        gap()
-                    except Exception:
-                        log.exception("handle_gap failed")
+                self._notify("handle_gap")
             ever_up = True
             if not first.done():
                 first.set_result(None)
@@ -815,14 +810,15 @@ class RedisBroker(Broker):
                 log.warning("redis pub/sub: connection to %s lost; reconnecting",
                             _safe(self.url))
 
-    def _connected(self) -> None:
-        """Tell the handler that the broker (re)connected (``handle_connected``)."""
-        hook = getattr(self._handler, "handle_connected", None)
-        if hook is not None:
+    def _notify(self, hook: str, *args: Any) -> None:
+        """Call the handler's optional ``hook(*args)`` (``handle_gap``,
+        ``handle_connected``, ``handle_control``); a failure is logged, not raised."""
+        fn = getattr(self._handler, hook, None)
+        if fn is not None:
             try:
-                hook()
+                fn(*args)
             except Exception:
-                log.exception("handle_connected failed")
+                log.exception("%s failed", hook)
 
     def _moved(self, cmd: _Commands) -> None:
         """``cmd``'s server is no longer the master of what it was asked (MOVED, ASK,
@@ -881,13 +877,7 @@ class RedisBroker(Broker):
         node, _, body = payload.partition(b" ")
         if node.decode("ascii", "replace") == self.node_id:
             return  # our own: the sending node acted on it already
-        handle = getattr(self._handler, "handle_control", None)
-        if handle is None:
-            return
-        try:
-            handle(body)
-        except Exception:
-            log.exception("redis pub/sub: cannot handle a control message")
+        self._notify("handle_control", body)
 
     async def send_control(self, payload: bytes) -> None:
         """Publish ``NODE_ID PAYLOAD`` on the control channel (SPUBLISH on a cluster)."""
