@@ -432,6 +432,19 @@ class App:
         except orjson.JSONDecodeError:
             return _json(400, {"error": "body must be JSON"})
 
+    def _api_object(self, headers: dict[str, str], body: bytes, fields: set[str]) -> Any:
+        """The JSON object of an API request holding only ``fields``, or the 401/400
+        answer (bytes)."""
+        msg = self._api_request(headers, body)
+        if isinstance(msg, bytes):
+            return msg
+        if not isinstance(msg, dict):
+            return _json(400, {"error": "body must be a JSON object"})
+        unknown = set(msg) - fields
+        if unknown:
+            return _json(400, {"error": f"unknown field {sorted(unknown)[0]!r}"})
+        return msg
+
     async def _api_publish(self, headers: dict[str, str], body: bytes) -> bytes:
         msg = self._api_request(headers, body)
         if isinstance(msg, bytes):
@@ -454,14 +467,9 @@ class App:
     async def _api_disconnect(self, headers: dict[str, str], body: bytes) -> bytes:
         """``{"user": U[, "code": 4000-4999][, "reason": R]}``: disconnect every connection
         of U on every node; answers how many this node closed."""
-        msg = self._api_request(headers, body)
+        msg = self._api_object(headers, body, {"user", "code", "reason"})
         if isinstance(msg, bytes):
             return msg
-        if not isinstance(msg, dict):
-            return _json(400, {"error": "body must be a JSON object"})
-        unknown = set(msg) - {"user", "code", "reason"}
-        if unknown:
-            return _json(400, {"error": f"unknown field {sorted(unknown)[0]!r}"})
         user = msg.get("user")
         if not isinstance(user, str) or not user or len(user) > 255:
             return _json(400, {"error": "user must be a string of 1-255 chars"})
@@ -491,14 +499,9 @@ class App:
         of U issued up to now (``iat`` at most now, or none) and/or the token whose id
         is J, on every node, for ``ttl`` seconds (default ``revocation_ttl``); the live
         connections using them are closed with 4501 "token revoked"."""
-        msg = self._api_request(headers, body)
+        msg = self._api_object(headers, body, {"user", "jti", "ttl"})
         if isinstance(msg, bytes):
             return msg
-        if not isinstance(msg, dict):
-            return _json(400, {"error": "body must be a JSON object"})
-        unknown = set(msg) - {"user", "jti", "ttl"}
-        if unknown:
-            return _json(400, {"error": f"unknown field {sorted(unknown)[0]!r}"})
         if "user" not in msg and "jti" not in msg:
             return _json(400, {"error": "give user, jti or both"})
         targets: list[tuple[str, str]] = []
