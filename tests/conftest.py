@@ -73,6 +73,14 @@ def api(base: str, path: str, body: object,
     return status, json.loads(raw)
 
 
+def assert_api_guarded(base: str, path: str, body: object) -> None:
+    """The API route ``path`` answers 401 without a valid key and 405 to GET."""
+    assert api(base, path, body, headers={})[0] == 401
+    status, res = api(base, path, body, headers={"Authorization": "Bearer no"})
+    assert status == 401 and "API key" in res["error"]
+    assert http("GET", base + path)[0] == 405
+
+
 @dataclass
 class ServerProc:
     """A `fastws serve` subprocess bound to 127.0.0.1:port."""

@@ -8,7 +8,7 @@ import time
 
 import jwt
 import pytest
-from conftest import API_KEY, api, http
+from conftest import API_KEY, api, assert_api_guarded
 from wsclient import RawClient, connect, connect_with_token
 
 from fastws.codes import Close
@@ -96,10 +96,7 @@ async def test_memory_broker_disconnects_locally(fastws_server) -> None:
 
 def test_bad_requests(server) -> None:
     base = server.http_url
-    assert disconnect(base, {"user": "alice"}, headers={})[0] == 401
-    status, res = disconnect(base, {"user": "alice"}, headers={"Authorization": "Bearer no"})
-    assert status == 401 and "API key" in res["error"]
-    assert http("GET", base + "/api/disconnect")[0] == 405
+    assert_api_guarded(base, "/api/disconnect", {"user": "alice"})
     bad = {
         b"{nope": "body must be JSON",
         b"[1]": "body must be a JSON object",

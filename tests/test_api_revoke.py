@@ -12,7 +12,7 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import API_KEY, api, http
+from conftest import API_KEY, api, assert_api_guarded
 from wsclient import RawClient, connect, connect_with_token
 
 from fastws.broker.base import Revocation
@@ -181,10 +181,7 @@ def test_revocation_ttl_range(value: str) -> None:
 
 def test_bad_requests(server) -> None:
     base = server.http_url
-    assert revoke(base, {"user": "alice"}, headers={})[0] == 401
-    status, res = revoke(base, {"user": "alice"}, headers={"Authorization": "Bearer no"})
-    assert status == 401 and "API key" in res["error"]
-    assert http("GET", base + "/api/revoke")[0] == 405
+    assert_api_guarded(base, "/api/revoke", {"user": "alice"})
     bad = {
         b"{nope": "body must be JSON",
         b"[1]": "body must be a JSON object",
