@@ -25,14 +25,14 @@ cdef class Conn(WSListener):
 
 
 cdef class Hub:
-    cdef readonly Trie trie
+    cdef Trie _trie                 # subscriptions: change only through the Hub's methods
     cdef PyObject** _pend           # connections with frames queued in this pass (owned refs)
     cdef Py_ssize_t _npend
     cdef Py_ssize_t _pend_cap
     cdef bint _scheduled
     cdef object _call_soon
     cdef object _flush_cb
-    cdef readonly set conns
+    cdef set _conns                 # open connections: add_connection / remove_connection
     cdef public Py_ssize_t send_buffer
     cdef public object on_slow          # callable(conn), Python level
     cdef public object on_heartbeat_timeout

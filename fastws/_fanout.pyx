@@ -233,7 +233,14 @@ cdef int _trim_transport(WSTransport tr) except -1:
 
 
 cdef class Hub:
-    """Local registry (a :class:`Trie` of subscriptions) and the fan-out loop."""
+    """The local registry and the fan-out loop.
+
+    The hub owns this process's registrations: the set of open connections and the
+    :class:`Trie` of their subscriptions change only through its methods
+    (:meth:`add_connection`, :meth:`remove_connection`, :meth:`subscribe`,
+    :meth:`unsubscribe`); the node and the transports read them through
+    :meth:`connections`, :meth:`has_subscribers`, :meth:`subscribers` and the counts.
+    """
 
     def __cinit__(self):
         self._pend = NULL
@@ -248,13 +255,13 @@ cdef class Hub:
         self._lat_sum = 0.0
         self._lat_count = 0
 
-    def __init__(self, Trie trie, Py_ssize_t send_buffer=1048576, loop=None):
-        self.trie = trie
+    def __init__(self, Py_ssize_t send_buffer=1048576, loop=None):
+        self._trie = Trie()
         self._scheduled = False
         loop = loop if loop is not None else asyncio.get_event_loop()
         self._call_soon = loop.call_soon
         self._flush_cb = self.flush
-        self.conns = set()
+        self._conns = set()
         self.send_buffer = send_buffer
         self.on_slow = None
         self.on_heartbeat_timeout = None
@@ -292,9 +299,9 @@ cdef class Hub:
         """
         cdef tuple keys
         if exact_only:
-            keys = tuple(self.trie.keys(channel))
+            keys = self._trie.keys(channel)
         else:
-            keys = self.trie.match(channel)
+            keys = self._trie.match(channel)
         cdef const char* ptr = PyBytes_AS_STRING(frame)
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         cdef Py_ssize_t n = 0
@@ -421,13 +428,49 @@ cdef class Hub:
             cumulative.append(acc)
         return LATENCY_BUCKETS, cumulative, self._lat_sum, self._lat_count
 
-    def add(self, str name, Conn c) -> bool:
-        """Subscribe ``c`` to a channel or pattern; False if it already was."""
-        return self.trie.add(name, c)
+    # ---------------------------------------------------------------- registrations
 
-    def remove(self, str name, Conn c) -> bool:
+    def add_connection(self, Conn c):
+        """Register an open connection (heartbeat sweep, drain, counts)."""
+        self._conns.add(c)
+
+    def remove_connection(self, Conn c):
+        """Forget a connection that ended (its subscriptions are removed separately)."""
+        self._conns.discard(c)
+
+    def connections(self) -> list:
+        """A snapshot list of the open connections (safe to close them while iterating)."""
+        return list(self._conns)
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections are open."""
+        return len(self._conns)
+
+    def subscribe(self, str name, Conn c) -> bool:
+        """Subscribe ``c`` to a channel or pattern; False if it already was."""
+        return self._trie.add(name, c)
+
+    def unsubscribe(self, str name, Conn c) -> bool:
         """Unsubscribe ``c`` from a channel or pattern; False if it was not subscribed."""
-        return self.trie.remove(name, c)
+        return self._trie.remove(name, c)
+
+    def has_subscribers(self, str name) -> bool:
+        """True when some connection holds exactly ``name`` (a channel or a pattern)."""
+        return len(self._trie.keys(name)) > 0
+
+    def subscribers(self, str channel) -> tuple:
+        """The distinct connections a publication on ``channel`` reaches (patterns too)."""
+        return self._trie.match(channel)
+
+    @property
+    def name_count(self) -> int:
+        """Distinct channels and patterns with a subscriber here."""
+        return self._trie.count()
+
+    def names(self):
+        """Every channel and pattern with a subscriber here (metrics over workers)."""
+        return self._trie.names()
 
     def sweep(self, double ping_interval, double pong_timeout):
         """Heartbeat: ping connections idle for ``ping_interval``; time out silent ones.
@@ -438,7 +481,7 @@ cdef class Hub:
         cdef double now = _now()
         cdef Conn c
         cdef list expired = []
-        for k in self.conns:
+        for k in self._conns:
             c = <Conn>k
             if c.closing:
                 continue

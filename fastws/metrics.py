@@ -49,12 +49,12 @@ class NodeCollector:
     def __init__(self, node: Node) -> None:
         self.node = node
         if workers.CURRENT is not None:    # /metrics of --workers N: distinct channels
-            workers.CURRENT.channel_names = node.hub.trie.names
+            workers.CURRENT.channel_names = node.hub.names
 
     def collect(self) -> Iterator[Metric]:
         node, hub = self.node, self.node.hub
         yield GaugeMetricFamily("fastws_connections", "Open WebSocket connections.",
-                                value=len(hub.conns))
+                                value=hub.connection_count)
         yield CounterMetricFamily("fastws_connections_accepted", "WebSocket connections accepted.",
                                   value=node.accepted)
         closed = CounterMetricFamily("fastws_connections_closed",
@@ -68,7 +68,7 @@ class NodeCollector:
                                 value=node.subscriptions)
         yield GaugeMetricFamily("fastws_channels",
                                 "Distinct channels and patterns with a local subscriber.",
-                                value=hub.trie.count())
+                                value=hub.name_count)
         yield CounterMetricFamily("fastws_messages_received", "Client messages received.",
                                   value=node.messages_received)
         yield CounterMetricFamily("fastws_publications", "Publications fanned out by this node.",

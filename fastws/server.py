@@ -47,7 +47,6 @@ from fastws.codes import (
     DISCONNECT_DRAINING,
     DISCONNECT_INVALID_TOKEN,
     DISCONNECT_ORIGIN,
-    DISCONNECT_RATE_LIMITED,
     DISCONNECT_SLOW,
     DISCONNECT_TOKEN_EXPIRED,
     DISCONNECT_TOKEN_REVOKED,
@@ -56,9 +55,10 @@ from fastws.codes import (
     Disconnect,
 )
 from fastws.config import Config
-from fastws.limits import Bucket, KeyedLimiter, client_ip, request_id, retry_after
+from fastws.limits import KeyedLimiter, client_ip, retry_after
 from fastws.metrics import CONTENT_TYPE, Metrics
 from fastws.node import Node, revocation_key
+from fastws.session import SESSION_SLOTS, Session
 
 __all__ = ["Connection", "App", "run", "serve"]
 
@@ -109,27 +109,20 @@ class _PicowsLog:
         self._log.exception(msg, *args, **kw)
 
 
-class Connection(Conn):
-    """One protocol connection: the picows listener, with the session's state."""
+class Connection(Conn, Session):
+    """One WebSocket connection: the picows listener (the hub's :class:`Conn`) and the
+    client's :class:`~fastws.session.Session` in one object (one per connection)."""
 
-    __slots__ = ("node", "client_id", "user", "subs", "assembler", "close_code", "pending_close",
-                 "grants", "expiry", "msg_bucket", "strikes", "sub_bucket", "iat", "jti")
+    __slots__ = (*SESSION_SLOTS, "node", "assembler", "close_code", "pending_close",
+                 "expiry")
 
-    def __init__(self, node: Node, user: str | None, pending_close: Disconnect | None) -> None:
+    def __init__(self, node: Node, pending_close: Disconnect | None) -> None:
+        self.init_session(node, node.next_client_id())
         self.node = node
-        self.client_id = node.next_client_id()
-        self.user = user
-        self.subs: list[str] | None = None    # names, in subscription order
         self.assembler = MessageAssembler(node.config.limits.max_message_size)
         self.close_code = 0
         self.pending_close = pending_close
-        self.grants: tuple[str, ...] | None = None   # the token's channels claim
         self.expiry: asyncio.TimerHandle | None = None  # closes 4501 at the token's exp
-        self.iat: float | None = None     # the token's iat and jti (revocations check them)
-        self.jti: str | None = None
-        self.msg_bucket: Bucket | None = None        # messages_per_connection
-        self.strikes: Bucket | None = None           # refused requests, then 4029
-        self.sub_bucket: Bucket | None = None        # subscribes_per_connection
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -139,7 +132,7 @@ class Connection(Conn):
         if self.pending_close is not None:
             self.disconnect(self.pending_close)
             return
-        node.hub.conns.add(self)
+        node.hub.add_connection(self)
         transport.underlying_transport.set_write_buffer_limits(
             high=node.config.limits.send_buffer)
         if conn_log.isEnabledFor(logging.DEBUG):
@@ -153,42 +146,22 @@ class Connection(Conn):
         if msg is None or self.closing:
             return
         opcode, payload = msg
-        self.node.messages_received += 1
         if opcode != WSMsgType.TEXT:
+            self.node.messages_received += 1
             self.close(Close.UNSUPPORTED_DATA, "binary messages are not supported")
             return
-        if self._rate_limited(payload):
-            return
-        self.node.on_message(self, payload)
+        req = self.receive(payload)
+        if req is not None:
+            self.node.run(self, req)
 
-    def _rate_limited(self, payload: bytes) -> bool:
-        """Spend a message token; when none is left answer 429 (or close 4029)."""
-        limits = self.node.config.limits
-        now = time.monotonic()
-        bucket = self.msg_bucket
-        if bucket is None:
-            bucket = self.msg_bucket = Bucket(limits.messages_per_connection, now)
-        if not bucket.take(limits.messages_per_connection, limits.messages_window, now):
-            return False
-        self.node.rate_limited["messages"] += 1
-        if self.refused():
-            self.node.send_error(self, protocol.ProtocolError(
-                429, f"rate limited: more than {limits.messages_per_connection} messages "
-                f"per {limits.messages_window:g} s", request_id(payload)))
-        return True
-
-    def refused(self) -> bool:
-        """Count one request refused by a rate limit.  When refusals persist (more than
-        messages_per_connection of them per messages_window) the connection is closed
-        with 4029 and this returns False; otherwise True (answer error 429)."""
-        limits = self.node.config.limits
-        now = time.monotonic()
-        if self.strikes is None:
-            self.strikes = Bucket(limits.messages_per_connection, now)
-        if self.strikes.take(limits.messages_per_connection, limits.messages_window, now):
-            self.disconnect(DISCONNECT_RATE_LIMITED)
-            return False
-        return True
+    def arm_expiry(self, at: float | None) -> None:
+        """Disconnect with 4501 "token expired" at ``at`` (wall clock); None cancels."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if at is not None:
+            self.expiry = asyncio.get_running_loop().call_later(
+                max(0.0, at - time.time()), self.disconnect, DISCONNECT_TOKEN_EXPIRED)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.expiry is not None:
@@ -303,7 +276,7 @@ class App:
             return _http_response(503, b"server draining\n", {"Retry-After": "5"})
         pending: Disconnect | None = None
         limits = node.config.limits
-        if limits.max_connections and len(node.hub.conns) >= limits.max_connections:
+        if limits.max_connections and node.hub.connection_count >= limits.max_connections:
             pending = DISCONNECT_CONNECTION_LIMIT
             log.warning("connection limit reached: closing a new connection with 4504",
                         extra={"limit": limits.max_connections})
@@ -324,9 +297,9 @@ class App:
             else:
                 if node.revoked(ident.user, ident.issued, ident.jti):
                     ident, pending = None, DISCONNECT_TOKEN_REVOKED
-        conn = Connection(node, None, pending)
+        conn = Connection(node, pending)
         if ident is not None:
-            auth.attach(conn, ident, self.loop)
+            conn.set_identity(ident)
         return conn
 
     # ------------------------------------------------------------------ HTTP
@@ -858,7 +831,7 @@ class Server:
             log.error("SIGHUP: config not reloaded: %s", exc)
             return
         self.node.reload(new)
-        for conn in list(self.node.hub.conns):
+        for conn in self.node.hub.connections():
             conn.assembler.max_message_size = new.limits.max_message_size
             tr = conn.transport
             if tr is not None and not tr.is_disconnected:
@@ -876,11 +849,11 @@ class Server:
 
     async def _drain(self) -> None:
         timeout = self.node.config.server.drain_timeout
-        log.info("draining: %d connections over %.1f s", len(self.node.hub.conns), timeout)
+        log.info("draining: %d connections over %.1f s", self.node.hub.connection_count, timeout)
         # The listener stays open until exit: /readyz answers 503, upgrades get 503 with
         # Retry-After (a proxy retries them on another node), /metrics stays scrapeable.
         deadline = time.monotonic() + timeout
-        conns = list(self.node.hub.conns)
+        conns = self.node.hub.connections()
         random.shuffle(conns)
         window = timeout * 0.5
         batches = max(1, min(10, len(conns)))
@@ -894,9 +867,9 @@ class Server:
                                 random.randint(0, int(timeout * 1000)))
             if i + 1 < batches:
                 await asyncio.sleep(window / batches)
-        while self.node.hub.conns and time.monotonic() < deadline - 0.2:
+        while self.node.hub.connection_count and time.monotonic() < deadline - 0.2:
             await asyncio.sleep(0.05)
-        log.info("drained: %d connections left, exiting", len(self.node.hub.conns))
+        log.info("drained: %d connections left, exiting", self.node.hub.connection_count)
         self.stopped.set()
 
     async def shutdown(self) -> None:
@@ -907,7 +880,7 @@ class Server:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for conn in list(self.node.hub.conns):
+        for conn in self.node.hub.connections():
             if conn.transport is not None:
                 conn.transport.disconnect(False)
         await self.node.close()

@@ -160,7 +160,7 @@ async def _breakdown_main(n: int, procs: int, batch: int, frames: int, top: int,
         gc.collect()
         snap1 = tracemalloc.take_snapshot()
         rss1 = fanout.rss_kib_one(os.getpid())
-        conns = list(server.node.hub.conns)
+        conns = server.node.hub.connections()
         sizes = _sizes_of_one(conns[0]) if conns else []
         stats = snap1.compare_to(snap0, "traceback" if frames > 1 else "lineno")
         total = sum(s.size_diff for s in stats)
