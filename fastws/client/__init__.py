@@ -28,7 +28,8 @@ connection). Channel rules are the server's own: :func:`is_pattern` and
 """
 
 from fastws.channels import is_pattern
-from fastws.client.client import Client, connect, normalize_channel
+from fastws.channels import normalize as normalize_channel
+from fastws.client.client import Client, connect
 from fastws.client.client import TokenSource as TokenSource
 from fastws.client.events import Event, Subscription
 from fastws.client.events import EventCallback as EventCallback

@@ -20,7 +20,7 @@ from typing import Any
 
 from picows import WSCloseCode
 
-from fastws.channels import is_pattern
+from fastws.channels import normalize
 from fastws.client._link import (
     ABNORMAL,
     _Conn,
@@ -49,13 +49,6 @@ log = logging.getLogger("fastws.client")
 TokenSource = str | Callable[[], Awaitable[str] | str] | None
 
 _DEDUPE_LIMIT = 65536  # channels remembered for (channel, offset) deduplication
-
-
-def normalize_channel(channel: str) -> str:
-    """The name the server uses: ``wallet:`` addresses are lower-cased (protocol §5)."""
-    if channel.startswith("wallet:") and not is_pattern(channel):
-        return channel.lower()
-    return channel
 
 
 class Client:
@@ -530,7 +523,7 @@ class Client:
             raise self._final
         if self._task is None:
             raise FastWSError("client not started: use `async with fastws.connect(...)`")
-        channel = normalize_channel(channel)  # events name the channel as the server does
+        channel = normalize(channel)  # events name the channel as the server does
         if channel in self._subs:
             raise RequestError(Err.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}")
         sub = Subscription(self, channel, callback, since)
@@ -637,7 +630,7 @@ class Client:
 
     async def unsubscribe(self, channel: str) -> None:
         """Unsubscribe from ``channel`` (a channel or pattern given to :meth:`subscribe`)."""
-        sub = self._subs.get(normalize_channel(channel))
+        sub = self._subs.get(normalize(channel))
         if sub is not None:
             await self._unsubscribe(sub)
 
