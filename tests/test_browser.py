@@ -252,7 +252,8 @@ def test_glob_matcher_agrees_with_server(page, server):
 
 def test_browser_rules_match_shared_vectors(page, server):
     """fastws.js's copies of the shared rules (is_pattern, wallet: normalisation, glob
-    matching, which close codes end the client) agree with tests/data/rules.json, the
+    matching, which close codes end the client, the token-expired close) agree with
+    tests/data/rules.json, the
     vectors tests/test_rules.py checks the server and the Python client against."""
     rules = json.loads((ROOT / "tests" / "data" / "rules.json").read_text())
     page.goto(server.http_url + "/")
@@ -276,7 +277,19 @@ def test_browser_rules_match_shared_vectors(page, server):
         ends.push(c.state !== "closed");
         c.close();
       }
+      // "token expired" is the one close in 4500-4999 after which a token function's
+      // client reconnects (with a new token); any other reason there ends it.
+      const [code, reason] = rules.token_expired;
+      const refreshed = [];
+      for (const why of [reason, "invalid token"]) {
+        const c = new m.FastWS("ws://rules.invalid/ws", { WebSocket: Idle, token: () => "t" });
+        await new Promise((r) => setTimeout(r, 0));
+        Idle.last.onclose({ code, reason: why, wasClean: true });
+        refreshed.push(c.state !== "closed");
+        c.close();
+      }
       return {
+        token_expired: refreshed,
         is_pattern: rules.is_pattern.map(([n]) => m.isPattern(n)),
         normalize: rules.normalize.map(([n]) => m.normalizeChannel(n)),
         subscribe: routed,
@@ -285,6 +298,7 @@ def test_browser_rules_match_shared_vectors(page, server):
         reconnects: ends,
       };
     }""", rules)
+    assert got.pop("token_expired") == [True, False]
     same_as = {"subscribe": "normalize", "reconnects": "should_reconnect"}
     for key, results in got.items():
         vectors = rules[same_as.get(key, key)]

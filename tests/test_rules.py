@@ -15,7 +15,7 @@ import pytest
 
 import fastws.client
 from fastws import _glob_ref, _match, channels, config
-from fastws.codes import Close, Disconnect
+from fastws.codes import DISCONNECT_TOKEN_EXPIRED, Close, Disconnect
 
 RULES = json.loads((Path(__file__).parent / "data" / "rules.json").read_text())
 
@@ -64,6 +64,13 @@ def test_every_close_code_has_a_vector() -> None:
     codes = {v for k, v in vars(Close).items() if k.isupper() and isinstance(v, int)}
     missing = codes - {code for code, _ in RULES["should_reconnect"]}
     assert not missing, f"add vectors for {sorted(missing)} to tests/data/rules.json"
+
+
+def test_token_expired_close() -> None:
+    """The close after which a client with a token callable reconnects with a new token."""
+    assert [DISCONNECT_TOKEN_EXPIRED.code, DISCONNECT_TOKEN_EXPIRED.reason] == \
+        RULES["token_expired"]
+    assert not Close.should_reconnect(DISCONNECT_TOKEN_EXPIRED.code)
 
 
 @pytest.mark.parametrize(("name", "want"), RULES["namespace_of"], ids=_ids(RULES["namespace_of"]))
