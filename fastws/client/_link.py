@@ -118,11 +118,13 @@ class _Conn:
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_connected(self, transport: WSTransport) -> None:
+        """The upgrade succeeded: requests may be sent on ``transport``."""
         self.transport = transport
         self.connected = True
         self.last_rx = time.monotonic()
 
     def on_disconnected(self) -> None:
+        """The connection is gone: its subscriptions stop holding, ``closed`` resolves."""
         self.connected = False
         if self.client._conn is self:
             self.client._connected.clear()
@@ -132,15 +134,18 @@ class _Conn:
             self.closed.set_result(None)
 
     def send(self, msg: dict[str, Any]) -> None:
+        """Send one message as a text frame; :class:`_ConnectionLost` when not connected."""
         if self.transport is None or not self.connected:
             raise _ConnectionLost(ABNORMAL, "not connected")
         self.transport.send(WSMsgType.TEXT, orjson.dumps(msg))
 
     def abort(self) -> None:
+        """Drop the connection at once, without a close handshake."""
         if self.transport is not None:
             self.transport.disconnect(False)
 
     def fail_pending(self, exc: BaseException) -> None:
+        """Answer every request still waiting for a reply with ``exc``."""
         pending, self.pending = self.pending, {}
         for handler in pending.values():
             handler(exc)

@@ -125,6 +125,7 @@ class Client:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Client:
+        """Connect (see :meth:`start`); the block's end closes the client."""
         await self.start()
         return self
 
