@@ -250,6 +250,63 @@ def test_glob_matcher_agrees_with_server(page, server):
             assert g == bool(_match.glob_match(p, n)), (p, n, g)
 
 
+def test_browser_rules_match_shared_vectors(page, server):
+    """fastws.js's copies of the shared rules (is_pattern, wallet: normalisation, glob
+    matching, which close codes end the client, the token-expired close) agree with
+    tests/data/rules.json, the
+    vectors tests/test_rules.py checks the server and the Python client against."""
+    rules = json.loads((ROOT / "tests" / "data" / "rules.json").read_text())
+    page.goto(server.http_url + "/")
+    got = page.evaluate("""async (rules) => {
+      const m = await import("/fastws.js");
+      // A WebSocket that never opens: the client's own use of the rules, without a server.
+      class Idle { constructor() { Idle.last = this; } close() {} }
+      const client = () => new m.FastWS("ws://rules.invalid/ws", { WebSocket: Idle });
+      const routed = rules.normalize.map(([name]) => {
+        const c = client();
+        c.subscribe(name, () => {});
+        const keys = c.subscriptions();
+        c.close();
+        return keys[0];
+      });
+      const ends = [];
+      for (const [code] of rules.should_reconnect) {
+        const c = client();
+        await new Promise((r) => setTimeout(r, 0));  // the first attempt opens a socket
+        Idle.last.onclose({ code, reason: "test", wasClean: true });
+        ends.push(c.state !== "closed");
+        c.close();
+      }
+      // "token expired" is the one close in 4500-4999 after which a token function's
+      // client reconnects (with a new token); any other reason there ends it.
+      const [code, reason] = rules.token_expired;
+      const refreshed = [];
+      for (const why of [reason, "invalid token"]) {
+        const c = new m.FastWS("ws://rules.invalid/ws", { WebSocket: Idle, token: () => "t" });
+        await new Promise((r) => setTimeout(r, 0));
+        Idle.last.onclose({ code, reason: why, wasClean: true });
+        refreshed.push(c.state !== "closed");
+        c.close();
+      }
+      return {
+        token_expired: refreshed,
+        is_pattern: rules.is_pattern.map(([n]) => m.isPattern(n)),
+        normalize: rules.normalize.map(([n]) => m.normalizeChannel(n)),
+        subscribe: routed,
+        glob_match: rules.glob_match.map(([p, n]) => m.globMatch(p, n)),
+        should_reconnect: rules.should_reconnect.map(([c]) => m.shouldReconnect(c)),
+        reconnects: ends,
+      };
+    }""", rules)
+    assert got.pop("token_expired") == [True, False]
+    same_as = {"subscribe": "normalize", "reconnects": "should_reconnect"}
+    for key, results in got.items():
+        vectors = rules[same_as.get(key, key)]
+        for row, value in zip(vectors, results, strict=True):
+            assert value == row[-1], (key, row, value)
+    assert not page.errors, page.errors
+
+
 def test_page_recovers_missed_events(page, fastws_server):
     """A dropped connection resubscribes with `since`; what was missed is replayed, once."""
     srv = fastws_server()

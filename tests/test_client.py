@@ -30,6 +30,7 @@ from picows import (
     ws_create_server,
 )
 
+from fastws import channels
 from fastws.client import (
     Client,
     Event,
@@ -151,7 +152,8 @@ def test_event_and_pattern_helpers() -> None:
     assert is_pattern("events:*") and is_pattern("a?") and is_pattern("[ab]") and is_pattern("a\\*")
     assert not is_pattern("events:bet_placed")
     assert normalize_channel("wallet:0xAbCD") == "wallet:0xabcd"  # as the server names it
-    assert normalize_channel("wallet:0xAb*") == "wallet:0xAb*"  # patterns are never changed
+    assert normalize_channel("wallet:0xAb*") == "wallet:0xab*"  # patterns too, as the server
+    assert normalize_channel is channels.normalize and is_pattern is channels.is_pattern
     assert normalize_channel("market:0xAbCD") == "market:0xAbCD"
 
 
@@ -607,6 +609,19 @@ async def test_real_pattern_subscription(fastws_server) -> None:
             ("events:bet_placed", 1), ("events:market_created", 2)]
         with pytest.raises(RequestTimeout):
             await c.next_event(timeout=0.2)
+
+
+async def test_real_wallet_pattern_named_as_the_server_names_it(fastws_server) -> None:
+    """A ``wallet:`` pattern is lower-cased like on the server, so its events are routed."""
+    srv = fastws_server(config='[namespaces.wallet]\nsubscribe = "anyone"\n')
+    async with connect(srv.ws_url, **FAST) as c:
+        sub = await c.subscribe("wallet:0xAB*")
+        assert sub.channel == "wallet:0xab*" and list(c.subscriptions) == ["wallet:0xab*"]
+        await _publish(srv, "wallet:0xABcd", 1)  # the server lower-cases it too
+        ev = await c.next_event(timeout=5)
+        assert (ev.channel, ev.data) == ("wallet:0xabcd", 1)
+        await c.unsubscribe("wallet:0xAB*")
+        assert not c.subscriptions and not sub.active
 
 
 async def test_real_error_replies(fastws_server) -> None:

@@ -226,6 +226,10 @@ export declare class FastWS {
 export declare function globMatch(pattern: string, str: string): boolean;
 /** True when a name holds `*`, `?`, `[` or `\`. */
 export declare function isPattern(name: string): boolean;
+/** The name the server uses: `wallet:` names (and patterns) are lower-cased. */
+export declare function normalizeChannel(name: string): string;
+/** Whether a client should reconnect after a close with this code (every code but 4500–4999). */
+export declare function shouldReconnect(code: number): boolean;
 /** The claims of a JWT, decoded without verifying it; null when `token` is not a JWT. */
 export declare function tokenClaims(token: string): Record<string, unknown> | null;
 /** Milliseconds until a JWT's `exp` by this clock, checked against `iat`; null without `exp`. */

@@ -105,6 +105,17 @@ function matchAt(p, pi, s, si, state, nesting) {
   return pi >= plen && si === slen;
 }
 
+/** The name the server uses for a channel or pattern: `wallet:` names are 0x addresses,
+ *  lower-cased by the server, patterns included (protocol §5). */
+export function normalizeChannel(name) {
+  return name.startsWith("wallet:") ? name.toLowerCase() : name;
+}
+
+/** Whether a client should reconnect after a close with `code`: every code but 4500–4999. */
+export function shouldReconnect(code) {
+  return !(code >= 4500 && code <= 4999);
+}
+
 /** Full-jitter backoff: delay (ms) after the n-th failed attempt in a row (n = 0, 1, …). */
 export function backoffDelay(n, { minDelay = 500, maxDelay = 20000, random = Math.random } = {}) {
   const cap = Math.min(maxDelay, minDelay * Math.pow(2, Math.min(n, 30)));
@@ -175,11 +186,6 @@ export class FastWSError extends Error {
   }
 }
 
-function normalizeChannel(name) {
-  // `wallet:` names are 0x addresses, lower-cased by the server (protocol §5).
-  if (name.startsWith("wallet:") && !isPattern(name)) return name.toLowerCase();
-  return name;
-}
 
 class Subscription {
   constructor(client, record, handler) {
@@ -623,7 +629,7 @@ export class FastWS {
       reconnect: true,
       after_ms: push && typeof push.after_ms === "number" ? push.after_ms : 0,
     };
-    let fatal = (code >= 4500 && code <= 4999) || (push && push.reconnect === false);
+    let fatal = !shouldReconnect(code) || (push && push.reconnect === false);
     // A token that expired is refreshed: a token function gives the next attempt a new
     // one (the same token given back again stops the client, like any rejected token).
     if (code === 4501 && info.reason === "token expired" && typeof this.options.token === "function" &&

@@ -1,8 +1,8 @@
 // Type-checks fastws.d.ts against the uses shown in docs/clients.md:
 // `npm run check-types` (tsc --noEmit, strict). Nothing here runs.
 import FastWSDefault, {
-  FastWS, FastWSError, backoffDelay, globMatch, isPattern,
-  refreshDelay, tokenClaims, tokenExpiresIn,
+  FastWS, FastWSError, backoffDelay, globMatch, isPattern, normalizeChannel,
+  refreshDelay, shouldReconnect, tokenClaims, tokenExpiresIn,
   type EventMeta, type FastWSEvent, type RefreshInfo, type State, type SubscribedInfo,
 } from "../fastws.js";
 
@@ -66,7 +66,9 @@ void main();
 
 const ms: number = backoffDelay(3, { minDelay: 500, maxDelay: 20_000, random: Math.random });
 const m: boolean = globMatch("events:*", "events:bet_placed") && isPattern("market:0x*");
-console.log(ms, m);
+const w: string = normalizeChannel("wallet:0xAbC*");
+const again: boolean = shouldReconnect(4001) && !shouldReconnect(4501);
+console.log(ms, m, w, again);
 const claims: Record<string, unknown> | null = tokenClaims("a.b.c");
 const left: number | null = tokenExpiresIn("a.b.c", Date.now());
 const wait: number = refreshDelay(left ?? 0, { margin: 10_000, random: Math.random });

@@ -1,29 +1,15 @@
-"""The fastws Python client (protocol v1, docs/protocol.md sections 4 and 6).
+"""The :class:`Client` of :mod:`fastws.client` and its :func:`connect` factory.
 
-Usage::
-
-    async with fastws.connect("ws://127.0.0.1:8765/ws", token=None) as c:
-        await c.subscribe("events:*")
-        async for event in c:
-            print(event.channel, event.offset, event.data)
-
-The client runs on picows (``picows.ws_connect``) on the running event loop (uvloop or
-asyncio). It reconnects by itself with full-jitter exponential backoff, resubscribes
-every subscription and recovers each one from the last position it delivered
-(``since``), deduplicating events by (channel, offset). It stops for good after a close
-in 4500–4999 or a ``disconnect`` push with ``reconnect: false``, except a 4501 "token
-expired" when ``token`` is a callable: then it reconnects with a fresh token.
-
-A callable ``token`` whose JWT carries ``exp`` is also refreshed ahead of time, on the
-live connection: shortly before ``exp`` the client calls it and sends the new token in an
-``auth`` request, so subscriptions and positions carry on without a reconnect (see
-:func:`refresh_delay` and :func:`token_expires_in`).
+One :class:`Client` owns a reconnect loop (:meth:`Client._run`), the subscriptions it
+re-sends on every connection, the request/reply bookkeeping and the event routing.
+The rules it shares with the server come from the server's own modules: channel names
+from :mod:`fastws.channels`, close codes and which of them end the client from
+:mod:`fastws.codes`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import inspect
 import logging
 import random
@@ -32,18 +18,22 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
-from picows import (
-    WSCloseCode,
-    WSFrame,
-    WSHandshakeError,
-    WSListener,
-    WSMsgType,
-    WSTransport,
-    ws_connect,
-)
+from picows import WSCloseCode
 
-from fastws._match import glob_match
+from fastws.channels import normalize
+from fastws.client._link import (
+    ABNORMAL,
+    _Conn,
+    _ConnectionLost,
+    _RetryAfter,
+    _Terminal,
+    open_connection,
+    watchdog,
+)
+from fastws.client.events import Event, EventCallback, Subscription
+from fastws.client.tokens import backoff_delay, refresh_delay, token_expires_in
+from fastws.codes import DISCONNECT_TOKEN_EXPIRED as _EXPIRED
+from fastws.codes import Close, Err
 from fastws.errors import (
     AuthError,
     ConnectionClosed,
@@ -52,343 +42,13 @@ from fastws.errors import (
     RequestTimeout,
 )
 
-__all__ = [
-    "Client",
-    "Event",
-    "Subscription",
-    "backoff_delay",
-    "connect",
-    "is_pattern",
-    "normalize_channel",
-    "refresh_delay",
-    "token_claims",
-    "token_expires_in",
-]
+__all__ = ["Client", "TokenSource", "connect"]
 
 log = logging.getLogger("fastws.client")
 
 TokenSource = str | Callable[[], Awaitable[str] | str] | None
-EventCallback = Callable[["Event"], Any]
 
-_PATTERN_CHARS = frozenset("*?[\\")
 _DEDUPE_LIMIT = 65536  # channels remembered for (channel, offset) deduplication
-_REFRESH_SPREAD_CAP = 60.0  # seconds: the most a refresh is moved earlier by jitter
-
-
-def is_pattern(channel: str) -> bool:
-    """True when ``channel`` holds ``*``, ``?``, ``[`` or ``\\`` (a Redis glob pattern)."""
-    return not _PATTERN_CHARS.isdisjoint(channel)
-
-
-def normalize_channel(channel: str) -> str:
-    """The name the server uses: ``wallet:`` addresses are lower-cased (protocol §5)."""
-    if channel.startswith("wallet:") and not is_pattern(channel):
-        return channel.lower()
-    return channel
-
-
-def backoff_delay(failures: int, *, base: float = 0.5, cap: float = 20.0,
-                  rand: Callable[[], float] = random.random) -> float:
-    """Delay before the next attempt after the ``failures``-th failure in a row (0-based).
-
-    Full jitter: uniform in [0, min(cap, base * 2**failures)]. ``rand`` returns a float
-    in [0, 1) (``random.random`` by default; inject your own for tests).
-    """
-    ceiling = min(cap, base * (2.0 ** min(failures, 64)))
-    return rand() * ceiling
-
-
-def token_claims(token: str) -> dict[str, Any] | None:
-    """The claims (payload) of a JWT, decoded *without* verifying its signature.
-
-    Only for timing the token's refresh: the server is what verifies tokens. Returns None
-    when ``token`` is not a JWT (three base64url parts whose middle one is a JSON object),
-    e.g. an opaque token: such a token is then never refreshed ahead of time.
-    """
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    payload = parts[1]
-    try:
-        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-        claims = orjson.loads(raw)
-    except ValueError:  # binascii.Error, non-ASCII text and orjson.JSONDecodeError alike
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def token_expires_in(token: str, now: float | None = None) -> float | None:
-    """Seconds until the JWT ``token`` expires by its ``exp`` claim, or None without one.
-
-    The client's clock (``time.time()``, or ``now``) is used, checked against the
-    token's ``iat`` when it has one: a token issued "in the future" (the client's clock
-    is behind the issuer's) or already past ``exp`` (the client's clock is ahead: the
-    server has just accepted it) is taken to have its whole lifetime, ``exp - iat``,
-    left. A fast clock otherwise only makes the refresh come early. None also when
-    the token has expired by every measure (nothing to time).
-    """
-    claims = token_claims(token)
-    if claims is None:
-        return None
-    exp = _number(claims.get("exp"))
-    if exp is None:
-        return None
-    left = exp - (time.time() if now is None else now)
-    iat = _number(claims.get("iat"))
-    if iat is not None and exp > iat:
-        lifetime = exp - iat
-        if left > lifetime or left <= 0:  # the clocks disagree: trust the token's own span
-            left = lifetime
-    return left if left > 0 else None
-
-
-def refresh_delay(remaining: float, *, margin: float = 10.0,
-                  rand: Callable[[], float] = random.random) -> float:
-    """Seconds to wait before refreshing a token that expires in ``remaining`` seconds.
-
-    The refresh comes ``min(margin, remaining / 5)`` before expiry (i.e. at
-    ``max(remaining - margin, 80 % of remaining)``), moved earlier by a random jitter of
-    up to ``min(remaining / 10, 60 s)`` so that clients whose tokens expire together do
-    not all ask for new ones at once. ``rand`` returns a float in [0, 1).
-    """
-    if remaining <= 0:
-        return 0.0
-    lead = min(margin, remaining / 5.0)
-    jitter = rand() * min(remaining / 10.0, _REFRESH_SPREAD_CAP)
-    return max(0.0, remaining - lead - jitter)
-
-
-class Event:
-    """One ``event`` push: ``channel``, ``data``, ``offset`` and ``epoch``.
-
-    ``offset`` and ``epoch`` are None for publications without history (e.g. a raw
-    Redis ``PUBLISH``). ``recovered`` is True for an event the server replayed while a
-    subscription was being recovered after a reconnect (missed while disconnected),
-    False for a live one; it takes no part in equality.
-    """
-
-    __slots__ = ("channel", "data", "offset", "epoch", "recovered")
-
-    def __init__(self, channel: str, data: Any, offset: int | None = None,
-                 epoch: str | None = None, recovered: bool = False) -> None:
-        self.channel = channel
-        self.data = data
-        self.offset = offset
-        self.epoch = epoch
-        self.recovered = recovered
-
-    def __repr__(self) -> str:
-        return (f"Event(channel={self.channel!r}, offset={self.offset!r}, "
-                f"epoch={self.epoch!r}, data={self.data!r})")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Event):
-            return NotImplemented
-        return (self.channel, self.offset, self.epoch, self.data) == (
-            other.channel, other.offset, other.epoch, other.data)
-
-    __hash__ = None  # type: ignore[assignment]  # data may be unhashable
-
-
-class Subscription:
-    """A channel or pattern subscription of one :class:`Client`.
-
-    ``offset``/``epoch`` hold the position of the last event delivered for it (the
-    ``since`` of its next recovery); ``recovered`` is the flag of the latest
-    ``subscribed`` reply; ``subscribed`` is True while the current connection holds it
-    (False while disconnected or resubscribing). Events go to ``callback`` when one was
-    given, else to the client's ``async for``.
-    """
-
-    __slots__ = ("client", "channel", "callback", "pattern", "offset", "epoch",
-                 "recovered", "subscribed", "active", "error", "_ready", "_live", "_recovering",
-                 "last_channel")
-
-    def __init__(self, client: Client, channel: str, callback: EventCallback | None,
-                 since: dict[str, Any] | None) -> None:
-        self.client = client
-        self.channel = channel
-        self.callback = callback
-        self.pattern = is_pattern(channel)
-        self.offset: int | None = since.get("offset") if since else None
-        self.epoch: str | None = since.get("epoch") if since else None
-        self.last_channel: str | None = since.get("channel") if since else None
-        self.recovered: bool | None = None
-        self.subscribed = False
-        self.active = True
-        self.error: FastWSError | None = None
-        self._ready: asyncio.Future[None] | None = None
-        self._live = asyncio.Event()  # set while ``subscribed`` holds
-        self._recovering = False  # a subscribe with ``since`` awaits its reply
-
-    def _set_subscribed(self, value: bool) -> None:
-        self.subscribed = value
-        self._recovering = False
-        if value:
-            self._live.set()
-        else:
-            self._live.clear()
-
-    async def wait_subscribed(self, timeout: float | None = None) -> bool | None:
-        """Wait until the current connection holds this subscription; return ``recovered``.
-
-        Call it after a reconnect to know how the resubscription ended: the replayed
-        events (if any) have been delivered when it returns, and the result is the
-        ``recovered`` flag of that ``subscribed`` reply (None when no ``since`` was
-        sent). Raises :class:`~fastws.errors.RequestTimeout` past ``timeout``,
-        :class:`~fastws.errors.ConnectionClosed` once the client has stopped for good,
-        and the subscription's error if the server refused it on a resubscribe.
-        """
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    if self.error is not None:
-                        raise self.error
-                    final = self.client._final
-                    if final is not None:
-                        raise final
-                    if self.subscribed:
-                        return self.recovered
-                    await self._live.wait()
-        except TimeoutError:
-            raise RequestTimeout(
-                f"{self.channel!r} not subscribed within {timeout} s") from None
-
-    def since(self) -> dict[str, Any] | None:
-        """The ``since`` position to recover from, or None when nothing was delivered."""
-        if self.offset is None:
-            return None
-        if self.pattern and self.last_channel:  # the server finds it in the namespace log
-            return {"offset": self.offset, "epoch": self.epoch or "",
-                    "channel": self.last_channel}
-        return {"offset": self.offset, "epoch": self.epoch or ""}
-
-    def matches(self, channel: str) -> bool:
-        """Whether an event published on ``channel`` belongs to this subscription."""
-        if self.pattern:
-            return glob_match(self.channel, channel)
-        return self.channel == channel
-
-    async def unsubscribe(self) -> None:
-        """Stop this subscription (and tell the server if connected)."""
-        await self.client._unsubscribe(self)
-
-    def __repr__(self) -> str:
-        return (f"Subscription({self.channel!r}, offset={self.offset!r}, "
-                f"epoch={self.epoch!r}, active={self.active})")
-
-
-class _ConnectionLost(Exception):
-    """Internal: the connection a request was sent on went away (client reconnects)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-
-class _RetryAfter(Exception):
-    """Internal: the upgrade was refused with 429/503 and a ``Retry-After``."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(seconds)
-        self.seconds = seconds
-
-
-class _Terminal(Exception):
-    """Internal: stop reconnecting and raise ``exc`` everywhere."""
-
-    def __init__(self, exc: ConnectionClosed) -> None:
-        super().__init__(exc)
-        self.exc = exc
-
-
-class _Listener(WSListener):
-    """picows listener for one connection; hands frames to its :class:`_Conn`."""
-
-    def __init__(self, conn: _Conn) -> None:
-        super().__init__()
-        self.conn = conn
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.conn.on_connected(transport)
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        conn = self.conn
-        conn.last_rx = time.monotonic()
-        mt = frame.msg_type
-        if mt == WSMsgType.TEXT or mt == WSMsgType.BINARY:
-            try:
-                msg = orjson.loads(frame.get_payload_as_memoryview())
-            except orjson.JSONDecodeError:
-                log.warning("fastws client: ignoring a frame that is not JSON")
-                return
-            if isinstance(msg, dict):
-                try:
-                    conn.client._on_message(conn, msg)
-                except Exception:
-                    log.exception("fastws client: failed to handle %r", msg.get("type"))
-        elif mt == WSMsgType.PING:
-            transport.send_pong(frame.get_payload_as_bytes())
-        elif mt == WSMsgType.CLOSE:
-            conn.close_code = int(frame.get_close_code().value)
-            conn.close_reason = frame.get_close_reason() or ""
-            transport.send_close(WSCloseCode.OK)
-            transport.disconnect()
-
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.conn.on_disconnected()
-
-
-class _Conn:
-    """State of one WebSocket connection (one attempt of the reconnect loop)."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.transport: WSTransport | None = None
-        self.connected = False
-        self.pending: dict[int, Callable[[dict[str, Any] | BaseException], None]] = {}
-        self.last_rx = time.monotonic()
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self.disconnect_push: dict[str, Any] | None = None
-        self.token: str | None = None  # the token in force: opened with, or the last authed
-        self.token_changed = asyncio.Event()  # set when an ``auth`` replaced ``token``
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def on_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-        self.connected = True
-        self.last_rx = time.monotonic()
-
-    def on_disconnected(self) -> None:
-        self.connected = False
-        if self.client._conn is self:
-            self.client._connected.clear()
-            for sub in self.client._subs.values():  # at once, not when _run wakes up
-                sub._set_subscribed(False)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if self.transport is None or not self.connected:
-            raise _ConnectionLost(1006, "not connected")
-        self.transport.send(WSMsgType.TEXT, orjson.dumps(msg))
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.disconnect(False)
-
-    def fail_pending(self, exc: BaseException) -> None:
-        pending, self.pending = self.pending, {}
-        for handler in pending.values():
-            handler(exc)
 
 
 class Client:
@@ -465,6 +125,7 @@ class Client:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Client:
+        """Connect (see :meth:`start`); the block's end closes the client."""
         await self.start()
         return self
 
@@ -554,38 +215,7 @@ class Client:
 
     async def _open(self) -> _Conn:
         """One connection attempt: returns an open connection or raises."""
-        token = await self._token()
-        headers = dict(self.headers)
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        conn = _Conn(self)
-        conn.token = token
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await ws_connect(
-                    lambda: _Listener(conn), self.url,
-                    websocket_handshake_timeout=self.connect_timeout,
-                    enable_auto_pong=False, enable_auto_ping=False,
-                    max_frame_size=self.max_frame_size,
-                    extra_headers=headers or None,
-                    logger_name="fastws.client",
-                )
-        except WSHandshakeError as exc:
-            status = int(exc.response.status) if exc.response is not None else 0
-            if status in (401, 403):
-                body = (exc.raw_body or b"").decode("utf-8", "replace").strip()
-                raise _Terminal(AuthError(status, body or "token rejected")) from exc
-            if status in (429, 503) and exc.response is not None:
-                try:
-                    retry = float(exc.response.headers.get("Retry-After", ""))
-                except ValueError:
-                    retry = 0.0
-                if retry > 0:
-                    raise _RetryAfter(min(retry, 300.0)) from exc
-            raise
-        if not conn.connected:
-            raise ConnectionError("connection lost during the handshake")
-        return conn
+        return await open_connection(self, await self._token())
 
     async def _run(self) -> None:
         failures = 0
@@ -626,13 +256,14 @@ class Client:
                     self._first.set_result(None)
                 else:
                     self.reconnects += 1
-                watchdog = loop.create_task(self._watchdog(conn))
+                probe = loop.create_task(
+                    watchdog(conn, self.ping_interval, self.ping_timeout))
                 refresher = loop.create_task(self._refresher(conn)) \
                     if self.token_refresh and callable(self.token) else None
                 try:
                     await asyncio.shield(conn.closed)
                 finally:
-                    watchdog.cancel()
+                    probe.cancel()
                     if refresher is not None:
                         refresher.cancel()
                     self._connected.clear()
@@ -640,7 +271,7 @@ class Client:
                 self._set_state("disconnected")
                 for sub in self._subs.values():
                     sub._set_subscribed(False)
-                code = conn.close_code if conn.close_code is not None else 1006
+                code = conn.close_code if conn.close_code is not None else ABNORMAL
                 reason = conn.close_reason
                 push = conn.disconnect_push
                 if push is not None:
@@ -648,16 +279,17 @@ class Client:
                         code = int(push.get("code", code))
                     reason = reason or str(push.get("reason", ""))
                 final: ConnectionClosed | None
-                if code == 4501 and reason == "token expired" and callable(self.token) \
-                        and conn.token != expired:
+                if code == _EXPIRED.code and reason == _EXPIRED.reason \
+                        and callable(self.token) and conn.token != expired:
                     # Refresh: the next attempt asks the token callable for a new one. The
                     # same expired token given back again stops the client for good.
                     expired = conn.token
                     final = None
                     push = None  # its reconnect:false is about the expired token
-                elif code == 4501:
+                elif code == Close.INVALID_TOKEN:
                     final = AuthError(code, reason)
-                elif 4500 <= code <= 4999 or (push is not None and push.get("reconnect") is False):
+                elif not Close.should_reconnect(code) or (
+                        push is not None and push.get("reconnect") is False):
                     final = ConnectionClosed(code, reason)
                 else:
                     final = None
@@ -678,33 +310,6 @@ class Client:
             if current is not None:
                 current.abort()
             raise
-
-    async def _watchdog(self, conn: _Conn) -> None:
-        """Probe a quiet connection and drop a dead one (ping-timeout detection).
-
-        After ``ping_interval`` seconds with nothing received the client sends a
-        WebSocket ping (the server answers every ping with a pong); if nothing at all
-        arrives within ``ping_timeout`` more, the connection is considered dead,
-        aborted, and replaced like any lost connection.
-        """
-        probe_sent: float | None = None  # when the outstanding ping went out
-        while conn.connected:
-            now = time.monotonic()
-            idle = now - conn.last_rx
-            if idle < self.ping_interval:
-                await asyncio.sleep(self.ping_interval - idle + 0.005)
-                continue
-            if probe_sent is None or conn.last_rx >= probe_sent:  # none, or answered
-                probe_sent = now
-                if conn.transport is not None:
-                    conn.transport.send_ping()
-            if now - probe_sent >= self.ping_timeout:
-                log.info("fastws client: no data for %.1f s, reconnecting", idle)
-                conn.close_code = 1006
-                conn.close_reason = "ping timeout"
-                conn.abort()
-                return
-            await asyncio.sleep(probe_sent + self.ping_timeout - now + 0.005)
 
     async def _nap(self, conn: _Conn, delay: float) -> bool:
         """Sleep ``delay`` seconds; True if an ``auth`` replaced the token meanwhile."""
@@ -919,9 +524,9 @@ class Client:
             raise self._final
         if self._task is None:
             raise FastWSError("client not started: use `async with fastws.connect(...)`")
-        channel = normalize_channel(channel)  # events name the channel as the server does
+        channel = normalize(channel)  # events name the channel as the server does
         if channel in self._subs:
-            raise RequestError(409, f"already subscribed to {channel!r}")
+            raise RequestError(Err.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}")
         sub = Subscription(self, channel, callback, since)
         sub._ready = asyncio.get_running_loop().create_future()
         self._subs[channel] = sub
@@ -969,7 +574,7 @@ class Client:
                 return  # unsubscribed meanwhile
             if reply.get("type") == "error":
                 err = RequestError(int(reply.get("code", 0)), str(reply.get("message", "")))
-                if err.code == 409:  # the server already holds it: fine
+                if err.code == Err.ALREADY_SUBSCRIBED:  # the server already holds it: fine
                     self._subscribed(sub, {})
                     return
                 self._drop(sub)
@@ -1026,7 +631,7 @@ class Client:
 
     async def unsubscribe(self, channel: str) -> None:
         """Unsubscribe from ``channel`` (a channel or pattern given to :meth:`subscribe`)."""
-        sub = self._subs.get(normalize_channel(channel))
+        sub = self._subs.get(normalize(channel))
         if sub is not None:
             await self._unsubscribe(sub)
 
