@@ -19,6 +19,7 @@ from eth_account.messages import encode_defunct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastws import _match, auth, channels
 from fastws._glob_ref import glob_match as ref_glob
 from fastws.auth import (
     Auth,
@@ -159,6 +160,19 @@ def test_granted_channels_and_patterns() -> None:
     assert same_owner("0xabcdef0000000000000000000000000000000001",
                       "0xAbCdEf0000000000000000000000000000000001")
     assert not same_owner("alice", "Alice") and same_owner("alice", "alice")
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.sampled_from(["alice", "Alice", "0x" + "ab" * 20, "0x" + "AB" * 20, "0xAb" + "cd" * 19,
+                          "0X" + "ab" * 20, "0x" + "ab" * 19]),
+       b=st.sampled_from(["alice", "0x" + "ab" * 20, "0x" + "Ab" * 20, "0xab" + "cd" * 19,
+                          "0x" + "ab" * 21]))
+def test_owner_rule_is_one_rule(a: str, b: str) -> None:
+    """Channel owners are defined once (fastws.channels); auth re-exports them, and the
+    owner key (what a revocation by user is stored under) agrees with same_owner."""
+    assert auth.same_owner is channels.same_owner and auth.is_address is channels.is_address
+    assert same_owner(a, b) == (channels.owner_key(a) == channels.owner_key(b))
+    assert channels.is_pattern is _match.is_pattern
 
 
 @settings(max_examples=300, deadline=None)
