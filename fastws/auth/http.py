@@ -54,6 +54,7 @@ async def http_auth(siwe: Siwe, method: str, route: str, headers: dict[str, str]
     the origins answered with CORS headers (:func:`cors_headers`): a preflight from
     one of them gets 204 with the allowed methods and headers, from another 403 with
     no CORS header.  ``wallets`` enables EIP-1271 contract-wallet signatures.
+    Every answer carries ``Vary: Origin``, with or without an ``Origin`` header.
     """
     origin = headers.get("origin")
     cors = cors_headers(origins, origin)
@@ -61,7 +62,7 @@ async def http_auth(siwe: Siwe, method: str, route: str, headers: dict[str, str]
     if method == "OPTIONS" and route in _AUTH_METHODS:
         allow = _AUTH_METHODS[route]
         if origin is None:              # not a browser's preflight
-            return 204, None, {"Allow": allow}
+            return 204, None, {"Allow": allow, **vary}
         if cors is None:
             return 403, {"error": "origin not allowed (allow_origins)"}, vary
         return 204, None, {**cors, "Access-Control-Allow-Methods": allow,
