@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fastws.codes import Close
+
 __all__ = [
     "BROKER_SCHEMES",
     "DEFAULT_NAMESPACE",
@@ -359,9 +361,9 @@ class ServerConfig:
                                       _Str("a file path", optional=True))
     allow_origins: tuple[str, ...] = _opt((), "Origins allowed to open WebSockets (browser "
                                           "`Origin` header); empty = any. Others are closed "
-                                          "with 4503. Also the origins whose pages may call "
-                                          "/auth/nonce and /auth/siwe (CORS): empty = none, "
-                                          "`*` = any.",
+                                          f"with {Close.ORIGIN_NOT_ALLOWED}. Also the origins "
+                                          "whose pages may call /auth/nonce and /auth/siwe "
+                                          "(CORS): empty = none, `*` = any.",
                                           _List(_Str("an origin", check=_check_origin)),
                                           flag="--allow-origin")
     demo: bool = _opt(False, "Run the embedded demo chain feeding live events.", _Bool(),
@@ -375,8 +377,8 @@ class ServerConfig:
     pong_timeout: float = _opt(10.0, "A connection silent for ping_interval + pong_timeout "
                                "seconds is closed.", _Seconds(), unit="s")
     drain_timeout: float = _opt(30.0, "Seconds from SIGTERM to exit; disconnects are spread "
-                                "over this window (code 4001).", _Seconds(positive=False),
-                                unit="s")
+                                f"over this window (code {Close.DRAINING}).",
+                                _Seconds(positive=False), unit="s")
     trusted_proxies: tuple[str, ...] = _opt(("127.0.0.1/8", "::1"),
                                             "Peers (IP or network) whose last X-Forwarded-For "
                                             "hop is taken as the client IP.",
@@ -420,17 +422,18 @@ class LimitsConfig:
     """``[limits]``: per message, connection, client IP and process. Limits hold per node."""
 
     max_message_size: int = _limit(65536, "Largest message accepted, bytes; above it the "
-                                   "connection is closed with 1009.", _Int(1), "bytes")
+                                   f"connection is closed with {Close.TOO_BIG}.", _Int(1), "bytes")
     max_channel_length: int = _limit(255, "Longest channel name or pattern, bytes.",
                                      _Int(1, 65535), "bytes")
     max_subscriptions: int = _limit(256, "Subscriptions per connection.", _Int(1))
     messages_per_connection: int = _limit(200, "Messages per connection per messages_window; "
-                                          "then error 429, and 4029 if it persists.", _Int(1))
+                                          f"then error 429, and {Close.RATE_LIMITED} if it "
+                                          "persists.", _Int(1))
     messages_window: float = _limit(10.0, "Window of messages_per_connection, seconds.",
                                     _Seconds(), "s")
     connections_per_ip: int = _limit(50, "New connections per client IP per "
-                                     "connections_per_ip_window; then HTTP 429 or close 4029.",
-                                     _Int(1))
+                                     "connections_per_ip_window; then HTTP 429 or close "
+                                     f"{Close.RATE_LIMITED}.", _Int(1))
     connections_per_ip_window: float = _limit(10.0, "Window of connections_per_ip, seconds.",
                                               _Seconds(), "s")
     subscribes_per_connection: int = _limit(0, "Subscribe requests per connection per "
@@ -440,10 +443,11 @@ class LimitsConfig:
     requests_per_ip_per_s: int = _limit(0, "HTTP requests (not upgrades) per client IP per "
                                         "second; 0 = no limit.", _Int(0))
     max_connections: int = _limit(0, "Open connections per process; 0 = as many as file "
-                                  "descriptors allow. Above it: close 4504.", _Int(0))
+                                  f"descriptors allow. Above it: close {Close.CONNECTION_LIMIT}.",
+                                  _Int(0))
     send_buffer: int = _limit(1048576, "Bytes queued in the server for one connection; past "
-                              "it the connection is closed with 4008 (slow consumer).",
-                              _Int(1), "bytes")
+                              f"it the connection is closed with {Close.SLOW_CONSUMER} (slow "
+                              "consumer).", _Int(1), "bytes")
 
 
 @dataclass(frozen=True, slots=True)
