@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fastws import channels
 from fastws.config import (
     Config,
     ConfigError,
@@ -196,6 +197,10 @@ subscribe = "authenticated"
     assert (user.subscribe, user.presence, user.history_size) == ("owner", True, 10)
     assert c.namespace("wallet:0xab").subscribe == "authenticated"
     assert set(c.namespaces) == {"*", "chat", "user", "wallet"}
+    # a channel's namespace is channels.namespace_of's: a pattern that spans namespaces
+    # (its ':' after a glob character) gets the "*" rules
+    for name in ("chat:room", "chat:*", "*:x", "ch?t:x", ":x", "chat"):
+        assert c.for_channel(name) == c.namespaces[channels.namespace_of(name) or "*"], name
 
 
 @pytest.mark.parametrize(("text", "message"), [
