@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 __all__ = [
     "BROKER_SCHEMES", "HOST", "TOKEN", "Bool", "Choice", "Int", "Kind", "List", "Seconds", "Str",
     "check_broker", "check_host", "check_http_url", "check_network", "check_origin", "got",
+    "origin_key",
 ]
 
 BROKER_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
@@ -239,14 +240,20 @@ def check_network(text: str) -> str:
     return text
 
 
+def origin_key(origin: str) -> str:
+    """An origin as ``allow_origins`` holds it, and as a request's ``Origin`` header is
+    compared with it: lower-case, without surrounding spaces or a trailing ``/``."""
+    return origin.strip().rstrip("/").lower()
+
+
 def check_origin(text: str) -> str:
-    """``*`` or ``scheme://host[:port]``, returned lower-case without a trailing ``/``."""
+    """``*`` or ``scheme://host[:port]``, returned as :func:`origin_key` writes it."""
     if text == "*":
         return text
     scheme, sep, host = text.partition("://")
     if not sep or not scheme or not host.rstrip("/") or "/" in host.rstrip("/"):
         raise ValueError(f"must be origins like https://example.com (or *), got {text!r}")
-    return text.rstrip("/").lower()
+    return origin_key(text)
 
 
 def check_http_url(text: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastws.auth.eip1271 import ContractWallets
 from fastws.auth.siwe import Siwe, SiweError
+from fastws.config_kinds import origin_key
 
 __all__ = ["CORS_ALLOW_HEADERS", "CORS_MAX_AGE", "cors_headers", "http_auth"]
 
@@ -24,17 +25,18 @@ CORS_MAX_AGE = 600          # seconds a browser may cache a preflight answer
 def cors_headers(origins: Iterable[str], origin: str | None) -> dict[str, str] | None:
     """The CORS headers answering a request from ``origin``, or None if not allowed.
 
-    ``origins`` is ``allow_origins`` (lower-case, without a trailing ``/``): an origin
-    listed there is allowed, and any origin when ``*`` is listed; an empty list allows
-    none (CORS is opt-in, although an empty list lets any origin open WebSockets).
+    ``origins`` is ``allow_origins`` (each as :func:`~fastws.config_kinds.origin_key`
+    writes it): an origin listed there is allowed, and any origin when ``*`` is listed;
+    an empty list allows none (CORS is opt-in, although an empty list lets any origin
+    open WebSockets).
     ``null`` (sandboxed frames, ``file:``) is never allowed.  The answer names the
     exact origin; callers add ``Vary: Origin``.
     """
     if not origin or not origins:
         return None
     origin = origin.strip()
-    norm = origin.rstrip("/").lower()
-    if not _ORIGIN_RE.match(origin) or (norm not in origins and "*" not in origins):
+    if not _ORIGIN_RE.match(origin) or (origin_key(origin) not in origins
+                                        and "*" not in origins):
         return None
     return {"Access-Control-Allow-Origin": origin,
             "Access-Control-Expose-Headers": "Retry-After"}
