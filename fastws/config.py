@@ -263,6 +263,12 @@ class NamespaceConfig:
                                   "anyone | authenticated | owner | api.",
                                   Choice(READ_PERMISSIONS))
 
+    @property
+    def private(self) -> bool:
+        """True when ``subscribe`` is ``owner`` or ``api``: each subscriber passed its own
+        check, so publications reach exact subscribers only (no pattern, no namespace log)."""
+        return self.subscribe in ("owner", "api")
+
 
 def _builtin_namespaces(star: NamespaceConfig) -> dict[str, NamespaceConfig]:
     """The namespaces that exist without a table: ``*``, and owner ``user``/``wallet``."""

@@ -33,6 +33,7 @@ from fastws.auth import (
 )
 from fastws.broker.base import BrokerUnavailable
 from fastws.broker.memory import MemoryBroker
+from fastws.config import load_config
 from fastws.limits import MAX_JSON_DEPTH, Bucket, KeyedLimiter, client_ip, json_depth
 
 SECRET = "unit-test-secret-of-at-least-32-bytes!"
@@ -173,6 +174,22 @@ def test_owner_rule_is_one_rule(a: str, b: str) -> None:
     assert auth.same_owner is channels.same_owner and auth.is_address is channels.is_address
     assert same_owner(a, b) == (channels.owner_key(a) == channels.owner_key(b))
     assert channels.is_pattern is _match.is_pattern
+
+
+def test_origins_compare_one_way() -> None:
+    """allow_origins as the config writes them, and a request's Origin as auth compares it."""
+    origins = load_config({"allow_origins": ["https://Dapp.example/", "http://localhost:3000"]},
+                          {}).server.allow_origins
+    assert origins == ("https://dapp.example", "http://localhost:3000")
+    assert auth.origin_listed(origins, "HTTPS://DAPP.example") and auth.origin_listed(
+        origins, "https://dapp.example/")
+    assert not auth.origin_listed(origins, "https://dapp.example:443")
+    assert auth.origin_listed(("*",), "null") and not auth.origin_listed((), "https://a.b")
+    assert auth.cors_headers(origins, " https://DAPP.example ") == {
+        "Access-Control-Allow-Origin": "https://DAPP.example",
+        "Access-Control-Expose-Headers": "Retry-After"}
+    assert auth.cors_headers(("*",), "null") is None
+    assert auth.cors_headers((), "https://a.b") is None
 
 
 @settings(max_examples=300, deadline=None)

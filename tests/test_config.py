@@ -73,6 +73,8 @@ def test_defaults_match_the_contract() -> None:
     assert c.namespace("wallet:0xabc").subscribe == "owner"
     assert c.namespace("wallet").subscribe == "owner"
     assert c.for_channel("wallet").subscribe == "anyone"  # a channel with no namespace
+    assert c.namespace("user").private and c.namespace("wallet").private
+    assert not star.private and NamespaceConfig(subscribe="api").private
 
 
 def test_config_is_frozen() -> None:

@@ -20,7 +20,8 @@ auth; auth.verify`` and ``from fastws.auth import Auth`` work as they always did
   signatures through a JSON-RPC node (``isValidSignature``), when ``siwe_rpc_url``
   is set.
 - :mod:`fastws.auth.http`: :func:`http_auth` answers the ``/auth/*`` requests, with
-  CORS for the origins of ``allow_origins`` (:func:`cors_headers`).
+  CORS for the origins of ``allow_origins`` (:func:`cors_headers`, which
+  :func:`origin_listed` compares with the list).
 
 Who owns a private channel (:func:`same_owner`, :func:`is_address`) is a channel
 rule, defined in :mod:`fastws.channels` and re-exported here.
@@ -33,7 +34,13 @@ from __future__ import annotations
 
 from fastws.auth.eip1271 import ContractWallets
 from fastws.auth.grants import granted, may_match_prefix
-from fastws.auth.http import CORS_ALLOW_HEADERS, CORS_MAX_AGE, cors_headers, http_auth
+from fastws.auth.http import (
+    CORS_ALLOW_HEADERS,
+    CORS_MAX_AGE,
+    cors_headers,
+    http_auth,
+    origin_listed,
+)
 from fastws.auth.siwe import MAX_MESSAGE, Siwe, SiweError, SiweMessage, parse_siwe_message
 from fastws.auth.tokens import HMAC_ALGORITHMS, Auth, AuthError, Identity, attach
 from fastws.channels import is_address, same_owner
@@ -56,6 +63,7 @@ __all__ = [
     "http_auth",
     "is_address",
     "may_match_prefix",
+    "origin_listed",
     "parse_siwe_message",
     "same_owner",
 ]

@@ -14,12 +14,22 @@ from fastws.auth.eip1271 import ContractWallets
 from fastws.auth.siwe import Siwe, SiweError
 from fastws.config_kinds import origin_key
 
-__all__ = ["CORS_ALLOW_HEADERS", "CORS_MAX_AGE", "cors_headers", "http_auth"]
+__all__ = ["CORS_ALLOW_HEADERS", "CORS_MAX_AGE", "cors_headers", "http_auth", "origin_listed"]
 
 _AUTH_METHODS = {"/auth/nonce": "GET, HEAD, OPTIONS", "/auth/siwe": "POST, OPTIONS"}
 _ORIGIN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#]+$")
 CORS_ALLOW_HEADERS = "Content-Type, Authorization"
 CORS_MAX_AGE = 600          # seconds a browser may cache a preflight answer
+
+
+def origin_listed(origins: Iterable[str], origin: str) -> bool:
+    """True if ``origin`` is one of ``origins`` (``allow_origins``), or ``*`` is listed.
+
+    The comparison is :func:`~fastws.config_kinds.origin_key`'s (letter case and a
+    trailing ``/`` do not count).  What an empty list or a missing header means is the
+    caller's policy: any origin for WebSockets, none for CORS (:func:`cors_headers`).
+    """
+    return "*" in origins or origin_key(origin) in origins
 
 
 def cors_headers(origins: Iterable[str], origin: str | None) -> dict[str, str] | None:
@@ -35,8 +45,7 @@ def cors_headers(origins: Iterable[str], origin: str | None) -> dict[str, str] |
     if not origin or not origins:
         return None
     origin = origin.strip()
-    if not _ORIGIN_RE.match(origin) or (origin_key(origin) not in origins
-                                        and "*" not in origins):
+    if not _ORIGIN_RE.match(origin) or not origin_listed(origins, origin):
         return None
     return {"Access-Control-Allow-Origin": origin,
             "Access-Control-Expose-Headers": "Retry-After"}
