@@ -20,7 +20,7 @@ from prometheus_client.core import (
 
 from fastws import workers
 from fastws._version import __version__
-from fastws.codes import Close
+from fastws.codes import Close, Err
 
 if TYPE_CHECKING:
     from fastws.node import Node
@@ -35,7 +35,9 @@ KNOWN_CLOSE_CODES = (Close.NORMAL, Close.GOING_AWAY, Close.PROTOCOL_ERROR,
                      Close.DRAINING, Close.SLOW_CONSUMER, Close.INSUFFICIENT_STATE,
                      Close.RATE_LIMITED, Close.INVALID_TOKEN, Close.ORIGIN_NOT_ALLOWED,
                      Close.CONNECTION_LIMIT)
-KNOWN_ERROR_CODES = (400, 401, 403, 404, 409, 413, 429, 500, 503)
+KNOWN_ERROR_CODES = (Err.BAD_REQUEST, Err.UNAUTHORIZED, Err.FORBIDDEN, Err.UNKNOWN_TYPE,
+                     Err.ALREADY_SUBSCRIBED, Err.TOO_LARGE, Err.RATE_LIMITED, Err.INTERNAL,
+                     Err.UNAVAILABLE)
 KNOWN_LIMITS = ("connections", "messages", "requests", "subscribes", "subscriptions")
 
 

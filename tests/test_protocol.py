@@ -107,3 +107,4 @@ def test_close_code_ranges() -> None:
             frames.CLOSE_MESSAGE_TOO_BIG) == (1000, 1002, 1007, 1009)
     assert set(metrics.KNOWN_CLOSE_CODES) == {1000, 1001, 1002, 1003, 1006, 1007, 1009, 4001,
                                               4008, 4010, 4029, 4501, 4503, 4504}
+    assert metrics.KNOWN_ERROR_CODES == (400, 401, 403, 404, 409, 413, 429, 500, 503)
