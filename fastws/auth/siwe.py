@@ -323,7 +323,6 @@ class Siwe:
             del self.used[k]
 
 
-
 def _recover(message: str, signature: str) -> str | None:
     """The checksummed address that signed ``message`` (EIP-191), or None."""
     sig = signature[2:] if signature[:2] in ("0x", "0X") else signature

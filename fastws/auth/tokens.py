@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastws import channels
+from fastws.codes import DISCONNECT_TOKEN_EXPIRED
 
 if TYPE_CHECKING:
     from fastws.server import Connection
@@ -198,7 +199,6 @@ class Auth:
         return jwt.encode(claims, self.secret, algorithm="HS256")
 
 
-
 def attach(conn: Connection, identity: Identity | None, loop: Any) -> None:
     """Bind ``identity`` to ``conn`` (user, grants) and arm its expiry timer.
 
@@ -206,8 +206,6 @@ def attach(conn: Connection, identity: Identity | None, loop: Any) -> None:
     "token expired", reconnect false) and is closed, unless ``attach`` was called
     again with a newer token first (an ``auth`` message refreshing it).
     """
-    from fastws.codes import DISCONNECT_TOKEN_EXPIRED
-
     old = conn.expiry
     if old is not None:
         old.cancel()
