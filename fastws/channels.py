@@ -1,29 +1,59 @@
-"""Channel names, namespaces and patterns (SPEC §5), with no I/O.
+"""Channel names, namespaces, patterns and owners (SPEC §5), with no I/O.
 
 A name is 1..max_length bytes of printable ASCII without space.  ``ns:rest`` puts a
 channel in namespace ``ns``; a name that holds ``*``, ``?``, ``[`` or ``\\`` is a
-pattern with Redis PSUBSCRIBE glob semantics.  Names in ``wallet:`` are lower-cased.
+pattern with Redis PSUBSCRIBE glob semantics (:func:`is_pattern` is the compiled
+matcher's, ``fastws._match``, where glob matching lives).  Names in ``wallet:`` are
+lower-cased.  The channels of the owner namespaces (``user:``, ``wallet:``) belong to
+the token ``sub`` after the ``:``; 0x addresses are the same owner in any letter case
+(:func:`same_owner`, :func:`owner_key`).
 """
 
 from __future__ import annotations
 
+import re
+
+from fastws._match import is_pattern
+
 __all__ = [
-    "PATTERN_CHARS", "OWNER_NAMESPACES", "ChannelError", "is_pattern", "namespace_of",
-    "owner_of", "normalize", "validate",
+    "PATTERN_CHARS", "OWNER_NAMESPACES", "ChannelError", "is_address", "is_pattern",
+    "namespace_of", "owner_key", "owner_of", "normalize", "same_owner", "validate",
 ]
 
+#: the glob special characters (what :func:`is_pattern` looks for)
 PATTERN_CHARS = frozenset("*?[\\")
+#: namespaces whose channels are private to their owner (``subscribe = "owner"``)
 OWNER_NAMESPACES = ("user", "wallet")
 _LOWERCASED = ("wallet:",)
+_ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
 class ChannelError(ValueError):
     """A channel name breaks the rules; the message says which."""
 
 
-def is_pattern(name: str) -> bool:
-    """True if ``name`` holds a glob special character."""
-    return any(ch in PATTERN_CHARS for ch in name)
+def is_address(text: str) -> bool:
+    """True for a 0x-prefixed 20-byte hex address (any letter case)."""
+    return bool(_ADDRESS_RE.match(text))
+
+
+def owner_key(user: str) -> str:
+    """The canonical form of an owner id: 0x addresses lower-cased, others as they are.
+
+    Two ids are the same owner exactly when their keys are equal (:func:`same_owner`).
+    """
+    return user.lower() if is_address(user) else user
+
+
+def same_owner(owner: str, user: str) -> bool:
+    """True if ``user`` owns a private channel whose name ends in ``owner``.
+
+    Exact equality, or, for 0x addresses, equality ignoring letter case (EIP-55
+    checksums are only a letter-case encoding of the same 20 bytes).
+    """
+    if owner == user:
+        return True
+    return is_address(owner) and is_address(user) and owner.lower() == user.lower()
 
 
 def namespace_of(name: str) -> str:

@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from fastws._version import __version__
-from fastws.config import Config, ConfigError, ServerConfig, load_config
+from fastws.config import (
+    Config,
+    ConfigError,
+    ServerConfig,
+    default_of,
+    env_names,
+    flag_name,
+    load_config,
+)
 
 __all__ = ["main", "build_parser", "serve_flags", "OneLineParser", "UsageError"]
 
@@ -62,13 +70,11 @@ def _say(prefix: str, message: str) -> None:
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ServerConfig field, named and documented by its metadata."""
     for f in dataclasses.fields(ServerConfig):
-        flag = f.metadata["flag"]
+        flag = flag_name(f)
         if flag is None:
             continue
-        flag = flag or "--" + f.name.replace("_", "-")
-        env = "FASTWS_" + flag[2:].replace("-", "_").upper()
-        help_text = f"{f.metadata['doc']} [env {env}]".replace("%", "%%")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['doc']} [env {env_names(f)[0]}]".replace("%", "%%")
+        default = default_of(f)
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action="store_true", default=None,
                                 help=help_text)

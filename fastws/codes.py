@@ -41,10 +41,15 @@ class Close:
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
+    ABNORMAL = 1006              # never sent: the connection ended without a close frame
     INVALID_PAYLOAD = 1007
     POLICY = 1008
     TOO_BIG = 1009
     INTERNAL = 1011
+    # 4000-4999: the application range (SPEC §4)
+    APP_FIRST = 4000
+    NO_RECONNECT_FIRST = 4500
+    APP_LAST = 4999
     # 4000-4499: the client should reconnect
     DRAINING = 4001
     SLOW_CONSUMER = 4008
@@ -59,7 +64,12 @@ class Close:
     @staticmethod
     def should_reconnect(code: int) -> bool:
         """True for codes after which a client should reconnect (everything but 4500-4999)."""
-        return not 4500 <= code <= 4999
+        return not Close.NO_RECONNECT_FIRST <= code <= Close.APP_LAST
+
+    @staticmethod
+    def is_application(code: int) -> bool:
+        """True for the 4000-4999 range (the codes ``POST /api/disconnect`` may name)."""
+        return Close.APP_FIRST <= code <= Close.APP_LAST
 
 
 @dataclass(frozen=True, slots=True)

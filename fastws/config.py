@@ -3,7 +3,10 @@
 Every option is a dataclass field whose ``metadata`` holds its documentation, its
 kind (how a value is parsed and checked), its command-line flag and its environment
 variables. The command line (``fastws.cli``), the ``FASTWS_*`` environment, the TOML
-file, ``docs/configuration.md`` and ``fastws.example.toml`` all come from these fields:
+file, ``docs/configuration.md`` and ``fastws.example.toml`` all come from these fields.
+The kinds live in :mod:`fastws.config_kinds`, the document generators in
+:mod:`fastws.config_docs` (:func:`markdown` and :func:`example_toml` are re-exported
+here):
 
     python -m fastws.config --markdown      > docs/configuration.md
     python -m fastws.config --example-toml  > fastws.example.toml
@@ -28,11 +31,31 @@ import re
 import sys
 import tomllib
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+from fastws import channels
+from fastws.channels import OWNER_NAMESPACES
+from fastws.codes import Close
+from fastws.config_kinds import (
+    BROKER_SCHEMES,
+    HOST,
+    TOKEN,
+    Bool,
+    Choice,
+    Int,
+    Kind,
+    List,
+    Seconds,
+    Str,
+    check_broker,
+    check_http_url,
+    check_network,
+    check_origin,
+    got,
+)
 
 __all__ = [
     "BROKER_SCHEMES",
@@ -47,24 +70,25 @@ __all__ = [
     "LimitsConfig",
     "NamespaceConfig",
     "ServerConfig",
-    "example_toml",
+    "default_of",
+    "env_names",
+    "example_toml",  # noqa: F822 - from fastws.config_docs, by __getattr__
+    "flag_name",
     "load_config",
-    "markdown",
+    "markdown",  # noqa: F822 - from fastws.config_docs, by __getattr__
     "reload",
 ]
 
 ENV_PREFIX = "FASTWS_"
 DEFAULT_NAMESPACE = "*"
-OWNER_NAMESPACES = ("user", "wallet")
 PERMISSIONS = ("anyone", "authenticated", "owner", "api")
 READ_PERMISSIONS = ("subscriber", *PERMISSIONS)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
-BROKER_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
 
 # A namespace name: printable ASCII without space, ':' or glob characters.
 _NAMESPACE_RE = re.compile(r"^[!-~]{1,255}$")
-_NAMESPACE_FORBIDDEN = set(":*?[]\\")
+_NAMESPACE_FORBIDDEN = channels.PATTERN_CHARS | {":", "]"}
 
 
 class ConfigError(ValueError):
@@ -80,240 +104,10 @@ class ConfigError(ValueError):
         super().__init__(f"{option}: {self.problem}" if option else self.problem)
 
 
-# --------------------------------------------------------------------------- kinds
-# A kind turns a raw value into a checked, typed one. ``text`` is True when the raw
-# value came as a string from the command line or the environment, False when it
-# came typed (TOML, or a Python caller). Problems raise ValueError("must be ...").
-
-
-def _got(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-@dataclass(frozen=True, slots=True)
-class _Int:
-    lo: int = 0
-    hi: int | None = None
-    zero_means: str = ""
-
-    @property
-    def expect(self) -> str:
-        if self.hi is not None:
-            return f"an integer {self.lo}-{self.hi}"
-        if self.lo == 1:
-            return "a positive integer"
-        if self.lo == 0:
-            return "a non-negative integer"
-        return f"an integer >= {self.lo}"
-
-    type_name = "integer"
-
-    def parse(self, value: object, text: bool) -> int:
-        raw = value
-        if text and isinstance(value, str):
-            try:
-                value = int(value.strip().replace("_", ""), 10)
-            except ValueError:
-                raise ValueError(f"must be {self.expect}, got {_got(raw)}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
-        if value < self.lo or (self.hi is not None and value > self.hi):
-            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
-        return value
-
-
-@dataclass(frozen=True, slots=True)
-class _Seconds:
-    positive: bool = True
-
-    type_name = "seconds"
-
-    @property
-    def expect(self) -> str:
-        return "a positive number of seconds" if self.positive else (
-            "a non-negative number of seconds")
-
-    def parse(self, value: object, text: bool) -> float:
-        raw = value
-        if text and isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise ValueError(f"must be {self.expect}, got {_got(raw)}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
-        if value < 0 or (self.positive and value == 0):
-            raise ValueError(f"must be {self.expect}, got {_got(raw)}")
-        return value
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-@dataclass(frozen=True, slots=True)
-class _Bool:
-    type_name = "boolean"
-
-    def parse(self, value: object, text: bool) -> bool:
-        if text and isinstance(value, str):
-            low = value.strip().lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"must be true or false, got {_got(value)}")
-
-
-@dataclass(frozen=True, slots=True)
-class _Choice:
-    choices: tuple[str, ...]
-
-    @property
-    def type_name(self) -> str:
-        return "|".join(self.choices)
-
-    def parse(self, value: object, text: bool) -> str:
-        if isinstance(value, str) and value.strip().lower() in self.choices:
-            return value.strip().lower()
-        raise ValueError(f"must be one of {', '.join(self.choices)}, got {_got(value)}")
-
-
-@dataclass(frozen=True, slots=True)
-class _Str:
-    """A non-empty string without whitespace, checked further by ``check``."""
-
-    what: str = "a non-empty string without spaces"
-    optional: bool = False
-    check: Callable[[str], str] | None = None
-    type_name: str = "string"
-
-    def parse(self, value: object, text: bool) -> str | None:
-        if self.optional and value is None:
-            return None
-        if not isinstance(value, str):
-            raise ValueError(f"must be {self.what}, got {_got(value)}")
-        value = value.strip()
-        if self.optional and value == "":
-            return None
-        if not value or any(c.isspace() for c in value):
-            raise ValueError(f"must be {self.what}, got {_got(value)}")
-        return self.check(value) if self.check else value
-
-
-@dataclass(frozen=True, slots=True)
-class _List:
-    """A list: TOML array, repeated flag, or comma-separated environment value."""
-
-    item: Any
-
-    @property
-    def type_name(self) -> str:
-        return f"list of {self.item.type_name}"
-
-    def parse(self, value: object, text: bool) -> tuple[Any, ...]:
-        if text and isinstance(value, str):
-            items: Iterable[object] = [p for p in value.split(",") if p.strip()]
-        elif isinstance(value, list | tuple):
-            items = value
-        else:
-            raise ValueError(f"must be a list of {self.item.type_name}s, got {_got(value)}")
-        out = []
-        for item in items:
-            out.append(self.item.parse(item, text))
-        return tuple(out)
-
-
-def _check_broker(url: str) -> str:
-    """Accept ``memory://`` and the Redis URL forms of SPEC section 7."""
-    expect = ("must be memory://, redis://host:port/db, rediss://…, "
-              "redis+cluster://host:port[,…] or redis+sentinel://host:port[,…]/MASTER/db")
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in BROKER_SCHEMES:
-        raise ValueError(f"{expect}, got {url!r}")
-    if scheme == "memory":
-        if rest.strip("/"):
-            raise ValueError(f"memory:// takes no host or path, got {url!r}")
-        return "memory://"
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    if not netloc:
-        raise ValueError(f"{scheme}:// needs a host, got {url!r}")
-    for hostport in netloc.split(","):
-        host, port = hostport, ""
-        if hostport.startswith("["):
-            host, _, tail = hostport[1:].partition("]")
-            port = tail[1:] if tail.startswith(":") else tail
-        elif hostport.count(":") == 1:
-            host, port = hostport.split(":")
-        if not host or (port and not (port.isdigit() and 1 <= int(port) <= 65535)):
-            raise ValueError(f"bad host:port {hostport!r} in {url!r}")
-    path = [p for p in parts.path.split("/") if p]
-    db_ok = lambda s: s.isdigit()  # noqa: E731
-    if scheme == "redis+sentinel":
-        if not 1 <= len(path) <= 2 or (len(path) == 2 and not db_ok(path[1])):
-            raise ValueError(f"redis+sentinel:// needs /MASTER[/db] after the hosts, got {url!r}")
-    elif scheme == "redis+cluster":
-        if path:
-            raise ValueError(f"redis+cluster:// takes no database path, got {url!r}")
-    elif len(path) > 1 or (path and not db_ok(path[0])):
-        raise ValueError(f"the path of {scheme}:// must be a database number, got {url!r}")
-    elif "," in netloc:
-        raise ValueError(f"{scheme}:// takes one host (use redis+cluster:// for more), "
-                         f"got {url!r}")
-    return url
-
-
-def _check_network(text: str) -> str:
-    try:
-        ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise ValueError(f"must be a list of IP addresses or networks, got {text!r}") from None
-    return text
-
-
-def _check_origin(text: str) -> str:
-    if text == "*":
-        return text
-    scheme, sep, host = text.partition("://")
-    if not sep or not scheme or not host.rstrip("/") or "/" in host.rstrip("/"):
-        raise ValueError(f"must be origins like https://example.com (or *), got {text!r}")
-    return text.rstrip("/").lower()
-
-
-def _check_http_url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
-    return text
-
-
-def _check_host(text: str) -> str:
-    if len(text) > 253:
-        raise ValueError(f"must be a host name or IP address, got {text!r}")
-    return text
-
-
-_HOST = _Str("a host name or IP address", check=_check_host)
-_TOKEN = _Str("a non-empty string without spaces")
-
-
 # --------------------------------------------------------------------------- fields
 
 
-def _opt(default: Any, doc: str, kind: Any, *, flag: str | None = "",
+def _opt(default: Any, doc: str, kind: Kind, *, flag: str | None = "",
          env: tuple[str, ...] | None = None, file: bool = True, reload: bool = True,
          unit: str = "") -> Any:
     """Declare one option: its default, documentation and how it is read.
@@ -335,83 +129,83 @@ def _opt(default: Any, doc: str, kind: Any, *, flag: str | None = "",
 class ServerConfig:
     """``[server]``: the command-line options, under their own names, plus timers."""
 
-    host: str = _opt("127.0.0.1", "Address to listen on.", _HOST, reload=False)
+    host: str = _opt("127.0.0.1", "Address to listen on.", HOST, reload=False)
     port: int = _opt(8765, "TCP port to listen on (WebSocket, HTTP API, metrics: one port).",
-                     _Int(1, 65535), reload=False)
+                     Int(1, 65535), reload=False)
     workers: int = _opt(1, "Worker processes sharing the port. More than 1 needs a shared "
-                        "broker (redis://…).", _Int(1, 1024), reload=False)
+                        "broker (redis://…).", Int(1, 1024), reload=False)
     config: str | None = _opt(None, "Path of the TOML config file (only as a flag or "
-                              "environment variable).", _Str("a file path", optional=True),
+                              "environment variable).", Str("a file path", optional=True),
                               file=False, reload=False)
     broker: str = _opt("memory://", "Broker URL: memory:// (one process), redis://host:port/db, "
                        "rediss://…, redis+cluster://host:port[,host:port…], "
                        "redis+sentinel://host:port[,…]/MASTER/db.",
-                       _Str("a broker URL", check=_check_broker), reload=False)
+                       Str("a broker URL", check=check_broker), reload=False)
     api_keys: tuple[str, ...] = _opt((), "API keys accepted as `Authorization: Bearer` by "
                                      "POST /api/publish. Flag repeatable; environment "
-                                     "comma-separated.", _List(_TOKEN), flag="--api-key")
+                                     "comma-separated.", List(TOKEN), flag="--api-key")
     jwt_secret: str | None = _opt(None, "HMAC secret (HS256) verifying client JWTs and signing "
-                                  "SIWE tokens.", _Str("a secret without spaces",
-                                                       optional=True))
+                                  "SIWE tokens.", Str("a secret without spaces",
+                                                      optional=True))
     jwt_public_key: str | None = _opt(None, "PEM public key or certificate, or a JWKS file, "
                                       "verifying client JWTs (RS/PS/ES/EdDSA); exclusive with "
                                       "jwt_secret.",
-                                      _Str("a file path", optional=True))
+                                      Str("a file path", optional=True))
     allow_origins: tuple[str, ...] = _opt((), "Origins allowed to open WebSockets (browser "
                                           "`Origin` header); empty = any. Others are closed "
-                                          "with 4503. Also the origins whose pages may call "
-                                          "/auth/nonce and /auth/siwe (CORS): empty = none, "
-                                          "`*` = any.",
-                                          _List(_Str("an origin", check=_check_origin)),
+                                          f"with {Close.ORIGIN_NOT_ALLOWED}. Also the origins "
+                                          "whose pages may call /auth/nonce and /auth/siwe "
+                                          "(CORS): empty = none, `*` = any.",
+                                          List(Str("an origin", check=check_origin)),
                                           flag="--allow-origin")
-    demo: bool = _opt(False, "Run the embedded demo chain feeding live events.", _Bool(),
+    demo: bool = _opt(False, "Run the embedded demo chain feeding live events.", Bool(),
                       reload=False)
     echo: bool = _opt(False, "Plain WebSocket echo server (text and binary, up to 16 MiB) for "
-                      "protocol-conformance testing.", _Bool(), reload=False)
-    log_level: str = _opt("info", "Logging level.", _Choice(LOG_LEVELS))
-    log_format: str = _opt("text", "Log line format.", _Choice(LOG_FORMATS))
-    ping_interval: float = _opt(25.0, "Seconds between server WebSocket pings.", _Seconds(),
+                      "protocol-conformance testing.", Bool(), reload=False)
+    log_level: str = _opt("info", "Logging level.", Choice(LOG_LEVELS))
+    log_format: str = _opt("text", "Log line format.", Choice(LOG_FORMATS))
+    ping_interval: float = _opt(25.0, "Seconds between server WebSocket pings.", Seconds(),
                                 unit="s")
     pong_timeout: float = _opt(10.0, "A connection silent for ping_interval + pong_timeout "
-                               "seconds is closed.", _Seconds(), unit="s")
+                               "seconds is closed.", Seconds(), unit="s")
     drain_timeout: float = _opt(30.0, "Seconds from SIGTERM to exit; disconnects are spread "
-                                "over this window (code 4001).", _Seconds(positive=False),
-                                unit="s")
+                                f"over this window (code {Close.DRAINING}).",
+                                Seconds(positive=False), unit="s")
     trusted_proxies: tuple[str, ...] = _opt(("127.0.0.1/8", "::1"),
                                             "Peers (IP or network) whose last X-Forwarded-For "
                                             "hop is taken as the client IP.",
-                                            _List(_Str("an IP network", check=_check_network)),
+                                            List(Str("an IP network", check=check_network)),
                                             flag="--trusted-proxy")
     read_buffer_size: int = _opt(2048, "Initial read buffer per connection (picows), bytes.",
-                                 _Int(64, 16 * 1024 * 1024), reload=False, unit="bytes")
+                                 Int(64, 16 * 1024 * 1024), reload=False, unit="bytes")
     siwe_domains: tuple[str, ...] = _opt((), "Domains accepted in Sign-In with Ethereum "
                                          "messages besides the request's Host; empty = the "
-                                         "server's host only.", _List(_TOKEN),
+                                         "server's host only.", List(TOKEN),
                                          flag="--siwe-domain")
     siwe_chain_ids: tuple[int, ...] = _opt((), "Chain ids accepted in SIWE messages; "
-                                           "empty = any.", _List(_Int(1)),
+                                           "empty = any.", List(Int(1)),
                                            flag="--siwe-chain-id")
     siwe_rpc_url: str | None = _opt(None, "JSON-RPC endpoint (http:// or https://) of the "
                                     "chain whose contract wallets may sign in with SIWE "
                                     "(EIP-1271 isValidSignature, for messages naming that "
                                     "chain's id); unset = only signatures by the address's "
-                                    "own key.", _Str("an http:// or https:// URL",
-                                                     optional=True, check=_check_http_url))
+                                    "own key.", Str("an http:// or https:// URL",
+                                                    optional=True, check=check_http_url))
     siwe_rpc_timeout: float = _opt(5.0, "Seconds one EIP-1271 check may take in all (chain "
                                    "id, code, call); past it the sign-in gets 503.",
-                                   _Seconds(), unit="s")
+                                   Seconds(), unit="s")
     revocation_ttl: float = _opt(86400.0, "Seconds a POST /api/revoke record is kept when "
                                  "the request gives no ttl (1 s to 366 days): set it to the "
                                  "longest lifetime of the tokens you accept (SIWE tokens live "
                                  "3600 s), so that a revoked token expires before its record.",
-                                 _Seconds(), unit="s")
+                                 Seconds(), unit="s")
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """``trusted_proxies`` parsed (host bits ignored), for client-IP checks."""
         return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
 
 
-def _limit(default: int, doc: str, kind: Any, unit: str = "") -> Any:
+def _limit(default: Any, doc: str, kind: Kind, unit: str = "") -> Any:
     return _opt(default, doc, kind, flag=None, env=(), unit=unit)
 
 
@@ -420,52 +214,60 @@ class LimitsConfig:
     """``[limits]``: per message, connection, client IP and process. Limits hold per node."""
 
     max_message_size: int = _limit(65536, "Largest message accepted, bytes; above it the "
-                                   "connection is closed with 1009.", _Int(1), "bytes")
+                                   f"connection is closed with {Close.TOO_BIG}.", Int(1), "bytes")
     max_channel_length: int = _limit(255, "Longest channel name or pattern, bytes.",
-                                     _Int(1, 65535), "bytes")
-    max_subscriptions: int = _limit(256, "Subscriptions per connection.", _Int(1))
+                                     Int(1, 65535), "bytes")
+    max_subscriptions: int = _limit(256, "Subscriptions per connection.", Int(1))
     messages_per_connection: int = _limit(200, "Messages per connection per messages_window; "
-                                          "then error 429, and 4029 if it persists.", _Int(1))
+                                          f"then error 429, and {Close.RATE_LIMITED} if it "
+                                          "persists.", Int(1))
     messages_window: float = _limit(10.0, "Window of messages_per_connection, seconds.",
-                                    _Seconds(), "s")
+                                    Seconds(), "s")
     connections_per_ip: int = _limit(50, "New connections per client IP per "
-                                     "connections_per_ip_window; then HTTP 429 or close 4029.",
-                                     _Int(1))
+                                     "connections_per_ip_window; then HTTP 429 or close "
+                                     f"{Close.RATE_LIMITED}.", Int(1))
     connections_per_ip_window: float = _limit(10.0, "Window of connections_per_ip, seconds.",
-                                              _Seconds(), "s")
+                                              Seconds(), "s")
     subscribes_per_connection: int = _limit(0, "Subscribe requests per connection per "
-                                            "subscribes_window; 0 = no limit.", _Int(0))
+                                            "subscribes_window; 0 = no limit.", Int(0))
     subscribes_window: float = _limit(3600.0, "Window of subscribes_per_connection, "
-                                      "seconds.", _Seconds(), "s")
+                                      "seconds.", Seconds(), "s")
     requests_per_ip_per_s: int = _limit(0, "HTTP requests (not upgrades) per client IP per "
-                                        "second; 0 = no limit.", _Int(0))
+                                        "second; 0 = no limit.", Int(0))
     max_connections: int = _limit(0, "Open connections per process; 0 = as many as file "
-                                  "descriptors allow. Above it: close 4504.", _Int(0))
+                                  f"descriptors allow. Above it: close {Close.CONNECTION_LIMIT}.",
+                                  Int(0))
     send_buffer: int = _limit(1048576, "Bytes queued in the server for one connection; past "
-                              "it the connection is closed with 4008 (slow consumer).",
-                              _Int(1), "bytes")
+                              f"it the connection is closed with {Close.SLOW_CONSUMER} (slow "
+                              "consumer).", Int(1), "bytes")
 
 
 @dataclass(frozen=True, slots=True)
 class NamespaceConfig:
     """``[namespaces."*"]`` and ``[namespaces.NAME]``: rules for the channels ``NAME:…``."""
 
-    history_size: int = _limit(100, "Publications kept per channel (0 = no history).", _Int(0))
+    history_size: int = _limit(100, "Publications kept per channel (0 = no history).", Int(0))
     history_ttl: float = _limit(300.0, "Seconds a channel's history is kept after its last "
-                                "publication.", _Seconds(), "s")
-    presence: bool = _limit(False, "Join/leave pushes and presence requests.", _Bool())
+                                "publication.", Seconds(), "s")
+    presence: bool = _limit(False, "Join/leave pushes and presence requests.", Bool())
     subscribe: str = _limit("anyone", "Who may subscribe: anyone | authenticated | owner "
                             "(token `sub` equals the rest of the name) | api (nobody).",
-                            _Choice(PERMISSIONS))
+                            Choice(PERMISSIONS))
     publish: str = _limit("api", "Who may publish from a WebSocket: anyone | authenticated | "
                           "owner | api (only the HTTP API, the CLI, the indexer and Redis).",
-                          _Choice(PERMISSIONS))
+                          Choice(PERMISSIONS))
     history_access: str = _limit("subscriber", "Who may request history: subscriber (whoever "
                                  "may subscribe) | anyone | authenticated | owner | api.",
-                                 _Choice(READ_PERMISSIONS))
+                                 Choice(READ_PERMISSIONS))
     presence_access: str = _limit("subscriber", "Who may request presence: subscriber | "
                                   "anyone | authenticated | owner | api.",
-                                  _Choice(READ_PERMISSIONS))
+                                  Choice(READ_PERMISSIONS))
+
+    @property
+    def private(self) -> bool:
+        """True when ``subscribe`` is ``owner`` or ``api``: each subscriber passed its own
+        check, so publications reach exact subscribers only (no pattern, no namespace log)."""
+        return self.subscribe in ("owner", "api")
 
 
 def _builtin_namespaces(star: NamespaceConfig) -> dict[str, NamespaceConfig]:
@@ -509,40 +311,51 @@ class Config:
     def namespace(self, name: str) -> NamespaceConfig:
         """Rules for a namespace name (``"chat"``) or a channel/pattern (``"chat:room"``).
 
-        A name holding ``:`` is cut at its first ``:``; a namespace without a table
-        (and ``""``) gets the ``"*"`` rules.
+        A name holding ``:`` is a channel (:meth:`for_channel`); a namespace without a
+        table (and ``""``) gets the ``"*"`` rules.
         """
-        ns = name.partition(":")[0]
-        return self.namespaces.get(ns) or self.namespaces[DEFAULT_NAMESPACE]
+        if ":" in name:
+            return self.for_channel(name)
+        return self.namespaces.get(name) or self.namespaces[DEFAULT_NAMESPACE]
 
     def for_channel(self, channel: str) -> NamespaceConfig:
-        """Rules for a channel or pattern; a name without ``:`` gets the ``"*"`` rules."""
-        ns, sep, _ = channel.partition(":")
-        if not sep:
-            return self.namespaces[DEFAULT_NAMESPACE]
-        return self.namespaces.get(ns) or self.namespaces[DEFAULT_NAMESPACE]
+        """Rules for a channel or pattern: its namespace's
+        (:func:`fastws.channels.namespace_of`), the ``"*"`` rules when it has none."""
+        return (self.namespaces.get(channels.namespace_of(channel))
+                or self.namespaces[DEFAULT_NAMESPACE])
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _flag_name(f: dataclasses.Field) -> str | None:
+def flag_name(f: dataclasses.Field) -> str | None:
+    """The command-line flag of an option field (``--name-with-dashes`` unless its
+    metadata names one), or None when it has none."""
     flag = f.metadata["flag"]
     if flag == "":
         return "--" + f.name.replace("_", "-")
     return flag
 
 
-def _env_names(f: dataclasses.Field) -> tuple[str, ...]:
+def env_names(f: dataclasses.Field) -> tuple[str, ...]:
+    """The environment variables of an option field: ``FASTWS_<FLAG>`` and, when it
+    differs, ``FASTWS_<NAME>`` (unless its metadata names them; empty: none)."""
     env = f.metadata["env"]
     if env is not None:
         return env
     names = []
-    flag = _flag_name(f)
+    flag = flag_name(f)
     if flag:
         names.append(ENV_PREFIX + flag[2:].replace("-", "_").upper())
     names.append(ENV_PREFIX + f.name.upper())
     return tuple(dict.fromkeys(names))
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    """The default value of an option field."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
 
 
 _SERVER_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
@@ -559,7 +372,7 @@ def _parse(f: dataclasses.Field, value: object, text: bool, label: str) -> Any:
 
 def _table(value: object, label: str) -> Mapping[str, object]:
     if not isinstance(value, Mapping):
-        raise ConfigError(label, f"must be a table, got {_got(value)}")
+        raise ConfigError(label, f"must be a table, got {got(value)}")
     return value
 
 
@@ -612,11 +425,11 @@ def _collect(flags: Mapping[str, object], env: Mapping[str, str]) -> _Resolved:
         f = _SERVER_FIELDS[name]
         value = flags.get(name)
         if value is not None and value != [] and value != ():
-            label = _flag_name(f) or name
+            label = flag_name(f) or name
             return _parse(f, value, isinstance(value, str) or (
                 isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)),
                 label), label
-        for var in _env_names(f):
+        for var in env_names(f):
             text = env.get(var)
             if text is not None and text.strip() != "":
                 return _parse(f, text, True, var), var
@@ -731,175 +544,17 @@ def reload(config: Config) -> Config:
     return _finish(res, config.origin)
 
 
-# --------------------------------------------------------------------------- documents
+def __getattr__(name: str) -> Any:
+    """``markdown`` and ``example_toml``: the generators of :mod:`fastws.config_docs`
+    (imported on first use: that module imports this one)."""
+    if name in ("markdown", "example_toml"):
+        from fastws import config_docs
 
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return str(value)
-
-
-def _default(f: dataclasses.Field) -> object:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
-
-
-def _cell(text: str) -> str:
-    """Escape a Markdown table cell."""
-    return text.replace("|", "\\|")
-
-
-def _md_default(f: dataclasses.Field) -> str:
-    value = _default(f)
-    if value is None:
-        return "unset"
-    unit = f.metadata["unit"]
-    return f"`{_toml_value(value)}`" + (f" {unit}" if unit else "")
-
-
-_PERMISSION_TEXT = """\
-Permissions (`subscribe`, `publish`):
-
-- `anyone`: every connection, with or without a token.
-- `authenticated`: connections that presented a valid token (JWT or SIWE).
-- `owner`: only the connection whose token `sub` equals the rest of the channel name
-  (`user:alice` for `sub` `alice`); the way `user:` and `wallet:` channels are private.
-- `api`: no WebSocket client; only `POST /api/publish`, `fastws publish`, the indexer
-  and raw Redis `PUBLISH`.
-
-`history_access` and `presence_access` take the same values plus `subscriber`
-(whoever may subscribe to the channel, the default).
-"""
-
-
-def markdown() -> str:
-    """The text of docs/configuration.md, generated from the dataclass fields."""
-    out = [
-        "# Configuration",
-        "",
-        "<!-- Generated by `python -m fastws.config --markdown` from fastws/config.py;",
-        "     edit the fields there, not this file. -->",
-        "",
-        "fastws reads its options from four places; for each key the first that sets it",
-        "wins: **command-line flag > `FASTWS_<NAME>` environment variable > config file >",
-        "default**. The config file is TOML, given with `--config FILE` or",
-        "`FASTWS_CONFIG=FILE`; every key in it is optional. List options take a repeated",
-        "flag (`--api-key A --api-key B`), a comma-separated environment value",
-        "(`FASTWS_API_KEY=A,B`) or a TOML array. Booleans in the environment are",
-        "`1/true/yes/on` or `0/false/no/off`.",
-        "",
-        "An unknown key or a bad value stops the server at start-up with exit status 2 and",
-        "one line naming the option, e.g. `fastws: limits.max_subscriptions: must be a",
-        "positive integer, got -3`.",
-        "",
-        "`SIGHUP` re-reads the config file (flags and environment still take precedence)",
-        "and applies it to existing and new connections without closing any. Options",
-        "marked *restart only* keep their running value until a restart. A bad file on",
-        "`SIGHUP` is logged and the running configuration is kept.",
-        "",
-        "Ready-made files: `fastws.example.toml` (every key with its default) and",
-        "`deploy/fastws.strict.toml` (the stricter limits of the first production users).",
-        "",
-        "## `[server]`",
-        "",
-        "| key | flag | environment | default | meaning |",
-        "|---|---|---|---|---|",
-    ]
-    for f in dataclasses.fields(ServerConfig):
-        key = f"`{f.name}`" if f.metadata["file"] else f"{f.name} (not in the file)"
-        flag = _flag_name(f)
-        flag_text = f"`{flag}`" if flag else ""
-        kind = f.metadata["kind"]
-        if isinstance(kind, _List):
-            flag_text += " (repeatable)"
-        envs = ", ".join(f"`{e}`" for e in _env_names(f))
-        doc = f.metadata["doc"]
-        if not f.metadata["reload"]:
-            doc += " *Restart only.*"
-        out.append(f"| {key} | {flag_text} | {envs} | {_md_default(f)} | {_cell(doc)} |")
-
-    out += ["", "## `[limits]`", "",
-            "File only. Limits hold per node.", "",
-            "| key | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(LimitsConfig):
-        out.append(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |")
-
-    out += ["", '## `[namespaces."*"]` and `[namespaces.NAME]`', "",
-            "File only. A channel `NAME:rest` belongs to namespace `NAME`; channels without",
-            'a `:` follow `[namespaces."*"]`. A `[namespaces.NAME]` table overrides the',
-            '`"*"` table key by key. The namespaces `user` and `wallet` exist without a',
-            'table and have `subscribe = "owner"` (other keys from `"*"`) unless their',
-            "table says otherwise; `wallet:` names are lower-cased. A namespace name is",
-            "printable ASCII without space, `:` or glob characters.", "",
-            "| key | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(NamespaceConfig):
-        out.append(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |")
-    out += ["", _PERMISSION_TEXT.rstrip(), ""]
-    out += ["## Example", "", "```toml", example_toml().rstrip(), "```", ""]
-    return "\n".join(out)
-
-
-def _wrap(text: str, width: int = 88) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    if line:
-        lines.append(line)
-    return lines
-
-
-def example_toml() -> str:
-    """The text of fastws.example.toml: every file key, commented, at its default."""
-    out = ["# fastws configuration (generated by `python -m fastws.config --example-toml`).",
-           "# Every key is optional; the values shown are the defaults. Uncomment to change.",
-           "# Precedence: command-line flag > FASTWS_<NAME> environment > this file > default.",
-           ""]
-
-    def table(header: str, flds: Iterable[dataclasses.Field]) -> None:
-        out.append(header)
-        for f in flds:
-            if not f.metadata["file"]:
-                continue
-            for line in _wrap(f.metadata["doc"]):
-                out.append(f"# {line}")
-            value = _default(f)
-            shown = '""  # unset' if value is None else _toml_value(value)
-            out.append(f"# {f.name} = {shown}")
-        out.append("")
-
-    table("[server]", dataclasses.fields(ServerConfig))
-    table("[limits]", dataclasses.fields(LimitsConfig))
-    table('[namespaces."*"]  # every namespace, and channels without one',
-          dataclasses.fields(NamespaceConfig))
-    out += ["# One namespace: overrides the \"*\" table key by key.",
-            "# [namespaces.chat]",
-            "# presence = true",
-            '# publish = "authenticated"', ""]
-    return "\n".join(out)
-
-
-def _main(argv: list[str]) -> int:
-    if argv == ["--markdown"]:
-        sys.stdout.write(markdown())
-        return 0
-    if argv == ["--example-toml"]:
-        sys.stdout.write(example_toml())
-        return 0
-    sys.stderr.write("usage: python -m fastws.config --markdown | --example-toml\n")
-    return 2
+        return getattr(config_docs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
+    from fastws.config_docs import main
+
+    raise SystemExit(main(sys.argv[1:]))

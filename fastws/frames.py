@@ -52,12 +52,14 @@ from fastws._frames import (
     receive,
     utf8_valid,
 )
+from fastws.codes import Close
 
-#: The close codes the assembler raises, and the answer to a CLOSE without a code.
-CLOSE_NORMAL = 1000
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_INVALID_TEXT = 1007
-CLOSE_MESSAGE_TOO_BIG = 1009
+#: The close codes the assembler raises, and the answer to a CLOSE without a code
+#: (``_frames.pyx`` holds the same numbers as C constants, which Python cannot import).
+CLOSE_NORMAL = Close.NORMAL
+CLOSE_PROTOCOL_ERROR = Close.PROTOCOL_ERROR
+CLOSE_INVALID_TEXT = Close.INVALID_PAYLOAD
+CLOSE_MESSAGE_TOO_BIG = Close.TOO_BIG
 
 __all__ = [
     "CLOSE_INVALID_TEXT",

@@ -20,6 +20,7 @@ from prometheus_client.core import (
 
 from fastws import workers
 from fastws._version import __version__
+from fastws.codes import Close, Err
 
 if TYPE_CHECKING:
     from fastws.node import Node
@@ -29,9 +30,14 @@ __all__ = ["NodeCollector", "Metrics", "CONTENT_TYPE"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Label values exported from the start (at 0), so that rate() sees their first increment.
-KNOWN_CLOSE_CODES = (1000, 1001, 1002, 1003, 1006, 1007, 1009, 4001, 4008, 4010, 4029, 4501,
-                     4503, 4504)
-KNOWN_ERROR_CODES = (400, 401, 403, 404, 409, 413, 429, 500, 503)
+KNOWN_CLOSE_CODES = (Close.NORMAL, Close.GOING_AWAY, Close.PROTOCOL_ERROR,
+                     Close.UNSUPPORTED_DATA, Close.ABNORMAL, Close.INVALID_PAYLOAD, Close.TOO_BIG,
+                     Close.DRAINING, Close.SLOW_CONSUMER, Close.INSUFFICIENT_STATE,
+                     Close.RATE_LIMITED, Close.INVALID_TOKEN, Close.ORIGIN_NOT_ALLOWED,
+                     Close.CONNECTION_LIMIT)
+KNOWN_ERROR_CODES = (Err.BAD_REQUEST, Err.UNAUTHORIZED, Err.FORBIDDEN, Err.UNKNOWN_TYPE,
+                     Err.ALREADY_SUBSCRIBED, Err.TOO_LARGE, Err.RATE_LIMITED, Err.INTERNAL,
+                     Err.UNAVAILABLE)
 KNOWN_LIMITS = ("connections", "messages", "requests", "subscribes", "subscriptions")
 
 

@@ -19,6 +19,7 @@ from eth_account.messages import encode_defunct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastws import _match, auth, channels
 from fastws._glob_ref import glob_match as ref_glob
 from fastws.auth import (
     Auth,
@@ -32,6 +33,7 @@ from fastws.auth import (
 )
 from fastws.broker.base import BrokerUnavailable
 from fastws.broker.memory import MemoryBroker
+from fastws.config import load_config
 from fastws.limits import MAX_JSON_DEPTH, Bucket, KeyedLimiter, client_ip, json_depth
 
 SECRET = "unit-test-secret-of-at-least-32-bytes!"
@@ -159,6 +161,35 @@ def test_granted_channels_and_patterns() -> None:
     assert same_owner("0xabcdef0000000000000000000000000000000001",
                       "0xAbCdEf0000000000000000000000000000000001")
     assert not same_owner("alice", "Alice") and same_owner("alice", "alice")
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.sampled_from(["alice", "Alice", "0x" + "ab" * 20, "0x" + "AB" * 20, "0xAb" + "cd" * 19,
+                          "0X" + "ab" * 20, "0x" + "ab" * 19]),
+       b=st.sampled_from(["alice", "0x" + "ab" * 20, "0x" + "Ab" * 20, "0xab" + "cd" * 19,
+                          "0x" + "ab" * 21]))
+def test_owner_rule_is_one_rule(a: str, b: str) -> None:
+    """Channel owners are defined once (fastws.channels); auth re-exports them, and the
+    owner key (what a revocation by user is stored under) agrees with same_owner."""
+    assert auth.same_owner is channels.same_owner and auth.is_address is channels.is_address
+    assert same_owner(a, b) == (channels.owner_key(a) == channels.owner_key(b))
+    assert channels.is_pattern is _match.is_pattern
+
+
+def test_origins_compare_one_way() -> None:
+    """allow_origins as the config writes them, and a request's Origin as auth compares it."""
+    origins = load_config({"allow_origins": ["https://Dapp.example/", "http://localhost:3000"]},
+                          {}).server.allow_origins
+    assert origins == ("https://dapp.example", "http://localhost:3000")
+    assert auth.origin_listed(origins, "HTTPS://DAPP.example") and auth.origin_listed(
+        origins, "https://dapp.example/")
+    assert not auth.origin_listed(origins, "https://dapp.example:443")
+    assert auth.origin_listed(("*",), "null") and not auth.origin_listed((), "https://a.b")
+    assert auth.cors_headers(origins, " https://DAPP.example ") == {
+        "Access-Control-Allow-Origin": "https://DAPP.example",
+        "Access-Control-Expose-Headers": "Retry-After"}
+    assert auth.cors_headers(("*",), "null") is None
+    assert auth.cors_headers((), "https://a.b") is None
 
 
 @settings(max_examples=300, deadline=None)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fastws import channels
 from fastws.config import (
     Config,
     ConfigError,
@@ -72,6 +73,8 @@ def test_defaults_match_the_contract() -> None:
     assert c.namespace("wallet:0xabc").subscribe == "owner"
     assert c.namespace("wallet").subscribe == "owner"
     assert c.for_channel("wallet").subscribe == "anyone"  # a channel with no namespace
+    assert c.namespace("user").private and c.namespace("wallet").private
+    assert not star.private and NamespaceConfig(subscribe="api").private
 
 
 def test_config_is_frozen() -> None:
@@ -196,6 +199,10 @@ subscribe = "authenticated"
     assert (user.subscribe, user.presence, user.history_size) == ("owner", True, 10)
     assert c.namespace("wallet:0xab").subscribe == "authenticated"
     assert set(c.namespaces) == {"*", "chat", "user", "wallet"}
+    # a channel's namespace is channels.namespace_of's: a pattern that spans namespaces
+    # (its ':' after a glob character) gets the "*" rules
+    for name in ("chat:room", "chat:*", "*:x", "ch?t:x", ":x", "chat"):
+        assert c.for_channel(name) == c.namespaces[channels.namespace_of(name) or "*"], name
 
 
 @pytest.mark.parametrize(("text", "message"), [

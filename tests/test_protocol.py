@@ -90,3 +90,21 @@ def test_namespaces_and_patterns() -> None:
     assert channels.is_pattern("a\\b") and channels.is_pattern("a[b]")
     assert not channels.is_pattern("a:b")
     assert channels.owner_of("wallet:0xab") == "0xab"
+
+
+def test_close_code_ranges() -> None:
+    """Close codes and their ranges come from fastws.codes; what metrics and the frame
+    checks use are the same numbers."""
+    from fastws import frames, metrics
+    from fastws.codes import DISCONNECT_TOKEN_EXPIRED, Close
+
+    assert Close.should_reconnect(Close.DRAINING) and Close.should_reconnect(4499)
+    assert not Close.should_reconnect(Close.INVALID_TOKEN) and Close.should_reconnect(5000)
+    assert not DISCONNECT_TOKEN_EXPIRED.reconnect
+    assert Close.is_application(4000) and Close.is_application(4999)
+    assert not Close.is_application(3999) and not Close.is_application(5000)
+    assert (frames.CLOSE_NORMAL, frames.CLOSE_PROTOCOL_ERROR, frames.CLOSE_INVALID_TEXT,
+            frames.CLOSE_MESSAGE_TOO_BIG) == (1000, 1002, 1007, 1009)
+    assert set(metrics.KNOWN_CLOSE_CODES) == {1000, 1001, 1002, 1003, 1006, 1007, 1009, 4001,
+                                              4008, 4010, 4029, 4501, 4503, 4504}
+    assert metrics.KNOWN_ERROR_CODES == (400, 401, 403, 404, 409, 413, 429, 500, 503)

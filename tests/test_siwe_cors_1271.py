@@ -172,6 +172,30 @@ def test_cors_refuses_other_origins(fastws_server) -> None:
     assert "access-control-allow-origin" not in a.headers
 
 
+def test_every_auth_answer_varies_on_origin(fastws_server) -> None:
+    """docs/security.md: every /auth/* answer carries Vary: Origin, with or without an
+    Origin header, whatever its status (a cache must not serve one origin's answer to
+    another)."""
+    srv = fastws_server("--jwt-secret", SECRET, "--allow-origin", DAPP, config=FAST)
+    port = srv.port
+    bad = b'{"message": 1}'
+    for origin in (None, DAPP, "https://evil.example"):
+        answers = exchange(
+            port,
+            request("OPTIONS", "/auth/nonce", origin, port=port),
+            request("OPTIONS", "/auth/siwe", origin, port=port,
+                    extra="Access-Control-Request-Method: POST\n"),
+            request("GET", "/auth/nonce", origin, port=port),
+            request("GET", "/auth/siwe", origin, port=port),
+            request("PUT", "/auth/nonce", origin, port=port),
+            request("POST", "/auth/siwe", origin, port=port, body=bad), body=bad)
+        statuses = [a.status for a in answers]
+        expected = [204, 204] if origin != "https://evil.example" else [403, 403]
+        assert statuses == [*expected, 200, 405, 405, 400], (origin, statuses)
+        for a in answers:
+            assert a.headers.get("vary") == "Origin", (origin, a.status, a.headers)
+
+
 def test_cors_is_off_without_allow_origins_and_open_with_star(fastws_server) -> None:
     # no allow_origins (any origin may open a WebSocket): no CORS, a safe default
     srv = fastws_server("--jwt-secret", SECRET, config=FAST)

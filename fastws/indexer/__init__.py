@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -28,13 +27,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fastws.channels import is_address
 from fastws.cli import OneLineParser, UsageError
 
 __all__ = ["main", "parse_args", "IndexArgs", "UsageError"]
 
 PROG = "fastws index"
 DEFAULT_URL = "http://127.0.0.1:8765"
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 log = logging.getLogger("fastws.indexer")
 
 
@@ -167,7 +166,7 @@ def parse_args(argv: list[str]) -> IndexArgs:
     contracts: list[str] = []
     for item in raw_contracts.split(","):
         item = item.strip()
-        if not _ADDRESS.match(item):
+        if not is_address(item):
             raise UsageError(f"--contract: {item!r} is not a 0x address of 40 hex digits")
         if item.lower() not in contracts:
             contracts.append(item.lower())

@@ -26,6 +26,8 @@ from typing import Any
 from eth_abi import decode as abi_decode
 from eth_utils import keccak
 
+from fastws.channels import is_address
+
 __all__ = [
     "MAX_SAFE_INTEGER",
     "EventCodec",
@@ -250,9 +252,6 @@ def event_data(spec: EventSpec, log: RawLog, timestamp: int) -> dict[str, Any]:
     }
 
 
-_ADDRESS = re.compile(r"^0x[0-9a-f]{40}$")
-
-
 @dataclass(frozen=True, slots=True)
 class Follow:
     """``--follow EVENT.ARG``: an event whose ``address`` argument names a contract
@@ -293,7 +292,7 @@ class Follow:
         except Exception:  # noqa: BLE001 - a log that does not decode names nothing
             return None
         address = value.get(self.arg)
-        if not isinstance(address, str) or not _ADDRESS.match(address) \
-                or address == "0x" + "00" * 20:
+        if not isinstance(address, str) or not is_address(address) \
+                or address != address.lower() or address == "0x" + "00" * 20:
             return None
         return address
