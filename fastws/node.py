@@ -35,7 +35,7 @@ from fastws.broker import (
 from fastws.broker.base import Revocation
 from fastws.codes import Disconnect, Err
 from fastws.limits import MAX_JSON_DEPTH, json_depth
-from fastws.permissions import PRIVATE_RULES, Permissions
+from fastws.permissions import Permissions
 from fastws.presence import Presence
 from fastws.protocol import ProtocolError, Request
 from fastws.recovery import NS_LOG_SIZE, Recovery
@@ -172,7 +172,7 @@ class Node:
             data_json = orjson.dumps(data)
         ns = self.config.for_channel(channel)
         log = None
-        if ns.history_size > 0 and ns.subscribe not in PRIVATE_RULES:
+        if ns.history_size > 0 and not ns.private:
             # the namespace's log, for pattern subscriptions (docs/history.md)
             space = channels.namespace_of(channel)
             if space:
@@ -384,7 +384,7 @@ class Node:
         then close with ``d.code``); returns how many were closed."""
         n = 0
         for sess in self.hub.connections():
-            if sess.user is not None and not sess.closing and auth.same_owner(sess.user, user):
+            if sess.user is not None and not sess.closing and channels.same_owner(sess.user, user):
                 sess.disconnect(d)
                 n += 1
         return n

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fastws import auth, channels
+from fastws import channels
+from fastws.auth.grants import granted, may_match_prefix
 from fastws.codes import Err
 from fastws.protocol import ProtocolError
 
 if TYPE_CHECKING:
     from fastws.config import Config, NamespaceConfig
 
-__all__ = ["Permissions", "PRIVATE_RULES", "allowed"]
-
-#: subscribe rules whose channels reach exact subscribers only (never a pattern)
-PRIVATE_RULES = ("owner", "api")
+__all__ = ["Permissions", "allowed"]
 
 _RULE_FIELD = {"subscribe": "subscribe", "publish": "publish",
                "history": "history_access", "presence": "presence_access"}
@@ -41,7 +39,7 @@ def allowed(rule: str, user: str | None, channel: str) -> int:
     # owner: the rest of the name is the user's id (addresses compare case-insensitively)
     if channels.is_pattern(channel):
         return Err.FORBIDDEN
-    return 0 if auth.same_owner(channels.owner_of(channel), user) else Err.FORBIDDEN
+    return 0 if channels.same_owner(channels.owner_of(channel), user) else Err.FORBIDDEN
 
 
 class Permissions:
@@ -55,7 +53,7 @@ class Permissions:
     def private(self, channel: str) -> bool:
         """True when ``channel``'s namespace delivers to exact subscribers only
         (``owner`` and ``api`` namespaces: no pattern ever receives them)."""
-        return self.config.for_channel(channel).subscribe in PRIVATE_RULES
+        return self.config.for_channel(channel).private
 
     def pattern_reach(self, pattern: str) -> str | None:
         """For a pattern spanning namespaces (``*``, ``*:x``, ``vip*``): the first
@@ -63,7 +61,7 @@ class Permissions:
         namespaces never deliver to patterns: see :meth:`private`.)"""
         for name, ns in self.config.namespaces.items():
             if (ns.subscribe == "authenticated" and name != "*"
-                    and auth.may_match_prefix(pattern, name + ":")):
+                    and may_match_prefix(pattern, name + ":")):
                 return name
         return None
 
@@ -90,6 +88,6 @@ class Permissions:
             msg = ("not authenticated" if code == Err.UNAUTHORIZED
                    else f"permission denied: {what} {channel}")
             raise ProtocolError(code, msg)
-        if grants is not None and not auth.granted(grants, channel):
+        if grants is not None and not granted(grants, channel):
             raise ProtocolError(Err.FORBIDDEN, f"permission denied: {what} {channel} "
                                 "(not in the token's channels)")

@@ -25,7 +25,6 @@ from fastws._match import glob_match
 from fastws.broker import BrokerUnavailable
 from fastws.broker.memory import MemoryBroker
 from fastws.codes import DISCONNECT_INSUFFICIENT_STATE
-from fastws.permissions import PRIVATE_RULES
 
 if TYPE_CHECKING:
     from fastws.node import Node
@@ -223,7 +222,7 @@ class Recovery:
                 since is not None and since.channel and not glob_match(name, since.channel)):
             return nothing  # spans namespaces, a broker without logs (cluster), no position
         ns = self.node.config.namespace(space)
-        if ns.history_size <= 0 or ns.subscribe in PRIVATE_RULES:
+        if ns.history_size <= 0 or ns.private:
             return nothing
         entry: tuple[str, list[tuple[str, int, str, bytes, int, str]]] = (name, [])
         waiting = self._recovering.setdefault("", [])

@@ -13,9 +13,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from fastws import auth
 from fastws.broker import BrokerUnavailable
 from fastws.broker.base import Revocation
+from fastws.channels import owner_key
 from fastws.codes import DISCONNECT_TOKEN_REVOKED
 
 if TYPE_CHECKING:
@@ -27,9 +27,9 @@ log = logging.getLogger("fastws")
 
 
 def revocation_key(user: str) -> str:
-    """The key of a user's revocations: 0x addresses in lower case (they compare
-    case-insensitively, as :func:`fastws.auth.same_owner` does), other ids as they are."""
-    return user.lower() if auth.is_address(user) else user
+    """The key of a user's revocations: the owner key (0x addresses lower-cased, as
+    they compare case-insensitively; other ids as they are)."""
+    return owner_key(user)
 
 
 class Revocations:

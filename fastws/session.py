@@ -34,7 +34,8 @@ import sys
 import time
 from typing import Any, Protocol
 
-from fastws import auth, protocol
+from fastws import channels, protocol
+from fastws.auth.tokens import AuthError, Identity
 from fastws.codes import DISCONNECT_RATE_LIMITED, DISCONNECT_TOKEN_REVOKED, Disconnect, Err
 from fastws.limits import Bucket, request_id
 from fastws.permissions import Permissions
@@ -56,8 +57,8 @@ class SessionHost(Protocol):
     rate_limited: Any                 # Counter[str]: refusals, by limit
     messages_received: int
 
-    def verify_token(self, token: str) -> auth.Identity:
-        """The token's identity (raises auth.AuthError)."""
+    def verify_token(self, token: str) -> Identity:
+        """The token's identity (raises AuthError)."""
 
     def revoked(self, user: str, issued: float | None, jti: str | None) -> bool:
         """True when a revocation refuses this token."""
@@ -223,17 +224,17 @@ class Session:
         if subs and name in subs:
             subs.remove(name)
 
-    def authenticate(self, token: str) -> auth.Identity:
+    def authenticate(self, token: str) -> Identity:
         """Check an ``auth`` request's token (raises ProtocolError): valid, not
         revoked, the same user as before (a session cannot switch users), and its
         ``channels`` claim still allows every current subscription."""
         try:
             ident = self.host.verify_token(token)
-        except auth.AuthError as exc:
+        except AuthError as exc:
             raise ProtocolError(Err.UNAUTHORIZED, str(exc)) from None
         if self.host.revoked(ident.user, ident.issued, ident.jti):
             raise ProtocolError(Err.UNAUTHORIZED, DISCONNECT_TOKEN_REVOKED.reason)
-        if self.user is not None and not auth.same_owner(self.user, ident.user):
+        if self.user is not None and not channels.same_owner(self.user, ident.user):
             raise ProtocolError(Err.FORBIDDEN, "this connection is authenticated as another "
                                 "user; open a new connection to switch users")
         for name in list(self.subs or ()):  # a narrower channels claim may not drop one
@@ -244,7 +245,7 @@ class Session:
                                     f"subscription {name}; unsubscribe first") from exc
         return ident
 
-    def set_identity(self, ident: auth.Identity | None) -> None:
+    def set_identity(self, ident: Identity | None) -> None:
         """Bind ``ident`` (user, grants, iat, jti) and arm its expiry; None clears it."""
         if ident is None:
             self.user, self.grants, self.iat, self.jti = None, None, None, None

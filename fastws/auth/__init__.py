@@ -5,11 +5,8 @@ auth; auth.verify`` and ``from fastws.auth import Auth`` work as they always did
 
 - :mod:`fastws.auth.tokens`: :class:`Auth` verifies client JWTs (HS* with
   ``jwt_secret``; RS*/PS*/ES*/EdDSA with ``jwt_public_key``, a PEM key, certificate or
-  JWKS file) into an :class:`Identity`; :func:`attach` binds an Identity to a
-  connection (user, grants, and ``iat``/``jti``, which a revocation is checked
-  against) and arms its expiry: when ``exp`` passes, the connection gets a
-  ``disconnect`` push and close 4501 "token expired", unless an ``auth`` message
-  brought a newer token first.
+  JWKS file) into an :class:`Identity` (user, grants, ``iat``/``jti``, ``exp``),
+  which :meth:`fastws.session.Session.set_identity` binds to a client.
 - :mod:`fastws.auth.grants`: :func:`granted` says whether a ``channels`` claim allows
   a channel or pattern; :func:`may_match_prefix` which namespaces a pattern reaches.
 - :mod:`fastws.auth.siwe`: :class:`Siwe` implements ``GET /auth/nonce`` and
@@ -42,7 +39,7 @@ from fastws.auth.http import (
     origin_listed,
 )
 from fastws.auth.siwe import MAX_MESSAGE, Siwe, SiweError, SiweMessage, parse_siwe_message
-from fastws.auth.tokens import HMAC_ALGORITHMS, Auth, AuthError, Identity, attach
+from fastws.auth.tokens import HMAC_ALGORITHMS, Auth, AuthError, Identity
 from fastws.channels import is_address, same_owner
 
 __all__ = [
@@ -57,7 +54,6 @@ __all__ = [
     "Siwe",
     "SiweError",
     "SiweMessage",
-    "attach",
     "cors_headers",
     "granted",
     "http_auth",

@@ -14,15 +14,11 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastws import channels
-from fastws.codes import DISCONNECT_TOKEN_EXPIRED
 
-if TYPE_CHECKING:
-    from fastws.server import Connection
-
-__all__ = ["HMAC_ALGORITHMS", "Auth", "AuthError", "Identity", "attach"]
+__all__ = ["HMAC_ALGORITHMS", "Auth", "AuthError", "Identity"]
 
 HMAC_ALGORITHMS = ["HS256", "HS384", "HS512"]
 _RSA_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
@@ -197,25 +193,3 @@ class Auth:
         claims = {"sub": sub, "iat": int(now), "exp": int(now + ttl),
                   "jti": os.urandom(16).hex(), **extra}
         return jwt.encode(claims, self.secret, algorithm="HS256")
-
-
-def attach(conn: Connection, identity: Identity | None, loop: Any) -> None:
-    """Bind ``identity`` to ``conn`` (user, grants) and arm its expiry timer.
-
-    When the token's ``exp`` passes the connection gets ``disconnect`` (4501,
-    "token expired", reconnect false) and is closed, unless ``attach`` was called
-    again with a newer token first (an ``auth`` message refreshing it).
-    """
-    old = conn.expiry
-    if old is not None:
-        old.cancel()
-        conn.expiry = None
-    if identity is None:
-        conn.user, conn.grants, conn.iat, conn.jti = None, None, None, None
-        return
-    conn.user, conn.grants = identity.user, identity.channels
-    conn.iat, conn.jti = identity.issued, identity.jti   # what a revocation is checked on
-    if identity.expires is not None:
-        delay = max(0.0, identity.expires - time.time())
-        conn.expiry = loop.call_later(delay, conn.disconnect, DISCONNECT_TOKEN_EXPIRED)
-
