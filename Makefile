@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "cython>=3.0" "setuptools>=77" wheel
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[chain,test]"
 	touch $(STAMP)
 
 # Compile the Cython extensions in place (fast when nothing changed).

@@ -31,6 +31,7 @@ from typing import NoReturn
 
 from fastws._version import __version__
 from fastws.config import Config, ConfigError, ServerConfig, load_config
+from fastws.extras import MissingExtra, require_chain
 
 __all__ = ["main", "build_parser", "serve_flags", "OneLineParser", "UsageError"]
 
@@ -133,6 +134,11 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         _say(PROG, str(exc))
         return 2
+    try:
+        _require_extras(config)
+    except MissingExtra as exc:
+        _say(PROG, str(exc))
+        return 2
     if config.server.echo:
         echo = importlib.import_module("fastws.echo")
         code = echo.run(config.server.host, config.server.port)
@@ -140,6 +146,16 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         server = importlib.import_module("fastws.server")
         code = server.run(config)
     return code if isinstance(code, int) else 0
+
+
+def _require_extras(config: Config) -> None:
+    """Raise MissingExtra when the config uses a feature of an extra not installed."""
+    if config.server.echo:
+        return
+    if config.server.demo:
+        require_chain("serve --demo", ("web3", "eth_tester", "eth_abi", "eth_utils"))
+    if config.server.siwe_rpc_url:
+        require_chain("siwe_rpc_url (EIP-1271 checks)", ("web3", "eth_abi", "eth_utils"))
 
 
 # --------------------------------------------------------------------------- publish
