@@ -20,6 +20,7 @@ from prometheus_client.core import (
 
 from fastws import workers
 from fastws._version import __version__
+from fastws.codes import Close, Err
 
 if TYPE_CHECKING:
     from fastws.node import Node
@@ -28,10 +29,19 @@ __all__ = ["NodeCollector", "Metrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Label values exported from the start (at 0), so that rate() sees their first increment.
-KNOWN_CLOSE_CODES = (1000, 1001, 1002, 1003, 1006, 1007, 1009, 4001, 4008, 4010, 4029, 4501,
-                     4503, 4504)
-KNOWN_ERROR_CODES = (400, 401, 403, 404, 409, 413, 429, 500, 503)
+
+
+def _codes(cls: type) -> tuple[int, ...]:
+    """The integer constants of a class of fastws.codes, sorted."""
+    return tuple(sorted({v for k, v in vars(cls).items()
+                         if k.isupper() and isinstance(v, int)}))
+
+
+# Label values exported from the start (at 0), so that rate() sees their first increment:
+# every close code of fastws.codes (plus 1006, a connection dropped without a close
+# frame, which no one sends) and every error code.
+KNOWN_CLOSE_CODES = tuple(sorted({*_codes(Close), 1006}))
+KNOWN_ERROR_CODES = _codes(Err)
 KNOWN_LIMITS = ("connections", "messages", "requests", "subscribes", "subscriptions")
 
 
