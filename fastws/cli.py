@@ -5,7 +5,7 @@ Subcommands (docs/protocol.md section 2)::
     fastws serve   [options]          # flags generated from fastws.config.ServerConfig
     fastws publish [--url URL] [--api-key KEY] CHANNEL JSON [CHANNEL JSON ...]
     fastws index   ...                # delegates to fastws.indexer when it exists
-    fastws bench   [args]             # runs `python -m loadtest.fanout`
+    fastws bench   [args]             # source checkout only: `python -m loadtest.fanout`
     fastws --version
 
 Exit status: what the subcommand returns; 2 for a bad flag or config value, with one
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False, prefix_chars="\0")
     index.add_argument("args", nargs=argparse.REMAINDER)
 
-    bench = sub.add_parser("bench", help="run the fan-out benchmark (loadtest/)",
+    bench = sub.add_parser("bench", help="run the fan-out benchmark, python -m loadtest.fanout "
+                           "(source checkout only: loadtest/ is not in the installed package)",
                            add_help=False, prefix_chars="\0")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -267,14 +268,24 @@ def _index(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) else 0
 
 
+BENCH_MISSING = ("loadtest/fanout.py not found: the benchmark is not part of the installed "
+                 "package; run it from a source checkout of fastws (its root directory, "
+                 "after `make build`)")
+
+
+def _bench_roots() -> list[Path]:
+    """Where ``fastws bench`` looks for ``loadtest/``: the working directory, then the
+    checkout this fastws is imported from (an editable install or ``PYTHONPATH``)."""
+    return [Path.cwd(), Path(__file__).resolve().parent.parent]
+
+
 def _bench(args: argparse.Namespace) -> int:
     """Run ``python -m loadtest.fanout`` from the source checkout that holds it."""
-    candidates = [Path.cwd(), Path(__file__).resolve().parent.parent]
-    for root in candidates:
+    for root in _bench_roots():
         if (root / "loadtest" / "fanout.py").is_file():
             cmd = [sys.executable, "-m", "loadtest.fanout", *args.args]
             return subprocess.call(cmd, cwd=root)
-    _say(f"{PROG} bench", "loadtest/fanout.py not found (run from a source checkout of fastws)")
+    _say(f"{PROG} bench", BENCH_MISSING)
     return 2
 
 
