@@ -128,3 +128,26 @@ async def test_demo_server_streams_seed_style_events(fastws_server) -> None:
     assert data["eventType"] in ("MarketCreated", "BetPlaced", "MarketResolved")
     assert data["marketAddress"].startswith("0x") and isinstance(data["timestamp"], int)
     assert ev["offset"] >= 1 and ev["epoch"]
+
+
+def test_demo_chain_addresses_are_fixed() -> None:
+    """`make serve` always deploys the documented addresses (docs/indexer.md, clients.md):
+    a fresh chain, a deployer at nonce 0, the factory's markets in order."""
+    from fastws.indexer.demo_chain import (
+        FACTORY_ADDRESS,
+        MARKET_ADDRESSES,
+        MAX_CONTRACTS,
+        DemoChain,
+    )
+
+    assert len(MARKET_ADDRESSES) == MAX_CONTRACTS
+    for _ in range(2):                      # the demo starts a fresh chain after MAX_BLOCKS
+        chain = DemoChain(2)
+        assert chain.factory_address == FACTORY_ADDRESS
+        assert chain.addresses == list(MARKET_ADDRESSES[:2])
+    while len(chain.contracts) < MAX_CONTRACTS:
+        chain.deploy()
+    assert chain.addresses == list(MARKET_ADDRESSES)
+    for address in (FACTORY_ADDRESS, *MARKET_ADDRESSES):
+        assert address in (ROOT / "docs" / "indexer.md").read_text(), address
+    assert f"market:{MARKET_ADDRESSES[0]}" in (ROOT / "docs" / "clients.md").read_text()
