@@ -84,6 +84,10 @@ def test_chain_features_name_the_extra() -> None:
         "fastws index": core_cli("index", "--rpc", "http://127.0.0.1:1", "--contract",
                                  "0x" + "11" * 20),
     }
+    runs["python -m fastws.indexer.demo_chain"] = subprocess.run(
+        [sys.executable, "-c", BLOCKER + "from fastws.indexer.demo_chain import main\n"
+         "sys.exit(main(['--port', '0']))\n"], capture_output=True, text=True, cwd=ROOT,
+        timeout=60)
     for feature, proc in runs.items():
         assert proc.returncode == 2, (feature, proc.stderr)
         lines = proc.stderr.strip().splitlines()

@@ -31,6 +31,7 @@ import json
 import logging
 import random
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -535,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0,
                         help="seconds between demo transactions (0: no driver)")
     args = parser.parse_args(argv)
+    from fastws.extras import MissingExtra, require_chain
+
+    try:
+        require_chain("python -m fastws.indexer.demo_chain", ("web3", "eth_tester"))
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     chain = DemoChain(args.contracts)
     rpc = RpcServer(chain, args.port).start()
