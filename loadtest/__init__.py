@@ -14,6 +14,8 @@
 * ``loadtest.indexer_latency``: block → client latency of ``fastws index``, polling vs
   ``newHeads``; ``loadtest.indexer_backlog``: its backlog catch-up, and publications/s
   of ``POST /api/publish`` (both need the ``chain`` extra).
+* ``loadtest.docnumbers``: the figures the README, docs/benchmarks.md, docs/operations.md
+  and deploy/sysctl.md quote, generated from the runs' output in docs/bench/.
 
 docs/benchmarks.md has the numbers and the commands that produced them.
 """
