@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all build serve test lint bench clean system-deps
+.PHONY: all build serve test docs-check lint bench clean system-deps
 
 all: build
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "cython>=3.0" "setuptools>=77" wheel
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[chain,test]"
 	touch $(STAMP)
 
 # Compile the Cython extensions in place (fast when nothing changed).
@@ -38,6 +38,14 @@ serve: build
 test: build system-deps
 	$(VENV)/bin/ruff check fastws tests loadtest
 	$(PY) -m pytest -q -rs -p no:cacheprovider
+
+# The code blocks of README.md and docs/*.md marked runnable (```sh runnable, ```python
+# runnable, ```html runnable: the convention is in tests/test_docs.py), run against a
+# `fastws serve --demo` of their own, and the figures generated from docs/bench/.
+# `make test` runs the same file as part of the suite.
+docs-check: build
+	$(PY) -m loadtest.docnumbers --check
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_docs.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastws tests loadtest

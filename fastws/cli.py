@@ -5,7 +5,7 @@ Subcommands (docs/protocol.md section 2)::
     fastws serve   [options]          # flags generated from fastws.config.ServerConfig
     fastws publish [--url URL] [--api-key KEY] CHANNEL JSON [CHANNEL JSON ...]
     fastws index   ...                # delegates to fastws.indexer when it exists
-    fastws bench   [args]             # runs `python -m loadtest.fanout`
+    fastws bench   [args]             # source checkout only: `python -m loadtest.fanout`
     fastws --version
 
 Exit status: what the subcommand returns; 2 for a bad flag or config value, with one
@@ -39,6 +39,7 @@ from fastws.config import (
     flag_name,
     load_config,
 )
+from fastws.extras import MissingExtra, require_chain
 
 __all__ = ["main", "build_parser", "serve_flags", "OneLineParser", "UsageError"]
 
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False, prefix_chars="\0")
     index.add_argument("args", nargs=argparse.REMAINDER)
 
-    bench = sub.add_parser("bench", help="run the fan-out benchmark (loadtest/)",
+    bench = sub.add_parser("bench", help="run the fan-out benchmark, python -m loadtest.fanout "
+                           "(source checkout only: loadtest/ is not in the installed package)",
                            add_help=False, prefix_chars="\0")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -139,6 +141,11 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         _say(PROG, str(exc))
         return 2
+    try:
+        _require_extras(config)
+    except MissingExtra as exc:
+        _say(PROG, str(exc))
+        return 2
     if config.server.echo:
         echo = importlib.import_module("fastws.echo")
         code = echo.run(config.server.host, config.server.port)
@@ -146,6 +153,16 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         server = importlib.import_module("fastws.server")
         code = server.run(config)
     return code if isinstance(code, int) else 0
+
+
+def _require_extras(config: Config) -> None:
+    """Raise MissingExtra when the config uses a feature of an extra not installed."""
+    if config.server.echo:
+        return
+    if config.server.demo:
+        require_chain("serve --demo", ("web3", "eth_tester", "eth_abi", "eth_utils"))
+    if config.server.siwe_rpc_url:
+        require_chain("siwe_rpc_url (EIP-1271 checks)", ("web3", "eth_abi", "eth_utils"))
 
 
 # --------------------------------------------------------------------------- publish
@@ -257,14 +274,24 @@ def _index(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) else 0
 
 
+BENCH_MISSING = ("loadtest/fanout.py not found: the benchmark is not part of the installed "
+                 "package; run it from a source checkout of fastws (its root directory, "
+                 "after `make build`)")
+
+
+def _bench_roots() -> list[Path]:
+    """Where ``fastws bench`` looks for ``loadtest/``: the working directory, then the
+    checkout this fastws is imported from (an editable install or ``PYTHONPATH``)."""
+    return [Path.cwd(), Path(__file__).resolve().parent.parent]
+
+
 def _bench(args: argparse.Namespace) -> int:
     """Run ``python -m loadtest.fanout`` from the source checkout that holds it."""
-    candidates = [Path.cwd(), Path(__file__).resolve().parent.parent]
-    for root in candidates:
+    for root in _bench_roots():
         if (root / "loadtest" / "fanout.py").is_file():
             cmd = [sys.executable, "-m", "loadtest.fanout", *args.args]
             return subprocess.call(cmd, cwd=root)
-    _say(f"{PROG} bench", "loadtest/fanout.py not found (run from a source checkout of fastws)")
+    _say(f"{PROG} bench", BENCH_MISSING)
     return 2
 
 

@@ -19,7 +19,8 @@ chain's mining hook wakes the indexer at each block (as ``eth_subscribe("newHead
 does for ``fastws index --rpc ws://``), so events show up as soon as their block is
 mined.  py-evm keeps every block in memory (~8 KB
 each), so after ``MAX_BLOCKS`` blocks the demo starts over on a fresh chain (block
-numbers start again from 0).  Needs ``web3[tester]``.
+numbers start again from 0).  Needs the ``chain`` extra (``web3[tester]``:
+``pip install 'fastws[chain]'``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ async def run_demo(node: Node, interval: float = 1.0, contracts: int = 2) -> Non
         except asyncio.CancelledError:
             pass
         except ImportError as exc:
-            log.error("serve --demo needs web3[tester] (eth-tester, py-evm): %s", exc)
+            log.error("serve --demo needs the 'chain' extra (web3[tester]: eth-tester, "
+                      "py-evm): pip install 'fastws[chain]' (%s)", exc)
             error = exc
         except BaseException as exc:  # noqa: BLE001 - handed to the server's loop
             log.exception("the demo chain stopped")

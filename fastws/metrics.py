@@ -29,15 +29,20 @@ __all__ = ["NodeCollector", "Metrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Label values exported from the start (at 0), so that rate() sees their first increment.
-KNOWN_CLOSE_CODES = (Close.NORMAL, Close.GOING_AWAY, Close.PROTOCOL_ERROR,
-                     Close.UNSUPPORTED_DATA, Close.ABNORMAL, Close.INVALID_PAYLOAD, Close.TOO_BIG,
-                     Close.DRAINING, Close.SLOW_CONSUMER, Close.INSUFFICIENT_STATE,
-                     Close.RATE_LIMITED, Close.INVALID_TOKEN, Close.ORIGIN_NOT_ALLOWED,
-                     Close.CONNECTION_LIMIT)
-KNOWN_ERROR_CODES = (Err.BAD_REQUEST, Err.UNAUTHORIZED, Err.FORBIDDEN, Err.UNKNOWN_TYPE,
-                     Err.ALREADY_SUBSCRIBED, Err.TOO_LARGE, Err.RATE_LIMITED, Err.INTERNAL,
-                     Err.UNAVAILABLE)
+
+
+def _codes(cls: type) -> tuple[int, ...]:
+    """The integer constants of a class of fastws.codes, sorted."""
+    return tuple(sorted({v for k, v in vars(cls).items()
+                         if k.isupper() and isinstance(v, int)}))
+
+
+# Label values exported from the start (at 0), so that rate() sees their first increment:
+# every close code of fastws.codes (1006 included: a connection dropped without a close
+# frame, which no one sends) and every error code; not the bounds of the 4xxx ranges.
+_RANGE_BOUNDS = {Close.APP_FIRST, Close.NO_RECONNECT_FIRST, Close.APP_LAST}
+KNOWN_CLOSE_CODES = tuple(c for c in _codes(Close) if c not in _RANGE_BOUNDS)
+KNOWN_ERROR_CODES = _codes(Err)
 KNOWN_LIMITS = ("connections", "messages", "requests", "subscribes", "subscriptions")
 
 

@@ -10,7 +10,12 @@
 * ``loadtest.annotate``: ``cython -a`` check of the broadcast loop;
 * ``loadtest.floor``: the machine's floor, one ``send(2)`` per subscriber from plain C
   (``loadtest/floor.c``), the yardstick for the time to reach every subscriber;
-* ``loadtest/locustfile.py``: locust scenarios (subscribers, churn, publishers).
+* ``loadtest/locustfile.py``: locust scenarios (subscribers, churn, publishers);
+* ``loadtest.indexer_latency``: block → client latency of ``fastws index``, polling vs
+  ``newHeads``; ``loadtest.indexer_backlog``: its backlog catch-up, and publications/s
+  of ``POST /api/publish`` (both need the ``chain`` extra).
+* ``loadtest.docnumbers``: the figures the README, docs/benchmarks.md, docs/operations.md
+  and deploy/sysctl.md quote, generated from the runs' output in docs/bench/.
 
 docs/benchmarks.md has the numbers and the commands that produced them.
 """

@@ -21,9 +21,12 @@ a skipped seq is reported as ``lost`` failures, a repeated one as ``duplicate``.
 Failed connects and subscribes are failures too.
 
 At the end the master (or the single process) prints one line, ``fastws load test:
-PASS`` or ``FAIL``, against the target (``FASTWS_LOCUST_TARGET``, 10,000 concurrent
-subscribed connections): the peak of concurrently subscribed connections must reach
-it, with no failure of any kind; the exit status is 1 on FAIL.
+PASS`` or ``FAIL``: PASS when the peak of concurrently subscribed connections reached
+the target, no failure of any kind was counted (failed connects or subscribes, lost or
+duplicated events) and at least one event was delivered; the exit status is 1 on FAIL.
+The target is ``FASTWS_LOCUST_TARGET`` when set, else the number of users (``-u``): every
+user holds one subscribed connection (a churn user opens its next one before closing
+the last, the publisher watches ``events:*``), so all ``-u`` users must be in at once.
 
 Only locust, websocket-client and the standard library are imported here: importing
 uvloop, picows or redis into a locust process crashed it (shared/FIELD-NOTES.md).
@@ -47,7 +50,7 @@ import websocket
 from locust import User, between, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-TARGET = int(os.environ.get("FASTWS_LOCUST_TARGET", "10000"))
+DEFAULT_TARGET = 10_000   # without FASTWS_LOCUST_TARGET nor -u (the web UI)
 PUBLISH_INTERVAL = float(os.environ.get("FASTWS_LOCUST_PUBLISH_INTERVAL", "0.25"))
 WS_PATH = os.environ.get("FASTWS_LOCUST_PATH", "/ws")
 MARKETS = [f"0x{n:040x}" for n in (0xA11CE, 0xB0B, 0xC0FFEE, 0xDEC0DE)]
@@ -310,6 +313,19 @@ def _worker_report(client_id: str, data: dict[str, Any]) -> None:
         _cluster_peak = max(_cluster_peak, sum(_worker_open.values()))
 
 
+def _target(environment: Any) -> tuple[int, str]:
+    """The peak to reach and where it comes from: FASTWS_LOCUST_TARGET, else -u."""
+    if os.environ.get("FASTWS_LOCUST_TARGET"):
+        return int(os.environ["FASTWS_LOCUST_TARGET"]), "FASTWS_LOCUST_TARGET"
+    users = getattr(environment.parsed_options, "num_users", None)
+    if users:
+        return int(users), "-u"
+    users = getattr(environment.runner, "target_user_count", None)
+    if users:
+        return int(users), "users"
+    return DEFAULT_TARGET, "default"
+
+
 @events.quitting.add_listener
 def _verdict(environment: Any, **_kw: Any) -> None:
     if isinstance(environment.runner, WorkerRunner):
@@ -323,9 +339,10 @@ def _verdict(environment: Any, **_kw: Any) -> None:
                if name.startswith("recv "))
     p99 = [e.get_response_time_percentile(0.99) for (name, _), e in
            environment.stats.entries.items() if name.startswith("recv ") and e.num_requests]
-    ok = peak >= TARGET and failures == 0 and recv > 0
+    target, source = _target(environment)
+    ok = peak >= target and failures == 0 and recv > 0
     print(f"fastws load test: {'PASS' if ok else 'FAIL'}: peak {peak:,} concurrently "
-          f"subscribed connections (target {TARGET:,}), {recv:,} deliveries "
+          f"subscribed connections (target {target:,}, {source}), {recv:,} deliveries "
           f"(p99 publish→receive ≤ {max(p99) if p99 else 'n/a'} ms), {failures:,} failures "
           f"({lost:,} lost, {dup:,} duplicated)", flush=True)
     if not ok:

@@ -304,3 +304,14 @@ def test_bench_runs_loadtest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     ((cmd, cwd),) = calls
     assert cmd[1:] == ["-m", "loadtest.fanout", "--smoke", "--procs", "2"]
     assert Path(cwd) == tmp_path
+
+
+def test_bench_outside_a_checkout_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """On a `pip install .` there is no loadtest/: one line, exit 2; --help says it too."""
+    monkeypatch.setattr(cli, "_bench_roots", lambda: [tmp_path])
+    assert cli.main(["bench", "--smoke"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "not part of the installed package" in err and "source checkout" in err
+    assert cli.main(["--help"]) == 0
+    assert "source checkout only" in " ".join(capsys.readouterr().out.split())

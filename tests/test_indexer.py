@@ -718,7 +718,7 @@ async def test_ws_rpc_falls_back_to_polling_and_subscribes_again(
 
 async def test_latency_tool_times_both_modes() -> None:
     """The documented measurement (docs/indexer.md) runs: two modes, one time per block."""
-    from fastws.indexer.latency import measure
+    from loadtest.indexer_latency import measure
 
     results = await measure(blocks=2, poll=0.2)
     assert list(results) == ["polling every 0.2s (http)", "newHeads subscription (ws)"]

@@ -115,8 +115,8 @@ async def test_indexer_backlog_goes_in_few_requests(chain, server) -> None:
 
 
 async def test_backlog_tool_smoke() -> None:
-    """``python -m fastws.indexer.backlog`` (the numbers of docs/indexer.md) runs."""
-    from fastws.indexer.backlog import api_rate, catch_up
+    """``python -m loadtest.indexer_backlog`` (the numbers of docs/indexer.md) runs."""
+    from loadtest.indexer_backlog import api_rate, catch_up
 
     res = await catch_up(30, "memory://", None)
     assert res["events"] == 30 and res["rate"] > 0 and res["seconds"] >= res["first"] > 0

@@ -25,8 +25,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("locust") is None,
 
 @pytest.mark.timeout(90)
 def test_locust_scenarios_smoke(server, tmp_path: Path) -> None:
-    """Every user connects and subscribes, deliveries arrive, nothing lost: PASS."""
-    env = {**os.environ, "FASTWS_API_KEY": server.api_key, "FASTWS_LOCUST_TARGET": "300"}
+    """Every user connects and subscribes, deliveries arrive, nothing lost: PASS against
+    the target -u sets (300)."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTWS_LOCUST_TARGET"}
+    env["FASTWS_API_KEY"] = server.api_key
     out = tmp_path / "smoke"
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
            "--headless", "--host", f"ws://127.0.0.1:{server.port}", "-u", "300", "-r", "300",
@@ -34,6 +36,7 @@ def test_locust_scenarios_smoke(server, tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=80)
     text = proc.stdout + proc.stderr
     assert "fastws load test: PASS" in text, text[-3000:]
+    assert "(target 300, -u)" in text, text[-3000:]
     assert proc.returncode == 0, text[-3000:]
     rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(open(f"{out}_stats.csv"))}
     assert int(rows[("WS", "connect")]["Request Count"]) >= 300
@@ -42,3 +45,17 @@ def test_locust_scenarios_smoke(server, tmp_path: Path) -> None:
     assert recv > 0
     total = next(r for (_, n), r in rows.items() if n == "Aggregated")
     assert int(total["Failure Count"]) == 0
+
+
+@pytest.mark.timeout(60)
+def test_locust_target_variable_overrides_users(server, tmp_path: Path) -> None:
+    """FASTWS_LOCUST_TARGET above -u: the peak cannot reach it, FAIL and exit 1."""
+    env = {**os.environ, "FASTWS_API_KEY": server.api_key, "FASTWS_LOCUST_TARGET": "100"}
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+           "--headless", "--host", f"ws://127.0.0.1:{server.port}", "-u", "20", "-r", "20",
+           "-t", "3s", "--csv", str(tmp_path / "t"), "--only-summary"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=50)
+    text = proc.stdout + proc.stderr
+    assert "fastws load test: FAIL: peak " in text, text[-3000:]
+    assert "(target 100, FASTWS_LOCUST_TARGET)" in text, text[-3000:]
+    assert proc.returncode == 1, text[-3000:]

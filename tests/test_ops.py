@@ -267,3 +267,23 @@ async def test_slow_consumer_is_a_warning(fastws_server) -> None:
     slow = [r for r in records if "slow consumer" in r["msg"]]
     assert len(slow) == 1 and slow[0]["level"] == "warning" and slow[0]["client"], slow
     stuck.close()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_labelled_counters_list_every_code_from_the_start(server: ServerProc) -> None:
+    """protocol.md §8: every close and error code is exported at 0 before it happens (so
+    rate() sees its first increment), 4505 (POST /api/disconnect) included."""
+    from fastws.codes import Close, Err
+
+    values = scrape(server.http_url)
+    closes = [v for k, v in vars(Close).items() if k.isupper() and isinstance(v, int)]
+    errors = [v for k, v in vars(Err).items() if k.isupper() and isinstance(v, int)]
+    assert 4505 in closes
+    for code in [*closes, 1006]:
+        assert values[f'fastws_connections_closed_total{{code="{code}"}}'] == 0, code
+    for code in errors:
+        assert values[f'fastws_errors_total{{code="{code}"}}'] == 0, code
+    for limit in ("connections", "messages", "requests", "subscribes", "subscriptions"):
+        assert values[f'fastws_rate_limited_total{{limit="{limit}"}}'] == 0, limit

@@ -105,6 +105,7 @@ def test_close_code_ranges() -> None:
     assert not Close.is_application(3999) and not Close.is_application(5000)
     assert (frames.CLOSE_NORMAL, frames.CLOSE_PROTOCOL_ERROR, frames.CLOSE_INVALID_TEXT,
             frames.CLOSE_MESSAGE_TOO_BIG) == (1000, 1002, 1007, 1009)
-    assert set(metrics.KNOWN_CLOSE_CODES) == {1000, 1001, 1002, 1003, 1006, 1007, 1009, 4001,
-                                              4008, 4010, 4029, 4501, 4503, 4504}
+    assert set(metrics.KNOWN_CLOSE_CODES) == {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009,
+                                              1011, 4001, 4008, 4010, 4029, 4501, 4503, 4504,
+                                              4505}
     assert metrics.KNOWN_ERROR_CODES == (400, 401, 403, 404, 409, 413, 429, 500, 503)

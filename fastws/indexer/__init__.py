@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from fastws.channels import is_address
 from fastws.cli import OneLineParser, UsageError
+from fastws.extras import MissingExtra, require_chain
 
 __all__ = ["main", "parse_args", "IndexArgs", "UsageError"]
 
@@ -106,7 +107,8 @@ def _env_name(flag: str) -> str:
 def _build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Publish each log of the contracts, once "
                       "confirmed, to events:<event_name> and market:<address> of a fastws "
-                      "server; a reorg publishes retractions first. See docs/indexer.md.")
+                      "server; a reorg publishes retractions first. Needs the 'chain' extra: pip "
+                      "install 'fastws[chain]'. See docs/indexer.md.")
     for flag, metavar, text in _FLAGS:
         p.add_argument(flag, metavar=metavar, help=f"{text} [FASTWS_{_env_name(flag)}]")
     return p
@@ -325,9 +327,17 @@ def _say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``fastws index`` with ``argv``; returns the exit status (2: bad flag)."""
+    """Run ``fastws index`` with ``argv``; returns the exit status (2: bad flag, or
+    the ``chain`` extra is not installed)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not {"-h", "--help"} & set(argv):
+        try:
+            require_chain(PROG, ("web3", "eth_abi", "eth_utils", "websockets"))
+        except MissingExtra as exc:
+            _say(exc.hint)
+            return 2
     try:
-        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parse_args(argv)
     except UsageError as exc:
         _say(str(exc))
         return 2

@@ -31,6 +31,7 @@ import json
 import logging
 import random
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
-__all__ = ["DemoChain", "FOLLOW", "QUESTIONS", "RpcServer", "WsRpcServer", "load_artifact"]
+__all__ = ["DemoChain", "FACTORY_ADDRESS", "FOLLOW", "MARKET_ADDRESSES", "QUESTIONS",
+           "RpcServer", "WsRpcServer", "load_artifact"]
 
 log = logging.getLogger("fastws.indexer")
 
@@ -56,6 +58,21 @@ WEI = 10**18
 DEPLOY_EVERY = 30      # demo ticks between two market contracts deployed by the factory
 MAX_CONTRACTS = 6      # the driver stops deploying market contracts at this many
 FOLLOW = "MarketDeployed.market"   # the factory event whose argument is a new contract
+# The addresses every DemoChain has (documented in docs/indexer.md and docs/clients.md):
+# each chain is a fresh eth-tester chain whose deployer (account 0, eth-tester's fixed
+# first key) starts at nonce 0: nonce 0 deploys the blueprint, nonce 1 the factory, and
+# the factory's own nonces give its markets in deployment order (CREATE addresses depend
+# on the deployer and its nonce only).  `serve --demo` deploys the first two at start and
+# the others one every DEPLOY_EVERY ticks; a fresh chain (after MAX_BLOCKS) repeats them.
+FACTORY_ADDRESS = "0x2946259e0334f33a064106302415ad3391bed384"
+MARKET_ADDRESSES = (
+    "0xc8624589ede8b4895513755817933fa17e3ef1f3",
+    "0x665b35028596b164a9a51b4b28ed375fc4e88945",
+    "0xdcb55cbb56df9efa14f16211d38e9246ada1a266",
+    "0xf64dbe4871200d4b6fe51cf5066847b5c74ba2d9",
+    "0xaa5c41b16d680118e417da6e871258e5e06bb4e5",
+    "0xce2a2251403fdc5a237597194742ce901605dec5",
+)
 
 
 def load_artifact(name: str = "PredictionMarket") -> dict[str, Any]:
@@ -519,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0,
                         help="seconds between demo transactions (0: no driver)")
     args = parser.parse_args(argv)
+    from fastws.extras import MissingExtra, require_chain
+
+    try:
+        require_chain("python -m fastws.indexer.demo_chain", ("web3", "eth_tester"))
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     chain = DemoChain(args.contracts)
     rpc = RpcServer(chain, args.port).start()

@@ -1,6 +1,6 @@
 """Block → WebSocket client latency of ``fastws index``: polling vs newHeads.
 
-``python -m fastws.indexer.latency [--blocks N] [--poll-interval S]`` runs, on this
+``python -m loadtest.indexer_latency [--blocks N] [--poll-interval S]`` runs, on this
 machine, a demo chain (eth-tester) served over HTTP and WebSocket JSON-RPC
 (:class:`~fastws.indexer.demo_chain.RpcServer`, :class:`WsRpcServer`), a
 ``fastws serve`` process, and a WebSocket client subscribed to ``market:<address>``.
@@ -152,8 +152,8 @@ async def measure(blocks: int = 30, poll: float = 1.0, seed: int = 1) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastws.indexer.latency``: print the two modes' latencies."""
-    parser = argparse.ArgumentParser(prog="python -m fastws.indexer.latency",
+    """``python -m loadtest.indexer_latency``: print the two modes' latencies."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.indexer_latency",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=30, help="blocks per mode (default 30)")
     parser.add_argument("--poll-interval", type=float, default=1.0,

@@ -1,6 +1,6 @@
 """Backlog catch-up of ``fastws index``, and publications/s of ``POST /api/publish``.
 
-``python -m fastws.indexer.backlog [--blocks N] [--broker URL] [--tree DIR]`` builds, on
+``python -m loadtest.indexer_backlog [--blocks N] [--broker URL] [--tree DIR]`` builds, on
 this machine, a demo chain (eth-tester, served over HTTP JSON-RPC) holding one market
 contract with ``N`` blocks of one event each (a market, then bets), starts a ``fastws
 serve`` process (``--broker``, default ``memory://``) and a WebSocket client subscribed
@@ -13,7 +13,7 @@ blocks in seconds (a real node answers from its log index in milliseconds), whic
 hide the publishing side, so this RPC server answers ``eth_getLogs`` from the logs of the
 transactions' receipts, kept when they were mined; every other call is the chain's.
 
-``python -m fastws.indexer.backlog --api BATCH [--broker URL] [--seconds S]
+``python -m loadtest.indexer_backlog --api BATCH [--broker URL] [--seconds S]
 [--inflight K]`` instead posts publications to a server as fast as it answers, ``K``
 requests in flight on keep-alive connections, each a single publication object
 (``BATCH`` 1) or an array of ``BATCH``, over 8 channels, and prints publications/s.
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastws.indexer.latency import _free_port, _stop, _wait_port
+from loadtest.indexer_latency import _free_port, _stop, _wait_port
 
 __all__ = ["api_rate", "catch_up", "main"]
 
@@ -97,7 +97,7 @@ async def catch_up(blocks: int, broker: str, tree: Path | None) -> dict[str, flo
     workdir = Path(tempfile.mkdtemp(prefix="fastws-backlog-"))
     server = _server(port, broker, workdir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTWS_")}
-    cwd = tree or Path(__file__).resolve().parents[2]
+    cwd = tree or Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = str(cwd)
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -176,8 +176,8 @@ async def api_rate(batch: int, broker: str, seconds: float, inflight: int) -> fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastws.indexer.backlog``: print the catch-up rate (or the API's)."""
-    parser = argparse.ArgumentParser(prog="python -m fastws.indexer.backlog",
+    """``python -m loadtest.indexer_backlog``: print the catch-up rate (or the API's)."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.indexer_backlog",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=2000,
                         help="blocks of one event each to catch up on (default 2000)")
