@@ -71,6 +71,9 @@ async def test_serve_runs_without_the_chain_extra() -> None:
         assert ev["channel"] == "events:x" and ev["data"] == {"a": 1}
         assert scrape(srv.http_url)["fastws_deliveries_total"] == 1
         assert http("GET", srv.http_url + "/auth/nonce")[0] == 200
+        status, _, body = http("POST", srv.http_url + "/auth/siwe",
+                               {"message": "m", "signature": "0x00"})
+        assert status == 501 and b"pip install 'fastws[chain]'" in body, body
     finally:
         assert srv.stop() == 0, srv.output()
     assert "Traceback" not in srv.output()

@@ -13,6 +13,7 @@ from typing import Any
 from fastws.auth.eip1271 import ContractWallets
 from fastws.auth.siwe import Siwe, SiweError
 from fastws.config_kinds import origin_key
+from fastws.extras import MissingExtra, require_chain
 
 __all__ = ["CORS_ALLOW_HEADERS", "CORS_MAX_AGE", "cors_headers", "http_auth", "origin_listed"]
 
@@ -105,6 +106,11 @@ async def _auth_answer(siwe: Siwe, method: str, route: str, headers: dict[str, s
                 return 400, {"error": "body must be JSON"}, {}
             if not isinstance(msg, dict):
                 return 400, {"error": "body must be a JSON object"}, {}
+            try:
+                require_chain("Sign-In with Ethereum (/auth/siwe)",
+                              ("eth_account", "eth_utils"))
+            except MissingExtra as exc:
+                return 501, {"error": str(exc)}, {}
             args = (msg.get("message"), msg.get("signature"), headers.get("host"))
             out = (siwe.sign_in(*args) if claim is None
                    else await siwe.sign_in_shared(*args, claim, wallets=wallets))
