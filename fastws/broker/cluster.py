@@ -54,13 +54,15 @@ from fastws.broker.redis import (
     BACKOFF_MAX,
     BACKOFF_MIN,
     CONNECT_ERRORS,
-    CONNECT_TIMEOUT,
     SCRIPTS,
     RedisBroker,
-    _command_options,
-    _Commands,
-    _PubSub,
-    _Target,
+    client_options,
+)
+from fastws.broker.resp import (
+    CONNECT_TIMEOUT,
+    CommandConnection,
+    PubSubConnection,
+    RedisTarget,
 )
 
 __all__ = ["RedisClusterBroker", "FEED_PREFIX", "slot_tags"]
@@ -101,13 +103,13 @@ class _Shard:
     def __init__(self, broker: RedisClusterBroker, name: str, host: str, port: int) -> None:
         self.name, self.host, self.port = name, host, port
         lost = functools.partial(broker._on_shard_lost, self)
-        self.link = _PubSub(f"shard-{name}", broker._deliver, lost, exact="SSUBSCRIBE",
+        self.link = PubSubConnection(f"shard-{name}", broker._deliver, lost, exact="SSUBSCRIBE",
                             pattern=None)
         self.link._deliver = functools.partial(broker._deliver_shard, self.link)
-        self.cmd = _Commands(f"commands-{name}", lost)
+        self.cmd = CommandConnection(f"commands-{name}", lost)
         self.up = False
 
-    async def connect(self, target: _Target) -> None:
+    async def connect(self, target: RedisTarget) -> None:
         """Open both connections; the link subscribes what it wants (its ``wanted``)."""
         await asyncio.gather(self.link.connect(self.host, self.port, target),
                              self.cmd.connect(self.host, self.port, target, SCRIPTS))
@@ -128,8 +130,8 @@ class RedisClusterBroker(RedisBroker):
         self._sentinel = None
         self.redis = RedisCluster(startup_nodes=nodes, username=self.target.username,
                                   password=self.target.password,
-                                  max_connections=max_connections, **_command_options())
-        self._global = _PubSub("global", self._deliver, self._on_global_lost)
+                                  max_connections=max_connections, **client_options())
+        self._global = PubSubConnection("global", self._deliver, self._on_global_lost)
         self._main = self._global
         self._global_up = False
         self._shards: dict[str, _Shard] = {}
@@ -138,13 +140,13 @@ class RedisClusterBroker(RedisBroker):
         self._gap_all = False               # the global link was lost: every subscription
         self._wake: asyncio.Event | None = None
 
-    def _links(self) -> list[_PubSub]:
+    def _links(self) -> list[PubSubConnection]:
         return [self._global, *(s.link for s in self._shards.values())]
 
-    def _command_links(self) -> list[_Commands]:
+    def _command_links(self) -> list[CommandConnection]:
         return [s.cmd for s in self._shards.values()]
 
-    def _scan_links(self) -> list[_Commands]:
+    def _scan_links(self) -> list[CommandConnection]:
         """Every master that is up (its keys are its slots'; one that is down is read
         when it is back: ``handle_connected`` then)."""
         return [s.cmd for s in self._shards.values() if s.up]
@@ -168,7 +170,7 @@ class RedisClusterBroker(RedisBroker):
                                     f"({owner or 'none'}) is not available")
         return shard
 
-    def _command_for(self, channel: str) -> _Commands:
+    def _command_for(self, channel: str) -> CommandConnection:
         return self._owner_of(key_slot(channel.encode())).cmd
 
     async def start(self, handler: Any) -> None:
@@ -350,7 +352,7 @@ class RedisClusterBroker(RedisBroker):
             self._on_shard_lost(shard)
         self._on_global_lost()
 
-    def _moved(self, cmd: _Commands) -> None:
+    def _moved(self, cmd: CommandConnection) -> None:
         """A master answered MOVED/ASK/READONLY: its slots moved (a failover), so that
         shard is down until the slot map is read again."""
         for shard in list(self._shards.values()):
@@ -394,7 +396,7 @@ class RedisClusterBroker(RedisBroker):
         except Exception:
             log.exception("handle_gap failed")
 
-    def _deliver_shard(self, link: _PubSub, channel: bytes, payload: bytes) -> None:
+    def _deliver_shard(self, link: PubSubConnection, channel: bytes, payload: bytes) -> None:
         if channel.startswith(b"fws:feed:"):
             nl = payload.find(b"\n")
             real = payload[:nl]
