@@ -54,10 +54,10 @@ from fastws.broker.redis import (
     BACKOFF_MAX,
     BACKOFF_MIN,
     CONNECT_ERRORS,
-    SCRIPTS,
     RedisBroker,
     client_options,
 )
+from fastws.broker.redis_scripts import SCRIPTS
 from fastws.broker.resp import (
     CONNECT_TIMEOUT,
     CommandConnection,

@@ -54,16 +54,11 @@ from fastws.broker.base import (
     Revocation,
 )
 from fastws.broker.redis_scripts import (
-    ENVELOPE_PREFIX,
-    HISTORY_LUA,
     LOG_PREFIX,
-    LOG_SINCE_LUA,
-    PRESENCE_GET_LUA,
-    PRESENCE_JOIN_LUA,
-    PRESENCE_LEAVE_LUA,
     PRESENCE_PREFIX,
-    PRESENCE_REFRESH_LUA,
-    PUBLISH_LUA,
+    REVOKED_PREFIX,
+    SCRIPTS,
+    decode_payload,
     keys_for,
     log_keys,
     presence_keys,
@@ -78,34 +73,13 @@ from fastws.broker.resp import (
     encode_command,
 )
 
-SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA, "logsince": LOG_SINCE_LUA,
-           "join": PRESENCE_JOIN_LUA, "leave": PRESENCE_LEAVE_LUA,
-           "presence": PRESENCE_GET_LUA, "prefresh": PRESENCE_REFRESH_LUA}
-
 __all__ = ["RedisBroker", "encode_command", "decode_payload"]
 
 log = logging.getLogger("fastws.broker")
 
 IDEMPOTENCY_TTL_MS = 300_000
 ONCE_PREFIX = "fws:once:"    # claim_once keys (SET NX PX), e.g. fws:once:siwe:NONCE
-REVOKED_PREFIX = "fws:revoked:"  # token revocations: fws:revoked:user:U, fws:revoked:jti:J
 SCAN_COUNT = 1000            # keys a SCAN step looks at (loading revocations)
-# store a revocation, merged with the one already there (the later "at", the later
-# "until"); the value is "AT UNTIL" (unix seconds), the key expires at UNTIL
-REVOKE_LUA = """
-local at, untl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local old = redis.call('GET', KEYS[1])
-if old then
-  local oat, ountl = string.match(old, '^(%S+) (%S+)$')
-  if oat and tonumber(oat) and tonumber(oat) > at then at = tonumber(oat) end
-  if ountl and tonumber(ountl) and tonumber(ountl) > untl then untl = tonumber(ountl) end
-end
-local ttl = math.ceil((untl - tonumber(ARGV[3])) * 1000)
-if ttl < 1 then ttl = 1 end
-local val = string.format('%.6f %.6f', at, untl)
-redis.call('SET', KEYS[1], val, 'PX', ttl)
-return val
-"""
 PING_INTERVAL = 1.0          # seconds between pub/sub PINGs (lag probe + liveness)
 DEAD_AFTER = 10.0            # a PING unanswered this long: the link is dead, reconnect
 BACKOFF_MIN = 0.05
@@ -125,26 +99,6 @@ CONNECT_ERRORS = (TimeoutError, OSError, BrokerUnavailable, ResponseError,
 CONTROL_CHANNEL = "fws control"
 _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
                         "NOREPLICAS", "BUSY")
-_ENV_LEN = len(ENVELOPE_PREFIX)
-
-
-
-def decode_payload(payload: bytes, now: float) -> tuple[bytes, int, str, float]:
-    """(JSON data, offset, epoch, accepted monotonic time) of one pub/sub payload.
-
-    A fastws envelope carries offset, epoch and the publisher's clock; anything else is
-    a raw publication: delivered as is when it is JSON, else as a JSON string.
-    """
-    if payload.startswith(ENVELOPE_PREFIX):
-        nl = payload.find(b"\n", _ENV_LEN)
-        offset, epoch, stamp = payload[_ENV_LEN:nl].split(b" ", 3)[:3]
-        delay = time.time() - float(stamp)
-        return payload[nl + 1:], int(offset), epoch.decode(), now - delay if delay > 0 else now
-    try:
-        orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return orjson.dumps(payload.decode("utf-8", "replace")), 0, "", now
-    return payload, 0, "", now
 
 
 class RedisBroker(Broker):
@@ -634,17 +588,9 @@ class RedisBroker(Broker):
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         rkey = f"{REVOKED_PREFIX}{rev.kind}:{rev.key}"
-        cmd = self._command_for(rkey)
-        try:
-            reply = await cmd.call("EVAL", REVOKE_LUA, 1, rkey, repr(rev.at), repr(rev.until),
-                                   repr(time.time()), durable=True)
-        except ResponseError as exc:
-            msg = str(exc)
-            if msg.startswith(("MOVED", "ASK", "READONLY")):
-                self._moved(cmd)
-            if msg.startswith(("MOVED", "ASK", "READONLY", *_UNAVAILABLE_REPLIES)):
-                raise BrokerUnavailable(f"redis: {msg}") from None
-            raise
+        reply = await self._eval(rkey, "revoke", [rkey],
+                                 [repr(rev.at), repr(rev.until), repr(time.time())],
+                                 durable=True)
         return _revocation(rkey.encode(), reply) or rev
 
     def _scan_links(self) -> list[CommandConnection]:
