@@ -70,6 +70,7 @@ __all__ = ["RedisClusterBroker", "FEED_PREFIX", "slot_tags"]
 log = logging.getLogger("fastws.broker")
 
 FEED_PREFIX = "fws:feed:"
+_FEED = FEED_PREFIX.encode()
 SLOTS = 16384
 _TAGS: list[str] | None = None
 
@@ -103,11 +104,24 @@ class _Shard:
     def __init__(self, broker: RedisClusterBroker, name: str, host: str, port: int) -> None:
         self.name, self.host, self.port = name, host, port
         lost = functools.partial(broker._on_shard_lost, self)
-        self.link = PubSubConnection(f"shard-{name}", broker._deliver, lost, exact="SSUBSCRIBE",
-                            pattern=None)
-        self.link._deliver = functools.partial(broker._deliver_shard, self.link)
+        self._deliver_to = broker._deliver
+        self.link = PubSubConnection(f"shard-{name}", self._deliver, lost,
+                                     exact="SSUBSCRIBE", pattern=None)
         self.cmd = CommandConnection(f"commands-{name}", lost)
         self.up = False
+
+    def _deliver(self, channel: bytes, payload: bytes) -> None:
+        """What the shard link reads, to the broker: a slot feed's copy
+        (``CHANNEL\\nENVELOPE``) as the channel's publication, unless the link holds the
+        channel itself (then the channel's own copy came just before on this link)."""
+        if channel.startswith(_FEED):
+            nl = payload.find(b"\n")
+            real = payload[:nl]
+            if self.link.holds(real.decode("utf-8", "replace")):
+                return
+            self._deliver_to(real, payload[nl + 1:])
+            return
+        self._deliver_to(channel, payload)
 
     async def connect(self, target: RedisTarget) -> None:
         """Open both connections; the link subscribes what it wants (its ``wanted``)."""
@@ -202,12 +216,7 @@ class RedisClusterBroker(RedisBroker):
             if self.up and (fresh or not was_up):
                 self._notify("handle_connected")  # a master's keys (revocations) may be new to us
             if self.up:
-                if self._pinger is None or self._pinger.done():
-                    self._pinger = self._loop.create_task(self._ping_loop())
-                if self._refresher is None or self._refresher.done():
-                    self._refresher = self._loop.create_task(self._presence_loop())
-                elif fresh and self._presence_local:  # re-add ours on the new masters
-                    self._readd = self._loop.create_task(self._presence_refresh())
+                self._after_connect(readd=fresh)  # re-add our presence on the new masters
                 self._settle_gaps()
             if not first.done():
                 first.set_result(None)
@@ -385,26 +394,12 @@ class RedisClusterBroker(RedisBroker):
         log.warning("redis cluster: %s resubscribed; closing their subscribers with 4010",
                     "every channel and pattern" if slots is None
                     else f"the channels of {len(slots)} slots")
-        try:
-            shard_gap = getattr(self._handler, "handle_shard_gap", None)
-            if slots is not None and shard_gap is not None:
-                def lost(channel: str) -> bool:
-                    return key_slot(channel.encode()) in slots
-                shard_gap(lost)
-            elif (gap := getattr(self._handler, "handle_gap", None)) is not None:
-                gap()
-        except Exception:
-            log.exception("handle_gap failed")
-
-    def _deliver_shard(self, link: PubSubConnection, channel: bytes, payload: bytes) -> None:
-        if channel.startswith(b"fws:feed:"):
-            nl = payload.find(b"\n")
-            real = payload[:nl]
-            if link.holds(real.decode("utf-8", "replace")):
-                return  # the channel's own copy came just before on this link
-            self._deliver(real, payload[nl + 1:])
-            return
-        self._deliver(channel, payload)
+        if slots is not None and hasattr(self._handler, "handle_shard_gap"):
+            def lost(channel: str) -> bool:
+                return key_slot(channel.encode()) in slots
+            self._notify("handle_shard_gap", lost)
+        else:
+            self._notify("handle_gap")
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -441,17 +436,13 @@ class RedisClusterBroker(RedisBroker):
                 if shard is not None:
                     shard.link.unsubscribe(feed_of(slot))
 
-    keeps_logs = False  # a namespace log's slot is not its channels': no atomic append
-
-    @property
-    def _presence_command(self) -> str:
-        return "SPUBLISH"  # join/leave go only to the channel's shard
-
     # ------------------------------------------------------------------ commands
 
-    def _publish_args(self, channel: str, data: bytes, history_size: int,
-                      history_ttl: float) -> list[Any]:
-        args = super()._publish_args(channel, data, history_size, history_ttl)
-        args[7] = "SPUBLISH"
-        args[8] = feed_of(key_slot(channel.encode()))
-        return args
+    keeps_logs = False  # a namespace log's slot is not its channels': no atomic append
+    _publish_verb = "SPUBLISH"  # publications, presence, control: only to the channel's shard
+
+    def _publish_route(self, channel: str) -> tuple[CommandConnection, str]:
+        """The master of the channel's slot (BrokerUnavailable while it is down), and
+        the slot's feed, for the pattern subscribers."""
+        slot = key_slot(channel.encode())
+        return self._owner_of(slot).cmd, feed_of(slot)

@@ -24,6 +24,12 @@ per connection, however many of the connection's subscriptions match.
 reconnects with jittered exponential backoff, resubscribes everything, and then tells
 the handler (``handle_gap``) that publications may have been lost, so that the node
 closes its subscribed connections with 4010 and their clients recover with ``since``.
+
+**Extending it** (:class:`~fastws.broker.cluster.RedisClusterBroker`): the hooks are
+``_setup_commands`` (the connections), ``_links`` / ``_command_links`` /
+``_scan_links`` / ``_command_for`` (which connection serves what), ``_publish_route``
+(where a publication goes), ``_publish_verb`` (``PUBLISH`` or ``SPUBLISH``),
+``keeps_logs``, ``_moved`` and ``_on_link_lost`` (faults), ``_after_connect``.
 """
 
 from __future__ import annotations
@@ -124,7 +130,8 @@ class RedisBroker(Broker):
         self._setup_commands(url, max_connections)
 
     def _setup_commands(self, url: str, max_connections: int) -> None:
-        """The pub/sub and command connections (and Sentinel, to find the master)."""
+        """Hook, called once by ``__init__``: build the pub/sub and command connections
+        (and Sentinel, to find the master); nothing connects before :meth:`start`."""
         self.redis: Any = None
         self._sentinel: Any = None
         if self.target.sentinel is not None:
@@ -168,13 +175,16 @@ class RedisBroker(Broker):
         return max((link.current_lag() for link in self._links()), default=0.0)
 
     def _links(self) -> list[PubSubConnection]:
+        """Hook: every pub/sub connection (a cluster's global link and shard links)."""
         return [self._main]
 
     def _command_links(self) -> list[CommandConnection]:
+        """Hook: every command connection (one per master, on a cluster)."""
         return [self._cmd]
 
     def _command_for(self, channel: str) -> CommandConnection:
-        """The command connection that runs ``channel``'s scripts."""
+        """Hook: the command connection that runs ``channel``'s (or a key's) scripts and
+        commands (its slot's master, on a cluster: BrokerUnavailable while it is down)."""
         return self._cmd
 
     async def _connect(self) -> None:
@@ -216,12 +226,7 @@ class RedisBroker(Broker):
             attempt = 0
             self.up = True
             self._notify("handle_connected")
-            if self._pinger is None or self._pinger.done():
-                self._pinger = self._loop.create_task(self._ping_loop())
-            if self._refresher is None or self._refresher.done():
-                self._refresher = self._loop.create_task(self._presence_loop())
-            elif self._presence_local:  # re-add our entries (Redis may have lost them)
-                self._readd = self._loop.create_task(self._presence_refresh())
+            self._after_connect(readd=True)
             if ever_up:
                 self.reconnects += 1
                 log.warning("redis pub/sub: reconnected, %d channels and patterns "
@@ -235,9 +240,21 @@ class RedisBroker(Broker):
                 log.warning("redis pub/sub: connection to %s lost; reconnecting",
                             _safe(self.url))
 
+    def _after_connect(self, readd: bool) -> None:
+        """Call once (re)connected and :attr:`up`: start the ping and presence loops
+        when they are not running, else (``readd``) re-add this node's presence entries
+        at once (the server(s) connected may have lost them)."""
+        if self._pinger is None or self._pinger.done():
+            self._pinger = self._loop.create_task(self._ping_loop())
+        if self._refresher is None or self._refresher.done():
+            self._refresher = self._loop.create_task(self._presence_loop())
+        elif readd and self._presence_local:
+            self._readd = self._loop.create_task(self._presence_refresh())
+
     def _notify(self, hook: str, *args: Any) -> None:
         """Call the handler's optional ``hook(*args)`` (``handle_gap``,
-        ``handle_connected``, ``handle_control``); a failure is logged, not raised."""
+        ``handle_shard_gap``, ``handle_connected``, ``handle_control``); a failure is
+        logged, not raised."""
         fn = getattr(self._handler, hook, None)
         if fn is not None:
             try:
@@ -309,7 +326,7 @@ class RedisBroker(Broker):
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         link = self._command_for(CONTROL_CHANNEL)
-        await link.call(self._presence_command, CONTROL_CHANNEL,
+        await link.call(self._publish_verb, CONTROL_CHANNEL,
                         self.node_id.encode() + b" " + payload)
 
     def _deliver_presence(self, channel: str, payload: bytes) -> None:
@@ -336,7 +353,7 @@ class RedisBroker(Broker):
         await self._presence_call(channel, "join", [client,
                                                     presence_value(self.node_id, user_json),
                                                     int(PRESENCE_EXPIRY * 1000),
-                                                    self._presence_command, channel,
+                                                    self._publish_verb, channel,
                                                     self._presence_event("join", client,
                                                                          user_json)])
 
@@ -345,7 +362,7 @@ class RedisBroker(Broker):
         user_json = members.pop(client, None) if members is not None else None
         if members is not None and not members:
             del self._presence_local[channel]
-        await self._presence_call(channel, "leave", [client, self._presence_command, channel,
+        await self._presence_call(channel, "leave", [client, self._publish_verb, channel,
                                                      self._presence_event(
                                                          "leave", client,
                                                          user_json or orjson.dumps(user))])
@@ -356,13 +373,9 @@ class RedisBroker(Broker):
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         flat = await self._eval(channel, "presence", list(presence_keys(channel)),
-                                [self._presence_command, channel])
+                                [self._publish_verb, channel])
         return {flat[i].decode(): orjson.loads(presence_user(flat[i + 1]))
                 for i in range(0, len(flat), 2)}
-
-    @property
-    def _presence_command(self) -> str:
-        return "PUBLISH"
 
     async def _presence_call(self, channel: str, script: str, args: list[Any]) -> None:
         """Joins and leaves never fail the caller: a lost one is repaired by the refresh
@@ -389,7 +402,7 @@ class RedisBroker(Broker):
         clients = list(self._presence_local.get(channel, ()))
         for i in range(0, len(clients), PRESENCE_BATCH):
             members = self._presence_local.get(channel, {})
-            args: list[Any] = [ttl, self._presence_command, channel, self.node_id]
+            args: list[Any] = [ttl, self._publish_verb, channel, self.node_id]
             for client in clients[i:i + PRESENCE_BATCH]:
                 if client in members:
                     args += (client, presence_value(self.node_id, members[client]))
@@ -431,41 +444,49 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------------ commands
 
-    def _publish_args(self, channel: str, data: bytes, history_size: int,
-                      history_ttl: float) -> list[Any]:
-        link = self._command_for(channel)
-        # With replicas a publication answers once one has it (durable), so a promoted
-        # replica holds every acknowledged one.  The meta's `r` says so (":d"), and a
-        # promoted replica starts a new epoch only after a write that was not durable.
-        replid = link.replid + (":d" if link.replicas else "")
-        return [channel, data, max(0, history_size), max(1, int(history_ttl * 1000)),
-                os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS, "PUBLISH", "",
-                replid, link.replid2]
-
+    # The command that publishes on a channel (the publish script, presence events,
+    # control messages): SPUBLISH on a cluster, where a channel lives in its slot.
+    _publish_verb = "PUBLISH"
     keeps_logs = True  # namespace logs (not on a cluster: the log's slot is not the channel's)
+
+    def _publish_route(self, channel: str) -> tuple[CommandConnection, str]:
+        """Where a publication on ``channel`` goes: the command connection that runs its
+        publish script, and the feed the script also SPUBLISHes it to ('' for none; a
+        cluster's slot feed, for the pattern subscribers).  BrokerUnavailable when that
+        server is down.  Called once per publication."""
+        return self._cmd, ""
 
     def _publish_call(self, channel: str, data: bytes, history_size: int,
                       history_ttl: float, idempotency_key: str | None,
-                      log: tuple[str, int] | None) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of the publish script for one publication."""
+                      log: tuple[str, int] | None
+                      ) -> tuple[CommandConnection, list[str], list[Any]]:
+        """The command connection, keys and arguments of the publish script for one
+        publication (see redis_scripts.PUBLISH_LUA)."""
+        link, feed = self._publish_route(channel)
         meta, stream, idem = keys_for(channel)
         keys = [meta, stream]
         if idempotency_key is not None:
             keys.append(idem + idempotency_key)
-        args = self._publish_args(channel, data, history_size, history_ttl)
+        # With replicas a publication answers once one has it (durable), so a promoted
+        # replica holds every acknowledged one.  The meta's `r` says so (":d"), and a
+        # promoted replica starts a new epoch only after a write that was not durable.
+        replid = link.replid + (":d" if link.replicas else "")
+        args = [channel, data, max(0, history_size), max(1, int(history_ttl * 1000)),
+                os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS,
+                self._publish_verb, feed, replid, link.replid2]
         if log is not None and log[1] > 0 and self.keeps_logs:
             keys.extend(log_keys(log[0]))
             args.append(log[1])  # ARGV[12]: the namespace log's size
-        return keys, args
+        return link, keys, args
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
                       log: tuple[str, int] | None = None) -> PublishResult:
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
-        keys, args = self._publish_call(channel, data, history_size, history_ttl,
-                                        idempotency_key, log)
-        res = await self._eval(channel, "publish", keys, args, durable=True)
+        link, keys, args = self._publish_call(channel, data, history_size, history_ttl,
+                                              idempotency_key, log)
+        res = await self._run_script(link, "publish", keys, args, durable=True)
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
 
@@ -476,20 +497,19 @@ class RedisBroker(Broker):
         ``WAIT`` for all), run by Redis in the batch's order."""
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
-        calls: list[tuple[str, CommandConnection, asyncio.Future, list[str], list[Any]]
-                   | BrokerUnavailable] = []
+        calls: list[tuple[CommandConnection, asyncio.Future, list[str], list[Any]]
+                    | BrokerUnavailable] = []
         for p in pubs:
-            keys, args = self._publish_call(p.channel, p.data, p.history_size,
-                                            p.history_ttl, p.idempotency_key, p.log)
             try:
-                link = self._command_for(p.channel)
+                link, keys, args = self._publish_call(p.channel, p.data, p.history_size,
+                                                      p.history_ttl, p.idempotency_key, p.log)
                 fut = self._issue(link, "publish", keys, args, durable=True)
             except BrokerUnavailable as exc:  # e.g. the channel's cluster shard is down
                 calls.append(exc)
                 continue
-            calls.append((p.channel, link, fut, keys, args))
+            calls.append((link, fut, keys, args))
         replies = await asyncio.gather(
-            *(self._reply(c[1], c[2], "publish", c[3], c[4], durable=True)
+            *(self._reply(c[0], c[1], "publish", c[2], c[3], durable=True)
               for c in calls if not isinstance(c, BrokerUnavailable)),
             return_exceptions=True)
         out: list[PublishResult | BrokerUnavailable] = []
@@ -571,12 +591,9 @@ class RedisBroker(Broker):
             reply = await cmd.call("SET", rkey, "1", "NX", "PX", max(1, int(ttl * 1000)),
                                    durable=True)
         except ResponseError as exc:
-            msg = str(exc)
-            if msg.startswith(("MOVED", "ASK", "READONLY")):
-                self._moved(cmd)  # as in _eval: find the master(s) again
-            if msg.startswith(("MOVED", "ASK", "READONLY", *_UNAVAILABLE_REPLIES)):
-                raise BrokerUnavailable(f"redis: {msg}") from None
-            raise
+            if (unavailable := self._unavailable(cmd, exc)) is None:
+                raise
+            raise unavailable from None
         return reply is not None
 
     # ------------------------------------------------------------------ revocations
@@ -621,7 +638,12 @@ class RedisBroker(Broker):
     async def _eval(self, channel: str, script: str, keys: list[str],
                     args: list[Any], durable: bool = False) -> Any:
         """Run one of SCRIPTS for ``channel`` on its command connection, in call order."""
-        link = self._command_for(channel)
+        return await self._run_script(self._command_for(channel), script, keys, args,
+                                      durable)
+
+    async def _run_script(self, link: CommandConnection, script: str, keys: list[str],
+                          args: list[Any], durable: bool = False) -> Any:
+        """Run one of SCRIPTS on ``link`` (:meth:`_issue`, then :meth:`_reply`)."""
         fut = self._issue(link, script, keys, args, durable)
         return await self._reply(link, fut, script, keys, args, durable)
 
@@ -643,18 +665,26 @@ class RedisBroker(Broker):
         try:
             return await fut
         except ResponseError as exc:
-            msg = str(exc)
-            if msg.startswith("NOSCRIPT"):  # flushed behind our back: not run, run it now
+            if str(exc).startswith("NOSCRIPT"):  # flushed behind our back: not run, run it now
                 return await link.call("EVAL", SCRIPTS[script], len(keys), *keys, *args,
                                        durable=durable)
-            if msg.startswith(("MOVED", "ASK", "READONLY")):
-                # cluster slots moved, or this master became a replica (failover):
-                # find the master(s) again, resubscribe, tell the clients (4010)
-                self._moved(link)
-                raise BrokerUnavailable(f"redis: {msg}") from None
-            if msg.startswith(_UNAVAILABLE_REPLIES):
-                raise BrokerUnavailable(f"redis: {msg}") from None
-            raise
+            if (unavailable := self._unavailable(link, exc)) is None:
+                raise
+            raise unavailable from None
+
+    def _unavailable(self, link: CommandConnection, exc: ResponseError
+                     ) -> BrokerUnavailable | None:
+        """What an error reply of ``link`` means: a master that moved (MOVED, ASK,
+        READONLY: cluster slots moved, or this master became a replica in a failover;
+        the master(s) are found again, subscriptions resubscribed, the clients told
+        with 4010) or is busy is a BrokerUnavailable (503); None for any other error."""
+        msg = str(exc)
+        if msg.startswith(("MOVED", "ASK", "READONLY")):
+            self._moved(link)
+            return BrokerUnavailable(f"redis: {msg}")
+        if msg.startswith(_UNAVAILABLE_REPLIES):
+            return BrokerUnavailable(f"redis: {msg}")
+        return None
 
     # ------------------------------------------------------------------ for tests
 
@@ -669,6 +699,7 @@ def client_options() -> dict[str, Any]:
     (503), not sent twice."""
     return {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 2.0,
             "socket_timeout": 5.0}
+
 
 
 def _revocation(key: bytes, value: Any) -> Revocation | None:
