@@ -93,6 +93,7 @@ def slot_tags() -> list[str]:
 
 
 def feed_of(slot: int) -> str:
+    """The sharded channel that carries every publication of ``slot`` for patterns."""
     return f"{FEED_PREFIX}{{{slot_tags()[slot]}}}"
 
 
@@ -390,6 +391,8 @@ class RedisClusterBroker(RedisBroker):
             self._tell_gap(ready)
 
     def _tell_gap(self, slots: set[int] | None) -> None:
+        """Tell the handler that the channels of ``slots`` (None: every channel and
+        pattern) may have lost publications (``handle_shard_gap``, else ``handle_gap``)."""
         self.reconnects += 1
         log.warning("redis cluster: %s resubscribed; closing their subscribers with 4010",
                     "every channel and pattern" if slots is None

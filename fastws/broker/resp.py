@@ -85,6 +85,8 @@ class RespProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        """Every complete reply in ``data`` (and what was left of the last read) goes to
+        ``on_reply``, in order, in this loop step."""
         reader = self.reader
         reader.feed(data)
         on_reply = self._on_reply
@@ -99,10 +101,12 @@ class RespProtocol(asyncio.Protocol):
         self._on_lost(self)
 
     def write(self, data: bytes) -> None:
+        """Write ``data`` (encoded commands); nothing once the socket is gone."""
         if self.transport is not None:
             self.transport.write(data)
 
     def abort(self) -> None:
+        """Close the socket now, dropping what it still holds; ``on_lost`` follows."""
         self.aborted = True
         if self.transport is not None:
             self.transport.abort()
@@ -172,6 +176,7 @@ class Connection:
 
     @property
     def connected(self) -> bool:
+        """True while the socket is open (commands may be written)."""
         return self.link is not None and self.link.transport is not None
 
     async def _open(self, host: str, port: int, target: RedisTarget,
@@ -275,6 +280,8 @@ class PubSubConnection(Connection):
         return bool(self._active.keys(name))
 
     def current_lag(self) -> float:
+        """Seconds the reader is behind: the last PING's round trip, or the age of the
+        oldest unanswered one when that is more (the broker's ``lag``)."""
         if self._pings:
             return max(self.lag, time.monotonic() - self._pings[0])
         return self.lag
@@ -369,6 +376,7 @@ class PubSubConnection(Connection):
         return fut
 
     def unsubscribe(self, name: str) -> None:
+        """Stop wanting ``name``; the UNSUBSCRIBE goes out with this loop pass's flush."""
         self.wanted.discard(name)
         self._schedule_flush()
 
@@ -458,6 +466,10 @@ class CommandConnection(Connection):
 
     async def connect(self, host: str, port: int, target: RedisTarget,
                       scripts: dict[str, str]) -> None:
+        """Open the connection: authenticate, select the database, load ``scripts``
+        (name -> Lua, e.g. redis_scripts.SCRIPTS: their SHA1s in :attr:`shas`) and read
+        the replication state; returns once all of it answered.  Call on every
+        (re)connect, before any :meth:`call`."""
         waits = await self._open(host, port, target, self.call)
         if target.db:
             waits.append(self.call("SELECT", target.db))
@@ -577,6 +589,7 @@ class CommandConnection(Connection):
 
 
 def _fail(fut: asyncio.Future | None, exc: Exception) -> None:
+    """Fail ``fut`` with ``exc`` unless it is done already (or None)."""
     if fut is not None and not fut.done():
         fut.set_exception(exc)
         fut.exception()  # retrieved: no "never retrieved" warning when nobody waits
