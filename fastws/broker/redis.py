@@ -450,10 +450,10 @@ class RedisBroker(Broker):
     keeps_logs = True  # namespace logs (not on a cluster: the log's slot is not the channel's)
 
     def _publish_route(self, channel: str) -> tuple[CommandConnection, str]:
-        """Where a publication on ``channel`` goes: the command connection that runs its
-        publish script, and the feed the script also SPUBLISHes it to ('' for none; a
-        cluster's slot feed, for the pattern subscribers).  BrokerUnavailable when that
-        server is down.  Called once per publication."""
+        """Hook: where a publication on ``channel`` goes: the command connection that
+        runs its publish script, and the feed the script also SPUBLISHes it to ('' for
+        none; a cluster's slot feed, for the pattern subscribers).  BrokerUnavailable
+        when that server is down.  Called once per publication."""
         return self._cmd, ""
 
     def _publish_call(self, channel: str, data: bytes, history_size: int,
