@@ -10,6 +10,8 @@
 * ``loadtest.annotate``: ``cython -a`` check of the broadcast loop;
 * ``loadtest.floor``: the machine's floor, one ``send(2)`` per subscriber from plain C
   (``loadtest/floor.c``), the yardstick for the time to reach every subscriber;
+* ``loadtest.broker_bench``: publications/s and the Redis hop's latency through one
+  ``RedisBroker`` (no WebSocket, no HTTP);
 * ``loadtest/locustfile.py``: locust scenarios (subscribers, churn, publishers);
 * ``loadtest.indexer_latency``: block → client latency of ``fastws index``, polling vs
   ``newHeads``; ``loadtest.indexer_backlog``: its backlog catch-up, and publications/s

@@ -110,7 +110,7 @@ async def test_unsubscribe_releases_redis_and_readyz(redis_server, fastws_server
 
 
 def test_broker_bench_smoke(redis_server, capsys):
-    from fastws.broker.bench import main
+    from loadtest.broker_bench import main
 
     assert main(["--redis", redis_server.url, "--count", "300", "--inflight", "8",
                  "--history", "0,10"]) == 0

@@ -7,8 +7,9 @@ import asyncio
 import itertools
 import signal
 
+import orjson
 import pytest
-from conftest import ServerProc, scrape
+from conftest import API_KEY, ServerProc, http, scrape
 from redis_helpers import (
     PRESENCE_TUNED,
     PRESENCE_WINDOW,
@@ -213,6 +214,15 @@ async def test_cluster_master_down_fails_only_its_channels(fastws_server):
             assert publish_status(node, ch, i) == 200
             await next_event(clients[ch], i)
         assert sorted(e["data"] for e in await events(pattern, len(live))) == [0, 1]
+        # a batch over both: only the lost shard's item fails, the other is published
+        status, _, body = http("POST", node.http_url + "/api/publish",
+                               [{"channel": dead, "data": "b"}, {"channel": live[0], "data": "b"}],
+                               headers={"Authorization": f"Bearer {API_KEY}"})
+        assert status == 200, body
+        lost, published = orjson.loads(body)
+        assert lost["status"] == 503 and "offset" in published, body
+        await next_event(clients[live[0]], "b")
+        assert [e["data"] for e in await events(pattern, 1)] == ["b"]
         assert readyz(node) == 200
         metrics = scrape(node.http_url)
         assert (metrics["fastws_broker_shards"], metrics["fastws_broker_shards_up"]) == (3, 2)

@@ -54,13 +54,15 @@ from fastws.broker.redis import (
     BACKOFF_MAX,
     BACKOFF_MIN,
     CONNECT_ERRORS,
-    CONNECT_TIMEOUT,
-    SCRIPTS,
     RedisBroker,
-    _command_options,
-    _Commands,
-    _PubSub,
-    _Target,
+    client_options,
+)
+from fastws.broker.redis_scripts import SCRIPTS
+from fastws.broker.resp import (
+    CONNECT_TIMEOUT,
+    CommandConnection,
+    PubSubConnection,
+    RedisTarget,
 )
 
 __all__ = ["RedisClusterBroker", "FEED_PREFIX", "slot_tags"]
@@ -68,6 +70,7 @@ __all__ = ["RedisClusterBroker", "FEED_PREFIX", "slot_tags"]
 log = logging.getLogger("fastws.broker")
 
 FEED_PREFIX = "fws:feed:"
+_FEED = FEED_PREFIX.encode()
 SLOTS = 16384
 _TAGS: list[str] | None = None
 
@@ -90,6 +93,7 @@ def slot_tags() -> list[str]:
 
 
 def feed_of(slot: int) -> str:
+    """The sharded channel that carries every publication of ``slot`` for patterns."""
     return f"{FEED_PREFIX}{{{slot_tags()[slot]}}}"
 
 
@@ -101,13 +105,26 @@ class _Shard:
     def __init__(self, broker: RedisClusterBroker, name: str, host: str, port: int) -> None:
         self.name, self.host, self.port = name, host, port
         lost = functools.partial(broker._on_shard_lost, self)
-        self.link = _PubSub(f"shard-{name}", broker._deliver, lost, exact="SSUBSCRIBE",
-                            pattern=None)
-        self.link._deliver = functools.partial(broker._deliver_shard, self.link)
-        self.cmd = _Commands(f"commands-{name}", lost)
+        self._deliver_to = broker._deliver
+        self.link = PubSubConnection(f"shard-{name}", self._deliver, lost,
+                                     exact="SSUBSCRIBE", pattern=None)
+        self.cmd = CommandConnection(f"commands-{name}", lost)
         self.up = False
 
-    async def connect(self, target: _Target) -> None:
+    def _deliver(self, channel: bytes, payload: bytes) -> None:
+        """What the shard link reads, to the broker: a slot feed's copy
+        (``CHANNEL\\nENVELOPE``) as the channel's publication, unless the link holds the
+        channel itself (then the channel's own copy came just before on this link)."""
+        if channel.startswith(_FEED):
+            nl = payload.find(b"\n")
+            real = payload[:nl]
+            if self.link.holds(real.decode("utf-8", "replace")):
+                return
+            self._deliver_to(real, payload[nl + 1:])
+            return
+        self._deliver_to(channel, payload)
+
+    async def connect(self, target: RedisTarget) -> None:
         """Open both connections; the link subscribes what it wants (its ``wanted``)."""
         await asyncio.gather(self.link.connect(self.host, self.port, target),
                              self.cmd.connect(self.host, self.port, target, SCRIPTS))
@@ -128,8 +145,8 @@ class RedisClusterBroker(RedisBroker):
         self._sentinel = None
         self.redis = RedisCluster(startup_nodes=nodes, username=self.target.username,
                                   password=self.target.password,
-                                  max_connections=max_connections, **_command_options())
-        self._global = _PubSub("global", self._deliver, self._on_global_lost)
+                                  max_connections=max_connections, **client_options())
+        self._global = PubSubConnection("global", self._deliver, self._on_global_lost)
         self._main = self._global
         self._global_up = False
         self._shards: dict[str, _Shard] = {}
@@ -138,13 +155,13 @@ class RedisClusterBroker(RedisBroker):
         self._gap_all = False               # the global link was lost: every subscription
         self._wake: asyncio.Event | None = None
 
-    def _links(self) -> list[_PubSub]:
+    def _links(self) -> list[PubSubConnection]:
         return [self._global, *(s.link for s in self._shards.values())]
 
-    def _command_links(self) -> list[_Commands]:
+    def _command_links(self) -> list[CommandConnection]:
         return [s.cmd for s in self._shards.values()]
 
-    def _scan_links(self) -> list[_Commands]:
+    def _scan_links(self) -> list[CommandConnection]:
         """Every master that is up (its keys are its slots'; one that is down is read
         when it is back: ``handle_connected`` then)."""
         return [s.cmd for s in self._shards.values() if s.up]
@@ -168,7 +185,7 @@ class RedisClusterBroker(RedisBroker):
                                     f"({owner or 'none'}) is not available")
         return shard
 
-    def _command_for(self, channel: str) -> _Commands:
+    def _command_for(self, channel: str) -> CommandConnection:
         return self._owner_of(key_slot(channel.encode())).cmd
 
     async def start(self, handler: Any) -> None:
@@ -200,12 +217,7 @@ class RedisClusterBroker(RedisBroker):
             if self.up and (fresh or not was_up):
                 self._notify("handle_connected")  # a master's keys (revocations) may be new to us
             if self.up:
-                if self._pinger is None or self._pinger.done():
-                    self._pinger = self._loop.create_task(self._ping_loop())
-                if self._refresher is None or self._refresher.done():
-                    self._refresher = self._loop.create_task(self._presence_loop())
-                elif fresh and self._presence_local:  # re-add ours on the new masters
-                    self._readd = self._loop.create_task(self._presence_refresh())
+                self._after_connect(readd=fresh)  # re-add our presence on the new masters
                 self._settle_gaps()
             if not first.done():
                 first.set_result(None)
@@ -350,7 +362,7 @@ class RedisClusterBroker(RedisBroker):
             self._on_shard_lost(shard)
         self._on_global_lost()
 
-    def _moved(self, cmd: _Commands) -> None:
+    def _moved(self, cmd: CommandConnection) -> None:
         """A master answered MOVED/ASK/READONLY: its slots moved (a failover), so that
         shard is down until the slot map is read again."""
         for shard in list(self._shards.values()):
@@ -379,30 +391,18 @@ class RedisClusterBroker(RedisBroker):
             self._tell_gap(ready)
 
     def _tell_gap(self, slots: set[int] | None) -> None:
+        """Tell the handler that the channels of ``slots`` (None: every channel and
+        pattern) may have lost publications (``handle_shard_gap``, else ``handle_gap``)."""
         self.reconnects += 1
         log.warning("redis cluster: %s resubscribed; closing their subscribers with 4010",
                     "every channel and pattern" if slots is None
                     else f"the channels of {len(slots)} slots")
-        try:
-            shard_gap = getattr(self._handler, "handle_shard_gap", None)
-            if slots is not None and shard_gap is not None:
-                def lost(channel: str) -> bool:
-                    return key_slot(channel.encode()) in slots
-                shard_gap(lost)
-            elif (gap := getattr(self._handler, "handle_gap", None)) is not None:
-                gap()
-        except Exception:
-            log.exception("handle_gap failed")
-
-    def _deliver_shard(self, link: _PubSub, channel: bytes, payload: bytes) -> None:
-        if channel.startswith(b"fws:feed:"):
-            nl = payload.find(b"\n")
-            real = payload[:nl]
-            if link.holds(real.decode("utf-8", "replace")):
-                return  # the channel's own copy came just before on this link
-            self._deliver(real, payload[nl + 1:])
-            return
-        self._deliver(channel, payload)
+        if slots is not None and hasattr(self._handler, "handle_shard_gap"):
+            def lost(channel: str) -> bool:
+                return key_slot(channel.encode()) in slots
+            self._notify("handle_shard_gap", lost)
+        else:
+            self._notify("handle_gap")
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -439,17 +439,13 @@ class RedisClusterBroker(RedisBroker):
                 if shard is not None:
                     shard.link.unsubscribe(feed_of(slot))
 
-    keeps_logs = False  # a namespace log's slot is not its channels': no atomic append
-
-    @property
-    def _presence_command(self) -> str:
-        return "SPUBLISH"  # join/leave go only to the channel's shard
-
     # ------------------------------------------------------------------ commands
 
-    def _publish_args(self, channel: str, data: bytes, history_size: int,
-                      history_ttl: float) -> list[Any]:
-        args = super()._publish_args(channel, data, history_size, history_ttl)
-        args[7] = "SPUBLISH"
-        args[8] = feed_of(key_slot(channel.encode()))
-        return args
+    keeps_logs = False  # a namespace log's slot is not its channels': no atomic append
+    _publish_verb = "SPUBLISH"  # publications, presence, control: only to the channel's shard
+
+    def _publish_route(self, channel: str) -> tuple[CommandConnection, str]:
+        """The master of the channel's slot (BrokerUnavailable while it is down), and
+        the slot's feed, for the pattern subscribers."""
+        slot = key_slot(channel.encode())
+        return self._owner_of(slot).cmd, feed_of(slot)

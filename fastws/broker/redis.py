@@ -1,64 +1,55 @@
 """The Redis broker: many processes and machines behind one Redis (docs/scaling.md).
 
-Two kinds of connection per node:
+Two kinds of connection per node (:mod:`fastws.broker.resp`):
 
-* **one pub/sub connection**, owned by this module (an asyncio protocol feeding a
-  hiredis reader): it SUBSCRIBEs the channels and PSUBSCRIBEs the patterns that local
-  clients hold (the node counts references), pipelining every (un)subscribe issued in
-  one loop pass into one write.  It reads continuously, whatever the node is doing, so
-  Redis' pub/sub output buffer never grows on our account; a ``PING`` every second
-  measures how far behind the reader is (``fastws_broker_lag_seconds``) and detects a
-  dead link.
-* **one command connection** (the same protocol, a FIFO of replies) for publish and
-  history, which run as Lua scripts (:mod:`fastws.broker.redis_scripts`): commands run
-  in the order the node issued them, so publications in flight together keep their
-  order.  redis-py is used only to find the master through Sentinel (and the slot map
-  of a cluster, :mod:`fastws.broker.cluster`).
+* **one pub/sub connection**: it SUBSCRIBEs the channels and PSUBSCRIBEs the patterns
+  that local clients hold (the node counts references), pipelining every
+  (un)subscribe issued in one loop pass into one write.  It reads continuously,
+  whatever the node is doing, so Redis' pub/sub output buffer never grows on our
+  account; a ``PING`` every second measures how far behind the reader is
+  (``fastws_broker_lag_seconds``) and detects a dead link.
+* **one command connection** (a FIFO of replies) for publish and history, which run as
+  Lua scripts (:mod:`fastws.broker.redis_scripts`): commands run in the order the node
+  issued them, so publications in flight together keep their order.  redis-py is used
+  only to find the master through Sentinel (and the slot map of a cluster,
+  :mod:`fastws.broker.cluster`).
 
 **Exactly once per node.**  A node holding ``SUBSCRIBE events:x`` and ``PSUBSCRIBE
-events:*`` gets one ``PUBLISH events:x`` twice from Redis (a ``message`` and a
-``pmessage``).  Redis executes a ``PUBLISH`` atomically, so all the copies one
-connection gets are contiguous in its stream, and the subscription confirmations in
-the same stream say exactly which channels and patterns were active when it ran.  The
-reader keeps that confirmed set in a matcher; on the first copy of a publication it
-counts the active subscriptions that match the channel (``k``), hands the publication
-to the node once and skips the next ``k - 1`` messages (checked: same channel, same
-bytes).  The node then fans it out once per connection, however many of the
-connection's subscriptions match.
+events:*`` gets one ``PUBLISH events:x`` twice from Redis; the pub/sub connection hands
+it to the node once (see :mod:`fastws.broker.resp`).  The node then fans it out once
+per connection, however many of the connection's subscriptions match.
 
 **Faults.**  When the pub/sub connection drops, :attr:`up` turns False at once
 (``/readyz`` 503, publications refused with :class:`BrokerUnavailable`); the broker
 reconnects with jittered exponential backoff, resubscribes everything, and then tells
 the handler (``handle_gap``) that publications may have been lost, so that the node
 closes its subscribed connections with 4010 and their clients recover with ``since``.
+
+**Extending it** (:class:`~fastws.broker.cluster.RedisClusterBroker`): the hooks are
+``_setup_commands`` (the connections), ``_links`` / ``_command_links`` /
+``_scan_links`` / ``_command_for`` (which connection serves what), ``_publish_route``
+(where a publication goes), ``_publish_verb`` (``PUBLISH`` or ``SPUBLISH``),
+``keeps_logs``, ``_moved`` and ``_on_link_lost`` (faults), ``_after_connect``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import functools
 import logging
 import os
 import random
-import ssl
 import time
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
-import hiredis
 import orjson
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.connection import SSLConnection, parse_url
-from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from fastws._match import Trie, is_pattern
 from fastws.broker.base import (
     Broker,
     BrokerHandler,
@@ -69,26 +60,24 @@ from fastws.broker.base import (
     Revocation,
 )
 from fastws.broker.redis_scripts import (
-    ENVELOPE_PREFIX,
-    HISTORY_LUA,
     LOG_PREFIX,
-    LOG_SINCE_LUA,
-    PRESENCE_GET_LUA,
-    PRESENCE_JOIN_LUA,
-    PRESENCE_LEAVE_LUA,
     PRESENCE_PREFIX,
-    PRESENCE_REFRESH_LUA,
-    PUBLISH_LUA,
+    REVOKED_PREFIX,
+    SCRIPTS,
+    decode_payload,
     keys_for,
     log_keys,
     presence_keys,
     presence_user,
     presence_value,
 )
-
-SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA, "logsince": LOG_SINCE_LUA,
-           "join": PRESENCE_JOIN_LUA, "leave": PRESENCE_LEAVE_LUA,
-           "presence": PRESENCE_GET_LUA, "prefresh": PRESENCE_REFRESH_LUA}
+from fastws.broker.resp import (
+    CONNECT_TIMEOUT,
+    CommandConnection,
+    PubSubConnection,
+    RedisTarget,
+    encode_command,
+)
 
 __all__ = ["RedisBroker", "encode_command", "decode_payload"]
 
@@ -96,32 +85,11 @@ log = logging.getLogger("fastws.broker")
 
 IDEMPOTENCY_TTL_MS = 300_000
 ONCE_PREFIX = "fws:once:"    # claim_once keys (SET NX PX), e.g. fws:once:siwe:NONCE
-REVOKED_PREFIX = "fws:revoked:"  # token revocations: fws:revoked:user:U, fws:revoked:jti:J
 SCAN_COUNT = 1000            # keys a SCAN step looks at (loading revocations)
-# store a revocation, merged with the one already there (the later "at", the later
-# "until"); the value is "AT UNTIL" (unix seconds), the key expires at UNTIL
-REVOKE_LUA = """
-local at, untl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local old = redis.call('GET', KEYS[1])
-if old then
-  local oat, ountl = string.match(old, '^(%S+) (%S+)$')
-  if oat and tonumber(oat) and tonumber(oat) > at then at = tonumber(oat) end
-  if ountl and tonumber(ountl) and tonumber(ountl) > untl then untl = tonumber(ountl) end
-end
-local ttl = math.ceil((untl - tonumber(ARGV[3])) * 1000)
-if ttl < 1 then ttl = 1 end
-local val = string.format('%.6f %.6f', at, untl)
-redis.call('SET', KEYS[1], val, 'PX', ttl)
-return val
-"""
 PING_INTERVAL = 1.0          # seconds between pub/sub PINGs (lag probe + liveness)
 DEAD_AFTER = 10.0            # a PING unanswered this long: the link is dead, reconnect
-CONNECT_TIMEOUT = 3.0
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 5.0
-BATCH = 1000                 # names per SUBSCRIBE command
-WAIT_TIMEOUT_MS = 500        # a durable publish waits this long for a replica's ack
-REPLICA_GRACE = 60.0         # seconds without replicas before publishing unacknowledged
 PRESENCE_REFRESH = 10.0      # seconds between a node's refreshes (and sweeps) of presence
 PRESENCE_EXPIRY = 20.0       # seconds a presence entry lives without its node's refresh
 # a dead node's clients are swept, with a leave push, within this many seconds of its
@@ -137,543 +105,6 @@ CONNECT_ERRORS = (TimeoutError, OSError, BrokerUnavailable, ResponseError,
 CONTROL_CHANNEL = "fws control"
 _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY",
                         "NOREPLICAS", "BUSY")
-_ENV_LEN = len(ENVELOPE_PREFIX)
-_SUB_KINDS = {b"subscribe", b"psubscribe", b"ssubscribe"}
-_UNSUB_KINDS = {b"unsubscribe", b"punsubscribe", b"sunsubscribe"}
-
-
-def encode_command(*args: str | bytes | int) -> bytes:
-    """One command in RESP (what the pub/sub connection writes)."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if isinstance(a, str):
-            a = a.encode()
-        elif isinstance(a, int):
-            a = b"%d" % a
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
-def decode_payload(payload: bytes, now: float) -> tuple[bytes, int, str, float]:
-    """(JSON data, offset, epoch, accepted monotonic time) of one pub/sub payload.
-
-    A fastws envelope carries offset, epoch and the publisher's clock; anything else is
-    a raw publication: delivered as is when it is JSON, else as a JSON string.
-    """
-    if payload.startswith(ENVELOPE_PREFIX):
-        nl = payload.find(b"\n", _ENV_LEN)
-        offset, epoch, stamp = payload[_ENV_LEN:nl].split(b" ", 3)[:3]
-        delay = time.time() - float(stamp)
-        return payload[nl + 1:], int(offset), epoch.decode(), now - delay if delay > 0 else now
-    try:
-        orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return orjson.dumps(payload.decode("utf-8", "replace")), 0, "", now
-    return payload, 0, "", now
-
-
-class _Link(asyncio.Protocol):
-    """The pub/sub socket: feeds a hiredis reader and hands every reply to the broker."""
-
-    def __init__(self, on_reply: Callable[[Any], None],
-                 on_lost: Callable[[_Link], None]) -> None:
-        self.reader = hiredis.Reader()
-        self.transport: asyncio.Transport | None = None
-        self.aborted = False
-        self._on_reply = on_reply
-        self._on_lost = on_lost
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        reader = self.reader
-        reader.feed(data)
-        on_reply = self._on_reply
-        while not self.aborted:  # after abort() the rest is dropped: the link is dead
-            reply = reader.gets()
-            if reply is False:
-                return
-            on_reply(reply)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self._on_lost(self)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
-
-    def abort(self) -> None:
-        self.aborted = True
-        if self.transport is not None:
-            self.transport.abort()
-
-
-class _Target:
-    """Where the pub/sub connection goes: host, port, credentials, TLS (from the URL)."""
-
-    def __init__(self, url: str) -> None:
-        scheme = url.partition("://")[0].lower()
-        self.sentinel: tuple[list[tuple[str, int]], str] | None = None
-        self.hosts: list[tuple[str, int]] = []
-        if scheme in ("redis+sentinel", "redis+cluster"):
-            default = 26379 if scheme == "redis+sentinel" else 6379
-            parts = urlsplit(url)
-            for hp in parts.netloc.rpartition("@")[2].split(","):
-                host, _, port = hp.rpartition(":") if ":" in hp else (hp, "", "")
-                self.hosts.append((host.strip("[]"), int(port or default)))
-            path = [p for p in parts.path.split("/") if p]
-            if scheme == "redis+sentinel":
-                self.sentinel = (self.hosts, path[0] if path else "mymaster")
-            self.db = int(path[1]) if len(path) > 1 else 0
-            self.username = unquote(parts.username) if parts.username else None
-            self.password = unquote(parts.password) if parts.password else None
-            self.host, self.port, self.ssl = self.hosts[0][0], self.hosts[0][1], None
-            return
-        params = parse_url(url)
-        self.host = params.get("host", "localhost")
-        self.port = int(params.get("port", 6379))
-        self.db = int(params.get("db", 0) or 0)
-        self.username = params.get("username")
-        self.password = params.get("password")
-        self.ssl: ssl.SSLContext | None = None
-        if params.get("connection_class") is SSLConnection:
-            ctx = ssl.create_default_context(cafile=params.get("ssl_ca_certs"))
-            if str(params.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            self.ssl = ctx
-
-    def auth_args(self) -> tuple[str, ...] | None:
-        """The arguments of the AUTH command for this URL's credentials, or None."""
-        if not self.password:
-            return None
-        return (self.username, self.password) if self.username else (self.password,)
-
-    async def open(self, host: str, port: int, link: _Link) -> _Link:
-        """Connect ``link`` to host:port (TLS when the URL asks for it), within the timeout."""
-        loop = asyncio.get_running_loop()
-        await asyncio.wait_for(
-            loop.create_connection(lambda: link, host, port, ssl=self.ssl,
-                                   server_hostname=host if self.ssl else None),
-            CONNECT_TIMEOUT)
-        return link
-
-
-class _Connection:
-    """What the pub/sub and the command connections share: the link, its opening
-    handshake (AUTH, CLIENT SETNAME) and what happens when it is lost."""
-
-    def __init__(self, label: str, on_lost: Callable[[], None]) -> None:
-        self.label = label
-        self._on_lost_cb = on_lost
-        self.link: _Link | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self.link is not None and self.link.transport is not None
-
-    async def _open(self, host: str, port: int, target: _Target,
-                    send: Callable[..., asyncio.Future]) -> list[asyncio.Future]:
-        """Connect, then send AUTH (when the URL has credentials) and CLIENT SETNAME
-        through ``send``; returns their replies' futures."""
-        self.loop = asyncio.get_running_loop()
-        link = self.link = _Link(self._on_reply, self._lost)  # current before it can be lost
-        await target.open(host, port, link)
-        if self.link is not link:  # dropped while connecting
-            link.abort()
-            raise BrokerUnavailable("redis connection dropped while connecting")
-        waits = []
-        if (auth := target.auth_args()) is not None:
-            waits.append(send("AUTH", *auth))
-        waits.append(send("CLIENT", "SETNAME", f"fastws-{os.getpid()}-{self.label}"))
-        return waits
-
-    def _on_reply(self, reply: Any) -> None:
-        raise NotImplementedError
-
-    def _lost(self, link: _Link) -> None:
-        """``link`` was lost.  Only the current link counts: one the connection dropped
-        itself (``drop``) reports its end later, maybe after a new link was opened."""
-        if link is not self.link:
-            return
-        self.drop()
-        self._on_lost_cb()
-
-    def _abort_link(self) -> None:
-        if self.link is not None:
-            self.link.abort()
-            self.link = None
-
-    def drop(self) -> None:
-        """Close the connection and fail whoever waits on it."""
-        raise NotImplementedError
-
-
-class _PubSub(_Connection):
-    """One pub/sub connection and its subscriptions (what is wanted, sent, confirmed).
-
-    ``exact`` and ``pattern`` are the verbs it subscribes with (``SUBSCRIBE`` /
-    ``PSUBSCRIBE``, or ``SSUBSCRIBE`` and no patterns for a cluster shard).  Every
-    publication it reads goes to ``deliver(channel, payload)`` once, however many of
-    its confirmed subscriptions match (see the module docstring).
-    """
-
-    def __init__(self, label: str, deliver: Callable[[bytes, bytes], None],
-                 on_lost: Callable[[], None], exact: str = "SUBSCRIBE",
-                 pattern: str | None = "PSUBSCRIBE") -> None:
-        super().__init__(label, on_lost)
-        self.exact, self.pattern = exact, pattern
-        self._deliver = deliver
-        self.wanted: set[str] = set()
-        self._sent: set[str] = set()
-        self._active = Trie()
-        self._confirm: dict[str, asyncio.Future] = {}
-        self._expect: collections.deque[tuple[str, Any]] = collections.deque()
-        self._flush_scheduled = False
-        self._skip = 0
-        self._skip_channel = b""
-        self._skip_data = b""
-        self.lag = 0.0
-        self._pings: collections.deque[float] = collections.deque()
-
-    async def connect(self, host: str, port: int, target: _Target) -> None:
-        """Open the connection, authenticate, (re)subscribe everything wanted; wait for it."""
-        waits = await self._open(host, port, target, self._command)
-        waits.extend(self.flush())
-        self.ping()
-        await asyncio.wait_for(asyncio.gather(*waits), CONNECT_TIMEOUT * 2)
-
-    def _command(self, *args: str | bytes | int) -> asyncio.Future:
-        fut = self.loop.create_future()
-        self._expect.append(("reply", fut))
-        self.link.write(encode_command(*args))
-        return fut
-
-    def ping(self) -> None:
-        """Send a PING down the connection; its answer, in order, measures the lag."""
-        if not self.connected:
-            return
-        self._pings.append(time.monotonic())
-        self._expect.append(("pong", None))
-        self.link.write(encode_command("PING", "lag"))
-
-    def barrier(self) -> asyncio.Future:
-        """A PING whose answer comes after every message Redis queued for this connection
-        before it ran the PING: the future is done once all of them were delivered."""
-        if not self.connected:
-            raise BrokerUnavailable("redis is not connected")
-        fut = self.loop.create_future()
-        self._pings.append(time.monotonic())
-        self._expect.append(("pong", fut))
-        self.link.write(encode_command("PING", "lag"))
-        return fut
-
-    def holds(self, name: str) -> bool:
-        """True if Redis confirmed ``name`` on this connection (as it reads now)."""
-        return bool(self._active.keys(name))
-
-    def current_lag(self) -> float:
-        if self._pings:
-            return max(self.lag, time.monotonic() - self._pings[0])
-        return self.lag
-
-    def drop(self) -> None:
-        """Close the connection and forget its state; fail whoever waits on it."""
-        self._abort_link()
-        exc = BrokerUnavailable("redis connection lost")
-        for _, fut in self._expect:
-            _fail(fut, exc)
-        for fut in self._confirm.values():
-            _fail(fut, exc)
-        self._expect.clear()
-        self._confirm.clear()
-        self._sent.clear()
-        self._active = Trie()
-        self._pings.clear()
-        self._skip = 0
-
-    # ------------------------------------------------------------------ replies
-
-    def _on_reply(self, reply: Any) -> None:
-        if reply.__class__ is list:
-            kind = reply[0]
-            if kind == b"message" or kind == b"smessage":
-                self._on_message(reply[1], reply[2])
-                return
-            if kind == b"pmessage":
-                self._on_message(reply[2], reply[3])
-                return
-            if kind in _SUB_KINDS or kind in _UNSUB_KINDS:
-                self._on_confirm(kind, reply[1])
-                return
-        # a reply to PING / AUTH / CLIENT: in order
-        if not self._expect:
-            log.warning("redis pub/sub: unexpected reply %r", reply)
-            return
-        what, fut = self._expect.popleft()
-        if what == "pong":
-            sent = self._pings.popleft() if self._pings else time.monotonic()
-            self.lag = time.monotonic() - sent
-            if fut is not None and not fut.done():
-                fut.set_result(None)  # a barrier (see barrier())
-        elif fut is not None and not fut.done():
-            if isinstance(reply, Exception):
-                fut.set_exception(BrokerUnavailable(f"redis: {reply}"))
-                fut.exception()
-                if self.link is not None:
-                    self.link.abort()
-            else:
-                fut.set_result(reply)
-
-    def _on_confirm(self, kind: bytes, raw: bytes) -> None:
-        self._skip = 0
-        name = raw.decode("utf-8", "replace")
-        if self._expect and self._expect[0][0] == "sub":
-            _, fut = self._expect.popleft()
-        else:  # not ours: Redis moved a sharded channel away (cluster); start again
-            if kind in _UNSUB_KINDS and self.link is not None:
-                log.warning("redis pub/sub: server unsubscribed %s; reconnecting", name)
-                self.link.abort()
-            return
-        if kind in _SUB_KINDS:
-            self._active.add(name, name)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-        else:
-            self._active.remove(name, name)
-
-    def _on_message(self, channel: bytes, payload: bytes) -> None:
-        if self._skip:
-            if channel == self._skip_channel and payload == self._skip_data:
-                self._skip -= 1
-                return
-            self._skip = 0
-        copies = len(self._active.match(channel.decode("utf-8", "replace")))
-        if copies > 1:
-            self._skip = copies - 1
-            self._skip_channel = channel
-            self._skip_data = payload
-        self._deliver(channel, payload)
-
-    # ------------------------------------------------------------------ subscriptions
-
-    def subscribe(self, name: str) -> asyncio.Future:
-        """Want ``name``; the future is done once Redis confirmed it on this connection."""
-        self.wanted.add(name)
-        fut = self._confirm.get(name)
-        if fut is None:
-            fut = self._confirm[name] = self.loop.create_future()
-            self._schedule_flush()
-        return fut
-
-    def unsubscribe(self, name: str) -> None:
-        self.wanted.discard(name)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and self.loop is not None:
-            self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
-
-    def flush(self) -> list[asyncio.Future]:
-        """Send the (un)subscribes that make Redis hold exactly what is wanted (one write)."""
-        self._flush_scheduled = False
-        if not self.connected:
-            return []
-        add = self.wanted - self._sent
-        remove = self._sent - self.wanted
-        for name in [n for n in self._confirm if n not in self.wanted and n not in self._sent]:
-            fut = self._confirm.pop(name)
-            if not fut.done():
-                fut.set_result(None)  # subscribed and unsubscribed in one pass
-        out: list[bytes] = []
-        futs: list[asyncio.Future] = []
-        for chunk, verb in self._commands(add, subscribe=True):
-            out.append(encode_command(verb, *chunk))
-            for n in chunk:
-                fut = self._confirm.get(n)
-                if fut is None:
-                    fut = self._confirm[n] = self.loop.create_future()
-                self._expect.append(("sub", fut))
-                futs.append(fut)
-        for chunk, verb in self._commands(remove, subscribe=False):
-            out.append(encode_command(verb, *chunk))
-            for n in chunk:
-                self._confirm.pop(n, None)
-                self._expect.append(("sub", None))
-        self._sent |= add
-        self._sent -= remove
-        if out:
-            self.link.write(b"".join(out))
-        return futs
-
-    def _commands(self, names: set[str], subscribe: bool) -> list[tuple[list[str], str]]:
-        """(names, verb) of each command that (un)subscribes ``names``: at most BATCH
-        names per command; sharded verbs take the names of one hash slot at a time."""
-        exact = sorted(n for n in names if not is_pattern(n))
-        verb = self.exact if subscribe else self.exact.replace("SUB", "UNSUB", 1)
-        groups: list[tuple[list[str], str]] = []
-        if verb.startswith("S"):
-            by_slot: dict[int, list[str]] = {}
-            for n in exact:
-                by_slot.setdefault(key_slot(n.encode()), []).append(n)
-            groups.extend((g, verb) for g in by_slot.values())
-        else:
-            groups.append((exact, verb))
-        if self.pattern is not None:
-            pverb = self.pattern if subscribe else self.pattern.replace("SUB", "UNSUB", 1)
-            groups.append((sorted(n for n in names if is_pattern(n)), pverb))
-        return [(g[i:i + BATCH], v) for g, v in groups for i in range(0, len(g), BATCH)]
-
-
-class _Commands(_Connection):
-    """One pipelined command connection: commands go out in call order, Redis runs them
-    in that order, and replies come back in that order (a FIFO of futures).
-
-    Publications of one node therefore reach Redis, get their offsets and are fanned
-    out in the order the node issued them (a pool of connections would reorder two
-    publications in flight at once).  The scripts are loaded on every (re)connect,
-    before anything else on the connection.
-
-    **Durable calls.**  When the master has replicas, a ``durable`` call (publish)
-    answers only once a replica has it: the commands written in one loop pass are
-    followed by one ``WAIT 1 WAIT_TIMEOUT_MS``, and their futures settle on its reply.
-    What the API answered 200 for then survives a failover; a publication no replica
-    acknowledged in time answers 503 (its outcome is unknown: retry it with an
-    idempotency key).
-    """
-
-    def __init__(self, label: str, on_lost: Callable[[], None]) -> None:
-        super().__init__(label, on_lost)
-        self._waiting: collections.deque[asyncio.Future] = collections.deque()
-        self._out: list[bytes] = []
-        self.shas: dict[str, bytes] = {}
-        self.replid = ""     # this master's replication ids (see redis_scripts.PUBLISH_LUA)
-        self.replid2 = ""
-        self.replicas = 0    # connected replicas: durable calls WAIT for one of them
-        self._no_replica_since: float | None = None
-        self._durable: list[tuple[asyncio.Future, asyncio.Future]] = []
-
-    async def connect(self, host: str, port: int, target: _Target,
-                      scripts: dict[str, str]) -> None:
-        waits = await self._open(host, port, target, self.call)
-        if target.db:
-            waits.append(self.call("SELECT", target.db))
-        names = list(scripts)
-        loads = [self.call("SCRIPT", "LOAD", scripts[n]) for n in names]
-        await asyncio.wait_for(asyncio.gather(*waits), CONNECT_TIMEOUT * 2)
-        info = self.call("INFO", "replication")
-        shas = await asyncio.wait_for(asyncio.gather(*loads), CONNECT_TIMEOUT * 2)
-        self.shas = dict(zip(names, shas, strict=True))
-        self._read_info(await asyncio.wait_for(info, CONNECT_TIMEOUT))
-
-    def _read_info(self, info: bytes, connecting: bool = True) -> None:
-        fields = dict(line.split(":", 1) for line in info.decode().split("\r\n")
-                      if ":" in line)
-        if fields.get("role") == "slave":  # demoted (failover): find the master again
-            if connecting:
-                raise BrokerUnavailable(f"redis {self.label}: this server is a replica now")
-            if self.link is not None:
-                self.link.abort()
-            return
-        self.replid = fields.get("master_replid", "")
-        self.replid2 = fields.get("master_replid2", "")
-        replicas = int(fields.get("connected_slaves", "0") or 0)
-        if connecting or replicas:
-            self.replicas, self._no_replica_since = replicas, None
-        elif self.replicas:
-            # Lost its replicas: a failover may be under way (this master is about to be
-            # demoted, and what it acknowledged now would be lost), so keep refusing
-            # unacknowledged publications (503) for REPLICA_GRACE before going on
-            # without a replica.
-            now = time.monotonic()
-            if self._no_replica_since is None:
-                self._no_replica_since = now
-            elif now - self._no_replica_since > REPLICA_GRACE:
-                log.warning("redis %s: no replica for %.0f s; publishing without replica "
-                            "acknowledgement", self.label, REPLICA_GRACE)
-                self.replicas = 0
-
-    async def refresh_replicas(self) -> None:
-        """Read the replica count again (replicas come and go)."""
-        with contextlib.suppress(BrokerUnavailable, ResponseError, TimeoutError):
-            self._read_info(await asyncio.wait_for(self.call("INFO", "replication"),
-                                                   CONNECT_TIMEOUT), connecting=False)
-
-    def call(self, *args: str | bytes | int, durable: bool = False) -> asyncio.Future:
-        """Write one command now; the future gets its reply (BrokerUnavailable if lost)."""
-        if not self.connected:
-            raise BrokerUnavailable("redis is not connected")
-        fut = self.loop.create_future()
-        self._waiting.append(fut)
-        if not self._out:  # the first command of this loop pass: write them all at its end
-            self.loop.call_soon(self._write)
-        self._out.append(encode_command(*args))
-        if durable and self.replicas:
-            outer = self.loop.create_future()
-            self._durable.append((fut, outer))
-            return outer
-        return fut
-
-    def _write(self) -> None:
-        out, self._out = self._out, []
-        if self._durable:
-            pairs, self._durable = self._durable, []
-            wait = self.loop.create_future()
-            self._waiting.append(wait)
-            out.append(encode_command("WAIT", 1, WAIT_TIMEOUT_MS))
-            wait.add_done_callback(functools.partial(self._settle, pairs))
-        if self.link is not None and out:
-            self.link.write(b"".join(out))
-
-    def _settle(self, pairs: list[tuple[asyncio.Future, asyncio.Future]],
-                wait: asyncio.Future) -> None:
-        """WAIT answered (or the link died): settle the durable calls written before it."""
-        exc = wait.exception() if not wait.cancelled() else BrokerUnavailable("cancelled")
-        acked = exc is None and isinstance(wait.result(), int) and wait.result() >= 1
-        if exc is None and not acked and self.loop is not None:
-            self.loop.create_task(self.refresh_replicas())  # a replica may have gone
-        for inner, outer in pairs:
-            if outer.done():
-                continue
-            if not inner.done():
-                _fail(outer, BrokerUnavailable("redis connection lost"))
-            elif inner.exception() is not None:
-                outer.set_exception(inner.exception())
-                outer.exception()
-            elif not acked:
-                _fail(outer, BrokerUnavailable(
-                    "no replica acknowledged the publication in time; its outcome is "
-                    "unknown (retry it with an idempotency key)"))
-            else:
-                outer.set_result(inner.result())
-
-    def _on_reply(self, reply: Any) -> None:
-        if not self._waiting:
-            log.warning("redis: unexpected reply %r", reply)
-            return
-        fut = self._waiting.popleft()
-        if fut.done():
-            return
-        if isinstance(reply, hiredis.ReplyError):
-            fut.set_exception(ResponseError(str(reply)))
-            fut.exception()  # retrieved: a failed handshake leaves the rest unawaited
-        else:
-            fut.set_result(reply)
-
-    def drop(self) -> None:
-        """Close the connection; fail the calls in flight (503)."""
-        self._abort_link()
-        self._out.clear()
-        exc = BrokerUnavailable("redis connection lost")
-        for _, outer in self._durable:
-            _fail(outer, exc)
-        self._durable.clear()
-        while self._waiting:
-            _fail(self._waiting.popleft(), exc)
 
 
 class RedisBroker(Broker):
@@ -681,7 +112,7 @@ class RedisBroker(Broker):
 
     def __init__(self, url: str, *, max_connections: int = 64) -> None:
         self.url = url
-        self.target = _Target(url)
+        self.target = RedisTarget(url)
         self.up = False
         self.reconnects = 0
         self._handler: BrokerHandler | None = None
@@ -699,7 +130,8 @@ class RedisBroker(Broker):
         self._setup_commands(url, max_connections)
 
     def _setup_commands(self, url: str, max_connections: int) -> None:
-        """The pub/sub and command connections (and Sentinel, to find the master)."""
+        """Hook, called once by ``__init__``: build the pub/sub and command connections
+        (and Sentinel, to find the master); nothing connects before :meth:`start`."""
         self.redis: Any = None
         self._sentinel: Any = None
         if self.target.sentinel is not None:
@@ -707,9 +139,9 @@ class RedisBroker(Broker):
 
             hosts, _master = self.target.sentinel
             self._sentinel = Sentinel(hosts, password=self.target.password,
-                                      username=self.target.username, **_command_options())
-        self._main = _PubSub("pubsub", self._deliver, self._on_link_lost)
-        self._cmd = _Commands("commands", self._on_link_lost)
+                                      username=self.target.username, **client_options())
+        self._main = PubSubConnection("pubsub", self._deliver, self._on_link_lost)
+        self._cmd = CommandConnection("commands", self._on_link_lost)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -742,14 +174,17 @@ class RedisBroker(Broker):
         """Seconds the pub/sub reader is behind Redis (the oldest unanswered PING)."""
         return max((link.current_lag() for link in self._links()), default=0.0)
 
-    def _links(self) -> list[_PubSub]:
+    def _links(self) -> list[PubSubConnection]:
+        """Hook: every pub/sub connection (a cluster's global link and shard links)."""
         return [self._main]
 
-    def _command_links(self) -> list[_Commands]:
+    def _command_links(self) -> list[CommandConnection]:
+        """Hook: every command connection (one per master, on a cluster)."""
         return [self._cmd]
 
-    def _command_for(self, channel: str) -> _Commands:
-        """The command connection that runs ``channel``'s scripts."""
+    def _command_for(self, channel: str) -> CommandConnection:
+        """Hook: the command connection that runs ``channel``'s (or a key's) scripts and
+        commands (its slot's master, on a cluster: BrokerUnavailable while it is down)."""
         return self._cmd
 
     async def _connect(self) -> None:
@@ -791,12 +226,7 @@ class RedisBroker(Broker):
             attempt = 0
             self.up = True
             self._notify("handle_connected")
-            if self._pinger is None or self._pinger.done():
-                self._pinger = self._loop.create_task(self._ping_loop())
-            if self._refresher is None or self._refresher.done():
-                self._refresher = self._loop.create_task(self._presence_loop())
-            elif self._presence_local:  # re-add our entries (Redis may have lost them)
-                self._readd = self._loop.create_task(self._presence_refresh())
+            self._after_connect(readd=True)
             if ever_up:
                 self.reconnects += 1
                 log.warning("redis pub/sub: reconnected, %d channels and patterns "
@@ -810,9 +240,21 @@ class RedisBroker(Broker):
                 log.warning("redis pub/sub: connection to %s lost; reconnecting",
                             _safe(self.url))
 
+    def _after_connect(self, readd: bool) -> None:
+        """Call once (re)connected and :attr:`up`: start the ping and presence loops
+        when they are not running, else (``readd``) re-add this node's presence entries
+        at once (the server(s) connected may have lost them)."""
+        if self._pinger is None or self._pinger.done():
+            self._pinger = self._loop.create_task(self._ping_loop())
+        if self._refresher is None or self._refresher.done():
+            self._refresher = self._loop.create_task(self._presence_loop())
+        elif readd and self._presence_local:
+            self._readd = self._loop.create_task(self._presence_refresh())
+
     def _notify(self, hook: str, *args: Any) -> None:
         """Call the handler's optional ``hook(*args)`` (``handle_gap``,
-        ``handle_connected``, ``handle_control``); a failure is logged, not raised."""
+        ``handle_shard_gap``, ``handle_connected``, ``handle_control``); a failure is
+        logged, not raised."""
         fn = getattr(self._handler, hook, None)
         if fn is not None:
             try:
@@ -820,7 +262,7 @@ class RedisBroker(Broker):
             except Exception:
                 log.exception("%s failed", hook)
 
-    def _moved(self, cmd: _Commands) -> None:
+    def _moved(self, cmd: CommandConnection) -> None:
         """``cmd``'s server is no longer the master of what it was asked (MOVED, ASK,
         READONLY): find the master(s) again.  With one Redis, everything reconnects."""
         self._on_link_lost()
@@ -884,7 +326,7 @@ class RedisBroker(Broker):
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         link = self._command_for(CONTROL_CHANNEL)
-        await link.call(self._presence_command, CONTROL_CHANNEL,
+        await link.call(self._publish_verb, CONTROL_CHANNEL,
                         self.node_id.encode() + b" " + payload)
 
     def _deliver_presence(self, channel: str, payload: bytes) -> None:
@@ -911,7 +353,7 @@ class RedisBroker(Broker):
         await self._presence_call(channel, "join", [client,
                                                     presence_value(self.node_id, user_json),
                                                     int(PRESENCE_EXPIRY * 1000),
-                                                    self._presence_command, channel,
+                                                    self._publish_verb, channel,
                                                     self._presence_event("join", client,
                                                                          user_json)])
 
@@ -920,7 +362,7 @@ class RedisBroker(Broker):
         user_json = members.pop(client, None) if members is not None else None
         if members is not None and not members:
             del self._presence_local[channel]
-        await self._presence_call(channel, "leave", [client, self._presence_command, channel,
+        await self._presence_call(channel, "leave", [client, self._publish_verb, channel,
                                                      self._presence_event(
                                                          "leave", client,
                                                          user_json or orjson.dumps(user))])
@@ -931,13 +373,9 @@ class RedisBroker(Broker):
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         flat = await self._eval(channel, "presence", list(presence_keys(channel)),
-                                [self._presence_command, channel])
+                                [self._publish_verb, channel])
         return {flat[i].decode(): orjson.loads(presence_user(flat[i + 1]))
                 for i in range(0, len(flat), 2)}
-
-    @property
-    def _presence_command(self) -> str:
-        return "PUBLISH"
 
     async def _presence_call(self, channel: str, script: str, args: list[Any]) -> None:
         """Joins and leaves never fail the caller: a lost one is repaired by the refresh
@@ -964,7 +402,7 @@ class RedisBroker(Broker):
         clients = list(self._presence_local.get(channel, ()))
         for i in range(0, len(clients), PRESENCE_BATCH):
             members = self._presence_local.get(channel, {})
-            args: list[Any] = [ttl, self._presence_command, channel, self.node_id]
+            args: list[Any] = [ttl, self._publish_verb, channel, self.node_id]
             for client in clients[i:i + PRESENCE_BATCH]:
                 if client in members:
                     args += (client, presence_value(self.node_id, members[client]))
@@ -1006,41 +444,49 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------------ commands
 
-    def _publish_args(self, channel: str, data: bytes, history_size: int,
-                      history_ttl: float) -> list[Any]:
-        link = self._command_for(channel)
-        # With replicas a publication answers once one has it (durable), so a promoted
-        # replica holds every acknowledged one.  The meta's `r` says so (":d"), and a
-        # promoted replica starts a new epoch only after a write that was not durable.
-        replid = link.replid + (":d" if link.replicas else "")
-        return [channel, data, max(0, history_size), max(1, int(history_ttl * 1000)),
-                os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS, "PUBLISH", "",
-                replid, link.replid2]
-
+    # The command that publishes on a channel (the publish script, presence events,
+    # control messages): SPUBLISH on a cluster, where a channel lives in its slot.
+    _publish_verb = "PUBLISH"
     keeps_logs = True  # namespace logs (not on a cluster: the log's slot is not the channel's)
+
+    def _publish_route(self, channel: str) -> tuple[CommandConnection, str]:
+        """Hook: where a publication on ``channel`` goes: the command connection that
+        runs its publish script, and the feed the script also SPUBLISHes it to ('' for
+        none; a cluster's slot feed, for the pattern subscribers).  BrokerUnavailable
+        when that server is down.  Called once per publication."""
+        return self._cmd, ""
 
     def _publish_call(self, channel: str, data: bytes, history_size: int,
                       history_ttl: float, idempotency_key: str | None,
-                      log: tuple[str, int] | None) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of the publish script for one publication."""
+                      log: tuple[str, int] | None
+                      ) -> tuple[CommandConnection, list[str], list[Any]]:
+        """The command connection, keys and arguments of the publish script for one
+        publication (see redis_scripts.PUBLISH_LUA)."""
+        link, feed = self._publish_route(channel)
         meta, stream, idem = keys_for(channel)
         keys = [meta, stream]
         if idempotency_key is not None:
             keys.append(idem + idempotency_key)
-        args = self._publish_args(channel, data, history_size, history_ttl)
+        # With replicas a publication answers once one has it (durable), so a promoted
+        # replica holds every acknowledged one.  The meta's `r` says so (":d"), and a
+        # promoted replica starts a new epoch only after a write that was not durable.
+        replid = link.replid + (":d" if link.replicas else "")
+        args = [channel, data, max(0, history_size), max(1, int(history_ttl * 1000)),
+                os.urandom(4).hex(), f"{time.time():.6f}", IDEMPOTENCY_TTL_MS,
+                self._publish_verb, feed, replid, link.replid2]
         if log is not None and log[1] > 0 and self.keeps_logs:
             keys.extend(log_keys(log[0]))
             args.append(log[1])  # ARGV[12]: the namespace log's size
-        return keys, args
+        return link, keys, args
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
                       log: tuple[str, int] | None = None) -> PublishResult:
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
-        keys, args = self._publish_call(channel, data, history_size, history_ttl,
-                                        idempotency_key, log)
-        res = await self._eval(channel, "publish", keys, args, durable=True)
+        link, keys, args = self._publish_call(channel, data, history_size, history_ttl,
+                                              idempotency_key, log)
+        res = await self._run_script(link, "publish", keys, args, durable=True)
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
 
@@ -1051,20 +497,19 @@ class RedisBroker(Broker):
         ``WAIT`` for all), run by Redis in the batch's order."""
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
-        calls: list[tuple[str, _Commands, asyncio.Future, list[str], list[Any]]
-                   | BrokerUnavailable] = []
+        calls: list[tuple[CommandConnection, asyncio.Future, list[str], list[Any]]
+                    | BrokerUnavailable] = []
         for p in pubs:
-            keys, args = self._publish_call(p.channel, p.data, p.history_size,
-                                            p.history_ttl, p.idempotency_key, p.log)
             try:
-                link = self._command_for(p.channel)
+                link, keys, args = self._publish_call(p.channel, p.data, p.history_size,
+                                                      p.history_ttl, p.idempotency_key, p.log)
                 fut = self._issue(link, "publish", keys, args, durable=True)
             except BrokerUnavailable as exc:  # e.g. the channel's cluster shard is down
                 calls.append(exc)
                 continue
-            calls.append((p.channel, link, fut, keys, args))
+            calls.append((link, fut, keys, args))
         replies = await asyncio.gather(
-            *(self._reply(c[1], c[2], "publish", c[3], c[4], durable=True)
+            *(self._reply(c[0], c[1], "publish", c[2], c[3], durable=True)
               for c in calls if not isinstance(c, BrokerUnavailable)),
             return_exceptions=True)
         out: list[PublishResult | BrokerUnavailable] = []
@@ -1146,12 +591,9 @@ class RedisBroker(Broker):
             reply = await cmd.call("SET", rkey, "1", "NX", "PX", max(1, int(ttl * 1000)),
                                    durable=True)
         except ResponseError as exc:
-            msg = str(exc)
-            if msg.startswith(("MOVED", "ASK", "READONLY")):
-                self._moved(cmd)  # as in _eval: find the master(s) again
-            if msg.startswith(("MOVED", "ASK", "READONLY", *_UNAVAILABLE_REPLIES)):
-                raise BrokerUnavailable(f"redis: {msg}") from None
-            raise
+            if (unavailable := self._unavailable(cmd, exc)) is None:
+                raise
+            raise unavailable from None
         return reply is not None
 
     # ------------------------------------------------------------------ revocations
@@ -1163,20 +605,12 @@ class RedisBroker(Broker):
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         rkey = f"{REVOKED_PREFIX}{rev.kind}:{rev.key}"
-        cmd = self._command_for(rkey)
-        try:
-            reply = await cmd.call("EVAL", REVOKE_LUA, 1, rkey, repr(rev.at), repr(rev.until),
-                                   repr(time.time()), durable=True)
-        except ResponseError as exc:
-            msg = str(exc)
-            if msg.startswith(("MOVED", "ASK", "READONLY")):
-                self._moved(cmd)
-            if msg.startswith(("MOVED", "ASK", "READONLY", *_UNAVAILABLE_REPLIES)):
-                raise BrokerUnavailable(f"redis: {msg}") from None
-            raise
+        reply = await self._eval(rkey, "revoke", [rkey],
+                                 [repr(rev.at), repr(rev.until), repr(time.time())],
+                                 durable=True)
         return _revocation(rkey.encode(), reply) or rev
 
-    def _scan_links(self) -> list[_Commands]:
+    def _scan_links(self) -> list[CommandConnection]:
         """The command connections whose keys make up the whole keyspace (one per
         master that is up, on a cluster)."""
         return [self._cmd]
@@ -1204,12 +638,17 @@ class RedisBroker(Broker):
     async def _eval(self, channel: str, script: str, keys: list[str],
                     args: list[Any], durable: bool = False) -> Any:
         """Run one of SCRIPTS for ``channel`` on its command connection, in call order."""
-        link = self._command_for(channel)
+        return await self._run_script(self._command_for(channel), script, keys, args,
+                                      durable)
+
+    async def _run_script(self, link: CommandConnection, script: str, keys: list[str],
+                          args: list[Any], durable: bool = False) -> Any:
+        """Run one of SCRIPTS on ``link`` (:meth:`_issue`, then :meth:`_reply`)."""
         fut = self._issue(link, script, keys, args, durable)
         return await self._reply(link, fut, script, keys, args, durable)
 
     @staticmethod
-    def _issue(link: _Commands, script: str, keys: list[str], args: list[Any],
+    def _issue(link: CommandConnection, script: str, keys: list[str], args: list[Any],
                durable: bool) -> asyncio.Future:
         """Queue the script's EVALSHA on ``link`` now (written at the end of this loop
         pass with every other command queued in it); the future gets the reply."""
@@ -1219,25 +658,33 @@ class RedisBroker(Broker):
             raise BrokerUnavailable("redis is not connected") from None
         return link.call("EVALSHA", sha, len(keys), *keys, *args, durable=durable)
 
-    async def _reply(self, link: _Commands, fut: asyncio.Future, script: str,
+    async def _reply(self, link: CommandConnection, fut: asyncio.Future, script: str,
                      keys: list[str], args: list[Any], durable: bool) -> Any:
         """The reply of an :meth:`_issue`; a flushed script runs again, and replies that
         mean the master moved or is busy become :class:`BrokerUnavailable`."""
         try:
             return await fut
         except ResponseError as exc:
-            msg = str(exc)
-            if msg.startswith("NOSCRIPT"):  # flushed behind our back: not run, run it now
+            if str(exc).startswith("NOSCRIPT"):  # flushed behind our back: not run, run it now
                 return await link.call("EVAL", SCRIPTS[script], len(keys), *keys, *args,
                                        durable=durable)
-            if msg.startswith(("MOVED", "ASK", "READONLY")):
-                # cluster slots moved, or this master became a replica (failover):
-                # find the master(s) again, resubscribe, tell the clients (4010)
-                self._moved(link)
-                raise BrokerUnavailable(f"redis: {msg}") from None
-            if msg.startswith(_UNAVAILABLE_REPLIES):
-                raise BrokerUnavailable(f"redis: {msg}") from None
-            raise
+            if (unavailable := self._unavailable(link, exc)) is None:
+                raise
+            raise unavailable from None
+
+    def _unavailable(self, link: CommandConnection, exc: ResponseError
+                     ) -> BrokerUnavailable | None:
+        """What an error reply of ``link`` means: a master that moved (MOVED, ASK,
+        READONLY: cluster slots moved, or this master became a replica in a failover;
+        the master(s) are found again, subscriptions resubscribed, the clients told
+        with 4010) or is busy is a BrokerUnavailable (503); None for any other error."""
+        msg = str(exc)
+        if msg.startswith(("MOVED", "ASK", "READONLY")):
+            self._moved(link)
+            return BrokerUnavailable(f"redis: {msg}")
+        if msg.startswith(_UNAVAILABLE_REPLIES):
+            return BrokerUnavailable(f"redis: {msg}")
+        return None
 
     # ------------------------------------------------------------------ for tests
 
@@ -1246,17 +693,13 @@ class RedisBroker(Broker):
         return frozenset(self._wanted - {CONTROL_CHANNEL})
 
 
-def _command_options() -> dict[str, Any]:
-    """Options of command connections: short timeouts, and never a retry, so that a
-    publication whose outcome is unknown is reported (503), not sent twice."""
+def client_options() -> dict[str, Any]:
+    """Options of the redis-py clients (Sentinel, a cluster's slot map): short timeouts,
+    and never a retry, so that a publication whose outcome is unknown is reported
+    (503), not sent twice."""
     return {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 2.0,
             "socket_timeout": 5.0}
 
-
-def _fail(fut: asyncio.Future | None, exc: Exception) -> None:
-    if fut is not None and not fut.done():
-        fut.set_exception(exc)
-        fut.exception()  # retrieved: no "never retrieved" warning when nobody waits
 
 
 def _revocation(key: bytes, value: Any) -> Revocation | None:

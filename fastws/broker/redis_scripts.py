@@ -1,4 +1,5 @@
-"""The Lua scripts of the Redis broker, and the key layout they use.
+"""Every Lua script of the Redis brokers, the key layout they use, and the envelope
+they publish (:func:`decode_payload` reads it back).
 
 Every key of a channel carries the channel's hash slot as a hash tag, so that one
 script touches one slot (Redis Cluster) and the sharded channel of the same name
@@ -18,13 +19,19 @@ is a raw publication (a producer's ``PUBLISH``).
 
 from __future__ import annotations
 
-__all__ = ["ENVELOPE_PREFIX", "LOG_PREFIX", "log_keys", "PUBLISH_LUA", "HISTORY_LUA",
-           "LOG_SINCE_LUA",
+import time
+
+import orjson
+
+__all__ = ["ENVELOPE_PREFIX", "decode_payload", "LOG_PREFIX", "log_keys", "PUBLISH_LUA",
+           "HISTORY_LUA", "LOG_SINCE_LUA",
            "hash_tag", "keys_for",
            "PRESENCE_PREFIX", "PRESENCE_JOIN_LUA", "PRESENCE_LEAVE_LUA", "PRESENCE_GET_LUA",
-           "PRESENCE_REFRESH_LUA", "presence_keys", "presence_value", "presence_user"]
+           "PRESENCE_REFRESH_LUA", "presence_keys", "presence_value", "presence_user",
+           "REVOKED_PREFIX", "REVOKE_LUA", "SCRIPTS"]
 
 ENVELOPE_PREFIX = b"\x00fws\x00"
+_ENV_LEN = len(ENVELOPE_PREFIX)
 
 # KEYS: meta, stream[, idempotency][, log meta, log]
 # ARGV: channel, data, history_size, history_ttl_ms, epoch candidate, unix time (and
@@ -109,6 +116,25 @@ local res = offset .. ' ' .. epoch
 if nk == 3 then redis.call('SET', KEYS[3], res, 'PX', ARGV[7]) end
 return res
 """
+
+
+def decode_payload(payload: bytes, now: float) -> tuple[bytes, int, str, float]:
+    """(JSON data, offset, epoch, accepted monotonic time) of one pub/sub payload.
+
+    A fastws envelope carries offset, epoch and the publisher's clock; anything else is
+    a raw publication: delivered as is when it is JSON, else as a JSON string.
+    """
+    if payload.startswith(ENVELOPE_PREFIX):
+        nl = payload.find(b"\n", _ENV_LEN)
+        offset, epoch, stamp = payload[_ENV_LEN:nl].split(b" ", 3)[:3]
+        delay = time.time() - float(stamp)
+        return payload[nl + 1:], int(offset), epoch.decode(), now - delay if delay > 0 else now
+    try:
+        orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return orjson.dumps(payload.decode("utf-8", "replace")), 0, "", now
+    return payload, 0, "", now
+
 
 # KEYS: meta, stream.  ARGV: limit, since offset ('' = the newest `limit`).
 # Returns {top, epoch, first kept offset, entries} ({} when the channel has no meta).
@@ -301,3 +327,39 @@ def presence_value(node: str, user_json: bytes) -> bytes:
 def presence_user(value: bytes) -> bytes:
     """The user (JSON) of a presence hash value (see :func:`presence_value`)."""
     return value[value.find(b"\n") + 1:]
+
+
+# ---------------------------------------------------------------------- revocations
+#
+#   fws:revoked:KIND:KEY  "AT UNTIL" (unix seconds), expiring at UNTIL (KIND: user, jti)
+
+REVOKED_PREFIX = "fws:revoked:"
+
+# KEYS: the revocation's key.  ARGV: at, until, now (unix seconds).  Stores the
+# revocation merged with the one already there (the later "at", the later "until");
+# returns the value stored.
+REVOKE_LUA = r"""
+local at, untl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local old = redis.call('GET', KEYS[1])
+if old then
+  local oat, ountl = string.match(old, '^(%S+) (%S+)$')
+  if oat and tonumber(oat) and tonumber(oat) > at then at = tonumber(oat) end
+  if ountl and tonumber(ountl) and tonumber(ountl) > untl then untl = tonumber(ountl) end
+end
+local ttl = math.ceil((untl - tonumber(ARGV[3])) * 1000)
+if ttl < 1 then ttl = 1 end
+local val = string.format('%.6f %.6f', at, untl)
+redis.call('SET', KEYS[1], val, 'PX', ttl)
+return val
+"""
+
+# ---------------------------------------------------------------------- loading
+
+# Every script, by the name the broker runs it with: a command connection loads them
+# all (SCRIPT LOAD) when it connects, before anything else; the broker then runs them
+# with EVALSHA, and with EVAL when Redis answers NOSCRIPT (flushed meanwhile).
+SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA, "logsince": LOG_SINCE_LUA,
+           "join": PRESENCE_JOIN_LUA, "leave": PRESENCE_LEAVE_LUA,
+           "presence": PRESENCE_GET_LUA, "prefresh": PRESENCE_REFRESH_LUA,
+           "revoke": REVOKE_LUA}
+

@@ -1,6 +1,6 @@
 """Publications/s through one Redis, at the broker level (no WebSocket, no HTTP).
 
-    python -m fastws.broker.bench --redis redis://127.0.0.1:6379/0 [--count 50000]
+    python -m loadtest.broker_bench --redis redis://127.0.0.1:6379/0 [--count 50000]
                                   [--inflight 256] [--history 0,100] [--redis-pid PID]
                                   [--rate R]
 
@@ -102,7 +102,7 @@ async def _run(url: str, count: int, inflight: int, history: int, pid: int | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastws.broker.bench",
+    p = argparse.ArgumentParser(prog="python -m loadtest.broker_bench",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--redis", required=True, help="redis://host:port/db")
     p.add_argument("--count", type=int, default=50000)
