@@ -27,7 +27,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from fastws._version import __version__
 from fastws.config import (
@@ -40,27 +39,12 @@ from fastws.config import (
     load_config,
 )
 from fastws.extras import MissingExtra, require_chain
+from fastws.usage import OneLineParser, UsageError
 
 __all__ = ["main", "build_parser", "serve_flags", "OneLineParser", "UsageError"]
 
 PROG = "fastws"
 DEFAULT_URL = "http://127.0.0.1:8765"
-
-
-class UsageError(Exception):
-    """A bad command line; the message is one line naming the option."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """ArgumentParser that raises UsageError (one line) instead of printing a usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        message = " ".join(message.split())
-        if message.startswith("argument "):
-            message = message[len("argument "):]
-        if message.startswith("command: invalid choice"):
-            message = message.replace("command: invalid choice:", "unknown command", 1)
-        raise UsageError(message)
 
 
 def _say(prefix: str, message: str) -> None:

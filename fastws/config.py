@@ -5,11 +5,10 @@ kind (how a value is parsed and checked), its command-line flag and its environm
 variables. The command line (``fastws.cli``), the ``FASTWS_*`` environment, the TOML
 file, ``docs/configuration.md`` and ``fastws.example.toml`` all come from these fields.
 The kinds live in :mod:`fastws.config_kinds`, the document generators in
-:mod:`fastws.config_docs` (:func:`markdown` and :func:`example_toml` are re-exported
-here):
+:mod:`fastws.config_docs`:
 
-    python -m fastws.config --markdown      > docs/configuration.md
-    python -m fastws.config --example-toml  > fastws.example.toml
+    python -m fastws.config_docs --markdown      > docs/configuration.md
+    python -m fastws.config_docs --example-toml  > fastws.example.toml
 
 Precedence, per key: flag > ``FASTWS_<NAME>`` environment > config file > default.
 Any unknown key or bad value raises :class:`ConfigError`, whose message is one line
@@ -28,7 +27,6 @@ import dataclasses
 import ipaddress
 import os
 import re
-import sys
 import tomllib
 import types
 from collections.abc import Mapping
@@ -72,10 +70,8 @@ __all__ = [
     "ServerConfig",
     "default_of",
     "env_names",
-    "example_toml",  # noqa: F822 - from fastws.config_docs, by __getattr__
     "flag_name",
     "load_config",
-    "markdown",  # noqa: F822 - from fastws.config_docs, by __getattr__
     "reload",
 ]
 
@@ -543,18 +539,3 @@ def reload(config: Config) -> Config:
             res.server[f.name] = (getattr(config.server, f.name), f.name)
     return _finish(res, config.origin)
 
-
-def __getattr__(name: str) -> Any:
-    """``markdown`` and ``example_toml``: the generators of :mod:`fastws.config_docs`
-    (imported on first use: that module imports this one)."""
-    if name in ("markdown", "example_toml"):
-        from fastws import config_docs
-
-        return getattr(config_docs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":
-    from fastws.config_docs import main
-
-    raise SystemExit(main(sys.argv[1:]))

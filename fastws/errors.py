@@ -1,4 +1,12 @@
-"""The exceptions raised by the fastws Python client (one tree, rooted at FastWSError)."""
+"""The exceptions of fastws, one tree rooted at :class:`FastWSError`::
+
+    FastWSError
+    ├── ConnectionClosed        the client's connection is closed for good
+    │   └── AuthError           … because the server refused the token
+    ├── RequestError            the server answered a client request with an error
+    ├── RequestTimeout          no reply in time (also a TimeoutError)
+    └── BrokerUnavailable       server side: the broker cannot take a call now (503)
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ __all__ = [
     "AuthError",
     "RequestError",
     "RequestTimeout",
+    "BrokerUnavailable",
 ]
 
 
@@ -55,3 +64,11 @@ class RequestError(FastWSError):
 
 class RequestTimeout(FastWSError, TimeoutError):
     """No reply came within the request timeout (waiting for a connection included)."""
+
+
+class BrokerUnavailable(FastWSError):
+    """The broker cannot take the call now: the server answers HTTP 503 / error 503.
+
+    Raised by every :class:`fastws.broker.Broker` (and re-exported there); the
+    server's rules (e.g. spending a SIWE nonce) catch it without importing a broker.
+    """

@@ -16,11 +16,10 @@ from fastws.config import (
     LimitsConfig,
     NamespaceConfig,
     ServerConfig,
-    example_toml,
     load_config,
-    markdown,
     reload,
 )
+from fastws.config_docs import example_toml, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -360,14 +359,14 @@ def test_reload_without_a_file_is_identity() -> None:
 def test_configuration_md_is_up_to_date() -> None:
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed == markdown(), (
-        "docs/configuration.md is stale: python -m fastws.config --markdown "
+        "docs/configuration.md is stale: python -m fastws.config_docs --markdown "
         "> docs/configuration.md")
 
 
 def test_example_toml_is_up_to_date() -> None:
     committed = (ROOT / "fastws.example.toml").read_text()
     assert committed == example_toml(), (
-        "fastws.example.toml is stale: python -m fastws.config --example-toml "
+        "fastws.example.toml is stale: python -m fastws.config_docs --example-toml "
         "> fastws.example.toml")
 
 
@@ -379,9 +378,9 @@ def test_markdown_lists_every_key() -> None:
 
 
 def test_module_entry_point() -> None:
-    out = subprocess.run([sys.executable, "-m", "fastws.config", "--markdown"],
+    out = subprocess.run([sys.executable, "-m", "fastws.config_docs", "--markdown"],
                          capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout == markdown()
-    bad = subprocess.run([sys.executable, "-m", "fastws.config", "--nope"],
+    bad = subprocess.run([sys.executable, "-m", "fastws.config_docs", "--nope"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2

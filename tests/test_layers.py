@@ -25,9 +25,10 @@ LAYERS: dict[str, int] = {
     # 0 — names, codes and wire formats: no fastws import above them
     "fastws._version": 0, "fastws.codes": 0, "fastws.errors": 0, "fastws.channels": 0,
     "fastws._match": 0, "fastws._glob_ref": 0, "fastws.limits": 0, "fastws.protocol": 0,
-    "fastws._frames": 0, "fastws.frames": 0,
+    "fastws._frames": 0, "fastws.frames": 0, "fastws.extras": 0, "fastws.usage": 0,
     # 1 — rules: configuration, tokens, permissions
-    "fastws.config": 1, "fastws.auth": 1, "fastws.permissions": 1,
+    "fastws.config_kinds": 1, "fastws.config": 1, "fastws.config_docs": 1, "fastws.auth": 1,
+    "fastws.permissions": 1,
     # 2 — the sans-I/O session
     "fastws.session": 2,
     # 3 — moving publications: brokers, the hub (registrations and fan-out)

@@ -20,8 +20,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from fastws.auth.tokens import Auth
-from fastws.broker.base import BrokerUnavailable
 from fastws.channels import is_address
+from fastws.errors import BrokerUnavailable
 from fastws.limits import Bucket
 
 if TYPE_CHECKING:

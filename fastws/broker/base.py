@@ -13,12 +13,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fastws.errors import BrokerUnavailable
+
 __all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "PublishResult", "HistoryResult",
            "Publication", "Revocation"]
 
-
-class BrokerUnavailable(Exception):
-    """The broker cannot take the call now (HTTP 503 / error 503)."""
 
 
 @dataclass(frozen=True, slots=True)

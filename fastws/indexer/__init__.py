@@ -28,8 +28,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastws.channels import is_address
-from fastws.cli import OneLineParser, UsageError
 from fastws.extras import MissingExtra, require_chain
+from fastws.usage import OneLineParser, UsageError
 
 __all__ = ["main", "parse_args", "IndexArgs", "UsageError"]
 
