@@ -7,24 +7,22 @@ any other request (``/healthz``, ``/readyz``, ``/metrics``, the server API of
 :mod:`fastws.api`, ``/auth/*``, the live page, ``/fastws.js``) is routed by
 :meth:`App.handle_http`.  :class:`Connection` is the picows listener of one client.
 
-``run(config)`` is what ``fastws serve`` calls: startup → serve → drain → exit.
+``run(config)`` is what ``fastws serve`` calls: :mod:`fastws.lifecycle` with this
+module's :class:`App` (startup → serve → drain → exit).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import random
-import signal
 import sys
 import time
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import uvloop
 from picows import (
     WSAutoPingStrategy,
     WSMsgType,
@@ -35,14 +33,11 @@ from picows import (
 )
 from picows.picows import WSProtocol
 
-from fastws import api, auth, protocol, workers
+from fastws import api, auth, lifecycle, protocol, workers
 from fastws._fanout import Conn
 from fastws._frames import MessageAssembler, close_with, receive
-from fastws._version import __version__
-from fastws.broker import BrokerUnavailable
 from fastws.codes import (
     DISCONNECT_CONNECTION_LIMIT,
-    DISCONNECT_DRAINING,
     DISCONNECT_INVALID_TOKEN,
     DISCONNECT_ORIGIN,
     DISCONNECT_RATE_LIMITED,
@@ -53,21 +48,18 @@ from fastws.codes import (
     Disconnect,
 )
 from fastws.config import Config
-from fastws.http import HttpFront, json_response, response
+from fastws.http import json_response, response
 from fastws.limits import Bucket, KeyedLimiter, client_ip, request_id
-from fastws.logs import PicowsLog, setup_logging
+from fastws.logs import PicowsLog
 from fastws.metrics import CONTENT_TYPE, Metrics
 from fastws.node import Node
 
-__all__ = ["Connection", "App", "run", "serve"]
+__all__ = ["Connection", "App", "Server", "run", "serve"]
 
 log = logging.getLogger("fastws")
 conn_log = logging.getLogger("fastws.conn")   # one debug line per connection event
 
 SLOW_ABORT_AFTER = 2.0          # seconds between a 4008 close and dropping the socket
-HEARTBEAT_TICK = 1.0
-LAG_WINDOW = 15                 # ticks: fastws_event_loop_lag_seconds is their maximum
-DRAIN_GRACE = 0.25              # seconds between SIGTERM and the first drain batch
 WS_PATHS = ("/", "/ws")
 
 
@@ -352,53 +344,10 @@ class App:
         body = await worker.metrics(self.metrics.registry)
         return response(200, body, {"Content-Type": CONTENT_TYPE})
 
+    # ------------------------------------------------------------------ lifecycle hooks
 
-def _http_response(status: int, body: bytes, headers: dict[str, str] | None = None):
-    resp = WSUpgradeResponse.create_error_response(status, body)
-    for k, v in (headers or {}).items():
-        resp.headers[k] = v
-    return WSUpgradeResponseWithListener(resp, None)
-
-
-# ---------------------------------------------------------------------- lifecycle
-
-
-class Server:
-    """One serving process: startup → serve → drain → shutdown (uvicorn-style)."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.node = Node(config)
-        self.stopped = asyncio.Event()
-        self.exit_code = 0
-        self._listener: asyncio.AbstractServer | None = None
-        self._tasks: list[asyncio.Task] = []
-
-    async def startup(self) -> None:
-        loop = asyncio.get_running_loop()
-        await self.node.start()
-        hub = self.node.hub
-        hub.on_slow = self._on_slow
-        hub.on_heartbeat_timeout = self._on_heartbeat_timeout
-        self.app = App(self.node)
-        cfg = self.config.server
-        self._listener = await loop.create_server(
-            lambda: HttpFront(self.app), cfg.host, cfg.port, backlog=4096, reuse_address=True,
-            reuse_port=workers.CURRENT is not None)
-        if workers.CURRENT is not None:
-            await workers.CURRENT.start(self.app.metrics.registry)
-        for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGINT, self.drain),
-                             (signal.SIGHUP, self.reload)):
-            loop.add_signal_handler(sig, handler)
-        self._tasks.append(loop.create_task(self._heartbeat()))
-        if cfg.demo:
-            from fastws.demo import run_demo
-
-            self._tasks.append(loop.create_task(run_demo(self.node)))
-        log.info("fastws %s serving on http://%s:%d (broker %s)", __version__, cfg.host,
-                 cfg.port, cfg.broker)
-
-    def _on_slow(self, conn: Connection) -> None:
+    def on_slow(self, conn: Connection) -> None:
+        """The hub's slow-consumer hook: close with 4008 now, drop the socket soon after."""
         conn.close_code = Close.SLOW_CONSUMER
         log.warning("slow consumer: send_buffer exceeded, closing with 4008",
                     extra={"client": conn.client_id, "user": conn.user})
@@ -407,90 +356,34 @@ class Server:
             return
         with contextlib.suppress(Exception):
             close_with(tr, Close.SLOW_CONSUMER, DISCONNECT_SLOW.reason)
-        asyncio.get_running_loop().call_later(SLOW_ABORT_AFTER, _abort, tr)
+        self.loop.call_later(SLOW_ABORT_AFTER, _abort, tr)
 
-    def _on_heartbeat_timeout(self, conn: Connection) -> None:
+    def on_heartbeat_timeout(self, conn: Connection) -> None:
+        """The hub's heartbeat hook: close going-away, drop the socket soon after."""
         conn.close(Close.GOING_AWAY, "heartbeat timeout")
         if conn.transport is not None:
-            asyncio.get_running_loop().call_later(SLOW_ABORT_AFTER, _abort, conn.transport)
+            self.loop.call_later(SLOW_ABORT_AFTER, _abort, conn.transport)
 
-    async def _heartbeat(self) -> None:
-        """Once a second: heartbeat sweep, and the loop lag (largest of the last 15 ticks)."""
-        loop = asyncio.get_running_loop()
-        lags: collections.deque[float] = collections.deque(maxlen=LAG_WINDOW)
-        due = loop.time() + HEARTBEAT_TICK
-        while True:
-            await asyncio.sleep(max(0.0, due - loop.time()))
-            now = loop.time()
-            lags.append(max(0.0, now - due))  # wake-up to wake-up: the sweep's time counts
-            self.node.loop_lag = max(lags)
-            due = now + HEARTBEAT_TICK
-            cfg = self.node.config.server
-            self.node.hub.sweep(cfg.ping_interval, cfg.pong_timeout)
-
-    def reload(self) -> None:
-        """SIGHUP: re-read the config file; apply keys, limits and namespace rules."""
-        from fastws.config import ConfigError, reload
-
-        try:
-            new = reload(self.node.config)
-        except (ConfigError, OSError) as exc:
-            log.error("SIGHUP: config not reloaded: %s", exc)
-            return
-        self.node.reload(new)
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP: the open connections take the reloaded message size and send buffer."""
         for conn in list(self.node.hub.conns):
-            conn.assembler.max_message_size = new.limits.max_message_size
+            conn.assembler.max_message_size = config.limits.max_message_size
             tr = conn.transport
             if tr is not None and not tr.is_disconnected:
-                tr.underlying_transport.set_write_buffer_limits(high=new.limits.send_buffer)
-        logging.getLogger().setLevel(new.server.log_level.upper())
-        log.info("SIGHUP: configuration reloaded")
+                tr.underlying_transport.set_write_buffer_limits(high=config.limits.send_buffer)
 
-    def drain(self) -> None:
-        """SIGTERM: refuse new connections, disconnect the rest over the drain window."""
-        if self.node.draining:
-            return
-        self.node.draining = True
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._drain()))
-
-    async def _drain(self) -> None:
-        timeout = self.node.config.server.drain_timeout
-        log.info("draining: %d connections over %.1f s", len(self.node.hub.conns), timeout)
-        # The listener stays open until exit: /readyz answers 503, upgrades get 503 with
-        # Retry-After (a proxy retries them on another node), /metrics stays scrapeable.
-        deadline = time.monotonic() + timeout
-        conns = list(self.node.hub.conns)
-        random.shuffle(conns)
-        window = timeout * 0.5
-        batches = max(1, min(10, len(conns)))
-        per = -(-len(conns) // batches) if conns else 0
-        # publications a shared broker accepted just before SIGTERM may still be on
-        # their way to this node: let them arrive before the first disconnect
-        await asyncio.sleep(min(DRAIN_GRACE, timeout / 10))
-        for i in range(batches):
-            for conn in conns[i * per:(i + 1) * per]:
-                conn.disconnect(DISCONNECT_DRAINING,
-                                random.randint(0, int(timeout * 1000)))
-            if i + 1 < batches:
-                await asyncio.sleep(window / batches)
-        while self.node.hub.conns and time.monotonic() < deadline - 0.2:
-            await asyncio.sleep(0.05)
-        log.info("drained: %d connections left, exiting", len(self.node.hub.conns))
-        self.stopped.set()
-
-    async def shutdown(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    def close_all(self) -> None:
+        """Shutdown: drop every connection's socket (no close handshake)."""
         for conn in list(self.node.hub.conns):
             if conn.transport is not None:
                 conn.transport.disconnect(False)
-        await self.node.close()
+
+
+def _http_response(status: int, body: bytes, headers: dict[str, str] | None = None):
+    resp = WSUpgradeResponse.create_error_response(status, body)
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return WSUpgradeResponseWithListener(resp, None)
 
 
 def _peer(transport: WSTransport) -> str:
@@ -504,32 +397,24 @@ def _abort(transport: WSTransport) -> None:
         transport.disconnect(False)
 
 
+# ---------------------------------------------------------------------- lifecycle
+
+
+class Server(lifecycle.Server):
+    """One process serving :class:`App` (:class:`fastws.lifecycle.Server`)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config, App)
+
+
 async def serve(config: Config) -> int:
     """Serve until SIGTERM/SIGINT has drained; return the exit status."""
-    server = Server(config)
-    try:
-        await server.startup()
-    except OSError as exc:
-        print(f"fastws: cannot listen on {config.server.host}:{config.server.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except BrokerUnavailable as exc:
-        print(f"fastws: --broker: {exc}", file=sys.stderr)
-        return 2
-    await server.stopped.wait()
-    await server.shutdown()
-    return server.exit_code
+    return await lifecycle.serve(config, App)
 
 
 def run(config: Config) -> int:
     """Run one server process with uvloop (what ``fastws serve`` calls)."""
-    setup_logging(config.server.log_level, config.server.log_format)
-    if config.server.workers > 1 and workers.CURRENT is None:
-        return workers.supervise(config)
-    try:
-        return uvloop.run(serve(config))
-    except KeyboardInterrupt:
-        return 0
+    return lifecycle.run(config, App)
 
 
 if __name__ == "__main__":  # pragma: no cover
