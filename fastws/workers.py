@@ -174,8 +174,9 @@ def merge(snaps: list[dict[str, Any]]) -> bytes:
 def supervise(config: Config, run: Callable[[Config], int]) -> int:
     """Run ``config.server.workers`` workers until SIGTERM/SIGINT; return the exit status.
 
-    Each worker is a forked process that sets :data:`CURRENT` and returns ``run(config)``
-    as its exit status."""
+    Each worker is a forked process: it sets :data:`CURRENT`, then exits with the status
+    ``run(config)`` returns (the caller's serving entry point, so that this module
+    imports no server)."""
     count = config.server.workers
     directory = tempfile.mkdtemp(prefix="fastws-workers-")
     children: dict[int, tuple[int, float, bool]] = {}   # pid -> (index, started, first)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastws import __version__
 from fastws.http import (
@@ -82,6 +84,26 @@ def test_a_header_line_without_a_colon_is_400() -> None:
 
 def test_http_1_0_heads_parse() -> None:
     assert parse_head(b"GET /healthz HTTP/1.0\r\n\r\n") == ("GET", "/healthz", "HTTP/1.0", {}, 25)
+
+
+HEAD_PARTS = st.sampled_from([b"GET / HTTP/1.1", b"POST /api/publish HTTP/1.0", b"\r\n",
+                              b"\r\n\r\n", b"Host: a", b"Content-Length: 5", b":", b" ",
+                              b"\xff\x00", b"Upgrade: websocket"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.one_of(HEAD_PARTS, st.binary(max_size=40)), max_size=12))
+def test_any_bytes_give_a_head_none_or_an_http_error(parts: list[bytes]) -> None:
+    buf = b"".join(parts)
+    try:
+        head = parse_head(buf)
+    except HttpError as exc:
+        assert exc.status in (400, 431)
+        return
+    if head is not None:
+        method, path, version, headers, start = head
+        assert version.startswith("HTTP/1.") and buf[start - 4:start] == b"\r\n\r\n"
+        assert all(name == name.strip().lower() for name in headers)
 
 
 # ------------------------------------------------------------------ body_length
