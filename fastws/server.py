@@ -63,6 +63,20 @@ SLOW_ABORT_AFTER = 2.0          # seconds between a 4008 close and dropping the 
 WS_PATHS = ("/", "/ws")
 
 
+def _http_response(status: int, body: bytes, headers: dict[str, str] | None = None):
+    """An answer refusing an upgrade (a plain HTTP response), for picows."""
+    resp = WSUpgradeResponse.create_error_response(status, body)
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return WSUpgradeResponseWithListener(resp, None)
+
+
+def _peer(transport: WSTransport) -> str:
+    """``host:port`` of the socket peer (the proxy, behind one), for log lines."""
+    peer = transport.underlying_transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
 class Connection(Conn):
     """One protocol connection: the picows listener, with the session's state."""
 
@@ -377,19 +391,6 @@ class App:
         for conn in list(self.node.hub.conns):
             if conn.transport is not None:
                 conn.transport.disconnect(False)
-
-
-def _http_response(status: int, body: bytes, headers: dict[str, str] | None = None):
-    resp = WSUpgradeResponse.create_error_response(status, body)
-    for k, v in (headers or {}).items():
-        resp.headers[k] = v
-    return WSUpgradeResponseWithListener(resp, None)
-
-
-def _peer(transport: WSTransport) -> str:
-    """``host:port`` of the socket peer (the proxy, behind one), for log lines."""
-    peer = transport.underlying_transport.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 def _abort(transport: WSTransport) -> None:
