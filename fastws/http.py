@@ -199,9 +199,11 @@ class HttpFront(asyncio.BufferedProtocol):
         self.buf = b""
 
     def _process(self) -> None:
+        app = self.app
         while self.transport is not None and not self.closing and not self.busy:
+            buf = self.buf
             try:
-                head = parse_head(self.buf)
+                head = parse_head(buf)
             except HttpError as exc:
                 self._fail(exc.status, exc.message)
                 return
@@ -209,7 +211,7 @@ class HttpFront(asyncio.BufferedProtocol):
                 return
             method, path, version, headers, start = head
             upgrade = headers.get("upgrade", "").lower() == "websocket"
-            wait = self.app.ip_limit(self.transport, headers, upgrade)
+            wait = app.ip_limit(self.transport, headers, upgrade)
             if wait:
                 self._fail(429, "too many new connections from this IP" if upgrade else
                            "too many requests from this IP", {"Retry-After": retry_after(wait)})
@@ -222,13 +224,14 @@ class HttpFront(asyncio.BufferedProtocol):
             except HttpError as exc:
                 self._fail(exc.status, exc.message)
                 return
-            if len(self.buf) < start + length:
+            end = start + length
+            if len(buf) < end:
                 return
-            body = self.buf[start:start + length]
-            self.buf = self.buf[start + length:]
+            body = buf[start:end]
+            self.buf = buf[end:]
             keep = keep_alive(version, headers)
             try:
-                answer = self.app.handle_http(method, path, headers, body)
+                answer = app.handle_http(method, path, headers, body)
             except Exception:
                 log.exception("internal error answering %s %s", method, path)
                 answer = json_response(500, {"error": "internal error"})
