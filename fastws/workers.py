@@ -171,8 +171,12 @@ def merge(snaps: list[dict[str, Any]]) -> bytes:
 # ---------------------------------------------------------------------- supervisor
 
 
-def supervise(config: Config) -> int:
-    """Run ``config.server.workers`` workers until SIGTERM/SIGINT; return the exit status."""
+def supervise(config: Config, run: Callable[[Config], int]) -> int:
+    """Run ``config.server.workers`` workers until SIGTERM/SIGINT; return the exit status.
+
+    Each worker is a forked process: it sets :data:`CURRENT`, then exits with the status
+    ``run(config)`` returns (the caller's serving entry point, so that this module
+    imports no server)."""
     count = config.server.workers
     directory = tempfile.mkdtemp(prefix="fastws-workers-")
     children: dict[int, tuple[int, float, bool]] = {}   # pid -> (index, started, first)
@@ -187,9 +191,7 @@ def supervise(config: Config) -> int:
                     signal.signal(sig, signal.SIG_DFL)
                 global CURRENT
                 CURRENT = Worker(index, count, directory)
-                from fastws import server
-
-                code = server.run(config)
+                code = run(config)
             except BaseException:  # noqa: BLE001 - a worker never returns into the supervisor
                 log.exception("worker %d crashed", index)
             finally:

@@ -10,8 +10,8 @@ from conftest import API_KEY, http
 from redis_helpers import events, sub, uniq
 from wsclient import connect
 
+from fastws.api import MAX_BATCH
 from fastws.limits import MAX_JSON_DEPTH
-from fastws.server import MAX_BATCH
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -35,13 +35,17 @@ LAYERS: dict[str, int] = {
     "fastws.broker": 3, "fastws._fanout": 3,
     # 4 — orchestration of one process
     "fastws.recovery": 4, "fastws.presence": 4, "fastws.revocations": 4, "fastws.node": 4,
-    # 5 — the edge: transports, HTTP, the API, metrics, workers, logs
+    # 5 — the edge: HTTP/1.1, the server API, metrics, workers, logs, echo mode
     "fastws.metrics": 5, "fastws.workers": 5, "fastws.http": 5, "fastws.api": 5,
-    "fastws.logs": 5, "fastws.server": 6, "fastws.echo": 5, "fastws.transport": 5,
-    # 6 — process lifecycle and what runs beside the server
-    "fastws.lifecycle": 7, "fastws.demo": 7, "fastws.indexer": 6,
-    # 7 — entry points and the client library (which only shares layer-0 rules)
-    "fastws.cli": 8, "fastws.__main__": 8, "fastws": 9, "fastws.client": 1,
+    "fastws.logs": 5, "fastws.echo": 5,
+    # 6 — the process: lifecycle (startup, drain, shutdown) and what runs beside it
+    "fastws.lifecycle": 6, "fastws.demo": 6, "fastws.indexer": 6,
+    # 7 — the WebSocket transport and the app that ties one port together
+    "fastws.server": 7,
+    # 8 — entry points
+    "fastws.cli": 8, "fastws.__main__": 8, "fastws": 8,
+    # the client library shares only layer-0 rules with the server
+    "fastws.client": 1,
 }
 
 #: what the sans-I/O layers may not import (directly)
