@@ -20,9 +20,9 @@ import orjson
 from fastws import channels, protocol
 from fastws.broker import BrokerUnavailable
 from fastws.broker.base import Revocation
-from fastws.codes import DISCONNECT_BY_API, MAX_CLOSE_REASON, Disconnect
-from fastws.http import json_response
-from fastws.node import revocation_key
+from fastws.channels import owner_key
+from fastws.codes import DISCONNECT_BY_API, MAX_CLOSE_REASON, Close, Disconnect
+from fastws.http import bearer_token, json_response
 
 if TYPE_CHECKING:
     from fastws.node import Node
@@ -39,8 +39,7 @@ MAX_REVOCATION_TTL = 366 * 86400  # seconds a POST /api/revoke record may be kep
 def key_ok(node: Node, headers: dict[str, str]) -> bool:
     """True when the request carries one of the configured API keys."""
     keys = node.config.server.api_keys
-    authz = headers.get("authorization", "")
-    return bool(keys) and authz.lower().startswith("bearer ") and authz[7:].strip() in keys
+    return bool(keys) and bearer_token(headers.get("authorization", "")) in keys
 
 
 def _publication(node: Node, msg: Any) -> tuple[str, Any, str | None] | str:
@@ -161,7 +160,7 @@ async def disconnect(node: Node, headers: dict[str, str], body: bytes) -> bytes:
     if not isinstance(user, str) or not user or len(user) > 255:
         return json_response(400, {"error": "user must be a string of 1-255 chars"})
     code = msg.get("code", DISCONNECT_BY_API.code)
-    if not isinstance(code, int) or isinstance(code, bool) or not 4000 <= code <= 4999:
+    if not isinstance(code, int) or isinstance(code, bool) or not Close.is_application(code):
         return json_response(400, {"error": "code must be an integer in 4000-4999 (4000-4499: "
                                             "the client reconnects, 4500-4999: it does not)"})
     reason = msg.get("reason", DISCONNECT_BY_API.reason)
@@ -205,7 +204,7 @@ async def revoke(node: Node, headers: dict[str, str], body: bytes) -> bytes:
         return json_response(400, {"error": f"ttl must be a number of seconds in 1-"
                                             f"{MAX_REVOCATION_TTL}"})
     now = time.time()
-    revs = [Revocation(kind, revocation_key(value) if kind == "user" else value, now,
+    revs = [Revocation(kind, owner_key(value) if kind == "user" else value, now,
                        now + ttl) for kind, value in targets]
     n = 0
     try:

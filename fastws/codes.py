@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "Err", "Close", "Disconnect",
+    "Err", "Close", "CLOSE_CODES", "Disconnect",
     "DISCONNECT_DRAINING", "DISCONNECT_SLOW", "DISCONNECT_RATE_LIMITED",
     "DISCONNECT_INSUFFICIENT_STATE", "DISCONNECT_INVALID_TOKEN", "DISCONNECT_ORIGIN",
     "DISCONNECT_CONNECTION_LIMIT", "DISCONNECT_TOKEN_EXPIRED", "DISCONNECT_TOKEN_REVOKED",
@@ -70,6 +70,13 @@ class Close:
     def is_application(code: int) -> bool:
         """True for the 4000-4999 range (the codes ``POST /api/disconnect`` may name)."""
         return Close.APP_FIRST <= code <= Close.APP_LAST
+
+
+#: every close code of :class:`Close` (not the bounds of its 4xxx ranges), sorted
+CLOSE_CODES = tuple(sorted(
+    v for k, v in vars(Close).items()
+    if k.isupper() and isinstance(v, int)
+    and k not in ("APP_FIRST", "NO_RECONNECT_FIRST", "APP_LAST")))
 
 
 @dataclass(frozen=True, slots=True)

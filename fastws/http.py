@@ -192,8 +192,11 @@ class HttpFront(asyncio.BufferedProtocol):
             self._process()
 
     def _fail(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        # Vary: Origin as on every /auth/* answer (docs/security.md): a refusal written
+        # here, before routing, may answer one of them
         self.transport.write(json_response(status, {"error": message},
-                                           {**(headers or {}), "Connection": "close"}))
+                                           {**(headers or {}), "Vary": "Origin",
+                                            "Connection": "close"}))
         self.transport.close()
         self.closing = True
         self.buf = b""
@@ -286,3 +289,10 @@ class HttpFront(asyncio.BufferedProtocol):
                 memoryview(buf)[:k] = rest[:k]
                 ws.buffer_updated(k)
                 rest = rest[k:]
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, else None."""
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return None

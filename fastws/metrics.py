@@ -20,7 +20,7 @@ from prometheus_client.core import (
 
 from fastws import workers
 from fastws._version import __version__
-from fastws.codes import Close, Err
+from fastws.codes import CLOSE_CODES, Err
 
 if TYPE_CHECKING:
     from fastws.node import Node
@@ -29,20 +29,12 @@ __all__ = ["NodeCollector", "Metrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-
-
-def _codes(cls: type) -> tuple[int, ...]:
-    """The integer constants of a class of fastws.codes, sorted."""
-    return tuple(sorted({v for k, v in vars(cls).items()
-                         if k.isupper() and isinstance(v, int)}))
-
-
 # Label values exported from the start (at 0), so that rate() sees their first increment:
 # every close code of fastws.codes (1006 included: a connection dropped without a close
-# frame, which no one sends) and every error code; not the bounds of the 4xxx ranges.
-_RANGE_BOUNDS = {Close.APP_FIRST, Close.NO_RECONNECT_FIRST, Close.APP_LAST}
-KNOWN_CLOSE_CODES = tuple(c for c in _codes(Close) if c not in _RANGE_BOUNDS)
-KNOWN_ERROR_CODES = _codes(Err)
+# frame, which no one sends) and every error code.
+KNOWN_CLOSE_CODES = CLOSE_CODES
+KNOWN_ERROR_CODES = tuple(sorted(v for k, v in vars(Err).items()
+                                 if k.isupper() and isinstance(v, int)))
 KNOWN_LIMITS = ("connections", "messages", "requests", "subscribes", "subscriptions")
 
 

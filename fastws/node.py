@@ -39,13 +39,13 @@ from fastws.permissions import Permissions
 from fastws.presence import Presence
 from fastws.protocol import ProtocolError, Request
 from fastws.recovery import NS_LOG_SIZE, Recovery
-from fastws.revocations import Revocations, revocation_key
+from fastws.revocations import Revocations
 
 if TYPE_CHECKING:
     from fastws.config import Config
     from fastws.session import Session
 
-__all__ = ["Node", "Auth", "revocation_key"]
+__all__ = ["Node", "Auth"]
 
 log = logging.getLogger("fastws")
 

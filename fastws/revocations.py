@@ -21,15 +21,9 @@ from fastws.codes import DISCONNECT_TOKEN_REVOKED
 if TYPE_CHECKING:
     from fastws.node import Node
 
-__all__ = ["Revocations", "revocation_key"]
+__all__ = ["Revocations"]
 
 log = logging.getLogger("fastws")
-
-
-def revocation_key(user: str) -> str:
-    """The key of a user's revocations: the owner key (0x addresses lower-cased, as
-    they compare case-insensitively; other ids as they are)."""
-    return owner_key(user)
 
 
 class Revocations:
@@ -37,7 +31,7 @@ class Revocations:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        # user key (see revocation_key) -> (revoked at, until); jti -> until
+        # owner key of the user (channels.owner_key) -> (revoked at, until); jti -> until
         self.users: dict[str, tuple[float, float]] = {}
         self.jtis: dict[str, float] = {}
         self.loading: asyncio.Task | None = None
@@ -55,7 +49,7 @@ class Revocations:
             until = self.jtis.get(jti)
             if until is not None and until > now:
                 return True
-        rec = self.users.get(revocation_key(user))
+        rec = self.users.get(owner_key(user))
         if rec is None or rec[1] <= now:
             return False
         return issued is None or issued <= rec[0]
@@ -67,7 +61,7 @@ class Revocations:
         if rev.until <= now:
             return 0
         if rev.kind == "user":
-            key = revocation_key(rev.key)
+            key = owner_key(rev.key)
             old = self.users.get(key)
             self.users[key] = ((rev.at, rev.until) if old is None else
                                (max(rev.at, old[0]), max(rev.until, old[1])))

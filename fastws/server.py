@@ -46,7 +46,7 @@ from fastws.codes import (
     Disconnect,
 )
 from fastws.config import Config
-from fastws.http import json_response, response
+from fastws.http import bearer_token, json_response, response
 from fastws.limits import KeyedLimiter, client_ip
 from fastws.logs import PicowsLog
 from fastws.metrics import CONTENT_TYPE, Metrics
@@ -138,10 +138,10 @@ class Connection(Conn, Session):
         if not code and hs is not None:
             info = hs.recv if hs.recv is not None else hs.sent
             code = int(info.code) if info is not None else 0
-        self.node.drop(self, code or 1006)
+        self.node.drop(self, code or Close.ABNORMAL)
         if conn_log.isEnabledFor(logging.DEBUG):
             conn_log.debug("connection closed", extra={
-                "client": self.client_id, "user": self.user, "code": code or 1006})
+                "client": self.client_id, "user": self.user, "code": code or Close.ABNORMAL})
 
     def pause_writing(self) -> None:
         """The transport holds more than send_buffer bytes: a slow consumer."""
@@ -248,14 +248,13 @@ class App:
             log.warning("connection limit reached: closing a new connection with 4504",
                         extra={"limit": limits.max_connections})
         origins = node.config.server.allow_origins
-        origin = request.headers.get("origin", "").rstrip("/").lower()
-        if origins and origin and origin not in origins and "*" not in origins:
+        origin = request.headers.get("origin", "")
+        if origins and origin and not auth.origin_listed(origins, origin):
             pending = DISCONNECT_ORIGIN  # (no Origin: not a browser, nothing to protect)
         ident = None
         token = parse_qs(url.query).get("token", [None])[0]
-        authz = request.headers.get("authorization", "")
-        if token is None and authz.lower().startswith("bearer "):
-            token = authz[7:].strip()
+        if token is None:
+            token = bearer_token(request.headers.get("authorization", ""))
         if token and pending is None:
             try:
                 ident = node.auth.verify(token)

@@ -192,6 +192,10 @@ def test_every_auth_answer_varies_on_origin(fastws_server) -> None:
         statuses = [a.status for a in answers]
         expected = [204, 204] if origin != "https://evil.example" else [403, 403]
         assert statuses == [*expected, 200, 405, 405, 400], (origin, statuses)
+        # a refusal the HTTP front writes before routing (here a bad Content-Length)
+        answers += exchange(port, request("POST", "/auth/siwe", origin, port=port,
+                                          extra="Content-Length: x\n"))
+        assert answers[-1].status == 400
         for a in answers:
             assert a.headers.get("vary") == "Origin", (origin, a.status, a.headers)
 
