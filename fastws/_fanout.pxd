@@ -1,6 +1,6 @@
 # C-level interface of the broadcast loop (implementation in _fanout.pyx).
 from cpython.object cimport PyObject
-from picows.picows cimport MemoryBuffer, WSListener, WSTransport
+from fastws._picows cimport MemoryBuffer, WSListener, WSTransport
 from fastws._match cimport Trie
 
 

@@ -15,7 +15,7 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from picows.picows cimport MemoryBuffer, WSListener, WSMsgType, WSTransport
+from fastws._picows cimport MemoryBuffer, WSListener, WSMsgType, WSTransport
 
 from fastws._match cimport Trie
 

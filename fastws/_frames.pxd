@@ -7,7 +7,7 @@
 
 from libc.stdint cimport uint32_t
 
-from picows.picows cimport WSFrame, WSTransport
+from fastws._picows cimport WSFrame, WSTransport
 
 
 cdef enum NoResult:

@@ -13,7 +13,7 @@ from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAnd
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
-from picows.picows cimport WSCloseCode, WSFrame, WSMsgType, WSTransport
+from fastws._picows cimport WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from picows import WSProtocolError
 

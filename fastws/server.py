@@ -80,12 +80,12 @@ class Connection(Conn, Session):
     """One WebSocket connection: the picows listener (the hub's :class:`Conn`) and the
     client's :class:`~fastws.session.Session` in one object (one per connection)."""
 
-    __slots__ = (*SESSION_SLOTS, "node", "assembler", "close_code", "pending_close",
-                 "expiry")
+    __slots__ = (*SESSION_SLOTS, "assembler", "close_code", "pending_close", "expiry")
+
+    host: Node                        # the session's host is the node
 
     def __init__(self, node: Node, pending_close: Disconnect | None) -> None:
         self.init_session(node, node.next_client_id())
-        self.node = node
         self.assembler = MessageAssembler(node.config.limits.max_message_size)
         self.close_code = 0
         self.pending_close = pending_close
@@ -93,7 +93,7 @@ class Connection(Conn, Session):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        node = self.node
+        node = self.host
         self.hub = node.hub
         node.accepted += 1
         if self.pending_close is not None:
@@ -114,12 +114,12 @@ class Connection(Conn, Session):
             return
         opcode, payload = msg
         if opcode != WSMsgType.TEXT:
-            self.node.messages_received += 1
+            self.host.messages_received += 1
             self.close(Close.UNSUPPORTED_DATA, "binary messages are not supported")
             return
         req = self.receive(payload)
         if req is not None:
-            self.node.run(self, req)
+            self.host.run(self, req)
 
     def arm_expiry(self, at: float | None) -> None:
         """Disconnect with 4501 "token expired" at ``at`` (wall clock); None cancels."""
@@ -138,7 +138,7 @@ class Connection(Conn, Session):
         if not code and hs is not None:
             info = hs.recv if hs.recv is not None else hs.sent
             code = int(info.code) if info is not None else 0
-        self.node.drop(self, code or Close.ABNORMAL)
+        self.host.drop(self, code or Close.ABNORMAL)
         if conn_log.isEnabledFor(logging.DEBUG):
             conn_log.debug("connection closed", extra={
                 "client": self.client_id, "user": self.user, "code": code or Close.ABNORMAL})
