@@ -371,7 +371,7 @@ class PollSession(_Relayed):
         self.init_relayed(node, plan)
         loop = asyncio.get_running_loop()
         self.replies = len(plan.names)     # subscribe replies still to come
-        self.events = False                # something newer than the cursor came
+        self.events = False                # something to answer came (newer than the cursor)
         self.failed: dict[str, Any] | None = None
         self.subscribed = loop.create_future()
         self.woken = loop.create_future()
@@ -392,8 +392,7 @@ class PollSession(_Relayed):
             if not keep:
                 self.positions, self.cursor = positions, cur
                 return
-        else:
-            self.events = True
+        self.events = True          # answered at once: a new position, or newer messages
         super()._queue(chunk, positions, cur)
 
     def write_out(self) -> None:
