@@ -432,10 +432,11 @@ cdef class Hub:
             cumulative.append(acc)
         return LATENCY_BUCKETS, cumulative, self._lat_sum, self._lat_count
 
-    def count_sent(self, Py_ssize_t nbytes):
-        """Count one write of ``nbytes`` made outside the C queue (fastws.fallback)."""
+    def count_sent(self, Py_ssize_t nbytes, Py_ssize_t writes=1):
+        """Count ``writes`` writes of ``nbytes`` in all made outside the C queue
+        (fastws.fallback)."""
         self.bytes_sent += nbytes
-        self.writes += 1
+        self.writes += writes
 
     # ---------------------------------------------------------------- registrations
 

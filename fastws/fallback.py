@@ -93,7 +93,11 @@ class _Relay:
         self.pending: list[_Relayed] = []
         self.scheduled = False
         self.frames: dict[int, tuple[bytes, bytes, dict[str, Any] | None]] = {}
-        self.chunks: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        # per transport: (frame id, cursor before) → (frame, chunk, positions, cursor)
+        self.chunks: dict[str, dict[tuple[int, bytes], tuple[Any, ...]]] = {
+            "sse": {}, "poll": {}}
+        self.sent = 0               # bytes written in this pass (counted once per pass)
+        self.writes = 0
 
     def add(self, sess: _Relayed) -> None:
         self.pending.append(sess)
@@ -121,7 +125,11 @@ class _Relay:
             except Exception:
                 log.exception("writing to a %s session failed", sess.transport_name)
         self.frames.clear()     # the frames kept alive for this pass may go now
-        self.chunks.clear()
+        for chunks in self.chunks.values():
+            chunks.clear()
+        if self.writes and pending:
+            pending[0].hub.count_sent(self.sent, self.writes)
+            self.sent = self.writes = 0
 
 
 _relays: dict[asyncio.AbstractEventLoop, _Relay] = {}
@@ -183,11 +191,12 @@ class _Relayed(Conn, Session):
         """The hub's broadcast: queue one publication (or presence push) frame."""
         try:
             relay = self.relay_
-            key = (id(frame), self.cursor, self.transport_name)
-            hit = relay.chunks.get(key)
+            chunks = relay.chunks[self.transport_name]
+            key = (id(frame), self.cursor)
+            hit = chunks.get(key)
             if hit is None or hit[0] is not frame:
                 _, payload, msg = relay.parsed(frame)
-                hit = relay.chunks[key] = (frame, *self._advance(payload, msg))
+                hit = chunks[key] = (frame, *self._advance(payload, msg))
             self._queue(hit[1], hit[2], hit[3])
             return True
         except Exception:
@@ -307,7 +316,9 @@ class SseStream(_Relayed, asyncio.Protocol):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         sock.write(data)
-        self.hub.count_sent(len(data))
+        relay = self.relay_
+        relay.sent += len(data)
+        relay.writes += 1
 
     def disconnect(self, d: Disconnect, after_ms: int | None = None) -> None:
         """The ``disconnect`` message (after everything queued), then the end of the
