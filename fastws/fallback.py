@@ -94,9 +94,9 @@ class _Relay:
         self.scheduled = False
         self.frames: dict[int, tuple[bytes, bytes, dict[str, Any] | None]] = {}
         # per transport: (frame id, cursor before) → (frame, chunk, positions, cursor)
-        self.chunks: dict[str, dict[tuple[int, bytes], tuple[Any, ...]]] = {
-            "sse": {}, "poll": {}}
-        self.sent = 0               # bytes written in this pass (counted once per pass)
+        self.sse_chunks: dict[tuple[int, bytes], tuple[Any, ...]] = {}
+        self.poll_chunks: dict[tuple[int, bytes], tuple[Any, ...]] = {}
+        self.sent = 0               # bytes written outside flush (counted in the next one)
         self.writes = 0
 
     def add(self, sess: _Relayed) -> None:
@@ -118,17 +118,31 @@ class _Relay:
     def flush(self) -> None:
         self.scheduled = False
         pending, self.pending = self.pending, []
+        sent = writes = 0
         for sess in pending:
             sess.queued = False
             try:
-                sess.write_out()
+                if type(sess) is not SseStream:
+                    sess.write_out()
+                    continue
+                out = sess.out              # SseStream.write_out, inlined (once per stream)
+                sock = sess.sock
+                if not out or sock is None or sock.is_closing():
+                    continue
+                sess.out = []
+                data = out[0] if len(out) == 1 else b"".join(out)
+                sock.write(data)
+                sent += len(data)
+                writes += 1
             except Exception:
                 log.exception("writing to a %s session failed", sess.transport_name)
         self.frames.clear()     # the frames kept alive for this pass may go now
-        for chunks in self.chunks.values():
-            chunks.clear()
-        if self.writes and pending:
-            pending[0].hub.count_sent(self.sent, self.writes)
+        self.sse_chunks.clear()
+        self.poll_chunks.clear()
+        sent += self.sent
+        writes += self.writes
+        if writes:
+            pending[0].hub.count_sent(sent, writes)
             self.sent = self.writes = 0
 
 
@@ -191,7 +205,7 @@ class _Relayed(Conn, Session):
         """The hub's broadcast: queue one publication (or presence push) frame."""
         try:
             relay = self.relay_
-            chunks = relay.chunks[self.transport_name]
+            chunks = relay.poll_chunks
             key = (id(frame), self.cursor)
             hit = chunks.get(key)
             if hit is None or hit[0] is not frame:
@@ -266,6 +280,28 @@ class SseStream(_Relayed, asyncio.Protocol):
         self.init_relayed(node, plan)
         self.sock: asyncio.Transport | None = None
         self.pinger: asyncio.TimerHandle | None = None
+
+    def deliver(self, frame: bytes) -> bool:
+        """The hub's broadcast (the hot path of this module: one call per stream and
+        publication; the event and its cursor are worked out once per position)."""
+        try:
+            relay = self.relay_
+            key = (id(frame), self.cursor)
+            hit = relay.sse_chunks.get(key)
+            if hit is None or hit[0] is not frame:
+                _, payload, msg = relay.parsed(frame)
+                hit = relay.sse_chunks[key] = (frame, *self._advance(payload, msg))
+            self.out.append(hit[1])
+            if hit[3] is not self.cursor:
+                self.positions = hit[2]
+                self.cursor = hit[3]
+            if not self.queued:
+                self.queued = True
+                relay.add(self)
+            return True
+        except Exception:
+            log.exception("delivery to an SSE stream failed")
+            return False
 
     def chunk(self, payload: bytes, cur: bytes | None) -> bytes:
         if cur is None:

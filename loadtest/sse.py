@@ -159,7 +159,7 @@ async def _publish(port: int, path: str, headers: str, rate: float, duration: fl
         sent += batch
         due = start + sent / rate
         await asyncio.sleep(max(0.0, due - loop.time()))
-    await asyncio.sleep(0.5)        # the last deliveries arrive
+    await asyncio.sleep(0.5)        # the last answers arrive
     task.cancel()
     writer.close()
     return sent
@@ -174,7 +174,14 @@ def measure(name: str, pid: int, port: int, sse_path: str, pub_path: str, header
         before, cpu0 = clients.count(), read_cpu_s(pid)
         pubs = uvloop.run(_publish(port, pub_path, headers, args.rate, args.duration,
                                    args.batch, name == "fastws"))
-        after, cpu1 = clients.count(), read_cpu_s(pid)
+        after, deadline = clients.count(), time.monotonic() + 15
+        while after - before < pubs * args.subscribers and time.monotonic() < deadline:
+            time.sleep(0.5)             # the clients catch up (the box has 2 cores)
+            now = clients.count()
+            if now == after:
+                break
+            after = now
+        cpu1 = read_cpu_s(pid)
     finally:
         clients.stop()
     deliveries = after - before
