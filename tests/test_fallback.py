@@ -281,6 +281,9 @@ async def test_sse_drain_ends_with_disconnect(fastws_server) -> None:
     assert (await late.next())["type"] == "disconnect"
     assert await late.next() is None
     late.close()
+    # and a long-poll gets its answer at once: the disconnect message
+    st, _, res = await asyncio.to_thread(poll, srv, "channel=events:d")
+    assert st == 200 and res["messages"][-1]["type"] == "disconnect"
     assert await asyncio.to_thread(srv.proc.wait, 10) == 0
 
 
@@ -385,7 +388,7 @@ def test_call_answers_as_the_websocket(fastws_server) -> None:
 # ---------------------------------------------------------------------- CORS
 
 
-def test_cors_on_all_three(fastws_server) -> None:
+async def test_cors_on_all_three(fastws_server) -> None:
     srv = fastws_server(config='[server]\nallow_origins = ["https://app.example"]\n')
     good = {"Origin": "https://app.example"}
     for path, method in (("/sse", "GET"), ("/poll", "GET"), ("/call", "POST")):
@@ -400,6 +403,9 @@ def test_cors_on_all_three(fastws_server) -> None:
     assert st == 200 and hdrs["Access-Control-Allow-Origin"] == "https://app.example"
     st, hdrs, _ = http("POST", srv.http_url + "/call", {"type": "ping"}, headers=good)
     assert st == 200 and hdrs["Access-Control-Allow-Origin"] == "https://app.example"
+    s = await open_sse(srv.port, "channel=a:b", good)
+    assert s.status == 200 and s.headers["access-control-allow-origin"] == "https://app.example"
+    s.close()
     bad = {"Origin": "https://evil.example"}
     assert http("GET", srv.http_url + "/sse?channel=a:b", headers=bad)[0] == 403
     assert http("GET", srv.http_url + "/poll?channel=a:b", headers=bad)[0] == 403
