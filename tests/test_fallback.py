@@ -410,3 +410,27 @@ async def test_cors_on_all_three(fastws_server) -> None:
     assert http("GET", srv.http_url + "/sse?channel=a:b", headers=bad)[0] == 403
     assert http("GET", srv.http_url + "/poll?channel=a:b", headers=bad)[0] == 403
     assert http("POST", srv.http_url + "/call", {"type": "ping"}, headers=bad)[0] == 403
+
+
+async def test_sse_max_connections_and_slow_consumer(fastws_server) -> None:
+    srv = fastws_server(config="[limits]\nmax_connections = 1\nsend_buffer = 65536\n")
+    s = await open_sse(srv.port, "channel=big:y")
+    assert (await s.next())["type"] == "subscribed"
+    st, hdrs, body = await asyncio.to_thread(http, "GET", srv.http_url + "/poll?channel=a:b")
+    assert st == 429 and hdrs["Retry-After"] and json.loads(body)["code"] == 429
+    # a stream that reads nothing: past send_buffer it is dropped as a slow consumer
+    blob = "y" * (256 * 1024)
+    for _ in range(64):
+        await asyncio.to_thread(srv.publish, "big:y", blob)
+        metrics = await asyncio.to_thread(scrape, srv.http_url)
+        if metrics["fastws_slow_consumer_disconnects_total"]:
+            break
+    assert metrics["fastws_slow_consumer_disconnects_total"] == 1
+    for _ in range(50):
+        metrics = await asyncio.to_thread(scrape, srv.http_url)
+        if metrics['fastws_connections_closed_total{code="4008"}']:
+            break
+        await asyncio.sleep(0.1)
+    assert metrics['fastws_connections_closed_total{code="4008"}'] == 1
+    assert metrics['fastws_transport_connections{transport="sse"}'] == 0
+    s.close()
