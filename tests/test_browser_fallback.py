@@ -164,3 +164,29 @@ def test_plain_eventsource_resumes_across_a_node_crash(page, fastws_server):
         assert len(got) == 18
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("script", [NO_WEBSOCKET, NO_EVENTSOURCE])
+def test_refused_channel_is_an_error_for_that_subscription_only(page, fastws_server, script):
+    """Over a WebSocket a forbidden subscribe gets an error reply and the rest goes on;
+    the fallback transports, refused as a whole request, behave the same."""
+    srv = fastws_server(config=CONFIG)
+    page.add_init_script(script)
+    page.goto(srv.http_url + "/healthz")
+    page.evaluate("""async () => {
+      const { FastWS } = await import("/fastws.js");
+      const c = window.c = new FastWS(location.origin.replace("http", "ws") + "/ws",
+                                      { minDelay: 20, maxDelay: 200 });
+      window.got = []; window.refusal = null;
+      c.subscribe("user:bob", () => {}).ready
+        .catch((e) => { window.refusal = [e.code, e.message]; });
+      c.subscribe("chat:ok", (e) => window.got.push(e.data.n));
+    }""")
+    page.wait_for_function("() => window.refusal !== null")
+    assert page.evaluate("refusal")[0] == 401
+    page.wait_for_function("() => c._subs.get('chat:ok') && "
+                           "c._subs.get('chat:ok').status === 'subscribed'")
+    srv.publish("chat:ok", {"n": 1})
+    page.wait_for_function("() => got.length === 1")
+    assert page.evaluate("c.subscriptions()") == ["chat:ok"]
+    assert page.evaluate("c.state") == "connected"

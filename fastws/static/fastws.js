@@ -975,6 +975,7 @@ class FallbackSocket {
     this.subIds = new Map();        // name → id of the client's subscribe awaiting a reply
     this.closed = false;
     this.pushed = null;             // the disconnect message, when one came
+    this.refused = new Map();       // channels the server refused: name → {code, message}
     this._restartQueued = false;
     setTimeout(() => this._begin(), 0);
   }
@@ -1001,7 +1002,7 @@ class FallbackSocket {
 
   _begin() {
     if (this.closed) return;
-    this.names = Object.keys(this.positions());
+    this.names = Object.keys(this.positions()).filter((n) => !this.refused.has(n));
     if (this.names.length === 0) this._opened();  // nothing to stream yet: calls only
     else this._start(true);
   }
@@ -1031,7 +1032,11 @@ class FallbackSocket {
   send(text) {
     if (this.readyState !== 1) throw new Error("not open");
     const msg = JSON.parse(text);
-    if (msg.type === "subscribe") {
+    if (msg.type === "subscribe" && this.refused.has(msg.channel)) {
+      const err = this.refused.get(msg.channel);
+      this.refused.delete(msg.channel);
+      setTimeout(() => this._deliver({ id: msg.id, type: "error", ...err }), 0);
+    } else if (msg.type === "subscribe") {
       if (this.names.includes(msg.channel) && this._live) {
         this.subIds.set(msg.channel, msg.id);
         if (!this._answering) this._answerRecovered();
@@ -1078,6 +1083,38 @@ class FallbackSocket {
       if (this.names.length) this._queueRestart();
     }
     this._deliver(reply);
+  }
+
+  /** A stream or poll refused with HTTP `status`. Before it opened: a refused token stops
+   *  the client (4501, as a WebSocket close would); a refused channel (400, 401, 403) is
+   *  found by asking for each channel alone, left out, and answered with the server's
+   *  error when the client subscribes to it (as over a WebSocket); anything else is
+   *  retried (1006). After it opened: 4501 for a refused token, else 1006. */
+  async _refusedWith(status) {
+    if (status === 401 && this.token) return this._fail(4501, "invalid token");
+    if (this.readyState !== 0 || ![400, 401, 403].includes(status)) {
+      return this._fail(1006, status ? `refused (${status})` : "unreachable");
+    }
+    const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
+    let found = 0;
+    for (const name of this.names) {
+      try {
+        const q = new URLSearchParams({ channel: name, timeout: "1" });
+        const res = await this._fetch(`${this.base}/poll?${q}`, { headers });
+        const body = await res.json().catch(() => ({}));
+        if ([400, 401, 403].includes(res.status)) {
+          this.refused.set(name, { code: res.status, message: body.message || `refused (${res.status})` });
+          found++;
+        }
+      } catch {
+        return this._fail(1006, "unreachable");
+      }
+    }
+    if (this.closed) return;
+    if (!found) return this._fail(1006, `refused (${status})`);
+    this.names = this.names.filter((n) => !this.refused.has(n));
+    if (this.names.length) this._start(true);
+    else this._opened();
   }
 
   /** End as a WebSocket close would: the disconnect message's code, else 1006. */
@@ -1130,14 +1167,15 @@ class SseSocket extends FallbackSocket {
       if (es !== this.es) return;
       // The stream ended (a disconnect message came first, or the connection broke): the
       // client's own reconnect (backoff, since) takes over, not EventSource's.
+      const opened = this._live;
       this._stop();
-      if (this.readyState === 0) this._refused();
+      if (!opened) this._refused();
       else this._fail(1006, "stream lost");
     };
   }
 
-  /** The stream did not open: learn why (EventSource does not say), as a WebSocket
-   *  close code: 4501 for a refused token (stop for good), else 1006 (retry). */
+  /** The stream did not open: learn why from the same request as a long-poll
+   *  (EventSource does not say), then as `_refusedWith`. */
   async _refused() {
     let status = 0;
     try {
@@ -1146,8 +1184,7 @@ class SseSocket extends FallbackSocket {
       const res = await this._fetch(`${this.base}/poll?${query}`, { headers });
       status = res.status;
     } catch { /* unreachable: 1006 */ }
-    if (status === 401) this._fail(4501, "invalid token");
-    else this._fail(1006, status ? `refused (${status})` : "unreachable");
+    if (!this.closed) this._refusedWith(status === 200 ? 0 : status);
   }
 
   _restart() {
@@ -1189,8 +1226,7 @@ class PollSocket extends FallbackSocket {
       .then(async (res) => {
         if (ctl !== this.ctl || this.closed) return;
         if (res.status !== 200) {
-          if (res.status === 401) this._fail(4501, "invalid token");
-          else this._fail(1006, `poll refused (${res.status})`);
+          this._refusedWith(res.status);
           return;
         }
         const body = await res.json();
