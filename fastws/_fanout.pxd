@@ -15,6 +15,7 @@ cdef class Conn(WSListener):
     cdef public bint active         # received something since the last heartbeat sweep
     cdef public double idle_since
     cdef public double ping_sent
+    cdef public bint relay          # not a WebSocket: the hub calls its deliver(frame) (SSE, long-poll)
 
     cdef int _append(self, const char* ptr, Py_ssize_t size) except -1
     cdef int _send_raw(self, const char* ptr, Py_ssize_t size) except -1

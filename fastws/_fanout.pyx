@@ -318,6 +318,10 @@ cdef class Hub:
             o = items[i]
             if (<Conn>o).closing:
                 continue
+            if (<Conn>o).relay:     # SSE / long-poll (fastws.fallback): Python-level delivery
+                if (<object>o).deliver(frame):
+                    n += 1
+                continue
             if (<Conn>o)._len + size > self.send_buffer:
                 self._slow(<Conn>o)
                 continue
@@ -427,6 +431,12 @@ cdef class Hub:
             acc += self._lat_counts[i]
             cumulative.append(acc)
         return LATENCY_BUCKETS, cumulative, self._lat_sum, self._lat_count
+
+    def count_sent(self, Py_ssize_t nbytes, Py_ssize_t writes=1):
+        """Count ``writes`` writes of ``nbytes`` in all made outside the C queue
+        (fastws.fallback)."""
+        self.bytes_sent += nbytes
+        self.writes += writes
 
     # ---------------------------------------------------------------- registrations
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -23,8 +24,8 @@ import orjson
 from fastws._version import __version__
 from fastws.limits import retry_after
 
-__all__ = ["HttpApp", "HttpError", "HttpFront", "REASONS", "body_length", "json_response",
-           "keep_alive", "parse_head", "response"]
+__all__ = ["Handover", "HttpApp", "HttpError", "HttpFront", "REASONS", "body_length",
+           "json_response", "keep_alive", "parse_head", "response"]
 
 log = logging.getLogger("fastws")
 
@@ -121,6 +122,17 @@ def json_response(status: int, obj: Any, headers: dict[str, str] | None = None) 
     return response(status, orjson.dumps(obj) + b"\n", headers)
 
 
+class Handover:
+    """An answer that takes the connection over (a Server-Sent Events stream):
+    :class:`HttpFront` stops reading requests on it and calls ``take(transport, rest)``
+    with the bytes read after the request; the taker answers and owns the socket."""
+
+    __slots__ = ("take",)
+
+    def __init__(self, take: Callable[[asyncio.Transport, bytes], None]) -> None:
+        self.take = take
+
+
 class HttpApp(Protocol):
     """What :class:`HttpFront` needs from the app it serves."""
 
@@ -132,8 +144,9 @@ class HttpApp(Protocol):
         """0.0 if the request may go on, else the seconds to wait (answered 429)."""
 
     def handle_http(self, method: str, path: str, headers: dict[str, str],
-                    body: bytes) -> bytes | asyncio.Future:
-        """The answer to one plain request: bytes, or a future of bytes."""
+                    body: bytes) -> bytes | asyncio.Future | Handover:
+        """The answer to one plain request: bytes, a future of bytes, or a
+        :class:`Handover` of the connection."""
 
     def make_ws_protocol(self) -> asyncio.BufferedProtocol:
         """A new protocol for an upgrade request: it gets the transport and the bytes
@@ -240,6 +253,9 @@ class HttpFront(asyncio.BufferedProtocol):
                 answer = json_response(500, {"error": "internal error"})
             if isinstance(answer, bytes):
                 self._send(answer, keep, method)
+            elif isinstance(answer, Handover):
+                self._hand_over(answer)
+                return
             else:
                 self.busy = True
                 answer.add_done_callback(lambda fut, k=keep, m=method: self._done(fut, k, m))
@@ -267,6 +283,15 @@ class HttpFront(asyncio.BufferedProtocol):
             self.closing = True
         else:
             self._arm(KEEPALIVE_TIMEOUT if not self.buf else HEAD_TIMEOUT)
+
+    def _hand_over(self, answer: Handover) -> None:
+        """Give the connection to ``answer`` with what was read after the request."""
+        self._arm(None)
+        transport, rest = self.transport, self.buf
+        self.buf = b""
+        self.transport = None
+        self.closing = True
+        answer.take(transport, rest)
 
     def _upgrade(self) -> None:
         """Switch the transport to the app's WebSocket protocol and feed it what was read."""

@@ -56,8 +56,16 @@ class NodeCollector:
 
     def collect(self) -> Iterator[Metric]:
         node, hub = self.node, self.node.hub
+        others = node.transports
         yield GaugeMetricFamily("fastws_connections", "Open WebSocket connections.",
-                                value=hub.connection_count)
+                                value=hub.connection_count - sum(others.values()))
+        by_transport = GaugeMetricFamily(
+            "fastws_transport_connections", "Open sessions, by transport (websocket, "
+            "sse, poll: long-polls waiting).", labels=["transport"])
+        by_transport.add_metric(["websocket"], hub.connection_count - sum(others.values()))
+        for name in ("sse", "poll"):
+            by_transport.add_metric([name], others[name])
+        yield by_transport
         yield CounterMetricFamily("fastws_connections_accepted", "WebSocket connections accepted.",
                                   value=node.accepted)
         closed = CounterMetricFamily("fastws_connections_closed",

@@ -76,6 +76,7 @@ class Node:
         self.closed: Counter[int] = Counter()
         self.errors: Counter[int] = Counter()
         self.rate_limited: Counter[str] = Counter()
+        self.transports: Counter[str] = Counter()   # open SSE / long-poll sessions (fallback)
         self.broker_reconnects = 0
         self.loop_lag = 0.0
         #: more Prometheus collectors of this process (e.g. the demo's indexer)

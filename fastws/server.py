@@ -32,7 +32,7 @@ from picows import (
 )
 from picows.picows import WSProtocol
 
-from fastws import api, auth, lifecycle, protocol, workers
+from fastws import api, auth, fallback, lifecycle, protocol, workers
 from fastws._fanout import Conn
 from fastws._frames import MessageAssembler, close_with, receive
 from fastws.codes import (
@@ -46,7 +46,7 @@ from fastws.codes import (
     Disconnect,
 )
 from fastws.config import Config
-from fastws.http import bearer_token, json_response, response
+from fastws.http import Handover, bearer_token, json_response, response
 from fastws.limits import KeyedLimiter, client_ip
 from fastws.logs import PicowsLog
 from fastws.metrics import CONTENT_TYPE, Metrics
@@ -271,8 +271,9 @@ class App:
     # ------------------------------------------------------------------ HTTP
 
     def handle_http(self, method: str, path: str, headers: dict[str, str],
-                    body: bytes) -> bytes | asyncio.Future:
-        """Answer one plain HTTP request (bytes, or a future of bytes)."""
+                    body: bytes) -> bytes | asyncio.Future | Handover:
+        """Answer one plain HTTP request (bytes, a future of bytes, or a handover of
+        the connection: an SSE stream)."""
         route = urlsplit(path).path
         handler = api.ROUTES.get(route)
         if handler is not None:
@@ -281,6 +282,8 @@ class App:
             return self.loop.create_task(handler(self.node, headers, body))
         if route in ("/auth/nonce", "/auth/siwe"):
             return self.loop.create_task(self._auth(method, route, headers, body))
+        if route in fallback.PATHS:     # SSE, long-poll, HTTP calls (SPEC §10)
+            return fallback.handle(self, method, path, headers, body)
         if method not in ("GET", "HEAD"):
             return response(405, b'{"error":"method not allowed"}', {"Allow": "GET"})
         if route == "/healthz":
@@ -352,6 +355,8 @@ class App:
     def reconfigure(self, config: Config) -> None:
         """SIGHUP: the open connections take the reloaded message size and send buffer."""
         for conn in self.node.hub.connections():
+            if conn.relay:          # SSE / long-poll (fastws.fallback): no frames read
+                continue
             conn.assembler.max_message_size = config.limits.max_message_size
             tr = conn.transport
             if tr is not None and not tr.is_disconnected:
@@ -362,6 +367,8 @@ class App:
         for conn in self.node.hub.connections():
             if conn.transport is not None:
                 conn.transport.disconnect(False)
+            elif isinstance(conn, fallback.SseStream):
+                conn.abort()
 
 
 def _abort(transport: WSTransport) -> None:

@@ -3,8 +3,8 @@
 A :class:`Session` holds what the server knows of one client (its id, user, token
 grants, subscriptions, rate-limit buckets) and applies the protocol's rules to it.
 It imports no asyncio, picows, uvloop, socket, redis or aiohttp: the transports
-(the WebSocket adapter in :mod:`fastws.server`, and later SSE, long-poll and HTTP
-calls) feed it decoded messages and carry out what it says, and tests drive it with
+(the WebSocket adapter in :mod:`fastws.server`; SSE, long-poll and HTTP calls in
+:mod:`fastws.fallback`) feed it decoded messages and carry out what it says, and tests drive it with
 no sockets at all (tests/test_session.py).
 
 How a transport uses it:

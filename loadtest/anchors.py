@@ -7,7 +7,8 @@ the harness's in-flight window waits for), except for Nchan, whose publisher is 
 HTTP ``POST /pub``.  Nothing is installed into the repository:
 
 * ``nchan``: nginx 1.22 + Debian's ``libnginx-mod-nchan`` (``apt-get install
-  libnginx-mod-nchan``), one worker process, ``nchan_subscriber websocket``.
+  libnginx-mod-nchan``), one worker process, ``nchan_subscriber websocket`` (and
+  ``nchan_subscriber eventsource`` on ``/sse``, for loadtest.sse).
 * ``node-ws``: Node.js + ``npm install ws@8`` into a temporary directory.
 * ``websockets``: Python ``websockets`` (asyncio server, ``broadcast()``), on uvloop.
 * ``picows``: a bare picows broadcaster: ``transport.send`` to every subscriber, one
@@ -58,6 +59,11 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         location = /sub {{
             nchan_subscriber websocket;
+            nchan_channel_id bench;
+            nchan_subscriber_first_message newest;
+        }}
+        location = /sse {{
+            nchan_subscriber eventsource;
             nchan_channel_id bench;
             nchan_subscriber_first_message newest;
         }}

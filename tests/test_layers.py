@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "fastws._version": 0, "fastws.codes": 0, "fastws.errors": 0, "fastws.channels": 0,
     "fastws._match": 0, "fastws._glob_ref": 0, "fastws.limits": 0, "fastws.protocol": 0,
     "fastws._frames": 0, "fastws.frames": 0, "fastws.extras": 0, "fastws.usage": 0,
+    "fastws.cursor": 0,
     # 1 — rules: configuration, tokens, permissions
     "fastws.config_kinds": 1, "fastws.config": 1, "fastws.config_docs": 1, "fastws.auth": 1,
     "fastws.permissions": 1,
@@ -41,7 +42,7 @@ LAYERS: dict[str, int] = {
     # 6 — the process: lifecycle (startup, drain, shutdown) and what runs beside it
     "fastws.lifecycle": 6, "fastws.demo": 6, "fastws.indexer": 6,
     # 7 — the WebSocket transport and the app that ties one port together
-    "fastws.server": 7,
+    "fastws.server": 7, "fastws.fallback": 7,
     # 8 — entry points
     "fastws.cli": 8, "fastws.__main__": 8, "fastws": 8,
     # the client library shares only layer-0 rules with the server
@@ -51,7 +52,7 @@ LAYERS: dict[str, int] = {
 #: what the sans-I/O layers may not import (directly)
 IO_MODULES = {"asyncio", "picows", "uvloop", "socket", "redis", "aiohttp", "selectors"}
 SANS_IO = ("fastws.session", "fastws.permissions", "fastws.protocol", "fastws.channels",
-           "fastws.codes", "fastws.limits")
+           "fastws.codes", "fastws.limits", "fastws.cursor")
 
 
 def _module_name(path: Path) -> str:

@@ -134,9 +134,25 @@ export interface EventMap {
   offline: NetworkInfo;
   visible: NetworkInfo;
   refresh: RefreshInfo;
+  /** The client moved to another transport (protocol §10). */
+  transport: TransportChange;
 }
 
 export type TokenSource = string | null | (() => string | null | Promise<string | null>);
+
+/** How the client talks to the server (protocol §10). */
+export type Transport = "websocket" | "sse" | "poll";
+
+/** A transport change: `from` could not open, `to` is tried next (or WebSocket again). */
+export interface TransportChange {
+  from: Transport;
+  to: Transport;
+}
+
+/** `ws(s)://host[:port]/…` → `http(s)://host[:port]` (where /sse, /poll, /call live). */
+export declare function httpBase(url: string): string;
+/** The cursor of `{name: [offset, epoch(, channel)] | null}` positions (protocol §10). */
+export declare function encodeCursor(positions: Record<string, [number, string] | [number, string, string] | null>): string;
 
 export interface FastWSOptions {
   /** Sent as `?token=` on every connection attempt; a function is called before each attempt,
@@ -164,6 +180,18 @@ export interface FastWSOptions {
   dedupeLimit?: number;
   /** WebSocket implementation (default globalThis.WebSocket). */
   WebSocket?: { new (url: string): WebSocket };
+  /** Transports in the order tried (default `["websocket", "sse", "poll"]`): after two
+   *  attempts in a row fail before opening (or when the browser lacks one) the next is used;
+   *  WebSocket is tried again every `retryWebSocketAfter` ms. */
+  transports?: Transport[];
+  /** EventSource implementation (default globalThis.EventSource). */
+  EventSource?: { new (url: string): EventSource };
+  /** fetch implementation for `/call` and `/poll` (default globalThis.fetch). */
+  fetch?: typeof fetch;
+  /** ms on a fallback transport before a WebSocket is tried again (default 300000). */
+  retryWebSocketAfter?: number;
+  /** Seconds a long-poll waits on the server (1–60, default 25). */
+  pollTimeout?: number;
   /** Random source in [0, 1) (default Math.random). */
   random?: () => number;
 }
@@ -198,6 +226,8 @@ export declare class FastWS {
   /** The options in effect (defaults filled in); may be changed on a live client. */
   options: Required<Omit<FastWSOptions, "token" | "WebSocket">> & Pick<FastWSOptions, "token" | "WebSocket">;
   readonly state: State;
+  /** The transport in use (or being tried); null before the first attempt. */
+  readonly transport: Transport | null;
   /** Successful reconnects so far. */
   readonly reconnects: number;
   /** Tokens replaced on a live connection by the token refresh. */

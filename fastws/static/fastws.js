@@ -11,7 +11,11 @@
 // A token function whose JWT has `exp` is called again shortly before it, and the new
 // token goes to the server in an `auth` request on the live connection (no reconnect).
 //
-// Protocol: docs/protocol.md, sections 4 and 6.
+// Where a WebSocket cannot open (a proxy strips Upgrade, or WebSocket is missing) it moves
+// to Server-Sent Events plus HTTP calls, then to long-poll; `c.transport` names the one in
+// use ("websocket" | "sse" | "poll"); the API, events and recovery are the same.
+//
+// Protocol: docs/protocol.md, sections 4, 6 and 10.
 
 const DEFAULTS = {
   token: null,            // string, or () => string | Promise<string>, read before each attempt
@@ -23,6 +27,11 @@ const DEFAULTS = {
   stableAfter: 5000,      // a connection up this long resets the failed-attempt counter
   dedupeLimit: 10000,     // (channel → last offset) entries kept per subscription
   WebSocket: null,        // WebSocket implementation (default: globalThis.WebSocket)
+  transports: ["websocket", "sse", "poll"], // tried in this order (protocol §10)
+  EventSource: null,      // EventSource implementation (default: globalThis.EventSource)
+  fetch: null,            // fetch implementation (default: globalThis.fetch)
+  retryWebSocketAfter: 300000, // ms on a fallback transport before WebSocket is tried again
+  pollTimeout: 25,        // seconds a long-poll waits on the server
   random: Math.random,    // injectable for tests
   tokenRefresh: true,     // a token function's JWT is refreshed before its exp, live
   tokenRefreshMargin: 10000, // ms before exp (at most a fifth of the time left)
@@ -233,6 +242,11 @@ export class FastWS {
     this._refreshFailures = 0;    // failed refreshes in a row for that token
     this.reconnects = 0;
     this.tokenRefreshes = 0;      // tokens replaced on a live connection
+    this.transport = null;        // "websocket" | "sse" | "poll": the one in use (or tried)
+    this._tIndex = 0;             // index in the available transports
+    this._tFails = 0;             // attempts of that transport failed before open, in a row
+    this._wsRetryTimer = null;    // on a fallback: the next WebSocket probe
+    this._everOpened = new Set(); // transports that opened at least once
     this._installWindowHooks();
     // Connect at once, but let the caller attach listeners first (same tick).
     queueMicrotask(() => this._connect());
@@ -242,7 +256,7 @@ export class FastWS {
 
   /** Listen to "state", "connected", "disconnect", "reconnecting", "subscribed",
    *  "unsubscribed", "join", "leave", "error", "closed", "message", "online", "offline",
-   *  "visible", "refresh".
+   *  "visible", "refresh", "transport".
    *  Returns an off() function. */
   on(event, fn) {
     if (!this._listeners.has(event)) this._listeners.set(event, new Set());
@@ -434,11 +448,18 @@ export class FastWS {
     }
     if (this._closed || this.state !== "connecting") return;
     this._lastToken = token || null;
+    const transports = this._availableTransports();
+    if (this._tIndex >= transports.length) this._tIndex = Math.max(0, transports.length - 1);
+    this.transport = transports[this._tIndex] || "websocket";
     if (token) url += (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token);
     const WS = this.options.WebSocket || globalThis.WebSocket;
     let ws;
     try {
-      ws = new WS(url);
+      if (this.transport === "websocket") ws = new WS(url);
+      else {
+        const Kind = this.transport === "sse" ? SseSocket : PollSocket;
+        ws = new Kind(httpBase(this.url), token || null, () => this._positions(), this.options);
+      }
     } catch (err) {
       this._emit("error", err);
       this._failures++;
@@ -459,6 +480,7 @@ export class FastWS {
     if (ws !== this._ws) return;
     this._openedAt = Date.now();
     this._lastRecv = Date.now();
+    this._everOpened.add(this.transport);
     const reconnect = this._everConnected === true;
     this._everConnected = true;
     if (reconnect) this.reconnects++;
@@ -612,7 +634,11 @@ export class FastWS {
     this._disconnectPush = null;
     const opened = this._openedAt > 0;
     if (opened && Date.now() - this._openedAt >= this.options.stableAfter) this._failures = 0;
-    else if (!opened) this._failures++;
+    else if (!opened) {
+      this._failures++;
+      this._transportFailed();
+    }
+    if (opened) this._tFails = 0;
     // Requests in flight are lost with the connection; queued ones wait for the next.
     for (const [id, entry] of this._pending) {
       if (!entry.sent) continue;
@@ -679,6 +705,8 @@ export class FastWS {
     this._closed = true;
     clearTimeout(this._timer);
     this._timer = null;
+    clearTimeout(this._wsRetryTimer);
+    this._wsRetryTimer = null;
     this._disarmPing();
     this._disarmRefresh();
     const ws = this._ws;
@@ -701,6 +729,86 @@ export class FastWS {
     this._removeWindowHooks();
     this._setState("closed");
     this._emit("closed", { code, reason, fromServer });
+  }
+
+  // ----- transports --------------------------------------------------------
+
+  /** The transports of `options.transports` this environment has, in order. */
+  _availableTransports() {
+    const o = this.options;
+    const has = {
+      websocket: !!(o.WebSocket || globalThis.WebSocket),
+      sse: !!(o.EventSource || globalThis.EventSource) && !!(o.fetch || globalThis.fetch),
+      poll: !!(o.fetch || globalThis.fetch),
+    };
+    const list = (o.transports || DEFAULTS.transports).filter((t) => has[t]);
+    return list.length ? list : ["websocket"];
+  }
+
+  /** An attempt failed before open: after two in a row, move to the next transport,
+   *  unless this one has opened before (then the server is down, not the transport). */
+  _transportFailed() {
+    const list = this._availableTransports();
+    if (this._everOpened.has(list[this._tIndex])) return;
+    this._tFails++;
+    if (this._tFails < 2 || this._tIndex >= list.length - 1) return;
+    const from = list[this._tIndex];
+    this._tIndex++;
+    this._tFails = 0;
+    this._failures = 0;
+    this._emit("transport", { from, to: list[this._tIndex] });
+    this._armWebSocketRetry();
+  }
+
+  /** On a fallback, try a WebSocket again every `retryWebSocketAfter` ms; when one opens,
+   *  switch back to it (positions carry over, as on any reconnect). */
+  _armWebSocketRetry() {
+    clearTimeout(this._wsRetryTimer);
+    this._wsRetryTimer = null;
+    const list = this._availableTransports();
+    if (this._closed || list[0] !== "websocket" || this._tIndex === 0) return;
+    this._wsRetryTimer = setTimeout(() => {
+      this._wsRetryTimer = null;
+      if (this._closed || this._tIndex === 0) return;
+      const WS = this.options.WebSocket || globalThis.WebSocket;
+      let probe;
+      try {
+        probe = new WS(this.url);
+      } catch {
+        this._armWebSocketRetry();
+        return;
+      }
+      probe.onopen = () => {
+        try { probe.close(1000, "probe"); } catch { /* ignore */ }
+        if (this._closed) return;
+        const from = this.transport;
+        this._tIndex = 0;
+        this._tFails = 0;
+        this._emit("transport", { from, to: "websocket" });
+        const cur = this._ws;
+        if (cur) {
+          try { cur.close(1000, "switching to websocket"); } catch { /* ignore */ }
+          this._onClose(cur, 1000, "switching to websocket", true);
+        }
+        this._scheduleReconnect(true);
+      };
+      probe.onerror = () => {};
+      probe.onclose = () => {
+        if (this._tIndex !== 0 && !this._wsRetryTimer) this._armWebSocketRetry();
+      };
+    }, this.options.retryWebSocketAfter);
+  }
+
+  /** Each subscription's position, for a fallback transport's cursor (protocol §10). */
+  _positions() {
+    const out = {};
+    for (const [name, record] of this._subs) {
+      const last = record.last;
+      if (!last || last.offset == null || last.epoch == null) out[name] = null;
+      else if (record.pattern && last.channel) out[name] = [last.offset, last.epoch, last.channel];
+      else out[name] = [last.offset, last.epoch];
+    }
+    return out;
   }
 
   // ----- token refresh -----------------------------------------------------
@@ -832,6 +940,345 @@ export class FastWS {
   _removeWindowHooks() {
     for (const [target, name, fn] of this._hooks || []) target.removeEventListener(name, fn);
     this._hooks = [];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Fallback transports (protocol §10): objects with a WebSocket's interface (readyState,
+// send, close, onopen/onmessage/onclose), so FastWS drives them exactly as a WebSocket.
+
+/** `ws(s)://host[:port]/…` → `http(s)://host[:port]`. */
+export function httpBase(url) {
+  const u = new URL(url, typeof location !== "undefined" ? location.href : undefined);
+  const scheme = u.protocol === "wss:" || u.protocol === "https:" ? "https:" : "http:";
+  return `${scheme}//${u.host}`;
+}
+
+/** The cursor naming `positions` ({name: [offset, epoch(, channel)] | null}): base64url
+ *  of its JSON, unpadded (the server's format, protocol §10). */
+export function encodeCursor(positions) {
+  const bytes = new TextEncoder().encode(JSON.stringify(positions));
+  let bin = "";
+  for (const b of bytes) bin += String.fromCharCode(b);
+  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+class FallbackSocket {
+  constructor(base, token, positions, options) {
+    this.base = base;
+    this.token = token;
+    this.positions = positions;     // () => {name: position | null}: FastWS's records
+    this.options = options;
+    this.readyState = 0;
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    this.names = [];                // the channels of the stream or poll in flight
+    this.subIds = new Map();        // name → id of the client's subscribe awaiting a reply
+    this.closed = false;
+    this.pushed = null;             // the disconnect message, when one came
+    this.refused = new Map();       // channels the server refused: name → {code, message}
+    this._restartQueued = false;
+    setTimeout(() => this._begin(), 0);
+  }
+
+  _fetch(...args) {
+    const f = this.options.fetch || globalThis.fetch;
+    return f(...args);
+  }
+
+  _query(extra) {
+    const q = new URLSearchParams();
+    for (const n of this.names) q.append("channel", n);
+    const pos = this.positions();
+    const cur = {};
+    let any = false;
+    for (const n of this.names) {
+      cur[n] = pos[n] === undefined ? null : pos[n];
+      if (cur[n] !== null) any = true;
+    }
+    if (any) q.set("cursor", encodeCursor(cur));
+    for (const [k, v] of Object.entries(extra || {})) q.set(k, v);
+    return { query: q.toString(), cursor: any };
+  }
+
+  _begin() {
+    if (this.closed) return;
+    this.names = Object.keys(this.positions()).filter((n) => !this.refused.has(n));
+    if (this.names.length === 0) this._opened();  // nothing to stream yet: calls only
+    else this._start(true);
+  }
+
+  _opened() {
+    if (this.readyState !== 0 || this.closed) return;
+    this.readyState = 1;
+    if (this.onopen) this.onopen({});
+  }
+
+  _deliver(msg) {
+    if (this.closed) return;
+    if (msg && msg.type === "disconnect") this.pushed = msg;
+    if (this.onmessage) this.onmessage({ data: typeof msg === "string" ? msg : JSON.stringify(msg) });
+  }
+
+  /** A reply of the server's own subscribe (ids 1…n in the order of `names`, the
+   *  request's channels) → the reply to the client's subscribe. */
+  _subscribeReply(msg, names) {
+    const name = msg.type === "subscribed" ? msg.channel : names[msg.id - 1];
+    const id = this.subIds.get(name);
+    if (id === undefined) return; // a re-subscription after a restart: nothing waits for it
+    this.subIds.delete(name);
+    this._deliver({ ...msg, id });
+  }
+
+  send(text) {
+    if (this.readyState !== 1) throw new Error("not open");
+    const msg = JSON.parse(text);
+    if (msg.type === "subscribe" && this.refused.has(msg.channel)) {
+      const err = this.refused.get(msg.channel);
+      this.refused.delete(msg.channel);
+      setTimeout(() => this._deliver({ id: msg.id, type: "error", ...err }), 0);
+    } else if (msg.type === "subscribe") {
+      if (this.names.includes(msg.channel) && this._live) {
+        this.subIds.set(msg.channel, msg.id);
+        if (!this._answering) this._answerRecovered();
+      } else {
+        this.subIds.set(msg.channel, msg.id);
+        if (!this.names.includes(msg.channel)) this.names.push(msg.channel);
+        this._queueRestart();
+      }
+    } else if (msg.type === "unsubscribe") {
+      this.subIds.delete(msg.channel);
+      const i = this.names.indexOf(msg.channel);
+      if (i >= 0) {
+        this.names.splice(i, 1);
+        this._queueRestart();
+      }
+    } else {
+      this._call(msg);
+    }
+  }
+
+  _queueRestart() {
+    if (this._restartQueued) return;
+    this._restartQueued = true;
+    setTimeout(() => {
+      this._restartQueued = false;
+      if (!this.closed) this._restart();
+    }, 0);
+  }
+
+  _answerRecovered() {}
+
+  async _call(msg) {
+    const headers = { "Content-Type": "application/json" };
+    if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    let reply;
+    try {
+      const res = await this._fetch(this.base + "/call", { method: "POST", headers, body: JSON.stringify(msg) });
+      reply = await res.json();
+    } catch (err) {
+      reply = { id: msg.id, type: "error", code: 503, message: `call failed: ${err && err.message}` };
+    }
+    if (msg.type === "auth" && reply.type === "authed") {
+      this.token = msg.token; // later streams and calls carry the new token
+      if (this.names.length) this._queueRestart();
+    }
+    this._deliver(reply);
+  }
+
+  /** A stream or poll refused with HTTP `status`. Before it opened: a refused token stops
+   *  the client (4501, as a WebSocket close would); a refused channel (400, 401, 403) is
+   *  found by asking for each channel alone, left out, and answered with the server's
+   *  error when the client subscribes to it (as over a WebSocket); anything else is
+   *  retried (1006). After it opened: 4501 for a refused token, else 1006. */
+  async _refusedWith(status) {
+    if (status === 401 && this.token) return this._fail(4501, "invalid token");
+    if (this.readyState !== 0 || ![400, 401, 403].includes(status)) {
+      return this._fail(1006, status ? `refused (${status})` : "unreachable");
+    }
+    const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
+    let found = 0;
+    for (const name of this.names) {
+      try {
+        const q = new URLSearchParams({ channel: name, timeout: "1" });
+        const res = await this._fetch(`${this.base}/poll?${q}`, { headers });
+        const body = await res.json().catch(() => ({}));
+        if ([400, 401, 403].includes(res.status)) {
+          this.refused.set(name, { code: res.status, message: body.message || `refused (${res.status})` });
+          found++;
+        }
+      } catch {
+        return this._fail(1006, "unreachable");
+      }
+    }
+    if (this.closed) return;
+    if (!found) return this._fail(1006, `refused (${status})`);
+    this.names = this.names.filter((n) => !this.refused.has(n));
+    if (this.names.length) this._start(true);
+    else this._opened();
+  }
+
+  /** End as a WebSocket close would: the disconnect message's code, else 1006. */
+  _fail(code, reason) {
+    if (this.closed) return;
+    this._stop();
+    this.closed = true;
+    const push = this.pushed;
+    this.readyState = 3;
+    const c = push ? push.code : code || 1006;
+    if (this.onclose) this.onclose({ code: c, reason: push ? push.reason : reason || "", wasClean: !!push });
+  }
+
+  close() {
+    if (this.closed) return;
+    this._stop();
+    this.closed = true;
+    this.readyState = 3;
+  }
+}
+
+/** Server-Sent Events for receiving, `POST /call` for requests. */
+class SseSocket extends FallbackSocket {
+  _start(first) {
+    const ES = this.options.EventSource || globalThis.EventSource;
+    const extra = this.token ? { token: this.token } : {};
+    const { query } = this._query(extra);
+    this._stop();
+    const es = (this.es = new ES(`${this.base}/sse?${query}`));
+    this._live = false;
+    const names = this.names.slice();
+    es.onopen = () => {
+      if (es !== this.es) return;
+      this._live = true;
+      if (first) this._opened();
+    };
+    es.onmessage = (ev) => {
+      if (es !== this.es) return;
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      if (msg.id != null && (msg.type === "subscribed" || msg.type === "error")) {
+        this._subscribeReply(msg, names);
+      } else this._deliver(msg);
+    };
+    es.onerror = () => {
+      if (es !== this.es) return;
+      // The stream ended (a disconnect message came first, or the connection broke): the
+      // client's own reconnect (backoff, since) takes over, not EventSource's.
+      const opened = this._live;
+      this._stop();
+      if (!opened) this._refused();
+      else this._fail(1006, "stream lost");
+    };
+  }
+
+  /** The stream did not open: learn why from the same request as a long-poll
+   *  (EventSource does not say), then as `_refusedWith`. */
+  async _refused() {
+    let status = 0;
+    try {
+      const { query } = this._query({ timeout: "1" });
+      const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
+      const res = await this._fetch(`${this.base}/poll?${query}`, { headers });
+      status = res.status;
+    } catch { /* unreachable: 1006 */ }
+    if (!this.closed) this._refusedWith(status === 200 ? 0 : status);
+  }
+
+  _restart() {
+    if (this.names.length) this._start(false);
+    else this._stop();
+  }
+
+  _stop() {
+    if (this.es) {
+      this.es.onopen = this.es.onmessage = this.es.onerror = null;
+      this.es.close();
+      this.es = null;
+    }
+  }
+}
+
+/** Long-poll: `GET /poll` in a loop, `POST /call` for requests. */
+class PollSocket extends FallbackSocket {
+  _start(first) {
+    this._stop();
+    const ctl = (this.ctl = typeof AbortController !== "undefined" ? new AbortController() : null);
+    const names = this.names.slice();
+    // the first poll after opening answers within a second (it opens the socket)
+    const quick = first || !this._cursor || this._namesChanged;
+    const extra = { timeout: String(quick ? 1 : this.options.pollTimeout || 25) };
+    let query;
+    if (this._cursor && !first && !this._namesChanged) {
+      const q = new URLSearchParams();
+      for (const n of names) q.append("channel", n);
+      q.set("cursor", this._cursor);
+      for (const [k, v] of Object.entries(extra)) q.set(k, v);
+      query = q.toString();
+    } else {
+      query = this._query(extra).query;
+    }
+    this._namesChanged = false;
+    const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
+    this._fetch(`${this.base}/poll?${query}`, { headers, signal: ctl ? ctl.signal : undefined })
+      .then(async (res) => {
+        if (ctl !== this.ctl || this.closed) return;
+        if (res.status !== 200) {
+          this._refusedWith(res.status);
+          return;
+        }
+        const body = await res.json();
+        if (ctl !== this.ctl || this.closed) return;
+        this._live = true;
+        this._answering = true; // the client's subscribes (sent on open) wait for the messages
+        if (first) this._opened();
+        this._cursor = body.cursor;
+        for (const msg of body.messages || []) {
+          if (msg.id != null && (msg.type === "subscribed" || msg.type === "error")) {
+            this._subscribeReply(msg, names);
+          } else this._deliver(msg);
+        }
+        this._answering = false;
+        this._answerRecovered();
+        if (this.pushed) {
+          this._fail();
+          return;
+        }
+        if (!this.closed) this._start(false);
+      })
+      .catch(() => {
+        if (ctl !== this.ctl || this.closed) return;
+        this._fail(1006, "poll failed");
+      });
+  }
+
+  /** Subscriptions resumed from a cursor get no `subscribed` message in a poll's answer
+   *  (nothing was lost): answer the client's subscribe as recovered. */
+  _answerRecovered() {
+    if (!this._live) return;
+    for (const [name, id] of [...this.subIds]) {
+      if (!this.names.includes(name)) continue;
+      const pos = this.positions()[name];
+      if (pos == null) continue; // a new subscription: its `subscribed` comes from the server
+      this.subIds.delete(name);
+      this._deliver({ id, type: "subscribed", channel: name, recovered: true });
+    }
+  }
+
+  _restart() {
+    this._namesChanged = true;
+    if (this.names.length) this._start(false);
+    else this._stop();
+  }
+
+  _stop() {
+    if (this.ctl) {
+      const ctl = this.ctl;
+      this.ctl = null;
+      try { ctl.abort(); } catch { /* ignore */ }
+    }
   }
 }
 

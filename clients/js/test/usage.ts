@@ -1,9 +1,10 @@
 // Type-checks fastws.d.ts against the uses shown in docs/clients.md:
 // `npm run check-types` (tsc --noEmit, strict). Nothing here runs.
 import FastWSDefault, {
-  FastWS, FastWSError, backoffDelay, globMatch, isPattern, normalizeChannel,
-  refreshDelay, shouldReconnect, tokenClaims, tokenExpiresIn,
+  FastWS, FastWSError, backoffDelay, encodeCursor, globMatch, httpBase, isPattern,
+  normalizeChannel, refreshDelay, shouldReconnect, tokenClaims, tokenExpiresIn,
   type EventMeta, type FastWSEvent, type RefreshInfo, type State, type SubscribedInfo,
+  type Transport,
 } from "../fastws.js";
 
 interface Bet { market: string; amount: string }
@@ -18,6 +19,14 @@ const c = new FastWS(`wss://example.invalid/ws`, {
 });
 const d: FastWS = new FastWSDefault("ws://127.0.0.1:8765/ws", { token: "t" });
 d.close(1000, "bye");
+const e = new FastWS("wss://example.invalid/ws", { transports: ["sse", "poll"],
+                                                    retryWebSocketAfter: 60_000, pollTimeout: 25 });
+const used: Transport | null = e.transport;
+e.on("transport", (t) => console.log(t.from, t.to, used));
+const base: string = httpBase("wss://example.invalid/ws");
+const cur: string = encodeCursor({ "events:a": [42, "e1"], "events:*": [7, "e1", "events:b"],
+                                   "chat:x": null });
+console.log(base, cur);
 
 const off = c.on("state", (s: State) => console.log(s));
 off();

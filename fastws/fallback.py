@@ -1,0 +1,718 @@
+"""Fallback transports (SPEC §10): SSE, long-poll and HTTP calls on the one port.
+
+For clients that cannot hold a WebSocket, the same sessions over plain HTTP:
+
+* ``GET /sse`` — :class:`SseStream`, a :class:`~fastws.session.Session` and a hub
+  :class:`~fastws._fanout.Conn` like the WebSocket's ``Connection``: registered in the
+  hub, subscribed through :meth:`Node.run <fastws.node.Node.run>` (permissions, limits,
+  ``since`` recovery, presence), dropped through :meth:`Node.drop`, so publications,
+  presence, drain, revocations and ``/api/disconnect`` reach it as they reach a
+  WebSocket.  HttpFront hands it the socket (:class:`~fastws.http.Handover`).
+* ``GET /poll`` — :class:`PollSession`, the same for one request: subscribe from the
+  cursor, answer what is newer (history first), else wait for a publication or the
+  timeout; nothing is kept between requests.
+* ``POST /call`` — one protocol request through a :class:`CallSession`.
+
+Delivery: the hub's broadcast loop copies a WebSocket frame into the C queue of each
+WebSocket receiver; a session of this module has the ``relay`` flag, so the loop
+calls its :meth:`_Relayed.deliver` with the frame instead (one flag test per receiver on
+the WebSocket path).  It turns the publication into an SSE event carrying the stream's
+new cursor (:mod:`fastws.cursor`), worked out once per publication and cursor and shared
+by the streams in the same position, and queues it; :class:`_Relay` writes each
+stream's queue once per loop pass, like ``Hub.flush``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+
+from fastws import auth, cursor, protocol
+from fastws._fanout import Conn
+from fastws._version import __version__
+from fastws.auth.http import CORS_MAX_AGE, cors_headers, origin_listed
+from fastws.codes import (
+    DISCONNECT_DRAINING,
+    DISCONNECT_TOKEN_EXPIRED,
+    DISCONNECT_TOKEN_REVOKED,
+    Disconnect,
+    Err,
+)
+from fastws.http import REASONS, Handover, response
+from fastws.limits import retry_after
+from fastws.protocol import ProtocolError, Request
+from fastws.session import SESSION_SLOTS, BufferedSession, Session
+
+__all__ = ["PATHS", "SseStream", "PollSession", "CallSession", "Plan", "handle"]
+
+log = logging.getLogger("fastws")
+
+PATHS = ("/sse", "/poll", "/call")
+SSE_PARAMS = frozenset({"channel", "token", "cursor", "last_event_id"})
+POLL_PARAMS = frozenset({"channel", "token", "cursor", "timeout"})
+CALL_TYPES = frozenset({"publish", "history", "presence", "presence_stats", "rpc", "ping",
+                        "auth"})
+POLL_TIMEOUT = 25.0             # seconds, default of ?timeout= (1–60)
+RETRY_MS = (500, 5000)          # the `retry:` of each stream is drawn in this range
+ALLOW_HEADERS = "Content-Type, Authorization, Last-Event-ID"
+SUBSCRIBE_TIMEOUT = 30.0        # seconds a long-poll waits for its subscriptions
+
+class Refused(Exception):
+    """A request refused before any stream: its HTTP status and the error message."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 code: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code if code is not None else status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _error_body(code: int, message: str) -> bytes:
+    return protocol.error_reply(None, code, message) + b"\n"
+
+
+# ---------------------------------------------------------------------- delivery
+
+
+class _Relay:
+    """The write pass of this module's sessions: each session's queue leaves in one
+    write per loop pass (like ``Hub.flush``), and each publication's SSE event is
+    worked out once per (publication, cursor) in a pass."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[_Relayed] = []
+        self.scheduled = False
+        self.frames: dict[int, tuple[bytes, bytes, dict[str, Any] | None]] = {}
+        # per transport: (frame id, cursor before) → (frame, chunk, positions, cursor)
+        self.sse_chunks: dict[tuple[int, bytes], tuple[Any, ...]] = {}
+        self.poll_chunks: dict[tuple[int, bytes], tuple[Any, ...]] = {}
+        self.sent = 0               # bytes written outside flush (counted in the next one)
+        self.writes = 0
+
+    def add(self, sess: _Relayed) -> None:
+        self.pending.append(sess)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def parsed(self, frame: bytes) -> tuple[bytes, bytes, dict[str, Any] | None]:
+        """(frame, payload, decoded message) of a WebSocket frame, once per pass."""
+        hit = self.frames.get(id(frame))
+        if hit is not None and hit[0] is frame:
+            return hit
+        n = frame[1] & 0x7F
+        payload = frame[2 if n < 126 else (4 if n == 126 else 10):]
+        hit = self.frames[id(frame)] = (frame, payload, orjson.loads(payload))
+        return hit
+
+    def flush(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, []
+        sent = writes = 0
+        for sess in pending:
+            sess.queued = False
+            try:
+                if type(sess) is not SseStream:
+                    sess.write_out()
+                    continue
+                out = sess.out              # SseStream.write_out, inlined (once per stream)
+                sock = sess.sock
+                if not out or sock is None or sock.is_closing():
+                    continue
+                sess.out = []
+                data = out[0] if len(out) == 1 else b"".join(out)
+                sock.write(data)
+                sent += len(data)
+                writes += 1
+            except Exception:
+                log.exception("writing to a %s session failed", sess.transport_name)
+        self.frames.clear()     # the frames kept alive for this pass may go now
+        self.sse_chunks.clear()
+        self.poll_chunks.clear()
+        sent += self.sent
+        writes += self.writes
+        if writes:
+            pending[0].hub.count_sent(sent, writes)
+            self.sent = self.writes = 0
+
+
+_relays: dict[asyncio.AbstractEventLoop, _Relay] = {}
+
+
+def _relay() -> _Relay:
+    loop = asyncio.get_running_loop()
+    relay = _relays.get(loop)
+    if relay is None:
+        _relays.clear()         # one loop per process (a test may start several in turn)
+        relay = _relays[loop] = _Relay(loop)
+    return relay
+
+
+def _line(payload: bytes) -> bytes:
+    """``payload`` on one line: JSON whitespace between tokens may hold a newline (a
+    raw ``redis-cli PUBLISH``), a string may not."""
+    if b"\n" in payload or b"\r" in payload:
+        payload = payload.replace(b"\r", b" ").replace(b"\n", b" ")
+    return payload
+
+
+class _Relayed(Conn, Session):
+    """A session of a fallback transport: the hub delivers to it through
+    :meth:`deliver` (its ``relay`` flag); it keeps every subscription's position and
+    queues what it sends for one write per loop pass.  Subclasses set
+    ``transport_name`` and implement :meth:`chunk` and :meth:`write_out`."""
+
+    __slots__ = ()
+    transport_name = ""
+
+    node: Any
+    positions: cursor.Positions
+    cursor: bytes
+    out: list[bytes]
+    unrecovered: bool
+    close_code: int
+    expiry: asyncio.TimerHandle | None
+    relay_: _Relay
+
+    def init_relayed(self, node: Any, plan: Plan) -> None:
+        self.init_session(node, node.next_client_id())
+        self.node = node
+        self.hub = node.hub
+        self.relay = True
+        self.relay_ = _relay()
+        self.positions = dict(plan.positions)
+        self.cursor = cursor.encode(self.positions)
+        self.out = []
+        self.unrecovered = plan.unrecovered
+        self.close_code = 0
+        self.expiry = None
+        if plan.ident is not None:
+            self.set_identity(plan.ident)
+
+    # what the hub and the node call
+
+    def deliver(self, frame: bytes) -> bool:
+        """The hub's broadcast: queue one publication (or presence push) frame."""
+        try:
+            relay = self.relay_
+            chunks = relay.poll_chunks
+            key = (id(frame), self.cursor)
+            hit = chunks.get(key)
+            if hit is None or hit[0] is not frame:
+                _, payload, msg = relay.parsed(frame)
+                hit = chunks[key] = (frame, *self._advance(payload, msg))
+            self._queue(hit[1], hit[2], hit[3])
+            return True
+        except Exception:
+            log.exception("delivery to a %s session failed", self.transport_name)
+            return False
+
+    def send_text(self, payload: bytes) -> None:
+        """A reply or push (after everything queued)."""
+        if self.closing:
+            return
+        msg = orjson.loads(payload)
+        if self.unrecovered and msg.get("type") == "subscribed" and "recovered" not in msg:
+            msg["recovered"] = False        # a cursor of another channel set: none
+            payload = orjson.dumps(msg)
+        self._queue(*self._advance(payload, msg))
+
+    def _advance(self, payload: bytes, msg: Any) -> tuple[bytes, cursor.Positions, bytes]:
+        """(chunk, positions, cursor) after ``msg`` is sent."""
+        new = cursor.advance(self.positions, msg) if isinstance(msg, dict) else None
+        if new is None:
+            return self.chunk(payload, None), self.positions, self.cursor
+        cur = cursor.encode(new)
+        return self.chunk(payload, cur), new, cur
+
+    def _queue(self, chunk: bytes, positions: cursor.Positions, cur: bytes) -> None:
+        self.positions, self.cursor = positions, cur
+        self.out.append(chunk)
+        if not self.queued:
+            self.queued = True
+            self.relay_.add(self)
+
+    def chunk(self, payload: bytes, cur: bytes | None) -> bytes:
+        """What the transport sends for one message (``cur``: a new cursor, or None)."""
+        raise NotImplementedError
+
+    def write_out(self) -> None:
+        """Send what was queued in this loop pass."""
+        raise NotImplementedError
+
+    def arm_expiry(self, at: float | None) -> None:
+        """Disconnect with 4501 "token expired" at ``at`` (wall clock); None cancels."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if at is not None:
+            self.expiry = asyncio.get_running_loop().call_later(
+                max(0.0, at - time.time()), self.disconnect, DISCONNECT_TOKEN_EXPIRED)
+
+    def subscribe_all(self, plan: Plan) -> None:
+        """Subscribe every channel of the request as a WebSocket client would: from its
+        position when the cursor has one, else ``positioned``."""
+        for i, name in enumerate(plan.names, 1):
+            pos = plan.positions.get(name)
+            since = cursor.since(pos)
+            self.node.run(self, Request("subscribe", i, name, since=since,
+                                        positioned=since is None))
+
+
+class SseStream(_Relayed, asyncio.Protocol):
+    """One ``GET /sse`` stream: a session whose messages go out as SSE events."""
+
+    __slots__ = (*SESSION_SLOTS, "node", "positions", "cursor", "out", "unrecovered",
+                 "close_code", "expiry", "relay_", "sock", "pinger")
+    transport_name = "sse"
+
+    def __init__(self, node: Any, plan: Plan) -> None:
+        self.init_relayed(node, plan)
+        self.sock: asyncio.Transport | None = None
+        self.pinger: asyncio.TimerHandle | None = None
+
+    def deliver(self, frame: bytes) -> bool:
+        """The hub's broadcast (the hot path of this module: one call per stream and
+        publication; the event and its cursor are worked out once per position)."""
+        try:
+            relay = self.relay_
+            key = (id(frame), self.cursor)
+            hit = relay.sse_chunks.get(key)
+            if hit is None or hit[0] is not frame:
+                _, payload, msg = relay.parsed(frame)
+                hit = relay.sse_chunks[key] = (frame, *self._advance(payload, msg))
+            self.out.append(hit[1])
+            if hit[3] is not self.cursor:
+                self.positions = hit[2]
+                self.cursor = hit[3]
+            if not self.queued:
+                self.queued = True
+                relay.add(self)
+            return True
+        except Exception:
+            log.exception("delivery to an SSE stream failed")
+            return False
+
+    def chunk(self, payload: bytes, cur: bytes | None) -> bytes:
+        if cur is None:
+            return b"data: " + _line(payload) + b"\n\n"
+        return b"data: " + _line(payload) + b"\nid: " + cur + b"\n\n"
+
+    def start(self, sock: asyncio.Transport, plan: Plan, headers: dict[str, str]) -> None:
+        """The socket is ours: answer 200 and stream (a draining node: the
+        ``disconnect`` message, then the end of the stream)."""
+        node = self.node
+        self.sock = sock
+        sock.set_protocol(self)
+        head = {"Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-store", "X-Accel-Buffering": "no",
+                "Connection": "close", **plan.cors}
+        lines = [f"HTTP/1.1 200 OK\r\nServer: fastws/{__version__}"]
+        lines += [f"{k}: {v}" for k, v in head.items()]
+        retry = random.randint(*RETRY_MS)
+        sock.write(("\r\n".join(lines) + f"\r\n\r\nretry: {retry}\n\n").encode("latin-1"))
+        sock.set_write_buffer_limits(high=node.config.limits.send_buffer)
+        node.accepted += 1
+        node.transports["sse"] += 1
+        node.hub.add_connection(self)
+        if node.draining:
+            self.disconnect(DISCONNECT_DRAINING)
+            return
+        self._arm_ping()
+        self.subscribe_all(plan)
+
+    def _arm_ping(self) -> None:
+        every = self.node.config.server.ping_interval
+        if every > 0 and not self.closing:
+            self.pinger = asyncio.get_running_loop().call_later(every, self._ping)
+
+    def _ping(self) -> None:
+        """A ``:`` comment every ping_interval (keeps proxies from timing the stream out)."""
+        if not self.closing:
+            self.out.append(b":\n\n")
+            if not self.queued:
+                self.queued = True
+                self.relay_.add(self)
+            self._arm_ping()
+
+    def write_out(self) -> None:
+        out, self.out = self.out, []
+        sock = self.sock
+        if not out or sock is None or sock.is_closing():
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        sock.write(data)
+        relay = self.relay_
+        relay.sent += len(data)
+        relay.writes += 1
+
+    def disconnect(self, d: Disconnect, after_ms: int | None = None) -> None:
+        """The ``disconnect`` message (after everything queued), then the end of the
+        stream.  A reconnecting close sets ``retry:`` to ``after_ms`` (at least 500 ms),
+        so a plain EventSource also waits it out."""
+        if self.closing or self.sock is None:
+            return
+        if after_ms is None:
+            after_ms = random.randint(0, 5000) if d.reconnect else 0
+        payload = protocol.disconnect_payload(d.code, d.reason, d.reconnect, after_ms)
+        retry = f"retry: {max(RETRY_MS[0], after_ms)}\n".encode() if d.reconnect else b""
+        self.out.append(retry + b"data: " + payload + b"\n\n")
+        self.close_code = d.code
+        self.closing = True
+        self.write_out()
+        self.sock.close()
+
+    def abort(self) -> None:
+        """Shutdown: drop the socket at once."""
+        if self.sock is not None:
+            self.closing = True
+            self.sock.abort()
+
+    # asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        pass                    # nothing is read from an SSE client
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        """More than send_buffer bytes wait in the socket: a slow consumer (4008)."""
+        if not self.closing:
+            self.hub.mark_slow(self)
+            self.abort()
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.pinger is not None:
+            self.pinger.cancel()
+        if self.expiry is not None:
+            self.expiry.cancel()
+        self.sock = None
+        self.out = []
+        self.node.transports["sse"] -= 1
+        self.node.drop(self, self.close_code or 1001)
+
+
+class PollSession(_Relayed):
+    """One ``GET /poll`` request's session: collects messages until it answers."""
+
+    __slots__ = (*SESSION_SLOTS, "node", "positions", "cursor", "out", "unrecovered",
+                 "close_code", "expiry", "relay_", "replies", "events", "woken",
+                 "subscribed", "failed")
+    transport_name = "poll"
+
+    def __init__(self, node: Any, plan: Plan) -> None:
+        self.init_relayed(node, plan)
+        loop = asyncio.get_running_loop()
+        self.replies = len(plan.names)     # subscribe replies still to come
+        self.events = False                # something to answer came (newer than the cursor)
+        self.failed: dict[str, Any] | None = None
+        self.subscribed = loop.create_future()
+        self.woken = loop.create_future()
+
+    def chunk(self, payload: bytes, cur: bytes | None) -> bytes:
+        return payload
+
+    def _queue(self, chunk: bytes, positions: cursor.Positions, cur: bytes) -> None:
+        msg = orjson.loads(chunk) if self.replies else None
+        if msg is not None and msg.get("id") is not None:      # a subscribe's reply
+            self.replies -= 1
+            if msg.get("type") == "error" and self.failed is None:
+                self.failed = msg
+            keep = msg.get("type") == "subscribed" and (
+                self.unrecovered or msg.get("recovered") is not True)
+            if not self.replies and not self.subscribed.done():
+                self.subscribed.set_result(None)
+            if not keep:
+                self.positions, self.cursor = positions, cur
+                return
+        self.events = True          # answered at once: a new position, or newer messages
+        super()._queue(chunk, positions, cur)
+
+    def write_out(self) -> None:
+        if self.events and not self.woken.done():
+            self.woken.set_result(None)
+
+    def disconnect(self, d: Disconnect, after_ms: int | None = None) -> None:
+        """The ``disconnect`` message ends the answer."""
+        if self.closing:
+            return
+        if after_ms is None:
+            after_ms = random.randint(0, 5000) if d.reconnect else 0
+        self.out.append(protocol.disconnect_payload(d.code, d.reason, d.reconnect, after_ms))
+        self.close_code = d.code
+        self.closing = True
+        self.events = True
+        for fut in (self.subscribed, self.woken):
+            if not fut.done():
+                fut.set_result(None)
+
+    def answer(self) -> bytes:
+        return (b'{"messages":[' + b",".join(self.out) + b'],"cursor":"' + self.cursor
+                + b'"}\n')
+
+
+class CallSession(BufferedSession):
+    """One ``POST /call``: a buffered session that wakes its handler on the reply."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, host: Any, client_id: str) -> None:
+        super().__init__(host, client_id)
+        self.done = asyncio.get_running_loop().create_future()
+
+    def send_text(self, payload: bytes) -> None:
+        super().send_text(payload)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+# ---------------------------------------------------------------------- requests
+
+
+@dataclass(slots=True)
+class Plan:
+    """A checked ``/sse`` or ``/poll`` request: what to subscribe, from where."""
+
+    names: list[str]
+    positions: cursor.Positions
+    unrecovered: bool = False
+    ident: auth.Identity | None = None
+    cors: dict[str, str] = field(default_factory=dict)
+    timeout: float = POLL_TIMEOUT
+    given_cursor: bool = False
+
+
+def _cors(node: Any, headers: dict[str, str]) -> dict[str, str]:
+    """CORS headers for the request's Origin (allow_origins), ``Vary: Origin`` always;
+    raises 403 for an Origin outside a non-empty allow_origins."""
+    origins = node.config.server.allow_origins
+    origin = headers.get("origin")
+    if origins and origin and not origin_listed(origins, origin):
+        raise Refused(403, "origin not allowed", {"Vary": "Origin"})
+    return {**(cors_headers(origins, origin) or {}), "Vary": "Origin"}
+
+
+def _identity(node: Any, token: str | None, headers: dict[str, str]) -> auth.Identity | None:
+    authz = headers.get("authorization", "")
+    if token is None and authz.lower().startswith("bearer "):
+        token = authz[7:].strip()
+    if not token:
+        return None
+    try:
+        ident = node.auth.verify(token)
+    except auth.AuthError as exc:
+        raise Refused(401, str(exc)) from None
+    if node.revoked(ident.user, ident.issued, ident.jti):
+        raise Refused(401, DISCONNECT_TOKEN_REVOKED.reason)
+    return ident
+
+
+def plan_request(node: Any, path: str, headers: dict[str, str], params: frozenset[str]) -> Plan:
+    """Check a ``/sse`` or ``/poll`` request (raises :class:`Refused`): its query, Origin,
+    token, channels, cursor and every subscription's permission, before any stream."""
+    cors = _cors(node, headers)
+    try:
+        query = parse_qs(urlsplit(path).query, keep_blank_values=True, strict_parsing=False)
+    except ValueError:
+        raise Refused(400, "malformed query string", cors) from None
+    unknown = sorted(set(query) - params)
+    if unknown:
+        raise Refused(400, "unknown query parameters: " + ", ".join(unknown), cors)
+    for key, values in query.items():
+        if key != "channel" and len(values) > 1:
+            raise Refused(400, f"{key} given more than once", cors)
+    raw = query.get("channel", [])
+    if not raw:
+        raise Refused(400, "channel is required (?channel=C, repeated for more)", cors)
+    limits = node.config.limits
+    if len(raw) > limits.max_subscriptions:
+        raise Refused(400, f"more than max_subscriptions ({limits.max_subscriptions}) "
+                      "channels", cors)
+    names: list[str] = []
+    for ch in raw:
+        try:
+            req = protocol.parse(orjson.dumps({"type": "subscribe", "channel": ch}),
+                                 limits.max_channel_length)
+        except ProtocolError as exc:
+            raise Refused(400, exc.message, cors) from None
+        if req.channel in names:
+            raise Refused(400, f"channel {req.channel} given more than once", cors)
+        names.append(req.channel)
+    try:
+        ident = _identity(node, query.get("token", [None])[0], headers)
+    except Refused as exc:
+        exc.headers.update(cors)
+        raise
+    plan = Plan(names, dict.fromkeys(names), ident=ident, cors=cors)
+    text = (headers.get("last-event-id") or query.get("cursor", [None])[0]
+            or query.get("last_event_id", [None])[0])
+    if text:
+        try:
+            got = cursor.decode(text)
+        except cursor.CursorError as exc:
+            raise Refused(400, str(exc), cors) from None
+        plan.given_cursor = True
+        if set(got) == set(names):
+            plan.positions = {n: got[n] for n in names}
+        else:
+            plan.unrecovered = True     # another channel set's cursor: as if none
+    user = ident.user if ident is not None else None
+    grants = ident.channels if ident is not None else None
+    for name in names:
+        try:
+            node.permissions.check("subscribe", user, name, grants)
+        except ProtocolError as exc:
+            raise Refused(exc.code, exc.message, cors) from None
+    if limits.max_connections and node.hub.connection_count >= limits.max_connections:
+        node.rate_limited["connections"] += 1
+        raise Refused(429, "connection limit reached", {**cors, "Retry-After": "5"})
+    return plan
+
+
+def _refusal(exc: Refused) -> bytes:
+    return response(exc.status, _error_body(exc.code, exc.message), exc.headers)
+
+
+def _preflight(node: Any, headers: dict[str, str], methods: str) -> bytes:
+    hdrs = {"Vary": "Origin"}
+    cors = cors_headers(node.config.server.allow_origins, headers.get("origin"))
+    if cors:
+        hdrs.update(cors)
+        hdrs.update({"Access-Control-Allow-Methods": methods,
+                     "Access-Control-Allow-Headers": ALLOW_HEADERS,
+                     "Access-Control-Max-Age": str(CORS_MAX_AGE)})
+    return response(204, b"", hdrs)
+
+
+def handle(app: Any, method: str, path: str, headers: dict[str, str],
+           body: bytes) -> bytes | asyncio.Future | Handover:
+    """Answer a request for one of :data:`PATHS` (the app routes them here)."""
+    node = app.node
+    route = urlsplit(path).path
+    if route == "/call":
+        if method == "OPTIONS":
+            return _preflight(node, headers, "POST, OPTIONS")
+        if method != "POST":
+            return response(405, _error_body(405, "use POST"), {"Allow": "POST, OPTIONS"})
+        return app.loop.create_task(call(node, headers, body))
+    if method == "OPTIONS":
+        return _preflight(node, headers, "GET, OPTIONS")
+    if method != "GET":
+        return response(405, _error_body(405, "use GET"), {"Allow": "GET, OPTIONS"})
+    try:
+        plan = plan_request(node, path, headers,
+                            SSE_PARAMS if route == "/sse" else POLL_PARAMS)
+        if route == "/poll":
+            plan.timeout = _timeout(path)
+    except Refused as exc:
+        return _refusal(exc)
+    if route == "/poll":
+        return app.loop.create_task(poll(node, plan))
+    return Handover(lambda sock, rest: _open_sse(app, plan, sock, headers))
+
+
+def _timeout(path: str) -> float:
+    raw = parse_qs(urlsplit(path).query).get("timeout")
+    if not raw:
+        return POLL_TIMEOUT
+    try:
+        value = float(raw[0])
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 60:
+        raise Refused(400, "timeout must be a number of seconds from 1 to 60")
+    return value
+
+
+def _open_sse(app: Any, plan: Plan, sock: asyncio.Transport, headers: dict[str, str]) -> None:
+    """HttpFront handed the socket over: the per-IP connection limit (as for a
+    WebSocket upgrade), then the stream."""
+    wait = app.ip_limit(sock, headers, True)
+    if wait:
+        exc = Refused(429, "too many new connections from this IP",
+                      {**plan.cors, "Retry-After": retry_after(wait), "Connection": "close"})
+        sock.write(_refusal(exc))
+        sock.close()
+        return
+    SseStream(app.node, plan).start(sock, plan, headers)
+
+
+async def poll(node: Any, plan: Plan) -> bytes:
+    """Answer one ``GET /poll`` (see the module docstring)."""
+    sess = PollSession(node, plan)
+    hdrs = {"Cache-Control": "no-store", **plan.cors}
+    node.accepted += 1
+    node.transports["poll"] += 1
+    node.hub.add_connection(sess)
+    try:
+        if node.draining:
+            sess.disconnect(DISCONNECT_DRAINING)
+        else:
+            sess.subscribe_all(plan)
+            await asyncio.wait_for(asyncio.shield(sess.subscribed), SUBSCRIBE_TIMEOUT)
+            if sess.failed is not None:
+                code = int(sess.failed.get("code", 500))
+                return response(code if code in REASONS else 500,
+                                orjson.dumps(sess.failed) + b"\n", hdrs)
+            if plan.given_cursor and not plan.unrecovered and not sess.events:
+                try:
+                    await asyncio.wait_for(asyncio.shield(sess.woken), plan.timeout)
+                except TimeoutError:
+                    pass
+        body = sess.answer()
+    except TimeoutError:
+        return response(503, _error_body(Err.UNAVAILABLE, "subscribing timed out"), hdrs)
+    finally:
+        sess.closing = True
+        node.transports["poll"] -= 1
+        if sess.expiry is not None:
+            sess.expiry.cancel()
+        node.drop(sess, sess.close_code or 1000)
+    return response(200, body, hdrs)
+
+
+async def call(node: Any, headers: dict[str, str], body: bytes) -> bytes:
+    """Answer one ``POST /call``: one protocol request, the WebSocket's reply; an
+    ``error`` reply comes with its code as the HTTP status."""
+    try:
+        cors = _cors(node, headers)
+    except Refused as exc:
+        return _refusal(exc)
+    try:
+        ident = _identity(node, None, headers)
+    except Refused as exc:
+        exc.headers.update(cors)
+        return _refusal(exc)
+    sess = CallSession(node, node.next_client_id())
+    if ident is not None:
+        sess.set_identity(ident)
+    req = sess.receive(body)
+    if req is not None:
+        if req.type not in CALL_TYPES:
+            sess.error(ProtocolError(Err.BAD_REQUEST, f"{req.type} needs a stream: use "
+                                     "/sse or /poll (or a WebSocket)", req.id))
+        else:
+            node.run(sess, req)
+            await sess.done
+    reply = sess.sent[0] if sess.sent else _error_body(Err.INTERNAL, "no reply")
+    status = 200
+    msg = orjson.loads(reply)
+    if msg.get("type") == "error":
+        code = int(msg.get("code", 500))
+        status = code if code in REASONS else 500
+    extra = {"Retry-After": "1"} if status == 429 else {}
+    return response(status, reply, {**cors, **extra, "Cache-Control": "no-store"})
