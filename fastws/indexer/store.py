@@ -27,6 +27,7 @@ one succeeds (the indexer's ``/readyz``).  Needs ``asyncpg`` (the ``chain`` extr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -119,8 +120,6 @@ class EventStore:
     def __init__(self, url: str, *, backoff: Backoff | None = None, max_size: int = 8,
                  connect_timeout: float = 5.0, sleep: Callable[[float], Awaitable[None]]
                  | None = None) -> None:
-        import asyncio
-
         self.url = url
         self.backoff = backoff or Backoff(base=0.2, cap=10.0)
         self.max_size = max_size
@@ -185,7 +184,10 @@ class EventStore:
         """Close the pool."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), 5.0)
+            except (TimeoutError, OSError):     # a store that does not answer any more
+                pool.terminate()
 
 
 class ChainStore:
