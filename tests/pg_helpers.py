@@ -108,3 +108,24 @@ class PgProxy:
         self._writers.clear()
         if server is not None:
             await server.wait_closed()
+
+
+def main() -> int:
+    """``make test``'s check: say clearly (and exit 1) when no PostgreSQL answers."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(PG)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+    try:
+        socket.create_connection((host, port), 3).close()
+    except OSError as exc:
+        print(f"make test: NO POSTGRESQL ANSWERS at {host}:{port} ({exc}): the indexer's "
+              "store tests (tests/test_indexer_store.py) will FAIL. Start PostgreSQL (trust "
+              "auth, user postgres) or point FASTWS_TEST_POSTGRES at one.")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
