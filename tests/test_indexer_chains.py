@@ -308,3 +308,13 @@ checkpoint = "{tmp_path / 'beta.json'}"
     assert proc.wait(30) == 2
     assert (f"fastws index: --chain-id: chain id 1 is configured for default, but its node "
             f"answers chain id {a.chain_id}") in (tmp_path / "single.log").read_text()
+
+
+async def test_two_chain_latency_tool_smoke() -> None:
+    """``python -m loadtest.indexer_latency --chains`` (docs/benchmarks.md) runs: both
+    networks, one time per block."""
+    from loadtest.indexer_latency import measure_chains
+
+    results = await measure_chains(blocks=2, rpc="ws", poll=0.2)
+    assert list(results) == ["alpha", "beta"]
+    assert all(len(xs) == 2 and all(0 < x < 30 for x in xs) for xs in results.values())

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port, http
-from pg_helpers import PgProxy, count, fresh_database, query
+from pg_helpers import PG, PgProxy, count, fresh_database, query
 from test_indexer import events, start_indexer, stop, subscribe, until
 from wsclient import connect
 
@@ -260,3 +260,12 @@ async def test_store_down_retries_with_backoff_and_publishes_nothing_new(
     finally:       # the proxy lives on this loop: stop the indexer without blocking it
         assert await asyncio.to_thread(stop, proc) == 0
         await proxy.cut()
+
+
+async def test_backlog_tool_with_the_store_smoke() -> None:
+    """``python -m loadtest.indexer_backlog --store …`` (docs/benchmarks.md) runs: every
+    event a row of its own database, created and dropped."""
+    from loadtest.indexer_backlog import catch_up
+
+    res = await catch_up(30, "memory://", None, PG)
+    assert res["events"] == 30 and res["rows"] == 30 and res["rate"] > 0
