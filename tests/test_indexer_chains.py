@@ -199,6 +199,8 @@ async def test_two_chains_publish_concurrently_and_one_outage_holds_back_nothing
     a, b = two_chains
     srv = fastws_server()
     addr_a, addr_b = a.deploy(), b.deploy()
+    docs = (Path(__file__).parent.parent / "docs" / "indexer.md").read_text()
+    assert addr_b in docs          # the demo's l2 (chain id 31337, account 1): documented
     bettor = a.accounts[2].lower()
     b_port = b.rpc.port
     b.rpc.stop()                                        # beta's node is down at start
