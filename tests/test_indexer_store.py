@@ -269,3 +269,16 @@ async def test_backlog_tool_with_the_store_smoke() -> None:
 
     res = await catch_up(30, "memory://", None, PG)
     assert res["events"] == 30 and res["rows"] == 30 and res["rate"] > 0
+
+
+def test_a_store_that_can_never_work_stops_the_start(tmp_path) -> None:
+    """No such database (or a refused login): one line naming the store, status 2; a
+    store that does not answer is retried instead (above)."""
+    url = PG + "/fastws_no_such_database"
+    proc = start_indexer("--rpc", "http://127.0.0.1:9", "--contract", "0x" + "ab" * 20,
+                         "--store", url, log=tmp_path / "indexer.log")
+    assert proc.wait(30) == 2
+    lines = [ln for ln in (tmp_path / "indexer.log").read_text().splitlines()
+             if ln.startswith("fastws index: ")]
+    assert lines == [f"fastws index: --store: {url}: InvalidCatalogNameError: database "
+                     '"fastws_no_such_database" does not exist']

@@ -330,7 +330,14 @@ async def run_chains(args: Any, say: Any) -> int:
                 with contextlib.suppress(asyncio.CancelledError):
                     await connecting
                 return 0
-            connecting.result()
+            import asyncpg
+
+            try:
+                connecting.result()
+            except (asyncpg.PostgresError, asyncpg.exceptions.ClientConfigurationError,
+                    ValueError) as exc:   # no such database, a refused login, a bad URL
+                say(f"--store: {_redacted(args.store)}: {type(exc).__name__}: {exc}")
+                return 2
         tasks = [asyncio.ensure_future(_index_chain(s, args, publisher, store, st, stop))
                  for s, st in zip(specs, stats, strict=True)]
         stopping = asyncio.ensure_future(stop.wait())

@@ -114,6 +114,13 @@ def _retryable() -> tuple[type[BaseException], ...]:
             asyncpg.exceptions.InsufficientResourcesError)
 
 
+def _is_config_error(exc: BaseException) -> bool:
+    """A URL that no retry can fix (asyncpg calls it an InterfaceError too)."""
+    import asyncpg
+
+    return isinstance(exc, asyncpg.exceptions.ClientConfigurationError)
+
+
 class EventStore:
     """One PostgreSQL database for every chain of the indexer (an asyncpg pool)."""
 
@@ -158,6 +165,8 @@ class EventStore:
                 async with pool.acquire() as con:
                     result = await fn(con)
             except retry_on as exc:
+                if _is_config_error(exc):
+                    raise
                 self.ready = False
                 self.failures += 1
                 delay = self.backoff.delay(attempt)
