@@ -15,7 +15,9 @@ transactions' receipts, kept when they were mined; every other call is the chain
 With ``--store postgresql://user@host:port`` the indexer also keeps every event in
 PostgreSQL (``fastws index --store``: rows and checkpoint in one transaction before
 publishing), in a database of its own that the tool creates on that server and drops
-afterwards; it checks that every event is a row.
+afterwards; it checks that every event is a row.  ``--store URL --commits N --batch B``
+times the store alone: ``N`` events committed ``B`` per transaction with their
+checkpoint (the indexer's commit, as for a range of ``B`` events), rows/s.
 
 ``python -m loadtest.indexer_backlog --api BATCH [--broker URL] [--seconds S]
 [--inflight K]`` instead posts publications to a server as fast as it answers, ``K``
@@ -40,7 +42,7 @@ from typing import Any
 
 from loadtest.indexer_latency import _free_port, _stop, _wait_port
 
-__all__ = ["api_rate", "catch_up", "main"]
+__all__ = ["api_rate", "catch_up", "commit_rate", "main"]
 
 API_KEY = "backlog-key"
 
@@ -184,6 +186,36 @@ async def _catch_up(blocks: int, broker: str, tree: Path | None,
             "rate": (blocks - 1) / (t_last - t_first) if t_last > t_first else 0.0}
 
 
+async def commit_rate(server: str, events: int, batch: int) -> float:
+    """Rows/s of the indexer's store commit (rows and checkpoint in one transaction),
+    ``batch`` events per transaction, into a fresh database on ``server``."""
+    from fastws.indexer.checkpoint import Checkpoint, PublishedEvent
+    from fastws.indexer.store import EventStore
+
+    async with _database(server) as url:
+        store = EventStore(url)
+        await store.connect()
+        chain = store.chain("bench", "bench")
+        cp = Checkpoint(chain_id=1, contracts=["0x" + "11" * 20], block=0)
+        t0 = time.perf_counter()
+        for first in range(0, events, batch):
+            datas = [{"eventType": "BetPlaced", "marketAddress": "0x" + "11" * 20,
+                      "blockNumber": n, "blockHash": f"0x{n:064x}", "txHash": f"0x{n:064x}",
+                      "logIndex": 0, "timestamp": 1_700_000_000 + n,
+                      "args": {"marketId": 1, "bettor": "0x" + "22" * 20, "outcome": True,
+                               "amount": "1000000000000000000"},
+                      "network": "bench", "chainId": 1}
+                     for n in range(first, min(events, first + batch))]
+            cp.block = datas[-1]["blockNumber"]
+            cp.pending = [PublishedEvent(f"1:{d['txHash']}:0", d) for d in datas]
+            await chain.commit(cp, datas, [])
+            cp.pending = []
+            await chain.save(cp)          # what the indexer does once they are published
+        elapsed = time.perf_counter() - t0
+        await store.close()
+        return events / elapsed
+
+
 async def api_rate(batch: int, broker: str, seconds: float, inflight: int) -> float:
     """Publications/s that one server accepts through ``POST /api/publish``."""
     import aiohttp
@@ -235,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="a PostgreSQL server (postgresql://user@host:port): the indexer "
                              "keeps the events there too, in a database the tool creates "
                              "and drops")
+    parser.add_argument("--commits", type=int, default=0, metavar="N",
+                        help="with --store: time N events committed to the store alone")
+    parser.add_argument("--batch", type=int, default=100,
+                        help="--commits: events per transaction (default 100)")
     parser.add_argument("--api", type=int, default=0, metavar="BATCH",
                         help="measure POST /api/publish with BATCH publications per request")
     parser.add_argument("--seconds", type=float, default=5.0, help="--api: duration")
@@ -242,7 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.blocks < 2 or args.api < 0 or args.seconds <= 0 or args.inflight < 1:
         parser.error("--blocks must be at least 2, --seconds and --inflight positive")
+    if args.commits and not args.store:
+        parser.error("--commits needs --store postgresql://user@host:port")
     with contextlib.suppress(KeyboardInterrupt):
+        if args.commits:
+            rate = asyncio.run(commit_rate(args.store, args.commits, max(1, args.batch)))
+            print(f"store commits, {args.batch} events per transaction with the checkpoint: "
+                  f"{rate:,.0f} rows/s")
+            return 0
         if args.api:
             rate = asyncio.run(api_rate(args.api, args.broker, args.seconds, args.inflight))
             print(f"POST /api/publish, {args.api} per request, {args.inflight} in flight, "
