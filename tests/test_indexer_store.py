@@ -265,10 +265,11 @@ async def test_store_down_retries_with_backoff_and_publishes_nothing_new(
 async def test_backlog_tool_with_the_store_smoke() -> None:
     """``python -m loadtest.indexer_backlog --store …`` (docs/benchmarks.md) runs: every
     event a row of its own database, created and dropped."""
-    from loadtest.indexer_backlog import catch_up
+    from loadtest.indexer_backlog import catch_up, commit_rate
 
     res = await catch_up(30, "memory://", None, PG)
     assert res["events"] == 30 and res["rows"] == 30 and res["rate"] > 0
+    assert await commit_rate(PG, 200, 50) > 0
 
 
 def test_a_store_that_can_never_work_stops_the_start(tmp_path) -> None:
