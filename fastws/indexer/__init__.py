@@ -352,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:   # --help
         return int(exc.code or 0)
+    if args.store is not None:
+        try:
+            require_chain(f"{PROG} --store", ("asyncpg",))
+        except MissingExtra as exc:
+            _say(exc.hint)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastws.channels import is_address
-from fastws.cli import UsageError
+from fastws.indexer import UsageError
 from fastws.indexer.templates import DEFAULT_CHANNELS, Channels, TemplateError, parse_all
 
 __all__ = ["ChainSpec", "parse_chains", "parse_store_url", "run_chains"]
@@ -283,13 +283,6 @@ async def run_chains(args: Any, say: Any) -> int:
     stats = [IndexerStats(network=s.network) for s in specs]
     store: Any = None
     if args.store is not None:
-        from fastws.extras import MissingExtra, require_chain
-
-        try:
-            require_chain("fastws index --store", ("asyncpg",))
-        except MissingExtra as exc:
-            say(exc.hint)
-            return 2
         from fastws.indexer.store import EventStore
 
         store = EventStore(args.store)
