@@ -141,7 +141,9 @@ def test_other_bad_input_names_the_culprit(tmp_path: Path) -> None:
                         ("[chains]\n", "chains:"),
                         ('[store]\nurl = "mysql://h/db"\n[chains.eth]\n' + GOOD, "store.url"),
                         ('[store]\nuri = "x"\n[chains.eth]\n' + GOOD, "store.uri"),
-                        ("[chains.eth\n", "--config")]:
+                        ("[chains.eth\n", "--config"),
+                        ("[chains.a]\n" + GOOD + 'checkpoint = "x"\n[chains.b]\n' + GOOD
+                         + 'checkpoint = "x"\n', "chains.b.checkpoint: 'x' is chains.a's")]:
         with pytest.raises(UsageError, match=label):
             parse_args(["--config", write(tmp_path, text)])
     good = write(tmp_path, "[chains.eth]\n" + GOOD)

@@ -173,6 +173,13 @@ def parse_chains(doc: dict[str, Any], base: Path, *, poll_interval: float,
             chain_id=_int(f"{label}.chain_id", table.get("chain_id"), None, 1),
             channels=channels, poll_interval=float(poll), max_range=chain_max_range,
             checkpoint=checkpoint))
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.checkpoint is not None:
+            if spec.checkpoint in seen:
+                raise UsageError(f"chains.{spec.network}.checkpoint: {spec.checkpoint!r} is "
+                                 f"chains.{seen[spec.checkpoint]}'s too (one per chain)")
+            seen[spec.checkpoint] = spec.network
     return tuple(specs)
 
 
