@@ -322,3 +322,36 @@ async def test_two_chain_latency_tool_smoke() -> None:
     results = await measure_chains(blocks=2, rpc="ws", poll=0.2)
     assert list(results) == ["alpha", "beta"]
     assert all(len(xs) == 2 and all(0 < x < 30 for x in xs) for xs in results.values())
+
+
+async def test_two_chains_into_a_redis_broker_with_a_checkpoint_key_each(
+        two_chains, redis_server, fastws_server, tmp_path: Path) -> None:
+    import redis
+
+    a, b = two_chains
+    srv = fastws_server("--broker", redis_server.url)
+    addr_a, addr_b = a.deploy(), b.deploy()
+    path = write(tmp_path, "".join(f"""
+[chains.{name}]
+rpc = "{chain.rpc.url}"
+contracts = ["{addr}"]
+from_block = {chain.head() + 1}
+confirmations = 1
+poll_interval = 0.05
+channels = ["net:{{network}}"]
+""" for name, chain, addr in (("alpha", a, addr_a), ("beta", b, addr_b))))
+    c = await connect(srv.ws_url)
+    await subscribe(c, "net:*", 1)
+    a.create_market(addr_a, "Will BTC dominance exceed 60% by Friday?")
+    b.create_market(addr_b, "Will the launch happen on time?")
+    proc = start_indexer("--config", path, "--broker", redis_server.url,
+                         log=tmp_path / "indexer.log")
+    try:
+        got = await events(c, 2)
+    finally:
+        assert stop(proc) == 0, (tmp_path / "indexer.log").read_text()
+    assert sorted((e["channel"], e["data"]["network"], e["data"]["chainId"]) for e in got) \
+        == [("net:alpha", "alpha", a.chain_id), ("net:beta", "beta", 31337)]
+    keys = sorted(k.decode() for k in redis.Redis.from_url(redis_server.url)
+                  .scan_iter("fastws:indexer:*"))
+    assert [k.split(":")[2] for k in keys] == ["alpha", "beta"]    # one checkpoint each
