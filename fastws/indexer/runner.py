@@ -341,8 +341,8 @@ class Indexer:
         return {n: h for n, h in zip(numbers, got, strict=True) if h is not None}
 
     async def _commit(self, items: list[tuple[list[str], dict[str, Any], str]], *,
-                      added: list[dict[str, Any]] = (),  # type: ignore[assignment]
-                      removed: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+                      added: Sequence[dict[str, Any]] = (),
+                      removed: Sequence[dict[str, Any]] = ()) -> None:
         """Publish ``items`` and save the checkpoint: in this order with a plain
         checkpoint store; with a durable store, rows and checkpoint (holding ``items``
         as ``pending``) in one transaction first, then publish, then clear pending."""
