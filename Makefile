@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all build serve test docs-check lint bench clean system-deps
+.PHONY: all build serve test docs-check lint bench clean system-deps pg-check
 
 all: build
 
@@ -35,7 +35,13 @@ system-deps:
 serve: build
 	$(VENV)/bin/fastws serve --demo --host 127.0.0.1 --port 8765
 
-test: build system-deps
+# The indexer's store tests use the machine's PostgreSQL (127.0.0.1:5432, trust auth,
+# user postgres; FASTWS_TEST_POSTGRES names another): when none answers, say so up
+# front (the suite still runs, and those tests fail with the same line).
+pg-check:
+	-@$(PY) tests/pg_helpers.py
+
+test: build system-deps pg-check
 	$(VENV)/bin/ruff check fastws tests loadtest
 	$(PY) -m pytest -q -rs -p no:cacheprovider
 

@@ -439,6 +439,8 @@ def _collect(flags: Mapping[str, object], env: Mapping[str, str]) -> _Resolved:
         data = _read_file(path, path_label)
 
     for section in data:
+        if section in ("chains", "store"):    # fastws index's (SPEC §14): not the server's
+            continue
         if section not in ("server", "limits", "namespaces"):
             raise ConfigError(f"[{section}]", "unknown section (expected [server], [limits], "
                               "[namespaces.NAME])")

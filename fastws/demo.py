@@ -1,13 +1,16 @@
-"""``serve --demo``: an embedded chain, a demo driver and the indexer, in-process.
+"""``serve --demo``: two embedded chains, a demo driver and the indexer, in-process.
 
-:func:`run_demo` starts one thread that holds an eth-tester (py-evm) chain with two
-``PredictionMarket`` contracts, a driver that sends one transaction every ``interval``
-seconds or so (create a market, bet on one, resolve one), and the real indexer
-(:mod:`fastws.indexer`) reading that chain and publishing into the node, as
-``fastws index`` would: ``events:market_created``, ``events:bet_placed``,
-``events:market_resolved`` and ``market:<contract address>``.  The chain lives in its
-own thread so that py-evm's CPU work does not stall the server's event loop; the
-publications hop onto the node's loop.
+:func:`run_demo` starts one thread that holds two eth-tester (py-evm) chains, the
+networks of :data:`NETWORKS` (``l1``, the chain of the documented addresses, and
+``l2``, another chain id and deployer), each with two ``PredictionMarket`` contracts,
+a driver per chain that sends one transaction every ``interval`` seconds or so (create
+a market, bet on one, resolve one), and the real indexer (:mod:`fastws.indexer`)
+reading each chain and publishing into the node, as ``fastws index`` would:
+``events:market_created``, ``events:bet_placed``, ``events:market_resolved`` and
+``market:<contract address>``, every event with its ``network`` and ``chainId`` (SPEC
+§14), as ``fastws index --config chains.toml`` does with two ``[chains.NAME]`` tables.
+The chains live in their own thread so that py-evm's CPU work does not stall the
+server's event loop; the publications hop onto the node's loop.
 
 The chain's market contracts are deployed by a ``MarketFactory``; the indexer watches
 the factory and the first contracts and follows ``MarketDeployed.market``, so a market
@@ -34,11 +37,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastws.node import Node
 
-__all__ = ["run_demo"]
+__all__ = ["NETWORKS", "run_demo"]
 
 log = logging.getLogger("fastws.demo")
 STOP_TIMEOUT = 5.0
-MAX_BLOCKS = 10_000   # ~3 hours at the default pace, ~80 MB of py-evm state
+MAX_BLOCKS = 10_000   # ~3 hours at the default pace, ~80 MB of py-evm state per chain
+# (network, chain id, deploying account): l1 is eth-tester's chain id and account 0 (the
+# documented FACTORY_ADDRESS and MARKET_ADDRESSES), l2 another chain id and deployer
+NETWORKS: tuple[tuple[str, int | None, int], ...] = (("l1", None, 0), ("l2", 31337, 1))
 
 
 async def run_demo(node: Node, interval: float = 1.0, contracts: int = 2) -> None:
@@ -94,16 +100,23 @@ async def _demo(node: Node, node_loop: asyncio.AbstractEventLoop, interval: floa
     from fastws.indexer.metrics import IndexerCollector
     from fastws.indexer.runner import IndexerStats
 
-    stats = IndexerStats()
+    stats = [IndexerStats(network=network) for network, _, _ in NETWORKS]
     extra = getattr(node, "extra_collectors", None)
     if isinstance(extra, list):
         extra.append(IndexerCollector(stats))
-    while True:   # a fresh chain every MAX_BLOCKS blocks: py-evm keeps every block in memory
-        await _one_chain(node, node_loop, interval, contracts, stats)
+
+    async def network(n: int) -> None:
+        name, chain_id, owner = NETWORKS[n]
+        while True:   # a fresh chain every MAX_BLOCKS blocks: py-evm keeps every block
+            await _one_chain(node, node_loop, interval, contracts, stats[n], name,
+                             chain_id, owner)
+
+    await asyncio.gather(*(network(n) for n in range(len(NETWORKS))))
 
 
 async def _one_chain(node: Node, node_loop: asyncio.AbstractEventLoop, interval: float,
-                     contracts: int, stats: Any) -> None:
+                     contracts: int, stats: Any, network: str = "l1",
+                     chain_id: int | None = None, owner: int = 0) -> None:
     from fastws.indexer.checkpoint import MemoryCheckpoint
     from fastws.indexer.demo_chain import FOLLOW, DemoChain
     from fastws.indexer.heads import ChainHeads
@@ -112,7 +125,7 @@ async def _one_chain(node: Node, node_loop: asyncio.AbstractEventLoop, interval:
     from fastws.indexer.runner import Indexer
     from fastws.indexer.source import LogSource, TesterRpc
 
-    chain = DemoChain(contracts)
+    chain = DemoChain(contracts, chain_id=chain_id, owner=owner)
     heads = ChainHeads()                 # woken at each block, as by a node's newHeads
     chain.block_listeners.append(heads.notify)
     abi = chain.factory_abi + chain.abi
@@ -123,10 +136,11 @@ async def _one_chain(node: Node, node_loop: asyncio.AbstractEventLoop, interval:
     indexer = Indexer(source, EventCodec(abi), NodePublisher(node, node_loop),
                       MemoryCheckpoint(), confirmations=1, from_block=chain.head() + 1,
                       poll_interval=min(0.25, interval), stats=stats,
-                      follow=Follow.parse(FOLLOW, abi), heads=heads)
+                      follow=Follow.parse(FOLLOW, abi), heads=heads, network=network,
+                      chain_id=chain.chain_id)
     await indexer.open()
-    log.info("demo chain: factory %s, contracts %s", chain.factory_address,
-             ", ".join(chain.addresses))
+    log.info("demo chain %s (chain id %d): factory %s, contracts %s", network, chain.chain_id,
+             chain.factory_address, ", ".join(chain.addresses))
     idx = asyncio.get_running_loop().create_task(indexer.run())
     rng = chain.rng
     try:

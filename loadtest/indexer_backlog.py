@@ -12,6 +12,12 @@ whole run from the indexer's start.  py-evm answers ``eth_getLogs`` over a few h
 blocks in seconds (a real node answers from its log index in milliseconds), which would
 hide the publishing side, so this RPC server answers ``eth_getLogs`` from the logs of the
 transactions' receipts, kept when they were mined; every other call is the chain's.
+With ``--store postgresql://user@host:port`` the indexer also keeps every event in
+PostgreSQL (``fastws index --store``: rows and checkpoint in one transaction before
+publishing), in a database of its own that the tool creates on that server and drops
+afterwards; it checks that every event is a row.  ``--store URL --commits N --batch B``
+times the store alone: ``N`` events committed ``B`` per transaction with their
+checkpoint (the indexer's commit, as for a range of ``B`` events), rows/s.
 
 ``python -m loadtest.indexer_backlog --api BATCH [--broker URL] [--seconds S]
 [--inflight K]`` instead posts publications to a server as fast as it answers, ``K``
@@ -36,7 +42,7 @@ from typing import Any
 
 from loadtest.indexer_latency import _free_port, _stop, _wait_port
 
-__all__ = ["api_rate", "catch_up", "main"]
+__all__ = ["api_rate", "catch_up", "commit_rate", "main"]
 
 API_KEY = "backlog-key"
 
@@ -73,9 +79,50 @@ def _server(port: int, broker: str, workdir: Path) -> subprocess.Popen[bytes]:
                             env=env)
 
 
-async def catch_up(blocks: int, broker: str, tree: Path | None) -> dict[str, float]:
+@contextlib.asynccontextmanager
+async def _database(server: str) -> Any:
+    """A fresh database on the PostgreSQL at ``server`` (a postgresql:// URL without a
+    database, or with one: replaced); yields its URL, drops it afterwards."""
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+
+    parts = urlsplit(server)
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")), timeout=5)
+    name = f"fastws_backlog_{secrets.token_hex(4)}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def catch_up(blocks: int, broker: str, tree: Path | None,
+                   store: str | None = None) -> dict[str, float]:
     """Index ``blocks`` blocks of one event each from block 0 of their range; returns
-    events, seconds from the indexer's start, and events/s from first to last event."""
+    events, seconds from the indexer's start, and events/s from first to last event.
+    ``store``: a PostgreSQL server to keep the events in too (``--store``)."""
+    if store is None:
+        return await _catch_up(blocks, broker, tree, None)
+    import asyncpg
+
+    async with _database(store) as url:
+        res = await _catch_up(blocks, broker, tree, url)
+        con = await asyncpg.connect(url, timeout=5)
+        try:
+            rows = await con.fetchval("SELECT count(*) FROM fastws_events")
+        finally:
+            await con.close()
+        if rows != blocks:
+            raise RuntimeError(f"{rows} rows in fastws_events for {blocks} events")
+        res["rows"] = rows
+        return res
+
+
+async def _catch_up(blocks: int, broker: str, tree: Path | None,
+                    store: str | None) -> dict[str, float]:
     from websockets.asyncio.client import connect
 
     from fastws.indexer.demo_chain import DemoChain, to_rpc_json
@@ -109,11 +156,13 @@ async def catch_up(blocks: int, broker: str, tree: Path | None) -> dict[str, flo
             while json.loads(await ws.recv()).get("type") != "subscribed":
                 pass
             start = time.perf_counter()
+            keep = (["--store", store] if store else
+                    ["--checkpoint", str(workdir / "cp.json")])
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fastws", "index", "--rpc", rpc.url, "--contract",
                  addr, "--from-block", str(first), "--confirmations", "1", "--url",
-                 f"http://127.0.0.1:{port}", "--api-key", API_KEY, "--checkpoint",
-                 str(workdir / "cp.json"), "--poll-interval", "0.05", "--log-level",
+                 f"http://127.0.0.1:{port}", "--api-key", API_KEY, *keep,
+                 "--poll-interval", "0.05", "--log-level",
                  "warning"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                 stderr=open(workdir / "index.log", "wb"))  # noqa: SIM115
             got = 0
@@ -135,6 +184,36 @@ async def catch_up(blocks: int, broker: str, tree: Path | None) -> dict[str, flo
         rpc.stop()
     return {"events": blocks, "seconds": t_last - start, "first": t_first - start,
             "rate": (blocks - 1) / (t_last - t_first) if t_last > t_first else 0.0}
+
+
+async def commit_rate(server: str, events: int, batch: int) -> float:
+    """Rows/s of the indexer's store commit (rows and checkpoint in one transaction),
+    ``batch`` events per transaction, into a fresh database on ``server``."""
+    from fastws.indexer.checkpoint import Checkpoint, PublishedEvent
+    from fastws.indexer.store import EventStore
+
+    async with _database(server) as url:
+        store = EventStore(url)
+        await store.connect()
+        chain = store.chain("bench", "bench")
+        cp = Checkpoint(chain_id=1, contracts=["0x" + "11" * 20], block=0)
+        t0 = time.perf_counter()
+        for first in range(0, events, batch):
+            datas = [{"eventType": "BetPlaced", "marketAddress": "0x" + "11" * 20,
+                      "blockNumber": n, "blockHash": f"0x{n:064x}", "txHash": f"0x{n:064x}",
+                      "logIndex": 0, "timestamp": 1_700_000_000 + n,
+                      "args": {"marketId": 1, "bettor": "0x" + "22" * 20, "outcome": True,
+                               "amount": "1000000000000000000"},
+                      "network": "bench", "chainId": 1}
+                     for n in range(first, min(events, first + batch))]
+            cp.block = datas[-1]["blockNumber"]
+            cp.pending = [PublishedEvent(f"1:{d['txHash']}:0", d) for d in datas]
+            await chain.commit(cp, datas, [])
+            cp.pending = []
+            await chain.save(cp)          # what the indexer does once they are published
+        elapsed = time.perf_counter() - t0
+        await store.close()
+        return events / elapsed
 
 
 async def api_rate(batch: int, broker: str, seconds: float, inflight: int) -> float:
@@ -184,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", default="memory://", help="the server's --broker")
     parser.add_argument("--tree", type=Path, default=None,
                         help="source tree to run `fastws index` from (default: this one)")
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="a PostgreSQL server (postgresql://user@host:port): the indexer "
+                             "keeps the events there too, in a database the tool creates "
+                             "and drops")
+    parser.add_argument("--commits", type=int, default=0, metavar="N",
+                        help="with --store: time N events committed to the store alone")
+    parser.add_argument("--batch", type=int, default=100,
+                        help="--commits: events per transaction (default 100)")
     parser.add_argument("--api", type=int, default=0, metavar="BATCH",
                         help="measure POST /api/publish with BATCH publications per request")
     parser.add_argument("--seconds", type=float, default=5.0, help="--api: duration")
@@ -191,14 +278,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.blocks < 2 or args.api < 0 or args.seconds <= 0 or args.inflight < 1:
         parser.error("--blocks must be at least 2, --seconds and --inflight positive")
+    if args.commits and not args.store:
+        parser.error("--commits needs --store postgresql://user@host:port")
     with contextlib.suppress(KeyboardInterrupt):
+        if args.commits:
+            rate = asyncio.run(commit_rate(args.store, args.commits, max(1, args.batch)))
+            print(f"store commits, {args.batch} events per transaction with the checkpoint: "
+                  f"{rate:,.0f} rows/s")
+            return 0
         if args.api:
             rate = asyncio.run(api_rate(args.api, args.broker, args.seconds, args.inflight))
             print(f"POST /api/publish, {args.api} per request, {args.inflight} in flight, "
                   f"broker {args.broker}: {rate:,.0f} publications/s")
             return 0
-        res: dict[str, Any] = asyncio.run(catch_up(args.blocks, args.broker, args.tree))
-        print(f"backlog of {res['events']} events (×2 publications), broker {args.broker}: "
+        res: dict[str, Any] = asyncio.run(catch_up(args.blocks, args.broker, args.tree,
+                                                   args.store))
+        stored = ", store on (every event a row)" if args.store else ""
+        print(f"backlog of {res['events']} events (×2 publications), broker {args.broker}"
+              f"{stored}: "
               f"{res['rate']:,.0f} events/s first to last event; from the indexer's start "
               f"{res['first']:.2f} s to the first event, {res['seconds']:.2f} s to the last "
               f"({res['events'] / res['seconds']:,.0f} events/s)")

@@ -10,6 +10,12 @@ For each mode it starts a ``fastws index`` process, once with ``--rpc http://…
 moments, and times each from the moment the block is mined (the chain's mining hook)
 to the moment the client receives the event (same process, same clock).  Prints one
 line per mode: min, median, p90, max and mean in milliseconds.  See docs/indexer.md.
+
+``python -m loadtest.indexer_latency --chains [--blocks N] [--rpc ws|http]`` instead
+runs two chains (two eth-tester chains, two chain ids, each served on its own port)
+and one ``fastws index --config chains.toml`` indexing both at once, mines a bet on
+each chain at random moments, the two chains concurrently, and prints one line per
+network: block mined → event at the client.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "measure"]
+__all__ = ["main", "measure", "measure_chains"]
 
 API_KEY = "latency-key"
 
@@ -151,6 +157,99 @@ async def measure(blocks: int = 30, poll: float = 1.0, seed: int = 1) -> dict[st
     return results
 
 
+async def measure_chains(blocks: int = 30, rpc: str = "ws", poll: float = 1.0,
+                         seed: int = 1) -> dict[str, list[float]]:
+    """Two chains indexed by one ``fastws index --config``: block → client latencies
+    (seconds) by network, bets mined on both chains concurrently."""
+    from websockets.asyncio.client import connect
+
+    from fastws.indexer.demo_chain import DemoChain, RpcServer, WsRpcServer
+
+    rng = random.Random(seed)
+    chains = {"alpha": DemoChain(contracts=0, rng=random.Random(seed)),
+              "beta": DemoChain(contracts=0, rng=random.Random(seed + 1), chain_id=31337,
+                                owner=1)}
+    servers = [(RpcServer(c) if rpc == "http" else WsRpcServer(c)).start()
+               for c in chains.values()]
+    addrs = {name: c.deploy() for name, c in chains.items()}
+    mined: dict[tuple[str, int], float] = {}
+    for name, chain in chains.items():
+        chain.block_listeners.append(
+            lambda block, name=name: mined.__setitem__((name, int(block["number"])),
+                                                       time.perf_counter()))
+    workdir = Path(tempfile.mkdtemp(prefix="fastws-latency-chains-"))
+    config = workdir / "chains.toml"
+    config.write_text("".join(
+        f'[chains.{name}]\nrpc = "{srv.url}"\ncontracts = ["{addrs[name]}"]\n'
+        f"from_block = {chain.head() + 1}\nconfirmations = 1\nchain_id = {chain.chain_id}\n"
+        f"poll_interval = {poll}\n"
+        f'checkpoint = "{workdir / (name + ".json")}"\n\n'
+        for (name, chain), srv in zip(chains.items(), servers, strict=True)))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTWS_")}
+    server = subprocess.Popen([sys.executable, "-m", "fastws", "serve", "--host", "127.0.0.1",
+                               "--port", str(port), "--api-key", API_KEY, "--log-level",
+                               "warning"], stdout=subprocess.DEVNULL,
+                              stderr=open(workdir / "serve.log", "wb"), env=env)  # noqa: SIM115
+    proc: subprocess.Popen[bytes] | None = None
+    loop = asyncio.get_running_loop()
+    results: dict[str, list[float]] = {name: [] for name in chains}
+    try:
+        await _wait_port(port, server)
+        log = open(workdir / "index.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastws", "index", "--config", str(config), "--url",
+             f"http://127.0.0.1:{port}", "--api-key", API_KEY, "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+        async with connect(f"ws://127.0.0.1:{port}/ws", proxy=None) as ws:
+            waiting: dict[tuple[str, int], asyncio.Future[float]] = {}
+            for i, name in enumerate(chains):
+                await ws.send(json.dumps({"id": i + 1, "type": "subscribe",
+                                          "channel": f"market:{addrs[name]}"}))
+
+            async def read() -> None:
+                while True:
+                    msg = json.loads(await ws.recv())
+                    if msg.get("type") != "event":
+                        continue
+                    now = time.perf_counter()
+                    fut = waiting.get((msg["data"]["network"], msg["data"]["blockNumber"]))
+                    if fut is not None and not fut.done():
+                        fut.set_result(now)
+
+            reader = asyncio.ensure_future(read())
+
+            async def event_of(name: str, action: Any, *args: Any) -> float:
+                chain = chains[name]
+                fut: asyncio.Future[float] = loop.create_future()
+                waiting[(name, chain.head() + 1)] = fut     # one transaction, one block
+                await loop.run_in_executor(None, action, *args)
+                return await asyncio.wait_for(fut, 60)
+
+            async def drive(name: str) -> None:
+                chain, addr = chains[name], addrs[name]
+                await event_of(name, chain.create_market, addr, "Warm-up?")   # caught up
+                for i in range(blocks):
+                    await asyncio.sleep(0.2 + rng.uniform(0, poll))           # a random phase
+                    number = chain.head() + 1
+                    received = await event_of(name, chain.place_bet, addr, 0, i % 2 == 0,
+                                              10**15, 1 + i % 5)
+                    results[name].append(received - mined[(name, number)])
+
+            try:
+                await asyncio.gather(*(drive(name) for name in chains))
+            finally:
+                reader.cancel()
+        log.close()
+    finally:
+        if proc is not None:
+            _stop(proc)
+        _stop(server)
+        for srv in servers:
+            srv.stop()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m loadtest.indexer_latency``: print the two modes' latencies."""
     parser = argparse.ArgumentParser(prog="python -m loadtest.indexer_latency",
@@ -159,10 +258,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=1.0,
                         help="the polling indexer's --poll-interval (default 1)")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the timing")
+    parser.add_argument("--chains", action="store_true",
+                        help="two chains indexed by one process: one line per network")
+    parser.add_argument("--rpc", choices=("ws", "http"), default="ws",
+                        help="--chains: the chains' RPC (ws: newHeads; http: polling)")
     args = parser.parse_args(argv)
     if args.blocks < 1 or args.poll_interval <= 0:
         parser.error("--blocks must be at least 1 and --poll-interval above 0")
     with contextlib.suppress(KeyboardInterrupt):
+        if args.chains:
+            results = asyncio.run(measure_chains(args.blocks, args.rpc, args.poll_interval,
+                                                 args.seed))
+            print(f"block mined → event at a WebSocket client, two chains in one fastws "
+                  f"index ({args.rpc} RPC), {args.blocks} blocks per chain, 1 confirmation, "
+                  "all on this machine:")
+            for name, xs in results.items():
+                print(_summary(f"network {name}", xs))
+            return 0
         results = asyncio.run(measure(args.blocks, args.poll_interval, args.seed))
         print(f"block mined → event at a WebSocket client, {args.blocks} blocks per mode, "
               "1 confirmation, all on this machine:")

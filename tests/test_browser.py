@@ -685,3 +685,17 @@ def test_failed_refresh_falls_back_to_reconnect(page, fastws_server):
     assert page.evaluate("window.carol.tokenRefreshes") == 0
     assert len(issued) == 2
     page.evaluate("window.carol.close()")
+
+
+def test_live_page_tags_the_demo_events_with_their_network(fastws_server, page) -> None:
+    """`make serve`: two embedded chains (SPEC §14), and the live page shows which chain
+    each event comes from."""
+    srv = fastws_server("--demo")
+    open_live_page(page, srv)
+    subscribe_on_page(page, "events:*")
+    page.wait_for_function("""() => {
+        const nets = [...document.querySelectorAll('#events .tag.net')].map(e => e.textContent);
+        return nets.includes('l1') && nets.includes('l2');
+    }""", timeout=30_000)
+    assert all('"network":' in text for _, text in event_rows(page))
+    assert page.errors == []

@@ -166,6 +166,7 @@ async def test_cli_publishes_confirmed_events_with_their_fields(chain, rpc, fast
             "args": {"marketId": mid, "creator": chain.owner.lower(),
                      "question": "Will it rain in Paris tomorrow?",
                      "endTime": block(chain, b1 - 1)["timestamp"] + 3600},
+            "network": "default", "chainId": chain.chain_id,   # --network's default
         }
         bet = got[2]["data"]
         assert bet["blockNumber"] == b2 and bet["timestamp"] == blk2["timestamp"]
@@ -179,12 +180,12 @@ async def test_cli_publishes_confirmed_events_with_their_fields(chain, rpc, fast
         # b3 has one confirmation: the indexer has seen it and holds its event back
         def seen() -> bool:
             m = scrape(f"http://127.0.0.1:{mport}")
-            return (m.get("fastws_indexer_head_block") == b3
-                    and m.get("fastws_indexer_checkpoint_block") == b2)
+            return (m.get('fastws_indexer_head_block{network="default"}') == b3
+                    and m.get('fastws_indexer_checkpoint_block{network="default"}') == b2)
         await until(seen, what="indexer at head b3, checkpoint b2")
         metrics = scrape(f"http://127.0.0.1:{mport}")
-        assert metrics["fastws_indexer_events_total"] == 2
-        assert metrics["fastws_indexer_lag_blocks"] == 1
+        assert metrics['fastws_indexer_events_total{network="default"}'] == 2
+        assert metrics['fastws_indexer_lag_blocks{network="default"}'] == 1
         assert c.messages.empty()
         chain.mine(1)
         resolved = await events(c, 2)
@@ -530,7 +531,7 @@ async def test_cli_follows_contracts_the_factory_creates_across_restarts(
         assert created["logIndex"] > deployed["logIndex"] or \
             created["txHash"] != deployed["txHash"]
         await until(lambda: scrape(f"http://127.0.0.1:{mport}").get(
-            "fastws_indexer_followed_contracts") == 1, what="followed gauge")
+            'fastws_indexer_followed_contracts{network="default"}') == 1, what="followed gauge")
     finally:
         assert stop(proc) == 0, log.read_text()
     saved = json.loads(cp_file.read_text())
@@ -608,9 +609,10 @@ async def test_reorg_of_a_factory_event_stops_following_its_contract(
 
 
 def metric(port: int, name: str) -> float:
-    """One metric of the indexer's /metrics (-1 while it is not serving yet)."""
+    """One metric of the single-chain indexer's /metrics (network ``default``; -1 while
+    it is not serving yet)."""
     try:
-        return scrape(f"http://127.0.0.1:{port}").get(name, -1)
+        return scrape(f"http://127.0.0.1:{port}").get(name + '{network="default"}', -1)
     except OSError:
         return -1
 
@@ -663,8 +665,8 @@ async def test_ws_rpc_new_heads_wake_the_indexer(chain, ws_rpc, fastws_server,
         assert [e["data"]["eventType"] for e in got] == ["MarketCreated", "BetPlaced",
                                                          "BetPlaced"]
         metrics = scrape(f"http://127.0.0.1:{mport}")
-        assert metrics["fastws_indexer_new_heads_total"] >= 4
-        assert metrics["fastws_indexer_head_subscription_failures_total"] == 0
+        assert metrics['fastws_indexer_new_heads_total{network="default"}'] >= 4
+        assert metrics['fastws_indexer_head_subscription_failures_total{network="default"}'] == 0
         assert ws_rpc.calls.get("eth_subscribe", 0) >= 1
     finally:
         assert stop(proc) == 0, log.read_text()

@@ -135,6 +135,18 @@ async def test_demo_server_streams_seed_style_events(fastws_server) -> None:
     assert data["eventType"] in ("MarketCreated", "BetPlaced", "MarketResolved")
     assert data["marketAddress"].startswith("0x") and isinstance(data["timestamp"], int)
     assert ev["offset"] >= 1 and ev["epoch"]
+    # two embedded chains (SPEC §14): every event says which
+    from fastws.demo import NETWORKS
+    from fastws.indexer.demo_chain import TESTER_CHAIN_ID
+
+    ids = {name: chain_id or TESTER_CHAIN_ID for name, chain_id, _ in NETWORKS}
+    assert len(ids) == 2 and ids[data["network"]] == data["chainId"]
+    seen = {data["network"]}
+    while len(seen) < 2:          # both chains feed it
+        ev = await c.recv(timeout=15)
+        if ev.get("type") == "event":
+            assert ids[ev["data"]["network"]] == ev["data"]["chainId"]
+            seen.add(ev["data"]["network"])
 
 
 def test_demo_chain_addresses_are_fixed() -> None:

@@ -1,31 +1,33 @@
-"""``fastws index``: publish a contract's logs to fastws channels.
+"""``fastws index``: publish contracts' logs to fastws channels, from one chain or several.
 
 Each log of the watched contracts is published, once it has ``--confirmations``
 blocks (its own counts as one), to ``events:<event name in snake_case>`` and
 ``market:<contract address, lowercase>`` with data ``{eventType, marketAddress,
 blockNumber, blockHash, txHash, logIndex, timestamp, args}``; a reorg publishes
-retractions (the data plus ``"removed": true``) before the new chain's events.  See
-docs/indexer.md.
+retractions (the data plus ``"removed": true``) before the new chain's events.  With
+``--config chains.toml`` it indexes every ``[chains.NAME]`` table at once (SPEC §14:
+:mod:`fastws.indexer.chains`); every event carries ``network`` and ``chainId``;
+``channels`` templates (:mod:`fastws.indexer.templates`) choose where events go;
+``--store postgresql://…`` keeps every event in PostgreSQL before publishing it
+(:mod:`fastws.indexer.store`).  See docs/indexer.md.
 
 The package is never imported by the server's hot path; importing it is cheap (web3
 and friends load when :func:`main` runs).  Parts: ``mapping`` (ABI decoding, sans
 I/O), ``source`` (RPC, retries, adaptive getLogs ranges), ``runner`` (confirmations,
-reorgs, checkpoints), ``checkpoint``, ``publish``, ``metrics``, ``demo_chain``.
+reorgs, checkpoints), ``chains`` (several chains), ``templates``, ``checkpoint``,
+``store``, ``publish``, ``metrics``, ``demo_chain``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastws.channels import is_address
 from fastws.extras import MissingExtra, require_chain
@@ -58,6 +60,11 @@ class IndexArgs:
     log_level: str
     config: Any = None          # the servers' Config (namespace rules), Redis broker only
     follow: Any = None          # mapping.Follow of --follow EVENT.ARG, or None
+    network: str = "default"    # --network: the events' network (single-chain flags)
+    chain_id: int | None = None  # --chain-id: checked against the node when given
+    channels: Any = None        # templates.Channels of --channels (default templates)
+    store: str | None = None    # --store postgresql://… (or [store] url)
+    chains: tuple[Any, ...] = ()  # chains.ChainSpec of --config's [chains.NAME] tables
 
 
 def _env(name: str) -> str | None:
@@ -80,6 +87,14 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
                           "checkpoint wins"),
     ("--confirmations", "N", "publish once a block has N confirmations, its own included "
                              "(default 2)"),
+    ("--network", "NAME", "the chain's name in every event's network field and in the "
+                          "metrics (default: default)"),
+    ("--chain-id", "N", "the chain id the node must answer (a mismatch stops the start)"),
+    ("--channels", "T[,T]", "channel templates (default events:{event},market:{address}); "
+                            "fields {event} {Event} {address} {network} {chain_id} "
+                            "{args.NAME}"),
+    ("--store", "URL", "postgresql://user@host:port/db: keep every event in the table "
+                       "fastws_events (and the checkpoints there) before publishing it"),
     ("--broker", "URL", "redis://host:port/db: publish into the shared broker and keep the "
                         "checkpoint there; memory:// or unset: through --url"),
     ("--url", "URL", f"fastws server to publish to over HTTP (default {DEFAULT_URL})"),
@@ -87,8 +102,9 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--checkpoint", "FILE|KEY", "checkpoint file (default .fastws-index-<contracts "
                                  "hash>.json), or with a Redis broker its key (default "
                                  "fastws:indexer:<contracts hash>)"),
-    ("--config", "FILE", "the servers' fastws.toml, for the namespaces' history rules "
-                         "(Redis broker only)"),
+    ("--config", "FILE", "a TOML with [chains.NAME] tables (several chains at once) and "
+                         "[store] url, and/or the servers' [namespaces] (their history "
+                         "rules, Redis broker only)"),
     ("--poll-interval", "SECONDS", "seconds between polls of the head (default 1; with "
                                    "ws:// only while the newHeads subscription is down)"),
     ("--max-range", "N", "most blocks per eth_getLogs call (default 2000; narrower when the "
@@ -147,21 +163,108 @@ def _load_abi(path: str | None, flag: str = "--abi") -> list[dict[str, Any]]:
     return doc
 
 
+_SINGLE = ("rpc", "contract", "abi", "follow", "child_abi", "from_block", "confirmations",
+           "network", "chain_id", "channels", "checkpoint")
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise UsageError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config: {path} is not TOML ({exc})") from None
+
+
 def parse_args(argv: list[str]) -> IndexArgs:
-    """Flags > ``FASTWS_*`` environment > defaults; raises :class:`UsageError`."""
+    """Flags > ``FASTWS_*`` environment > config file > defaults; raises
+    :class:`UsageError`."""
+    from fastws.indexer.chains import (
+        check_rpc,
+        parse_chains,
+        parse_store_table,
+        parse_store_url,
+    )
+
     ns = _build_parser().parse_args(argv)
 
     def pick(attr: str) -> str | None:      # the flag, else FASTWS_<ATTR>
         value = getattr(ns, attr)
         return value if value is not None else _env(attr.upper())
 
-    rpc = pick("rpc")
-    if not rpc:
-        raise UsageError("--rpc: required (the node's JSON-RPC URL)")
-    if not rpc.startswith(("http://", "https://", "ws://", "wss://")):
-        raise UsageError(f"--rpc: {rpc!r} is not an http://, https://, ws:// or wss:// URL")
-    if not urlsplit(rpc).hostname:
-        raise UsageError(f"--rpc: {rpc!r} names no host")
+    config_file = pick("config")
+    doc = _read_toml(config_file) if config_file else {}
+    store = parse_store_url("--store", pick("store"))
+    if store is None:
+        store = parse_store_table(doc)
+    broker = pick("broker")
+    url = pick("url")
+    scheme = broker.partition("://")[0].lower() if broker else ""
+    if scheme in ("redis+cluster", "redis+sentinel"):
+        raise UsageError(f"--broker: {scheme}:// is not available to the indexer yet; give "
+                         "one node as redis://host:port/db or publish with --url")
+    if broker and scheme not in ("memory", "redis", "rediss"):
+        raise UsageError(f"--broker: {broker!r} is not memory:// or redis://host:port/db")
+    if scheme in ("redis", "rediss"):
+        if ns.url is not None:
+            raise UsageError("--broker: give either --broker redis://… or --url, not both")
+    else:
+        broker = None        # memory:// is one process's: publish through a server instead
+    url = url or DEFAULT_URL
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url: {url!r} is not an http:// or https:// URL")
+    api_key = pick("api_key")
+    if api_key and "," in api_key and ns.api_key is None:
+        api_key = api_key.split(",")[0].strip()   # FASTWS_API_KEY may list the server's keys
+    config: Any = None
+    if broker is not None:
+        from fastws.config import ConfigError, load_config
+
+        try:
+            config = load_config({"config": config_file} if config_file else {})
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    poll_raw = pick("poll_interval") or "1"
+    try:
+        poll = float(poll_raw)
+    except ValueError:
+        raise UsageError(f"--poll-interval: {poll_raw!r} is not a number") from None
+    if not 0 < poll <= 3600:
+        raise UsageError(f"--poll-interval: must be in (0, 3600] seconds, got {poll_raw}")
+    max_range = _int("--max-range", pick("max_range"), 2000, 1)
+    metrics_port = _int("--metrics-port", pick("metrics_port"), 0, 0)
+    if metrics_port is not None and metrics_port > 65535:
+        raise UsageError(f"--metrics-port: {metrics_port} is not a TCP port")
+    level = (pick("log_level") or "info").lower()
+    if level not in ("debug", "info", "warning", "error", "critical"):
+        raise UsageError(f"--log-level: {level!r} is not debug, info, warning or error")
+    assert max_range is not None and metrics_port is not None
+    common = dict(broker=broker, url=url, api_key=api_key, poll_interval=poll,
+                  max_range=max_range, metrics_port=metrics_port, log_level=level,
+                  config=config, store=store)
+
+    if "chains" in doc:      # several chains: the single-chain flags do not apply
+        for attr in _SINGLE:
+            if getattr(ns, attr) is not None:
+                flag = "--" + attr.replace("_", "-")
+                raise UsageError(f"{flag}: not with [chains.NAME] tables in --config "
+                                 f"{config_file} (set it in each chain's table)")
+        assert config_file is not None
+        chains = parse_chains(doc, Path(config_file).resolve().parent, poll_interval=poll,
+                              max_range=max_range)
+        if broker is None and store is None:
+            for spec in chains:
+                cp = Path(spec.checkpoint or ".")
+                if spec.checkpoint and (cp.is_dir() or not cp.resolve().parent.is_dir()):
+                    raise UsageError(f"chains.{spec.network}.checkpoint: {spec.checkpoint} is "
+                                     "not a file in an existing directory")
+        return IndexArgs(rpc="", contracts=(), abi=[], from_block=None, confirmations=2,
+                         checkpoint="", chains=chains, **common)  # type: ignore[arg-type]
+
+    rpc = check_rpc("--rpc", pick("rpc"))
     raw_contracts = pick("contract")
     if not raw_contracts:
         raise UsageError("--contract: required (one or more 0x addresses, comma-separated)")
@@ -188,138 +291,44 @@ def parse_args(argv: list[str]) -> IndexArgs:
             raise UsageError(f"--follow: {exc}") from None
     from_block = _int("--from-block", pick("from_block"), None, 0)
     confirmations = _int("--confirmations", pick("confirmations"), 2, 1)
-    broker = pick("broker")
-    url = pick("url")
-    scheme = broker.partition("://")[0].lower() if broker else ""
-    if scheme in ("redis+cluster", "redis+sentinel"):
-        raise UsageError(f"--broker: {scheme}:// is not available to the indexer yet; give "
-                         "one node as redis://host:port/db or publish with --url")
-    if broker and scheme not in ("memory", "redis", "rediss"):
-        raise UsageError(f"--broker: {broker!r} is not memory:// or redis://host:port/db")
-    if scheme in ("redis", "rediss"):
-        if ns.url is not None:
-            raise UsageError("--broker: give either --broker redis://… or --url, not both")
-    else:
-        broker = None        # memory:// is one process's: publish through a server instead
-    url = url or DEFAULT_URL
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--url: {url!r} is not an http:// or https:// URL")
-    api_key = pick("api_key")
-    if api_key and "," in api_key and ns.api_key is None:
-        api_key = api_key.split(",")[0].strip()   # FASTWS_API_KEY may list the server's keys
+    network = pick("network") or "default"
+    from fastws.indexer.chains import NETWORK
+
+    if not NETWORK.fullmatch(network):
+        raise UsageError(f"--network: {network!r} is not letters, digits, _ . - (at most 64)")
+    chain_id = _int("--chain-id", pick("chain_id"), None, 1)
+    from fastws.indexer.templates import DEFAULT_CHANNELS, Channels, TemplateError
+
+    raw_channels = pick("channels")
+    try:
+        channels = Channels([t.strip() for t in raw_channels.split(",")] if raw_channels
+                            else DEFAULT_CHANNELS)
+    except TemplateError as exc:
+        raise UsageError(f"--channels: {exc}") from None
     identity = ",".join(sorted(contracts)) + (f"|follow={follow}" if follow else "")
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     checkpoint = pick("checkpoint")
-    config_file = pick("config")
-    config: Any = None
-    if broker is not None:
+    if store is not None:
+        checkpoint = checkpoint or f"{network}:{digest}"
+    elif broker is not None:
         checkpoint = checkpoint or f"fastws:indexer:{digest}"
-        from fastws.config import ConfigError, load_config
-
-        try:
-            config = load_config({"config": config_file} if config_file else {})
-        except ConfigError as exc:
-            raise UsageError(str(exc)) from None
     else:
         checkpoint = checkpoint or f".fastws-index-{digest}.json"
         cp_path = Path(checkpoint)
         if cp_path.is_dir() or not cp_path.resolve().parent.is_dir():
             raise UsageError(f"--checkpoint: {checkpoint} is not a file in an existing "
                              "directory")
-    poll_raw = pick("poll_interval") or "1"
-    try:
-        poll = float(poll_raw)
-    except ValueError:
-        raise UsageError(f"--poll-interval: {poll_raw!r} is not a number") from None
-    if not 0 < poll <= 3600:
-        raise UsageError(f"--poll-interval: must be in (0, 3600] seconds, got {poll_raw}")
-    max_range = _int("--max-range", pick("max_range"), 2000, 1)
-    metrics_port = _int("--metrics-port", pick("metrics_port"), 0, 0)
-    if metrics_port is not None and metrics_port > 65535:
-        raise UsageError(f"--metrics-port: {metrics_port} is not a TCP port")
-    level = (pick("log_level") or "info").lower()
-    if level not in ("debug", "info", "warning", "error", "critical"):
-        raise UsageError(f"--log-level: {level!r} is not debug, info, warning or error")
-    assert confirmations is not None and max_range is not None and metrics_port is not None
+    assert confirmations is not None
     return IndexArgs(rpc=rpc, contracts=tuple(contracts), abi=abi, from_block=from_block,
-                     confirmations=confirmations, broker=broker, url=url, api_key=api_key,
-                     checkpoint=checkpoint, poll_interval=poll, max_range=max_range,
-                     metrics_port=metrics_port, log_level=level, config=config,
-                     follow=follow)
+                     confirmations=confirmations, checkpoint=checkpoint, follow=follow,
+                     network=network, chain_id=chain_id, channels=channels,
+                     **common)  # type: ignore[arg-type]
 
 
 async def _run(args: IndexArgs) -> int:
-    from fastws.indexer.checkpoint import CheckpointMismatch, FileCheckpoint, RedisCheckpoint
-    from fastws.indexer.heads import NewHeads
-    from fastws.indexer.mapping import EventCodec
-    from fastws.indexer.metrics import serve_metrics
-    from fastws.indexer.publish import BrokerPublisher, HttpPublisher, PublishRefused
-    from fastws.indexer.runner import Indexer, IndexerStats
-    from fastws.indexer.source import HttpRpc, LogSource, WsRpc
+    from fastws.indexer.chains import run_chains
 
-    stats = IndexerStats()
-    if args.metrics_port:
-        try:
-            serve_metrics(stats, args.metrics_port)
-        except OSError as exc:
-            _say(f"--metrics-port: cannot listen on {args.metrics_port}: {exc.strerror or exc}")
-            return 2
-    rpc: Any
-    heads: NewHeads | None = None
-    if args.rpc.startswith(("ws://", "wss://")):
-        rpc = WsRpc(args.rpc)
-        heads = NewHeads(rpc, poll_interval=args.poll_interval, stats=stats)
-    else:
-        rpc = HttpRpc(args.rpc)
-    publisher: Any
-    store: Any
-    if args.broker is not None:
-        publisher = BrokerPublisher(args.broker, args.config.for_channel)
-        store = RedisCheckpoint(args.broker, args.checkpoint)
-        target = args.broker
-    else:
-        publisher = HttpPublisher(args.url, args.api_key)
-        store = FileCheckpoint(args.checkpoint)
-        target = args.url
-    source = LogSource(rpc, args.contracts, max_range=args.max_range, on_fault=stats.fault)
-    indexer = Indexer(source, EventCodec(args.abi), publisher, store,
-                      confirmations=args.confirmations, from_block=args.from_block,
-                      poll_interval=args.poll_interval, stats=stats, follow=args.follow,
-                      heads=heads)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("indexing %s from %s into %s (%d confirmations)%s", ",".join(args.contracts),
-             args.rpc, target, args.confirmations,
-             f", following {args.follow}" if args.follow else "")
-    try:
-        opened = asyncio.ensure_future(indexer.open())
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({opened, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not opened.done():
-            opened.cancel()
-            return 0
-        stopped.cancel()
-        opened.result()
-        if heads is not None:
-            heads.start()
-        await indexer.run(stop)
-    except CheckpointMismatch as exc:
-        _say(f"--checkpoint: {args.checkpoint} {exc}; give another --checkpoint")
-        return 2
-    except PublishRefused as exc:
-        _say(str(exc))
-        return 1
-    finally:
-        if heads is not None:
-            await heads.stop()
-        await publisher.close()
-        await rpc.close()
-        if isinstance(store, RedisCheckpoint):
-            await store.close()
-    log.info("stopped after block %d", stats.last_block)
-    return 0
+    return await run_chains(args, _say)
 
 
 def _say(message: str) -> None:
@@ -343,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:   # --help
         return int(exc.code or 0)
+    if args.store is not None:
+        try:
+            require_chain(f"{PROG} --store", ("asyncpg",))
+        except MissingExtra as exc:
+            _say(exc.hint)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

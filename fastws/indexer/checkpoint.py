@@ -2,11 +2,12 @@
 
 The checkpoint names the last fully processed block and keeps what a reorg needs
 after a restart: the hashes of the recent blocks (the reorg window) and the events
-published from them (to retract them); with ``--follow``, also the contracts followed
-so far (each with the block of the event that created it).  It is saved after every
-processed range, once all of the range's publications were accepted, so a restart
-re-publishes at most one range, and the idempotency keys make the server drop those
-repeats.
+published from them (to retract them); with a durable store, the publications
+written to it but not yet known to be published (``pending``); with ``--follow``, also
+the contracts followed so far (each with the block of the event that created it).
+It is saved after every processed range, once all of the range's publications were
+accepted, so a restart re-publishes at most one range, and the idempotency keys make
+the server drop those repeats.
 
 Stores: :class:`FileCheckpoint` (a local JSON file, replaced atomically) with the HTTP
 publisher; :class:`RedisCheckpoint` (one key, next to the broker's data) with
@@ -70,6 +71,7 @@ class Checkpoint:
     retracted: list[str] = field(default_factory=list)         # txHash:logIndex, recent
     follow: str | None = None                     # the --follow EVENT.ARG it was written with
     followed: list[Followed] = field(default_factory=list)     # contracts found by it
+    pending: list[PublishedEvent] = field(default_factory=list)  # stored, to publish
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (block numbers as keys become a list of pairs)."""
@@ -83,6 +85,8 @@ class Checkpoint:
             "retracted": self.retracted,
             "follow": self.follow,
             "followed": [f.to_json() for f in self.followed],
+            **({"pending": [{"key": e.key, "data": e.data} for e in self.pending]}
+               if self.pending else {}),
         }
 
     @classmethod
@@ -100,6 +104,8 @@ class Checkpoint:
             follow=doc.get("follow"),
             followed=[Followed(str(f["address"]), int(f["block"]), str(f["createdBy"]))
                       for f in doc.get("followed", ())],
+            pending=[PublishedEvent(str(e["key"]), dict(e["data"]))
+                     for e in doc.get("pending", ())],
         )
 
     def check(self, chain_id: int, contracts: list[str], follow: str | None = None) -> None:

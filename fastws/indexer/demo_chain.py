@@ -40,7 +40,7 @@ from importlib import resources
 from typing import Any
 
 __all__ = ["DemoChain", "FACTORY_ADDRESS", "FOLLOW", "MARKET_ADDRESSES", "QUESTIONS",
-           "RpcServer", "WsRpcServer", "load_artifact"]
+           "TESTER_CHAIN_ID", "RpcServer", "WsRpcServer", "load_artifact"]
 
 log = logging.getLogger("fastws.indexer")
 
@@ -65,6 +65,7 @@ FOLLOW = "MarketDeployed.market"   # the factory event whose argument is a new c
 # on the deployer and its nonce only).  `serve --demo` deploys the first two at start and
 # the others one every DEPLOY_EVERY ticks; a fresh chain (after MAX_BLOCKS) repeats them.
 FACTORY_ADDRESS = "0x2946259e0334f33a064106302415ad3391bed384"
+TESTER_CHAIN_ID = 131277322940537    # eth-tester's own chain id
 MARKET_ADDRESSES = (
     "0xc8624589ede8b4895513755817933fa17e3ef1f3",
     "0x665b35028596b164a9a51b4b28ed375fc4e88945",
@@ -84,16 +85,31 @@ def load_artifact(name: str = "PredictionMarket") -> dict[str, Any]:
 
 class DemoChain:
     """A py-evm chain with a MarketFactory and ``contracts`` PredictionMarket contracts
-    deployed by it."""
+    deployed by it.
 
-    def __init__(self, contracts: int = 2, rng: random.Random | None = None) -> None:
+    ``chain_id`` (default eth-tester's, :data:`TESTER_CHAIN_ID`) is what ``eth_chainId``
+    answers and what transactions are signed for, so that two chains of one process
+    are two networks; ``owner`` is the index of the account that deploys the contracts
+    (account 0 gives the documented :data:`FACTORY_ADDRESS` and
+    :data:`MARKET_ADDRESSES`; another gives other addresses).
+    """
+
+    def __init__(self, contracts: int = 2, rng: random.Random | None = None, *,
+                 chain_id: int | None = None, owner: int = 0) -> None:
         from eth_tester import EthereumTester, PyEVMBackend
         from web3 import EthereumTesterProvider, Web3
+        from web3.providers.eth_tester.defaults import API_ENDPOINTS, static_return
 
         self.lock = threading.RLock()
         self.rng = rng or random.Random()
         self.tester = EthereumTester(PyEVMBackend())
-        self.provider = EthereumTesterProvider(self.tester)
+        endpoints = None
+        self.chain_id = chain_id or TESTER_CHAIN_ID
+        if chain_id is not None:
+            self.tester.backend.chain.chain_id = chain_id       # what transactions sign for
+            endpoints = dict(API_ENDPOINTS)
+            endpoints["eth"] = dict(endpoints["eth"], chainId=static_return(chain_id))
+        self.provider = EthereumTesterProvider(self.tester, api_endpoints=endpoints)
         self.w3 = Web3(self.provider)
         self._request = self.provider.request_func(self.w3, self.w3.middleware_onion)
         artifact = load_artifact()
@@ -101,7 +117,7 @@ class DemoChain:
         factory_artifact = load_artifact("MarketFactory")
         self.factory_abi: list[dict[str, Any]] = factory_artifact["abi"]
         self.accounts: list[str] = list(self.w3.eth.accounts)
-        self.owner = self.accounts[0]
+        self.owner = self.accounts[owner]
         self.contracts: list[Any] = []
         self.open_markets: dict[str, list[int]] = {}
         self.end_times: dict[tuple[str, int], int] = {}
@@ -533,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="WebSocket JSON-RPC port, with eth_subscribe newHeads (default "
                              "0: none)")
     parser.add_argument("--contracts", type=int, default=2, help="markets contracts to deploy")
+    parser.add_argument("--chain-id", type=int, default=None,
+                        help=f"the chain id (default eth-tester's {TESTER_CHAIN_ID})")
+    parser.add_argument("--owner", type=int, default=0,
+                        help="the deploying account (default 0: the documented addresses)")
     parser.add_argument("--interval", type=float, default=1.0,
                         help="seconds between demo transactions (0: no driver)")
     args = parser.parse_args(argv)
@@ -544,11 +564,12 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    chain = DemoChain(args.contracts)
+    chain = DemoChain(args.contracts, chain_id=args.chain_id, owner=args.owner)
     rpc = RpcServer(chain, args.port).start()
     ws = WsRpcServer(chain, args.ws_port).start() if args.ws_port else None
     print(f"rpc {rpc.url}{f'  ws {ws.url}' if ws else ''}  factory {chain.factory_address}  "
-          f"contracts {','.join(chain.addresses)}  block {chain.head()}", flush=True)
+          f"contracts {','.join(chain.addresses)}  block {chain.head()}  chain id "
+          f"{chain.chain_id}", flush=True)
     try:
         while True:
             if args.interval > 0:

@@ -234,13 +234,20 @@ class BrokerPublisher:
         self.backoff = backoff or Backoff(base=0.1, cap=5.0)
         self.retries = 0
         self.broker: Broker | None = None
+        self._starting: asyncio.Lock | None = None
 
     async def start(self) -> None:
-        """Connect (the broker keeps reconnecting by itself afterwards)."""
+        """Connect (the broker keeps reconnecting by itself afterwards); several chains
+        may call it at once: the first one connects."""
         from fastws.broker import create_broker
 
-        self.broker = create_broker(self.url)
-        await self.broker.start(_NoDelivery())
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self.broker is None:
+                broker = create_broker(self.url)
+                await broker.start(_NoDelivery())
+                self.broker = broker
 
     async def publish(self, channel: str, data: dict[str, Any], idempotency_key: str) -> None:
         from fastws.broker import BrokerUnavailable

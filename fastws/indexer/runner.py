@@ -23,18 +23,34 @@ in order with the others, and it is recorded in the checkpoint (so a restart kee
 following it).  A reorg that abandons the creating block drops the contract again
 (its events are retracted like any other).
 
-Exactly once: an event is published with the idempotency key ``txHash:logIndex``;
-the checkpoint is saved after the range's publications were accepted, so a crash
-re-publishes at most that range and the server drops the repeats (it remembers keys
-for 5 minutes).  A retraction's key is the event's key plus ``:removed``; an event that
-comes back in another block after a retraction gets ``txHash:logIndex:<blockHash>``,
-so that the server does not take it for a repeat of the retracted one.
+Several chains (SPEC §14): one :class:`Indexer` per chain, each with its own source,
+checkpoint and ``network`` name; every event's data carries ``network`` and
+``chainId``, and goes to the channels its chain's templates
+(:class:`~fastws.indexer.templates.Channels`) render for it.  A ``chain_id`` given
+to the indexer must be the node's (:class:`ChainIdMismatch` otherwise).
+
+Exactly once: an event is published with the idempotency key
+``chainId:txHash:logIndex``; the checkpoint is saved after the range's publications
+were accepted, so a crash re-publishes at most that range and the server drops the
+repeats (it remembers keys for 5 minutes).  A retraction's key is the event's key plus
+``:removed``; an event that comes back in another block after a retraction gets
+``chainId:txHash:logIndex:<blockHash>``, so that the server does not take it for a
+repeat of the retracted one.
+
+With a durable store (a checkpoint store that has ``commit``, e.g.
+:class:`~fastws.indexer.store.ChainStore`), the order is the other way round: the
+range's events (or a reorg's retracted rows) and the checkpoint are written in one
+transaction, the checkpoint holding the publications still to make (``pending``);
+then they are published, then ``pending`` is cleared.  A crash between the two
+leaves ``pending`` in the store, which the next start publishes first, with the same
+keys: nothing is lost, nothing doubles.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +60,9 @@ from fastws.indexer.heads import SUBSCRIBED_POLL, HeadSignal
 from fastws.indexer.mapping import EventCodec, Follow, RawLog, event_data, snake_case
 from fastws.indexer.publish import Publisher
 from fastws.indexer.source import BlockHeader, LogSource
+from fastws.indexer.templates import Channels
 
-__all__ = ["Indexer", "IndexerStats"]
+__all__ = ["ChainIdMismatch", "Indexer", "IndexerStats"]
 
 log = logging.getLogger("fastws.indexer")
 
@@ -58,7 +75,10 @@ HEADER_CONCURRENCY = 8       # header reads in flight at once
 class IndexerStats:
     """Counters and gauges of one indexer, read by its metrics collector."""
 
+    network: str = "default"
     head_block: int = 0
+    last_timestamp: int = 0           # the last processed block's timestamp (seconds)
+    opened: bool = False              # the checkpoint is loaded, the chain id checked
     last_block: int = -1
     events: int = 0
     retractions: int = 0
@@ -75,13 +95,27 @@ class IndexerStats:
         """Blocks between the chain head and the last processed block."""
         return max(0, self.head_block - self.last_block) if self.last_block >= 0 else 0
 
+    @property
+    def lag_seconds(self) -> float:
+        """Seconds between now and the last processed block's timestamp (0 before)."""
+        return max(0.0, time.time() - self.last_timestamp) if self.last_timestamp else 0.0
+
     def fault(self, kind: str) -> None:
         """Count one RPC fault of ``kind`` (transient, error, range)."""
         self.rpc_faults[kind] = self.rpc_faults.get(kind, 0) + 1
 
 
+class ChainIdMismatch(Exception):
+    """The node serves another chain than the configured ``chain_id``."""
+
+
 class Indexer:
     """Indexes the logs of ``source.addresses`` into ``publisher``.
+
+    ``network`` names the chain in every event (``network``) and in the metrics;
+    ``chain_id``, when given, must be the node's (else :meth:`open` raises
+    :class:`ChainIdMismatch`); ``channels`` are the channel templates (default
+    ``events:{event}`` and ``market:{address}``).
 
     ``from_block`` sets where a first run starts (default: the first block that is
     not yet safe, i.e. new events only); a stored checkpoint always wins over it.
@@ -97,7 +131,9 @@ class Indexer:
                  store: CheckpointStore, *, confirmations: int = 2,
                  from_block: int | None = None, poll_interval: float = 1.0,
                  reorg_window: int = 128, stats: IndexerStats | None = None,
-                 follow: Follow | None = None, heads: HeadSignal | None = None) -> None:
+                 follow: Follow | None = None, heads: HeadSignal | None = None,
+                 network: str = "default", chain_id: int | None = None,
+                 channels: Channels | None = None) -> None:
         if confirmations < 1:
             raise ValueError("confirmations must be at least 1")
         self.source = source
@@ -111,9 +147,15 @@ class Indexer:
         self.stats = stats or IndexerStats()
         self.follow = follow
         self.heads = heads
+        self.network = network
+        self.expected_chain_id = chain_id
+        self.chain_id = chain_id or 0
+        self.channels = channels or Channels()
+        self.stats.network = network
         self.contracts = list(source.addresses)     # the given ones; followed ones join
         self.cp: Checkpoint | None = None
         self._unknown_topics: set[str] = set()
+        self._names = {spec.name: spec.channel_name for spec in codec.events.values()}
         self.progress = asyncio.Event()    # set after each step that saved a checkpoint
 
     # ------------------------------------------------------------------ lifecycle
@@ -121,6 +163,10 @@ class Indexer:
     async def open(self) -> Checkpoint:
         """Load the checkpoint (checked against chain and contracts), or start one."""
         chain_id = await self.source.chain_id()
+        if self.expected_chain_id is not None and chain_id != self.expected_chain_id:
+            raise ChainIdMismatch(f"chain id {self.expected_chain_id} is configured for "
+                                  f"{self.network}, but its node answers chain id {chain_id}")
+        self.chain_id = chain_id
         contracts = list(self.contracts)
         follow = str(self.follow) if self.follow else None
         cp = await self.store.load()
@@ -142,6 +188,13 @@ class Indexer:
                                              if f.address not in contracts]
         self.stats.followed = len(cp.followed)
         self.stats.last_block = cp.block
+        if cp.pending:         # stored, not (surely) published before a stop: publish now
+            log.info("%s: publishing %d stored events again (same keys)", self.network,
+                     len(cp.pending))
+            await self._send([(self._channels_of(e.data), e.data, e.key) for e in cp.pending])
+            cp.pending = []
+            await self.store.save(cp)
+        self.stats.opened = True
         return cp
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -220,7 +273,7 @@ class Indexer:
                 log.info("blocks %d..%d do not link up; reading again", n - 1, n)
                 return False
 
-        await self._publish_logs(logs, headers, window_from)
+        events = self._events(logs, headers)
         for f in created:
             log.info("following %s from block %d (created by %s)", f.address, f.block,
                      f.created_by)
@@ -232,9 +285,15 @@ class Indexer:
                 cp.hashes[n] = hdr.hash
         cp.hashes[last] = headers[last].hash
         cp.block = last
+        for _, data, key, block in events:
+            if block >= window_from:
+                cp.recent.append(PublishedEvent(key, data))
         self._prune(last)
-        await self.store.save(cp)
+        await self._commit([(ch, data, key) for ch, data, key, _ in events],
+                           added=[data for _, data, _, _ in events])
+        self.stats.events += len(events)
         self.stats.last_block = last
+        self.stats.last_timestamp = headers[last].timestamp
         self.progress.set()
         return last < safe
 
@@ -281,13 +340,39 @@ class Indexer:
             return None
         return {n: h for n, h in zip(numbers, got, strict=True) if h is not None}
 
-    async def _publish_logs(self, logs: list[RawLog], headers: dict[int, BlockHeader],
-                            window_from: int) -> None:
-        """Publish the events of ``logs`` (in (block, logIndex) order) and remember those
-        inside the reorg window."""
+    async def _commit(self, items: list[tuple[list[str], dict[str, Any], str]], *,
+                      added: Sequence[dict[str, Any]] = (),
+                      removed: Sequence[dict[str, Any]] = ()) -> None:
+        """Publish ``items`` and save the checkpoint: in this order with a plain
+        checkpoint store; with a durable store, rows and checkpoint (holding ``items``
+        as ``pending``) in one transaction first, then publish, then clear pending."""
         cp = self.cp
         assert cp is not None
-        events: list[tuple[str, dict[str, Any], str, int]] = []
+        commit = getattr(self.store, "commit", None)
+        if commit is None:
+            await self._send(items)
+            await self.store.save(cp)
+            return
+        cp.pending = [PublishedEvent(key, data) for _, data, key in items]
+        await commit(cp, list(added), list(removed))
+        if items:
+            await self._send(items)
+            cp.pending = []
+            await self.store.save(cp)
+
+    def _channels_of(self, data: dict[str, Any]) -> list[str]:
+        """The channels of an event's (or retraction's) data, by the templates."""
+        name = self._names.get(data["eventType"]) or snake_case(data["eventType"])
+        return self.channels.render(data, name, data.get("network", self.network),
+                                    int(data.get("chainId", self.chain_id)))
+
+    def _events(self, logs: list[RawLog], headers: dict[int, BlockHeader]
+                ) -> list[tuple[list[str], dict[str, Any], str, int]]:
+        """The events of ``logs`` (in (block, logIndex) order): (channels, data, key,
+        block) each."""
+        cp = self.cp
+        assert cp is not None
+        events: list[tuple[list[str], dict[str, Any], str, int]] = []
         for lg in logs:
             spec = self.codec.spec_for(lg)
             if spec is None:
@@ -305,31 +390,30 @@ class Indexer:
                 log.warning("cannot decode %s in tx %s: %s; skipped", spec.signature,
                             lg.tx_hash, exc)
                 continue
-            key = lg.uid if lg.uid not in cp.retracted else f"{lg.uid}:{lg.block_hash}"
-            events.append((spec.channel_name, data, key, lg.block_number))
-        await self._send([(name, data, key) for name, data, key, _ in events])
-        for _, data, key, block in events:
-            self.stats.events += 1
-            if block >= window_from:
-                cp.recent.append(PublishedEvent(key, data))
+            data["network"] = self.network
+            data["chainId"] = self.chain_id
+            uid = f"{self.chain_id}:{lg.uid}"
+            key = uid if lg.uid not in cp.retracted else f"{uid}:{lg.block_hash}"
+            channels = self.channels.render(data, spec.channel_name, self.network,
+                                            self.chain_id)
+            events.append((channels, data, key, lg.block_number))
+        return events
 
-    async def _send(self, events: list[tuple[str, dict[str, Any], str]]) -> None:
-        """Publish each ``(channel name, data, key)`` event to its two channels, in order.
+    async def _send(self, events: list[tuple[list[str], dict[str, Any], str]]) -> None:
+        """Publish each ``(channels, data, key)`` event to its channels, in order.
 
         A :class:`~fastws.indexer.publish.BatchPublisher` gets them all as one list (the
         HTTP publisher sends it in a few requests); any other publisher gets one event
-        at a time, to both channels at once: each channel still gets its events in
-        order, since the next event waits for both."""
+        at a time, to all its channels at once: each channel still gets its events in
+        order, since the next event waits for all."""
         many = getattr(self.publisher, "publish_many", None)
         if many is not None:
-            await many([item for name, data, key in events
-                        for item in ((f"events:{name}", data, key),
-                                     (f"market:{data['marketAddress']}", data, key))])
+            items = [(ch, data, key) for channels, data, key in events for ch in channels]
+            if items:
+                await many(items)
             return
-        for name, data, key in events:
-            await asyncio.gather(
-                self.publisher.publish(f"events:{name}", data, key),
-                self.publisher.publish(f"market:{data['marketAddress']}", data, key))
+        for channels, data, key in events:
+            await asyncio.gather(*(self.publisher.publish(ch, data, key) for ch in channels))
 
     # ------------------------------------------------------------------ reorgs
 
@@ -351,14 +435,10 @@ class Indexer:
         gone = [e for e in cp.recent if e.block > ancestor]
         log.warning("reorg: blocks after %d replaced; retracting %d events",
                     ancestor, len(gone))
-        names = {spec.name: spec.channel_name for spec in self.codec.events.values()}
         retractions = []
         for ev in reversed(gone):
             data = dict(ev.data, removed=True)
-            channel_name = names.get(data["eventType"]) or snake_case(data["eventType"])
-            retractions.append((channel_name, data, ev.key + ":removed"))
-        # all of them are published before this returns: before the new chain's events
-        await self._send(retractions)
+            retractions.append((self._channels_of(data), data, ev.key + ":removed"))
         for _, data, _ in retractions:
             self.stats.retractions += 1
             uid = f"{data['txHash']}:{data['logIndex']}"
@@ -377,7 +457,8 @@ class Indexer:
                                      if a not in gone_addresses or a in self.contracts]
             self.stats.followed = len(cp.followed)
         cp.block = ancestor
-        await self.store.save(cp)
+        # all of them are published before this returns: before the new chain's events
+        await self._commit(retractions, removed=[e.data for e in gone])
         self.stats.last_block = ancestor
 
     def _prune(self, last: int) -> None:
