@@ -566,6 +566,9 @@ class HttpPublisher(Publisher):
     async def open(self) -> None:
         for lane in range(self.lanes):
             reader, writer = await asyncio.open_connection(self.host, self.port)
+            sock = writer.get_extra_info("socket")
+            if sock is not None:     # each request leaves at once (no Nagle delay)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.writers.append(writer)
             self.reader_tasks.append(asyncio.ensure_future(self._read(reader, lane)))
 
