@@ -622,19 +622,58 @@ class HttpPublisher(Publisher):
             writer.close()
 
 
+class _EventAck(WSListener):
+    """The redis publisher's own subscription: each event it gets acks a publication."""
+
+    def __init__(self, pub: Publisher) -> None:
+        super().__init__()
+        self.pub = pub
+        self.subscribed: asyncio.Future[bytes] | None = None
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is not WSMsgType.TEXT:
+            return
+        buf = frame.get_payload_as_bytes()
+        if b'"type":"event"' in buf:
+            self.pub._answer(buf, True)
+        elif self.subscribed is not None and not self.subscribed.done():
+            self.subscribed.set_result(buf)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.pub.on_ws_disconnected(transport)
+
+
 class RedisPublisher(Publisher):
     """Pipelines raw ``PUBLISH bench:fanout PAYLOAD`` commands into Redis (as
-    ``redis-cli`` would send them); each integer reply is the ack."""
+    ``redis-cli`` would send them).
 
-    def __init__(self, url: str) -> None:
+    Redis answers a PUBLISH as soon as it has queued the message for its subscribers,
+    so its replies cannot bound the backlog: a publication is acked when it comes back
+    on the publisher's own WebSocket subscription to the server (``ack_url``), which
+    keeps ``--inflight`` publications between Redis and the subscribers.  A reply of
+    0 receivers (the server is not subscribed) counts as a rejection.
+    """
+
+    def __init__(self, url: str, ack_url: str) -> None:
         super().__init__()
         self.raw = True
         u = urllib.parse.urlsplit(url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 6379
+        self.ack_url = ack_url
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task[None] | None = None
+        self.ack_transport: WSTransport | None = None
 
     async def open(self) -> None:
+        transport, ack = await ws_connect(lambda: _EventAck(self), self.ack_url,
+                                          websocket_handshake_timeout=10)
+        self.ack_transport = transport
+        ack.subscribed = asyncio.get_running_loop().create_future()
+        transport.send(WSMsgType.TEXT,
+                       b'{"id":1,"type":"subscribe","channel":"' + CHANNEL.encode() + b'"}')
+        reply = await asyncio.wait_for(ack.subscribed, 10)
+        if b'"subscribed"' not in reply:
+            raise ConnectionError(f"redis publisher: subscribe refused: {reply[:200]!r}")
         reader, self.writer = await asyncio.open_connection(self.host, self.port)
         self.reader_task = asyncio.ensure_future(self._read(reader))
 
@@ -650,7 +689,8 @@ class RedisPublisher(Publisher):
                 if not line:
                     raise ConnectionError("redis connection closed")
                 # ":N" is the number of subscribers (fastws nodes) that got it
-                self._answer(line, line.startswith(b":") and int(line[1:]) > 0)
+                if not line.startswith(b":") or int(line[1:]) < 1:
+                    self._answer(line, False)
         except (ConnectionError, ValueError) as exc:
             self.first_error = self.first_error or f"redis publisher: {exc!r}"
             self.disconnected = True
@@ -662,12 +702,16 @@ class RedisPublisher(Publisher):
             self.reader_task.cancel()
         if self.writer is not None:
             self.writer.close()
+        if self.ack_transport is not None:
+            with contextlib.suppress(Exception):
+                self.ack_transport.send_close(WSCloseCode.OK)
+                self.ack_transport.disconnect()
 
 
 async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
                         duration_s: float, rate: float = 0.0,
                         mode: str = "fastws", lanes: int = 1,
-                        api: bool = False) -> dict[str, Any]:
+                        api: bool = False, ack_url: str = "") -> dict[str, Any]:
     """Publish from start_ns for warmup + duration seconds; return the publisher counts.
 
     rate 0: closed loop, `inflight` publications always outstanding (saturation).
@@ -685,7 +729,7 @@ async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
         await pub.open()
         inflight = lanes if lanes > 1 else inflight    # one request per connection
     elif mode == "redis":
-        pub = RedisPublisher(url)
+        pub = RedisPublisher(url, ack_url)
         await pub.open()
     else:
         transport, listener = await ws_connect(Publisher, url, websocket_handshake_timeout=10)
@@ -1173,7 +1217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sampler = asyncio.ensure_future(sample())
             pub = await run_publisher(pub_url, args.inflight, start_ns,
                                       args.warmup, args.duration, args.rate,
-                                      pub_mode, lanes, api_body)
+                                      pub_mode, lanes, api_body, url)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sampler, 5)
             a, b = srv_cpu
