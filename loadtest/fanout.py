@@ -1366,7 +1366,10 @@ def format_table(r: dict[str, Any]) -> str:
         ("window", f"{p['duration_s']:g} s after {p['warmup_s']:g} s warm-up, "
                    + (f"paced at {p['rate']:g}/s (≤ {p['inflight']} in flight"
                       f", {r['publish_skipped']} ticks skipped)" if p["rate"]
-                      else f"{p['inflight']} publications in flight")),
+                      else f"{p.get('publisher', p)['inflight']} publications in flight")),
+        ("publish path", f"{p.get('path', 'client')}"
+         + (f" ({p['publisher']['mode']}, {p['publisher']['connections']} connection(s))"
+            if p.get("publisher") else "")),
         ("publications/s", f"{r['publications_per_s']:,.0f}  ({r['publications']:,} total)"),
         ("deliveries/s", f"{r['deliveries_per_s']:,.0f}"),
         ("latency p50", f(lat["p50"], " ms")),
