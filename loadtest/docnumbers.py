@@ -138,8 +138,13 @@ def _paths(f: Figures) -> str:
             f"{fw['lost']} / {nc['lost']} |")
     lat, nl = f.paths_lat_rows["fastws/http"], f.paths_lat_rows["nchan/http"]
     floor = next(r for r in f.paths_floor["runs"] if r["mode"] == "send")
-    best_us = floor["round_ms_best"] * 1000 / floor["connections"]
-    over = lat["cpu_us_per_delivery"] / best_us - 1
+    over = lat["cpu_us_per_delivery"] / floor["cpu_us_per_send"] - 1
+    verdict = (" (the target: within 10 %)" if over <= 0.10
+               else ", not within the 10 % the target asks")
+    if over < 0:    # below a plain-C sender: the kernel's accounting, not magic
+        verdict += ("; both are process CPU times, and how much of the loopback receive "
+                    "work the kernel charges to the sending process varies with timing, "
+                    "so read it as: at the floor")
     lines += [
         "",
         f"Command: `{doc['command']}` ({doc['date']}; {_machine(doc)}; medians of "
@@ -152,13 +157,13 @@ def _paths(f: Figures) -> str:
         f"(Nchan **{nl['p99_ms']:.0f} ms** in the same run), {lat['lost']} lost; server "
         f"CPU **{lat['cpu_us_per_delivery']:.1f} µs** per delivery (Nchan "
         f"{nl['cpu_us_per_delivery']:.1f} µs). The plain-C floor, one `send(2)` per "
-        f"subscriber (`{f.paths_floor['command']}`), took {floor['us_per_send']:.1f} µs per "
-        f"send over its rounds (wall clock, the VM busy) and **{best_us:.1f} µs** in its "
-        f"best round: fastws is {abs(over) * 100:.0f} % "
-        f"{'above' if over > 0 else 'below'} that best round"
-        f"{'' if over <= 0.10 else ', not within the 10 % the target asks'}. "
-        "Latencies of hundreds of ms are the busy client core's (one core reads 10,000 "
-        "sockets): compare the two servers, not the absolute values.",
+        f"subscriber, run right after (`{f.paths_floor['command']}`): "
+        f"**{floor['cpu_us_per_send']:.1f} µs** of the sender's CPU per send "
+        f"({floor['us_per_send']:.1f} µs of wall clock, the VM busy): fastws is "
+        f"{abs(over) * 100:.0f} % {'above' if over > 0 else 'below'} it"
+        f"{verdict}. "
+        "Latencies this high are the busy client core's (one core reads 10,000 sockets "
+        "beside other work): compare the two servers, not the absolute values.",
     ]
     return "\n".join(lines)
 
