@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,6 +34,7 @@ MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
 HEAD_TIMEOUT = 10.0             # seconds to send a whole request head (slowloris)
 KEEPALIVE_TIMEOUT = 75.0        # seconds an idle keep-alive HTTP connection stays open
+MAX_PIPELINE = 64               # requests of one connection started, not yet answered
 
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 501: "Not Implemented",
@@ -160,9 +162,16 @@ class HttpFront(asyncio.BufferedProtocol):
     ``data_received`` attribute: uvloop keeps a transport's last ``data_received``
     bound method even after ``set_protocol`` to picows (which has none), and with it
     this object, ~140 B per WebSocket connection.
+
+    Pipelined requests are started as soon as they are read, without waiting for the
+    answer to the previous one (publications sent back to back reach the hub in one
+    loop pass and leave in one write per subscriber); the answers still go out in
+    request order through ``pending``.  Reading stops at ``MAX_PIPELINE`` unanswered
+    requests, after a request that closes the connection, and before an upgrade until
+    every earlier answer is written.
     """
 
-    __slots__ = ("app", "transport", "buf", "busy", "closing", "timer")
+    __slots__ = ("app", "transport", "buf", "busy", "closing", "timer", "pending")
 
     def __init__(self, app: HttpApp) -> None:
         self.app = app
@@ -171,6 +180,9 @@ class HttpFront(asyncio.BufferedProtocol):
         self.busy = False
         self.closing = False
         self.timer: asyncio.TimerHandle | None = None
+        # answers owed, in request order: [answer (None until its future is done),
+        # keep-alive (None: a refusal that closes), method]
+        self.pending: deque[list[Any]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -189,7 +201,8 @@ class HttpFront(asyncio.BufferedProtocol):
     def _expire(self) -> None:
         """No complete request head in time (slowloris, half-open, idle keep-alive)."""
         self.timer = None
-        if self.transport is not None and not self.busy and not self.closing:
+        if self.transport is not None and not self.busy and not self.closing \
+                and not self.pending:
             self.transport.abort()
             self.transport = None
 
@@ -207,16 +220,22 @@ class HttpFront(asyncio.BufferedProtocol):
     def _fail(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         # Vary: Origin as on every /auth/* answer (docs/security.md): a refusal written
         # here, before routing, may answer one of them
-        self.transport.write(json_response(status, {"error": message},
-                                           {**(headers or {}), "Vary": "Origin",
-                                            "Connection": "close"}))
+        answer = json_response(status, {"error": message},
+                               {**(headers or {}), "Vary": "Origin", "Connection": "close"})
+        self.buf = b""
+        if self.pending:    # after the answers owed to the requests before it
+            self.pending.append([answer, None, ""])
+            self.busy = True
+            return
+        self.transport.write(answer)
         self.transport.close()
         self.closing = True
-        self.buf = b""
 
     def _process(self) -> None:
         app = self.app
         while self.transport is not None and not self.closing and not self.busy:
+            if len(self.pending) >= MAX_PIPELINE:
+                return
             buf = self.buf
             try:
                 head = parse_head(buf)
@@ -227,6 +246,8 @@ class HttpFront(asyncio.BufferedProtocol):
                 return
             method, path, version, headers, start = head
             upgrade = headers.get("upgrade", "").lower() == "websocket"
+            if upgrade and self.pending:
+                return      # switched once every earlier answer is written
             wait = app.ip_limit(self.transport, headers, upgrade)
             if wait:
                 self._fail(429, "too many new connections from this IP" if upgrade else
@@ -251,31 +272,48 @@ class HttpFront(asyncio.BufferedProtocol):
             except Exception:
                 log.exception("internal error answering %s %s", method, path)
                 answer = json_response(500, {"error": "internal error"})
+            if not keep:
+                self.busy = True    # nothing after a request that closes is read
             if isinstance(answer, bytes):
-                self._send(answer, keep, method)
+                if self.pending:
+                    self.pending.append([answer, keep, method])
+                else:
+                    self._send(answer, keep, method)
             elif isinstance(answer, Handover):
-                self._hand_over(answer)
+                if self.pending:    # taken over after the answers owed before it
+                    self.pending.append([answer, keep, method])
+                    self.busy = True
+                else:
+                    self._hand_over(answer)
                 return
             else:
-                self.busy = True
-                answer.add_done_callback(lambda fut, k=keep, m=method: self._done(fut, k, m))
+                entry = [None, keep, method]
+                self.pending.append(entry)
+                answer.add_done_callback(lambda fut, e=entry: self._done(fut, e))
 
-    def _done(self, fut: asyncio.Future, keep: bool, method: str) -> None:
-        self.busy = False
+    def _done(self, fut: asyncio.Future, entry: list[Any]) -> None:
         try:
             answer = fut.result()
         except Exception:
             log.exception("internal error in an HTTP handler")
             answer = json_response(500, {"error": "internal error"})
-        self._send(answer, keep, method)
-        self._process()
+        entry[0] = answer
+        pending = self.pending
+        while pending and pending[0][0] is not None:
+            answer, keep, method = pending.popleft()
+            if isinstance(answer, Handover):
+                self._hand_over(answer)
+                return
+            self._send(answer, keep, method)
+        if self.buf:    # requests read meanwhile and not started (pipeline full, upgrade)
+            self._process()
 
-    def _send(self, answer: bytes, keep: bool, method: str) -> None:
+    def _send(self, answer: bytes, keep: bool | None, method: str) -> None:
         if self.transport is None:
             return
         if method == "HEAD":
             answer = answer[:answer.find(b"\r\n\r\n") + 4]
-        if not keep:
+        if keep is False:
             answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
         self.transport.write(answer)
         if not keep:
@@ -287,6 +325,8 @@ class HttpFront(asyncio.BufferedProtocol):
     def _hand_over(self, answer: Handover) -> None:
         """Give the connection to ``answer`` with what was read after the request."""
         self._arm(None)
+        if self.transport is None:   # the client went away while earlier answers waited
+            return
         transport, rest = self.transport, self.buf
         self.buf = b""
         self.transport = None

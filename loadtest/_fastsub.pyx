@@ -21,6 +21,7 @@ cdef extern from "<string.h>" nogil:
 cdef enum:
     HIST_BUCKETS = 512   # = loadtest.fanout.HIST_BUCKETS
     SPREAD_SEQS = 1 << 20   # publications whose slowest delivery is tracked (8 MiB)
+    MAX_LANES = 64       # = loadtest.fanout.MAX_LANES
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -59,6 +60,7 @@ cdef class CStats:
     cdef public int64_t win_start, win_end
     cdef public int64_t received, in_window, duplicates, gaps, max_us
     cdef public int64_t disconnected, bad_frames
+    cdef public int64_t lanes    # publishers numbering their own (fanout.seq_check)
     cdef public bint closing
     cdef public dict close_codes
     cdef public str first_error
@@ -71,6 +73,7 @@ cdef class CStats:
             raise MemoryError()
         self.win_start = 1 << 62
         self.win_end = 1 << 62
+        self.lanes = 1
         self.close_codes = {}
         self.first_error = ""
         cdef int i
@@ -127,6 +130,7 @@ cdef class FastSubscriber(WSListener):
     cdef public object subscribed
     cdef public object on_reply       # callable(self, bytes) for non-event TEXT frames
     cdef public object on_control     # callable(self, transport, frame) for the rest
+    cdef int64_t* lane_last           # lanes > 1: last number seen of each lane
 
     def __init__(self, CStats stats, on_reply, on_control):
         self.stats = stats
@@ -135,6 +139,10 @@ cdef class FastSubscriber(WSListener):
         self.subscribed = None
         self.on_reply = on_reply
         self.on_control = on_control
+        self.lane_last = NULL
+
+    def __dealloc__(self):
+        free(self.lane_last)
 
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
@@ -171,7 +179,9 @@ cdef class FastSubscriber(WSListener):
             st.bad_frames += 1
             return
         st.received += 1
-        if seq == self.last + 1:
+        if st.lanes > 1:
+            self._lane_check(st, seq)
+        elif seq == self.last + 1:
             self.last = seq
         elif seq <= self.last:
             st.duplicates += 1
@@ -179,6 +189,26 @@ cdef class FastSubscriber(WSListener):
             st.gaps += 1
             self.last = seq
         st.account(t, now, seq)
+
+    cdef void _lane_check(self, CStats st, int64_t seq) noexcept:
+        """fanout.seq_check with lanes: each lane in order, ``last`` counts distinct."""
+        cdef int64_t lane = (seq - 1) % st.lanes
+        cdef int64_t idx = (seq - 1) // st.lanes + 1
+        if self.lane_last == NULL:
+            self.lane_last = <int64_t*>calloc(MAX_LANES, sizeof(int64_t))
+            if self.lane_last == NULL:
+                st.bad_frames += 1
+                return
+        if lane >= MAX_LANES or seq < 1:
+            st.bad_frames += 1
+            return
+        if idx <= self.lane_last[lane]:
+            st.duplicates += 1
+            return
+        if idx != self.lane_last[lane] + 1:
+            st.gaps += 1
+        self.lane_last[lane] = idx
+        self.last += 1
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         if not self.stats.closing:

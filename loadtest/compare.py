@@ -9,6 +9,14 @@ burst of noise on a shared box hits them alike, and the median run of each is
 reported.  Writes a Markdown table to stdout, everything to ``--json``, and a PNG plot
 (deliveries/s and p99 latency per server, against subscribers when several
 ``--subscribers`` are given) to ``--png`` if matplotlib is installed.
+
+``--paths`` runs every server once per publish path of :mod:`loadtest.fanout`
+(``--path``): fastws gets its publications through that path, an anchor through its
+own publisher (Nchan: ``POST /pub`` pipelined on one connection, or over
+``--connections`` connections for ``http-conns``).  Rows are named ``SERVER/PATH``
+and each is compared with fastws on the same path, in deliveries per server
+CPU-second (server CPU time per delivery, the figure least disturbed by a shared box;
+with ``redis`` the server's CPU includes its redis-server's).
 """
 
 from __future__ import annotations
@@ -30,9 +38,11 @@ SERVERS = ("fastws", *anchors.ANCHORS)
 
 
 def run_one(server: str, subscribers: int, common: list[str], server_cpu: int | None,
-            log: Any) -> dict[str, Any]:
-    """One fanout run against ``server``; returns fanout's result dict (or an error)."""
-    argv = ["--subscribers", str(subscribers), "--quiet", "--label", server, *common]
+            log: Any, path: str = "client") -> dict[str, Any]:
+    """One fanout run against ``server``, publishing through ``path`` (an anchor: its
+    own publisher); returns fanout's result dict (or an error)."""
+    argv = ["--subscribers", str(subscribers), "--quiet", "--label", f"{server}/{path}",
+            "--path", path, *common]
     if server_cpu is not None:
         argv += ["--server-cpu", str(server_cpu)]
     anchor = None
@@ -52,14 +62,15 @@ def run_one(server: str, subscribers: int, common: list[str], server_cpu: int | 
         r["clean"] = (r["lost"] == 0 and r["duplicates"] == 0 and r["out_of_order"] == 0
                       and r["disconnected"] == 0 and r["connect_failed"] == 0
                       and r["publications"] > 0)
-        log(f"{server:>10} {subscribers:>6} subs: {r['deliveries_per_s']:>10,.0f} deliveries/s"
+        log(f"{server:>10} {path:>10} {subscribers:>6} subs: "
+            f"{r['deliveries_per_s']:>10,.0f} deliveries/s"
             f"  p99 {r['latency_ms']['p99']} ms  lost {r['lost']}  "
             f"RSS/conn {r['server_rss_per_conn_bytes']} B  server CPU {r['server_cpu_window']}")
         return r
     except Exception as exc:  # noqa: BLE001 - one failed server must not end the comparison
         log(f"{server}: failed: {exc}")
         out = anchor.output() if anchor is not None else ""
-        return {"server": server, "error": f"{exc}"[:2000], "server_output": out,
+        return {"server": f"{server}/{path}", "error": f"{exc}"[:2000], "server_output": out,
                 "params": {"subscribers": subscribers}}
     finally:
         if anchor is not None:
@@ -74,8 +85,15 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return ok[(len(ok) - 1) // 2]
 
 
+def split_label(label: str) -> tuple[str, str]:
+    """``SERVER/PATH`` -> (server, path); a label without a path (files written before
+    ``--paths``) is the client-publish path."""
+    server, _, path = label.partition("/")
+    return server, path or "client"
+
+
 def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """One row per (server, subscribers): medians over the repeats."""
+    """One row per (server/path, subscribers): medians over the repeats."""
     rows = []
     for server, by_n in results.items():
         for n, runs in sorted(by_n.items()):
@@ -89,8 +107,12 @@ def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[
                 vals = [v for v in values if v is not None]
                 return round(statistics.median(vals), 3) if vals else None
 
+            cpu_us = mid([r["server_cpu_window"] / r["deliveries_per_s"] * 1e6
+                          if r["server_cpu_window"] and r["deliveries_per_s"] else None
+                          for r in ok])
             rows.append({
-                "server": server, "subscribers": n, "runs": len(ok),
+                "server": server, "name": split_label(server)[0],
+                "path": split_label(server)[1], "subscribers": n, "runs": len(ok),
                 "deliveries_per_s": mid([r["deliveries_per_s"] for r in ok]),
                 "deliveries_per_s_runs": [r["deliveries_per_s"] for r in ok],
                 "p50_ms": mid([r["latency_ms"]["p50"] for r in ok]),
@@ -102,10 +124,9 @@ def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[
                 "rss_per_conn_bytes": mid([r["server_rss_per_conn_bytes"] for r in ok]),
                 "server_cpu": mid([r["server_cpu_window"] for r in ok]),
                 # the fairer number on a shared box: server CPU time per delivery
-                "cpu_us_per_delivery": mid([
-                    r["server_cpu_window"] / r["deliveries_per_s"] * 1e6
-                    if r["server_cpu_window"] and r["deliveries_per_s"] else None
-                    for r in ok]),
+                "cpu_us_per_delivery": cpu_us,
+                "deliveries_per_cpu_s": round(1e6 / cpu_us) if cpu_us else None,
+                "publisher": med["params"].get("publisher"),
                 "reach_all_ms": med.get("reach_all_ms"),
                 "client_cpu_s": mid([r["client_cpu_s"] for r in ok]),
                 "clean": all(r["clean"] for r in ok),
@@ -115,24 +136,38 @@ def summarize(results: dict[str, dict[int, list[dict[str, Any]]]]) -> list[dict[
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table (medians), ratios against fastws."""
-    base = {r["subscribers"]: r.get("deliveries_per_s") for r in rows if r["server"] == "fastws"}
-    out = ["| server | subscribers | deliveries/s (median; runs) | fastws ÷ it | p50 | p99 | "
-           "lost/dup/dropped | server CPU (cores) | server CPU per delivery | RSS/conn |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    """The comparison as a Markdown table (medians); ratios against fastws on the same
+    path, in deliveries/s and in deliveries per server CPU-second."""
+    def base(r: dict[str, Any]) -> dict[str, Any]:
+        return next((b for b in rows if b.get("name", split_label(b["server"])[0]) == "fastws"
+                     and "error" not in b and b["subscribers"] == r["subscribers"]
+                     and b.get("path", "client") == r.get("path", "client")), {})
+
+    out = ["| server/path | subscribers | deliveries/s (median; runs) | fastws ÷ it | "
+           "deliveries per server CPU-s | fastws ÷ it | p50 | p99 | lost/dup/dropped | "
+           "server CPU (cores) | server CPU per delivery | RSS/conn |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['server']} | {r['subscribers']:,} | failed: "
-                       f"{str(r['error'])[:80]} | | | | | | | |")
+                       f"{str(r['error'])[:80]} | | | | | | | | | |")
             continue
-        b = base.get(r["subscribers"])
-        ratio = f"{b / r['deliveries_per_s']:.2f}×" if b and r["deliveries_per_s"] else ""
+        b = base(r)
+        ratio = (f"{b['deliveries_per_s'] / r['deliveries_per_s']:.2f}×"
+                 if b and r["deliveries_per_s"] else "")
+        per_cpu = r.get("deliveries_per_cpu_s") or (
+            1e6 / r["cpu_us_per_delivery"] if r["cpu_us_per_delivery"] else None)
+        b_cpu = b.get("deliveries_per_cpu_s") or (
+            1e6 / b["cpu_us_per_delivery"] if b.get("cpu_us_per_delivery") else None)
+        cpu_ratio = f"{b_cpu / per_cpu:.2f}×" if b_cpu and per_cpu else ""
         runs = ", ".join(f"{x / 1000:,.0f}k" for x in r["deliveries_per_s_runs"])
         out.append(
             f"| {r['server']} | {r['subscribers']:,} | **{r['deliveries_per_s']:,.0f}** "
-            f"({runs}) | {ratio} | {r['p50_ms']} ms | {r['p99_ms']} ms | "
+            f"({runs}) | {ratio} | {'' if per_cpu is None else f'{per_cpu:,.0f}'} | "
+            f"{cpu_ratio} | {r['p50_ms']} ms | {r['p99_ms']} ms | "
             f"{r['lost']}/{r['duplicates']}/{r['disconnected']} | {r['server_cpu']} | "
-            f"{r['cpu_us_per_delivery']:.2f} µs | {round(r['rss_per_conn_bytes'] or 0):,} B |")
+            f"{r['cpu_us_per_delivery'] or 0:.2f} µs | "
+            f"{round(r['rss_per_conn_bytes'] or 0):,} B |")
     return "\n".join(out)
 
 
@@ -153,7 +188,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> bool:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     if len(counts) == 1:
         vals = [next(r for r in ok if r["server"] == s) for s in servers]
-        colors = ["#d62728" if s == "fastws" else "#7f7f7f" for s in servers]
+        colors = ["#d62728" if split_label(s)[0] == "fastws" else "#7f7f7f" for s in servers]
         ax1.bar(servers, [v["deliveries_per_s"] / 1000 for v in vals], color=colors)
         ax2.bar(servers, [v["p99_ms"] for v in vals], color=colors)
         for ax in (ax1, ax2):
@@ -183,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; exit 0 when every run was clean."""
     p = argparse.ArgumentParser(prog="python -m loadtest.compare",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--servers", default=",".join(SERVERS),
+    p.add_argument("--servers", default="fastws,nchan",
                    help=f"comma-separated, from {', '.join(SERVERS)}")
+    p.add_argument("--paths", default=",".join(fanout.PATHS),
+                   help=f"publish paths, comma-separated, from {', '.join(fanout.PATHS)}")
+    p.add_argument("--connections", type=int, default=8,
+                   help="publishing connections of the http-conns path")
     p.add_argument("--subscribers", default="1000", help="one count or several: 1000,5000")
     p.add_argument("--repeat", type=int, default=3, help="runs per server (median)")
     p.add_argument("--duration", type=float, default=5.0)
@@ -219,21 +258,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare: skipping {name}: {why}", file=sys.stderr)
     servers = [s for s in servers if s not in missing]
     counts = [int(x) for x in args.subscribers.split(",")]
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if any(x not in fanout.PATHS for x in paths):
+        p.error(f"unknown path in {args.paths!r}")
     common = ["--duration", str(args.duration), "--warmup", str(args.warmup),
-              "--inflight", str(args.inflight), "--client", args.client]
+              "--inflight", str(args.inflight), "--client", args.client,
+              "--connections", str(args.connections)]
     if args.rate:
         common += ["--rate", str(args.rate)]
 
     def log(msg: str) -> None:
         print(f"[compare] {msg}", file=sys.stderr, flush=True)
 
-    results: dict[str, dict[int, list[dict[str, Any]]]] = {s: {} for s in servers}
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {
+        f"{s}/{path}": {} for path in paths for s in servers}
     for n in counts:
         for i in range(args.repeat):
-            for s in servers:
-                log(f"run {i + 1}/{args.repeat}: {s}, {n:,} subscribers")
-                results[s].setdefault(n, []).append(
-                    run_one(s, n, common, args.server_cpu, log))
+            for path in paths:
+                for s in servers:
+                    log(f"run {i + 1}/{args.repeat}: {s}/{path}, {n:,} subscribers")
+                    results[f"{s}/{path}"].setdefault(n, []).append(
+                        run_one(s, n, common, args.server_cpu, log, path))
     rows = summarize(results)
     machine = fanout.machine_info()
     date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

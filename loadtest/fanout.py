@@ -13,6 +13,20 @@ latency, lost / duplicated / out-of-order deliveries, server RSS per idle connec
 (``/proc/PID/status`` VmRSS before connecting and after connecting + subscribing) and
 server / client CPU use during the window (to see which side was the bottleneck).
 
+``--path`` picks how publications reach the server (the path a producer uses):
+
+* ``client``: ``publish`` requests over one WebSocket (the namespace ``bench`` lets
+  clients publish, and the per-connection message limit is raised: the only
+  non-default settings of any path);
+* ``http``: ``POST /api/publish``, one publication per request, ``--inflight``
+  requests pipelined on one keep-alive connection;
+* ``http-conns``: ``POST /api/publish`` over ``--connections`` keep-alive connections,
+  one request in flight on each (publications of different connections may arrive in
+  any order: each connection numbers its own, and subscribers check each sequence);
+* ``redis``: the server uses a Redis broker (a ``redis-server`` the harness starts on
+  the server's CPU, or ``--redis-url``) and the publisher pipelines raw
+  ``PUBLISH bench:fanout PAYLOAD`` commands into Redis (what ``redis-cli`` sends).
+
 Only picows, uvloop and orjson are used: the harness never imports fastws, so it can
 measure any server speaking the fastws protocol (section 4 of docs/protocol.md).
 """
@@ -59,6 +73,27 @@ max_connections = 0
 publish = "anyone"
 history_size = 0
 """
+# The configuration of each --path: the defaults, plus only what the path needs.
+PATHS = ("client", "http", "http-conns", "redis")
+API_KEY = "bench-key"
+PATH_CONFIG = """\
+# written by loadtest.fanout: the default configuration{extra}
+[server]
+drain_timeout = 2
+"""
+CLIENT_PUBLISH_CONFIG = """\
+# written by loadtest.fanout --path client: the defaults, except that clients may
+# publish on bench:* and the per-connection message limit is raised
+[server]
+drain_timeout = 2
+
+[limits]
+messages_per_connection = 1000000000
+
+[namespaces.bench]
+publish = "anyone"
+"""
+MAX_LANES = 64   # publishing connections of --path http-conns (= _fastsub MAX_LANES)
 _time_ns = time.time_ns
 FD_HEADROOM = 64  # descriptors each client process keeps for itself
 MAX_PER_PROC_DEFAULT = 19000  # ulimit -n is 20000 here and cannot be raised
@@ -112,6 +147,7 @@ class Stats:
     __slots__ = (
         "win_start", "win_end", "received", "in_window", "duplicates", "gaps", "max_us",
         "hist", "disconnected", "closing", "close_codes", "bad_frames", "first_error",
+        "lanes",
     )
 
     def __init__(self) -> None:
@@ -128,6 +164,35 @@ class Stats:
         self.close_codes: dict[int, int] = {}
         self.bad_frames = 0
         self.first_error = ""
+        self.lanes = 1          # publishers numbering their own publications (see seq_check)
+
+
+def seq_check(sub: Any, lanes: int, seq: int) -> int:
+    """Account ``seq`` for one subscriber: 0 in order, 1 a duplicate, 2 a gap.
+
+    One lane: publications are numbered 1, 2, 3, ... and ``sub.last`` is the last seen.
+    ``lanes`` > 1: publication ``seq`` is number ``(seq - 1) // lanes + 1`` of lane
+    ``(seq - 1) % lanes`` (one publishing connection each, so lanes may interleave in
+    any order); each lane must be seen in order, and ``sub.last`` counts the distinct
+    publications seen.  The compiled subscriber does the same in C.
+    """
+    if lanes <= 1:
+        last = sub.last
+        if seq == last + 1:
+            sub.last = seq
+            return 0
+        if seq <= last:
+            return 1
+        sub.last = seq
+        return 2
+    lane, idx = (seq - 1) % lanes, (seq - 1) // lanes + 1
+    seen = sub.lane_last
+    if idx <= seen[lane]:
+        return 1
+    sub.last += 1
+    gap = idx != seen[lane] + 1
+    seen[lane] = idx
+    return 2 if gap else 0
 
 
 class Subscriber(WSListener):
@@ -137,6 +202,7 @@ class Subscriber(WSListener):
         super().__init__()
         self.stats = stats
         self.last = 0
+        self.lane_last = [0] * MAX_LANES
         self.transport: WSTransport | None = None
         self.subscribed: asyncio.Future[bytes] | None = None
 
@@ -177,14 +243,11 @@ class Subscriber(WSListener):
                 st.bad_frames += 1
                 return
         st.received += 1
-        last = self.last
-        if seq == last + 1:
-            self.last = seq
-        elif seq <= last:
+        check = seq_check(self, st.lanes, seq)
+        if check == 1:
             st.duplicates += 1
-        else:
+        elif check == 2:
             st.gaps += 1
-            self.last = seq
         if st.win_start <= now < st.win_end:
             st.in_window += 1
             us = (now - t) // 1000
@@ -312,6 +375,7 @@ async def _recv(conn: Connection) -> Any:
 async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
     stats_cls, factory, _ = subscriber_classes(cfg.get("client", "auto"))
     stats = stats_cls()
+    stats.lanes = cfg.get("lanes", 1)
     raw = cfg.get("protocol", "fastws") == "raw"
     subs: list[Any] = []
     errors: list[str] = []
@@ -473,29 +537,55 @@ class Publisher(WSListener):
 
 
 class HttpPublisher(Publisher):
-    """Publishes with pipelined ``POST`` requests on one keep-alive HTTP/1.1 connection
-    (nginx+Nchan's publisher location); each response is the ack."""
+    """Publishes with ``POST`` requests on keep-alive HTTP/1.1 connections; each
+    response is the ack.
 
-    def __init__(self, url: str) -> None:
+    One connection (``lanes`` 1): every request pipelined on it.  ``lanes`` > 1: that
+    many connections, one request in flight on each; connection ``k`` numbers its
+    publications k+1, k+1+lanes, ... (see :func:`seq_check`).  ``api``: the body is
+    fastws' ``{"channel", "data"}`` with the bench API key; otherwise the bare payload
+    (nginx+Nchan's publisher location).
+    """
+
+    def __init__(self, url: str, lanes: int = 1, api: bool = False) -> None:
         super().__init__()
         self.raw = True
         u = urllib.parse.urlsplit(url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
         self.path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        self.writer: asyncio.StreamWriter | None = None
-        self.reader_task: asyncio.Task[None] | None = None
+        self.lanes = lanes
+        self.lane = 0                   # the connection the next send goes to
+        self.lane_seq = list(range(1 - lanes, 1))   # last seq sent on each
+        self.api = api
+        self.head = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n%s" % (
+            self.path.encode(), self.host.encode(),
+            b"Authorization: Bearer %s\r\n" % API_KEY.encode() if api else b"")
+        self.writers: list[asyncio.StreamWriter] = []
+        self.reader_tasks: list[asyncio.Task[None]] = []
 
     async def open(self) -> None:
-        reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.reader_task = asyncio.ensure_future(self._read(reader))
+        for lane in range(self.lanes):
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            sock = writer.get_extra_info("socket")
+            if sock is not None:     # each request leaves at once (no Nagle delay)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.writers.append(writer)
+            self.reader_tasks.append(asyncio.ensure_future(self._read(reader, lane)))
 
-    def _write(self, payload: bytes) -> None:
-        assert self.writer is not None
-        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
-                          b"\r\nContent-Length: %d\r\n\r\n%s"
-                          % (self.path.encode(), self.host.encode(), len(payload), payload))
+    def send_next(self) -> None:
+        """Send one publication on the current lane, stamped with the wall-clock time."""
+        lane = self.lane
+        self.lane_seq[lane] += self.lanes
+        seq = self.lane_seq[lane]
+        self.seq += 1
+        self.outstanding += 1
+        data = b'{"t":%d,"seq":%d,"pad":"%s"}' % (time.time_ns(), seq, self.pad)
+        if self.api:
+            data = b'{"channel":"%s","data":%s}' % (CHANNEL.encode(), data)
+        self.writers[lane].write(b"%sContent-Length: %d\r\n\r\n%s"
+                                 % (self.head, len(data), data))
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, reader: asyncio.StreamReader, lane: int) -> None:
         try:
             while True:
                 status = await reader.readline()
@@ -517,9 +607,92 @@ class HttpPublisher(Publisher):
                     await reader.readline()
                 elif length:
                     body = await reader.readexactly(length)
+                self.lane = lane
                 self._answer(body, 200 <= code < 300)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
             self.first_error = self.first_error or f"HTTP publisher: {exc!r}"
+            self.disconnected = True
+            if self.done is not None and not self.done.done():
+                self.done.set_result(None)
+
+    def close(self) -> None:
+        for task in self.reader_tasks:
+            task.cancel()
+        for writer in self.writers:
+            writer.close()
+
+
+class _EventAck(WSListener):
+    """The redis publisher's own subscription: each event it gets acks a publication."""
+
+    def __init__(self, pub: Publisher) -> None:
+        super().__init__()
+        self.pub = pub
+        self.subscribed: asyncio.Future[bytes] | None = None
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is not WSMsgType.TEXT:
+            return
+        buf = frame.get_payload_as_bytes()
+        if b'"type":"event"' in buf:
+            self.pub._answer(buf, True)
+        elif self.subscribed is not None and not self.subscribed.done():
+            self.subscribed.set_result(buf)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.pub.on_ws_disconnected(transport)
+
+
+class RedisPublisher(Publisher):
+    """Pipelines raw ``PUBLISH bench:fanout PAYLOAD`` commands into Redis (as
+    ``redis-cli`` would send them).
+
+    Redis answers a PUBLISH as soon as it has queued the message for its subscribers,
+    so its replies cannot bound the backlog: a publication is acked when it comes back
+    on the publisher's own WebSocket subscription to the server (``ack_url``), which
+    keeps ``--inflight`` publications between Redis and the subscribers.  A reply of
+    0 receivers (the server is not subscribed) counts as a rejection.
+    """
+
+    def __init__(self, url: str, ack_url: str) -> None:
+        super().__init__()
+        self.raw = True
+        u = urllib.parse.urlsplit(url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 6379
+        self.ack_url = ack_url
+        self.writer: asyncio.StreamWriter | None = None
+        self.reader_task: asyncio.Task[None] | None = None
+        self.ack_transport: WSTransport | None = None
+
+    async def open(self) -> None:
+        transport, ack = await ws_connect(lambda: _EventAck(self), self.ack_url,
+                                          websocket_handshake_timeout=10)
+        self.ack_transport = transport
+        ack.subscribed = asyncio.get_running_loop().create_future()
+        transport.send(WSMsgType.TEXT,
+                       b'{"id":1,"type":"subscribe","channel":"' + CHANNEL.encode() + b'"}')
+        reply = await asyncio.wait_for(ack.subscribed, 10)
+        if b'"subscribed"' not in reply:
+            raise ConnectionError(f"redis publisher: subscribe refused: {reply[:200]!r}")
+        reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.reader_task = asyncio.ensure_future(self._read(reader))
+
+    def _write(self, payload: bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                          % (len(CHANNEL), CHANNEL.encode(), len(payload), payload))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise ConnectionError("redis connection closed")
+                # ":N" is the number of subscribers (fastws nodes) that got it
+                if not line.startswith(b":") or int(line[1:]) < 1:
+                    self._answer(line, False)
+        except (ConnectionError, ValueError) as exc:
+            self.first_error = self.first_error or f"redis publisher: {exc!r}"
             self.disconnected = True
             if self.done is not None and not self.done.done():
                 self.done.set_result(None)
@@ -529,23 +702,34 @@ class HttpPublisher(Publisher):
             self.reader_task.cancel()
         if self.writer is not None:
             self.writer.close()
+        if self.ack_transport is not None:
+            with contextlib.suppress(Exception):
+                self.ack_transport.send_close(WSCloseCode.OK)
+                self.ack_transport.disconnect()
 
 
 async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
                         duration_s: float, rate: float = 0.0,
-                        mode: str = "fastws") -> dict[str, Any]:
+                        mode: str = "fastws", lanes: int = 1,
+                        api: bool = False, ack_url: str = "") -> dict[str, Any]:
     """Publish from start_ns for warmup + duration seconds; return the publisher counts.
 
     rate 0: closed loop, `inflight` publications always outstanding (saturation).
     rate > 0: open loop, one publication every 1/rate s while fewer than `inflight` are
     outstanding (latency at a given load).  ``mode``: ``fastws`` (publish requests on a
     WebSocket), ``raw`` (bare payloads on a WebSocket, any reply acks one) or ``http``
-    (``url`` is an HTTP publish endpoint, one POST per publication).
+    (``url`` is an HTTP publish endpoint, one POST per publication; ``lanes``
+    connections, ``api``: fastws' API body and key) or ``redis`` (``url`` is a Redis
+    server: raw PUBLISH commands).
     """
     transport: Any = None
     pub: Publisher
     if mode == "http":
-        pub = HttpPublisher(url)
+        pub = HttpPublisher(url, lanes, api)
+        await pub.open()
+        inflight = lanes if lanes > 1 else inflight    # one request per connection
+    elif mode == "redis":
+        pub = RedisPublisher(url, ack_url)
         await pub.open()
     else:
         transport, listener = await ws_connect(Publisher, url, websocket_handshake_timeout=10)
@@ -581,7 +765,9 @@ async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
 
         on_tick()
     else:
-        for _ in range(inflight):
+        for i in range(inflight):
+            if isinstance(pub, HttpPublisher):
+                pub.lane = i % pub.lanes
             pub.send_next()
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(pub.done, warmup_s + duration_s + 30)
@@ -589,7 +775,7 @@ async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
               "accepted_in_window": pub.accepted_in_window, "outstanding": pub.outstanding,
               "first_error": pub.first_error, "disconnected": pub.disconnected,
               "skipped": pub.skipped}
-    if isinstance(pub, HttpPublisher):
+    if isinstance(pub, HttpPublisher | RedisPublisher):
         pub.close()
     with contextlib.suppress(Exception):
         transport.send_close(WSCloseCode.OK)
@@ -721,6 +907,41 @@ class ServerProcess:
         return stop_process(self.proc, self.tmp)
 
 
+class RedisProcess:
+    """A private ``redis-server`` (no persistence), optionally pinned with taskset."""
+
+    def __init__(self, port: int, cpu: int | None) -> None:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server not found (apt-get install redis-server)")
+        self.tmp = Path(tempfile.mkdtemp(prefix="fastws-bench-redis-"))
+        cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(self.tmp)]
+        if cpu is not None and shutil.which("taskset"):
+            cmd = [shutil.which("taskset") or "taskset", "-c", str(cpu), *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        self.url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {port}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.05)
+
+    def stop(self) -> int | None:
+        """Stop it and remove its directory."""
+        return stop_process(self.proc, self.tmp)
+
+
+def path_config(path: str) -> str:
+    """The server configuration the harness writes for ``--path``."""
+    return CLIENT_PUBLISH_CONFIG if path == "client" else PATH_CONFIG.format(extra="")
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
     model = ""
@@ -777,6 +998,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pub-mode", choices=("fastws", "raw", "http"), default=None,
                    help="publish requests (fastws), bare payloads on a WebSocket (raw) or "
                    "HTTP POSTs (http); default: follows --protocol")
+    p.add_argument("--path", choices=PATHS, default="client",
+                   help="how publications reach the server (see above): client publish "
+                   "requests, pipelined POST /api/publish (http), POSTs over --connections "
+                   "connections (http-conns), raw PUBLISH into a Redis broker (redis)")
+    p.add_argument("--connections", type=int, default=8,
+                   help=f"--path http-conns: publishing connections (at most {MAX_LANES})")
+    p.add_argument("--redis-url", help="--path redis with --url: the Redis the server uses "
+                   "(default: start a redis-server on the server's CPU)")
     p.add_argument("--label", default="fastws", help="name of the server in the results")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -789,14 +1018,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.warmup = 0.5
         if args.subscribers > 1000:
             args.subscribers = 1000
-        if not any(a.startswith("--rate") for a in given):
+        if not any(a.startswith("--rate") for a in given) and args.path != "http-conns":
             args.rate = 100.0  # paced: far below capacity, so a busy box cannot drop anyone
     for name in ("subscribers", "inflight"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.duration <= 0 or args.warmup < 0:
         p.error("--duration must be > 0 and --warmup >= 0")
+    if not 1 <= args.connections <= MAX_LANES:
+        p.error(f"--connections must be 1..{MAX_LANES}")
+    if args.path == "http-conns" and args.rate:
+        p.error("--rate needs one publishing connection: not with --path http-conns")
+    if args.path == "redis" and args.url and not args.redis_url and not args.pub_url:
+        p.error("--path redis with --url needs --redis-url (the server's Redis)")
     return args
+
+
+def publisher_of(args: argparse.Namespace, url: str,
+                 redis_url: str | None) -> tuple[str, str, int, bool]:
+    """(publish URL, mode, lanes, api body) of a run: an anchor's publisher when
+    ``--pub-url`` is given, else the one ``--path`` names."""
+    lanes = args.connections if args.path == "http-conns" else 1
+    if args.pub_url:
+        mode = args.pub_mode or args.protocol
+        return args.pub_url, mode, lanes if mode == "http" else 1, False
+    if args.path in ("http", "http-conns"):
+        u = urllib.parse.urlsplit(url)
+        return f"http://{u.netloc}/api/publish", "http", lanes, True
+    if args.path == "redis":
+        assert redis_url is not None
+        return redis_url, "redis", 1, False
+    return url, args.pub_mode or args.protocol, 1, False
 
 
 def parse_cpus(spec: str) -> list[int]:
@@ -860,24 +1112,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     procs = min(procs, args.subscribers)
 
     server: ServerProcess | None = None
+    redis: RedisProcess | None = None
+    redis_url = args.redis_url
     if args.url:
         url = args.url
         server_pid = args.server_pid
     else:
         port = args.port or free_port()
-        server = ServerProcess(port, args.server_cpu, SERVER_CONFIG, args.server_arg)
+        extra = ["--api-key", API_KEY, *args.server_arg]
+        if args.path == "redis" and not args.pub_url:
+            if not redis_url:
+                redis = RedisProcess(free_port(), args.server_cpu)
+                redis_url = redis.url
+            extra = ["--broker", redis_url, *extra]
+        try:
+            server = ServerProcess(port, args.server_cpu, path_config(args.path), extra)
+        except Exception:
+            if redis is not None:
+                redis.stop()
+            raise
         log("server: " + shlex.join(server.cmd))
         try:
             wait_ready("127.0.0.1", port, server.proc, 30)
         except Exception as exc:
             out = server.output()
             server.stop()
+            if redis is not None:
+                redis.stop()
             raise RuntimeError(f"fastws server did not start ({exc}):\n{out}") from None
         url = f"ws://127.0.0.1:{port}/ws"
         server_pid = server.pid
     host = urllib.parse.urlsplit(url).hostname or "127.0.0.1"
     use_source_ips = (args.source_ips or args.subscribers > PORTS_PER_SOURCE_IP) \
         and host.startswith("127.")
+
+    pub_url, pub_mode, lanes, api_body = publisher_of(args, url, redis_url)
+    redis_pid = redis.pid if redis is not None else None
+
+    def server_cpu_s() -> float | None:
+        """The server's CPU time, and its redis-server's when the harness started one."""
+        a = read_cpu_s(server_pid) if server_pid else None
+        b = read_cpu_s(redis_pid) if redis_pid else 0.0
+        return None if a is None or b is None else a + b
 
     ctx = mp.get_context("fork")
     workers: list[tuple[Any, Connection]] = []
@@ -894,7 +1170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for k in range(procs):
             parent_end, child_end = ctx.Pipe()
             cfg = {"url": url, "n": share + (1 if k < extra else 0), "batch": batch,
-                   "client": args.client, "protocol": args.protocol,
+                   "client": args.client, "protocol": args.protocol, "lanes": lanes,
                    "connect_timeout": args.connect_timeout, "cpus": client_cpus,
                    "source_ip": f"127.0.0.{2 + k}" if use_source_ips else None}
             proc = ctx.Process(target=worker_entry, args=(child_end, cfg), daemon=True)
@@ -924,7 +1200,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             conn.recv()
         log(f"publishing for {args.warmup:g} s warm-up + {args.duration:g} s, "
             f"{args.inflight} in flight" + (f", {args.rate:g}/s" if args.rate else ""))
-        cpu_srv0 = read_cpu_s(server_pid) if server_pid else None
+        cpu_srv0 = server_cpu_s()
+        cpu_redis0 = read_cpu_s(redis_pid) if redis_pid else None
         cpu_self0 = os.times()
 
         async def publish_with_cpu() -> tuple[dict[str, Any], float | None]:
@@ -933,14 +1210,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             async def sample() -> None:
                 await asyncio.sleep(max(0.0, (win_start - time.time_ns()) / 1e9))
-                srv_cpu[0] = read_cpu_s(server_pid) if server_pid else None
+                srv_cpu[0] = server_cpu_s()
                 await asyncio.sleep(max(0.0, (win_end - time.time_ns()) / 1e9))
-                srv_cpu[1] = read_cpu_s(server_pid) if server_pid else None
+                srv_cpu[1] = server_cpu_s()
 
             sampler = asyncio.ensure_future(sample())
-            pub = await run_publisher(args.pub_url or url, args.inflight, start_ns,
+            pub = await run_publisher(pub_url, args.inflight, start_ns,
                                       args.warmup, args.duration, args.rate,
-                                      args.pub_mode or args.protocol)
+                                      pub_mode, lanes, api_body, url)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sampler, 5)
             a, b = srv_cpu
@@ -948,7 +1225,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         pub, srv_cpu_window = uvloop.run(publish_with_cpu())
         cpu_self1 = os.times()
-        cpu_srv1 = read_cpu_s(server_pid) if server_pid else None
+        cpu_srv1 = server_cpu_s()
+        cpu_redis1 = read_cpu_s(redis_pid) if redis_pid else None
         log(f"publisher: {pub['accepted']} accepted, {pub['rejected']} rejected")
         n_pub = pub["accepted"]
         for _, conn in workers:
@@ -1011,7 +1289,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "warmup_s": args.warmup, "server_cpu": args.server_cpu,
                        "client_cpus": client_cpus, "url": url if args.url else None,
                        "channel": CHANNEL, "client": client_name,
-                       "protocol": args.protocol},
+                       "protocol": args.protocol, "path": args.path,
+                       "publisher": {"mode": pub_mode, "connections": lanes,
+                                     "inflight": lanes if lanes > 1 else args.inflight,
+                                     "url": pub_url}},
             "server": args.label,
             "connected": connected, "connect_failed": failed, "connect_errors": errors[:3],
             "connect_s": round(connect_s, 3),
@@ -1045,6 +1326,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else round(srv_cpu_window / args.duration, 3),
             "server_cpu_s_total": None if cpu_srv0 is None or cpu_srv1 is None
             else round(cpu_srv1 - cpu_srv0, 3),
+            # with --path redis: the part of server_cpu_* that redis-server spent
+            "redis_cpu_s_total": None if cpu_redis0 is None or cpu_redis1 is None
+            else round(cpu_redis1 - cpu_redis0, 3),
             "client_cpu_s": round(client_cpu, 3),
             "publisher_cpu_s": round((cpu_self1.user - cpu_self0.user)
                                      + (cpu_self1.system - cpu_self0.system), 3),
@@ -1064,6 +1348,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["server_exit"] = server.proc.returncode
                 result["server_output"] = server.output()
             server.stop()
+        if redis is not None:
+            redis.stop()
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -1080,7 +1366,10 @@ def format_table(r: dict[str, Any]) -> str:
         ("window", f"{p['duration_s']:g} s after {p['warmup_s']:g} s warm-up, "
                    + (f"paced at {p['rate']:g}/s (≤ {p['inflight']} in flight"
                       f", {r['publish_skipped']} ticks skipped)" if p["rate"]
-                      else f"{p['inflight']} publications in flight")),
+                      else f"{p.get('publisher', p)['inflight']} publications in flight")),
+        ("publish path", f"{p.get('path', 'client')}"
+         + (f" ({p['publisher']['mode']}, {p['publisher']['connections']} connection(s))"
+            if p.get("publisher") else "")),
         ("publications/s", f"{r['publications_per_s']:,.0f}  ({r['publications']:,} total)"),
         ("deliveries/s", f"{r['deliveries_per_s']:,.0f}"),
         ("latency p50", f(lat["p50"], " ms")),

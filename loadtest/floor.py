@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"floor {mode}: {res['error']}", file=sys.stderr)
             continue
         print(f"floor {mode:5}: {res['connections']:,} connections x {res['size']} B: "
-              f"{res['us_per_send']:.2f} us per delivery, one round {res['round_ms_mean']:.1f} ms"
+              f"{res['us_per_send']:.2f} us per delivery ({res['cpu_us_per_send']:.2f} us of "
+              f"the sender's CPU), one round {res['round_ms_mean']:.1f} ms"
               f" (best {res['round_ms_best']:.1f}, worst {res['round_ms_worst']:.1f}); "
               f"10,000 deliveries = {res['us_per_send'] * 10:.0f} ms of one core; "
               f"all received: {res['all_received']}")

@@ -80,3 +80,28 @@ def test_fanout_smoke_1000_subscribers(tmp_path: Path) -> None:
     assert r["server_rss_per_conn_bytes"] is not None, detail
     assert proc.returncode == 0, detail
     assert "deliveries/s" in proc.stdout and "latency p99" in proc.stdout, detail
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("path", ["http", "http-conns", "redis", "client"])
+def test_fanout_smoke_on_every_publish_path(tmp_path: Path, path: str) -> None:
+    """Each publish path of the benchmark (pipelined and concurrent POST /api/publish,
+    raw PUBLISH into a Redis broker, client publish): 200 subscribers, exact accounting,
+    server CPU reported (the per-CPU-second figure of docs/benchmarks.md)."""
+    out = tmp_path / "fanout.json"
+    cmd = [sys.executable, "-m", "loadtest.fanout", "--smoke", "--subscribers", "200",
+           "--path", path, "--duration", "1", "--warmup", "0.3", "--quiet",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=80)
+    assert out.exists(), f"no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    r = json.loads(out.read_text())
+    detail = f"\n{proc.stdout}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, detail
+    assert r["params"]["path"] == path, detail
+    assert r["connected"] == 200 and r["publications"] > 0, detail
+    assert r["publish_rejected"] == 0 and not r["publisher_disconnected"], detail
+    assert r["lost"] == r["duplicates"] == r["out_of_order"] == r["disconnected"] == 0, detail
+    assert r["deliveries"] == r["publications"] * 200, detail
+    assert r["server_cpu_window"] is not None, detail
+    if path == "redis":
+        assert r["redis_cpu_s_total"] is not None, detail

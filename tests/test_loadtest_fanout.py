@@ -72,3 +72,23 @@ def test_raw_protocol_against_the_picows_anchor() -> None:
     assert r["lost"] == r["duplicates"] == r["out_of_order"] == r["disconnected"] == 0, r
     assert r["deliveries"] == r["publications"] * 100
     assert r["params"]["client"] in ("compiled", "python")
+
+
+def test_lanes_are_checked_each_in_order_in_both_hot_paths() -> None:
+    """--path http-conns: 3 connections number 1,4,7… / 2,5,8… / 3,6,9…; any
+    interleaving of the lanes is in order, a repeat or a skip within a lane is not."""
+    fast = load_fastsub()
+    now = time.time_ns()
+    seqs = [2, 1, 3, 6, 4, 5, 9, 7, 8,    # lanes interleaved: all in order
+            4,                            # a duplicate (lane 0, number 2 again)
+            13]                           # lane 0 skips 10: a gap
+    payloads = [_event(now, s) for s in seqs]
+    py_stats, c_stats = fanout.Stats(), fast.CStats()
+    py_stats.lanes = c_stats.lanes = 3
+    py_sub = fanout.Subscriber(py_stats)
+    c_sub = fast.FastSubscriber(c_stats, fanout.on_reply, fanout.on_control)
+    _feed(py_sub, payloads)
+    _feed(c_sub, payloads)
+    for st in (py_stats, c_stats):
+        assert (st.received, st.duplicates, st.gaps, st.bad_frames) == (11, 1, 1, 0)
+    assert c_sub.last == py_sub.last == 10        # distinct publications seen
