@@ -58,6 +58,7 @@ from fastws.broker.base import (
     Publication,
     PublishResult,
     Revocation,
+    StreamAppend,
 )
 from fastws.broker.redis_scripts import (
     LOG_PREFIX,
@@ -458,7 +459,7 @@ class RedisBroker(Broker):
 
     def _publish_call(self, channel: str, data: bytes, history_size: int,
                       history_ttl: float, idempotency_key: str | None,
-                      log: tuple[str, int] | None
+                      log: tuple[str, int] | None, stream: StreamAppend | None = None
                       ) -> tuple[CommandConnection, list[str], list[Any]]:
         """The command connection, keys and arguments of the publish script for one
         publication (see redis_scripts.PUBLISH_LUA)."""
@@ -477,16 +478,27 @@ class RedisBroker(Broker):
         if log is not None and log[1] > 0 and self.keeps_logs:
             keys.extend(log_keys(log[0]))
             args.append(log[1])  # ARGV[12]: the namespace log's size
+        if stream is not None:   # ARGV[13-16], the stream's key last (SPEC §12)
+            if len(args) == 11:
+                args.append(0)
+            args += [stream.maxlen, stream.user, stream.client, int(time.time() * 1000)]
+            keys.append(stream.key)
         return link, keys, args
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
-                      log: tuple[str, int] | None = None) -> PublishResult:
+                      log: tuple[str, int] | None = None,
+                      stream: StreamAppend | None = None) -> PublishResult:
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         link, keys, args = self._publish_call(channel, data, history_size, history_ttl,
-                                              idempotency_key, log)
-        res = await self._run_script(link, "publish", keys, args, durable=True)
+                                              idempotency_key, log, stream)
+        try:
+            res = await self._run_script(link, "publish", keys, args, durable=True)
+        except ResponseError as exc:
+            if stream is None:
+                raise
+            raise BrokerUnavailable(f"stream append failed: {exc}") from None
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
 
@@ -502,7 +514,8 @@ class RedisBroker(Broker):
         for p in pubs:
             try:
                 link, keys, args = self._publish_call(p.channel, p.data, p.history_size,
-                                                      p.history_ttl, p.idempotency_key, p.log)
+                                                      p.history_ttl, p.idempotency_key, p.log,
+                                                      p.stream)
                 fut = self._issue(link, "publish", keys, args, durable=True)
             except BrokerUnavailable as exc:  # e.g. the channel's cluster shard is down
                 calls.append(exc)
@@ -518,6 +531,9 @@ class RedisBroker(Broker):
             res = c if isinstance(c, BrokerUnavailable) else next(it)
             if isinstance(res, BrokerUnavailable):
                 out.append(res)
+            elif isinstance(res, ResponseError) and not isinstance(c, BrokerUnavailable) \
+                    and len(c[3]) > 12:   # a stream namespace's append failed
+                out.append(BrokerUnavailable(f"stream append failed: {res}"))
             elif isinstance(res, BaseException):
                 raise res
             else:
