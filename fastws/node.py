@@ -13,6 +13,7 @@ session's end (:meth:`Node.drop`); the broker hands it every publication
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -27,6 +28,8 @@ import orjson
 
 from fastws import auth, channels, protocol
 from fastws._fanout import Hub, make_frame
+from fastws._match import glob_match
+from fastws._version import __version__
 from fastws.auth import Auth
 from fastws.broker import (
     Broker,
@@ -62,6 +65,7 @@ __all__ = ["Node", "Auth", "Admission", "stream_key"]
 log = logging.getLogger("fastws")
 
 LOAD_TIMEOUT = 10.0             # seconds start waits for the token revocations to load
+GATHER_TIMEOUT = 1.0            # seconds a server API query waits for the other nodes
 STREAM_PREFIX = "fastws:stream:"  # + namespace ("*" for channels without one): SPEC §12
 
 
@@ -128,6 +132,8 @@ class Node:
             "presence_stats": self._presence_stats,
         }
         self._tasks: set[asyncio.Task] = set()
+        # server API queries awaiting the other nodes' answers: id -> (answers, done)
+        self._queries: dict[str, tuple[list[Any], asyncio.Event]] = {}
         # subscribes awaiting the broker, per name (no broker unsubscribe meanwhile)
         self._pending: Counter[str] = Counter()
 
@@ -309,6 +315,15 @@ class Node:
             n = self.disconnect_user(str(msg["user"]),
                                      Disconnect(int(msg["code"]), str(msg["reason"])))
             log.info("disconnected %d connections of a user (server API, another node)", n)
+        elif isinstance(msg, dict) and msg.get("op") == "query":
+            answer = {"op": "answer", "id": str(msg.get("id")),
+                      "data": self.local_answer(str(msg.get("kind")), msg.get("args") or {})}
+            self.spawn(self.broker.send_control(orjson.dumps(answer)))
+        elif isinstance(msg, dict) and msg.get("op") == "answer":
+            waiting = self._queries.get(str(msg.get("id")))
+            if waiting is not None:
+                waiting[0].append(msg.get("data"))
+                waiting[1].set()
         elif isinstance(msg, dict) and msg.get("op") == "revoke":
             n = self.apply_revocation(Revocation(str(msg["kind"]), str(msg["key"]),
                                                  float(msg["at"]), float(msg["until"])))
@@ -514,6 +529,56 @@ class Node:
         state.ip = admission.ip
         if admission.ident is not None:
             sess.set_identity(admission.ident)
+
+    # ------------------------------------------------------------------ server API queries
+
+    def local_answer(self, kind: str, args: dict[str, Any]) -> Any:
+        """This node's part of a server API query: ``channels`` ({channel: clients} of
+        the channels with a subscriber here, matching ``args["pattern"]`` if given) or
+        ``info`` (name, version, connections, subscriptions, uptime)."""
+        hub = self.hub
+        if kind == "channels":
+            pattern = args.get("pattern")
+            out = {}
+            for name in hub.names():
+                if channels.is_pattern(name):
+                    continue
+                if isinstance(pattern, str) and not glob_match(pattern, name):
+                    continue
+                out[name] = len(hub.subscribers(name))
+            return out
+        if kind == "info":
+            return {"name": self.name, "version": __version__,
+                    "connections": hub.connection_count, "subscriptions": self.subscriptions,
+                    "uptime": int(time.monotonic() - self.started)}
+        return None
+
+    async def gather(self, kind: str, args: dict[str, Any]) -> list[Any]:
+        """Every node's :meth:`local_answer` (this node's first): the query goes to the
+        others over the broker's control channel; their answers are awaited until as
+        many came as the broker counted receivers, or GATHER_TIMEOUT.  Raises
+        BrokerUnavailable when the query could not be sent."""
+        qid = os.urandom(8).hex()
+        answers: list[Any] = []
+        done = asyncio.Event()
+        self._queries[qid] = (answers, done)
+        try:
+            sent = await self.broker.send_control(orjson.dumps(
+                {"op": "query", "id": qid, "kind": kind, "args": args}))
+            others = max(0, int(sent) - 1) if isinstance(sent, int) else 0
+            deadline = time.monotonic() + GATHER_TIMEOUT
+            while len(answers) < others:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("server API %s: %d of %d other nodes answered within %g s",
+                                kind, len(answers), others, GATHER_TIMEOUT)
+                    break
+                done.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), left)
+        finally:
+            del self._queries[qid]
+        return [self.local_answer(kind, args), *answers]
 
     # ------------------------------------------------------------------ lifecycle (SPEC §12)
 

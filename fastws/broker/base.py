@@ -218,11 +218,12 @@ class Broker(ABC):
         inside ``publish`` (the in-memory one): it returns without suspending."""
         return None
 
-    async def send_control(self, payload: bytes) -> None:
+    async def send_control(self, payload: bytes) -> int | None:
         """Hand ``payload`` to the ``handle_control`` of every *other* node sharing this
-        broker, on a channel no client can name.  Raises :class:`BrokerUnavailable` when
-        it could not be sent.  The default (a single-process broker) has no other node
-        and does nothing."""
+        broker, on a channel no client can name; returns how many nodes received it
+        (this one included) when the broker knows, else None.  Raises
+        :class:`BrokerUnavailable` when it could not be sent.  The default (a
+        single-process broker) has no other node and does nothing."""
         return None
 
     #: the revocations of a single-process broker: (kind, key) -> record

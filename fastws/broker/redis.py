@@ -322,13 +322,14 @@ class RedisBroker(Broker):
             return  # our own: the sending node acted on it already
         self._notify("handle_control", body)
 
-    async def send_control(self, payload: bytes) -> None:
-        """Publish ``NODE_ID PAYLOAD`` on the control channel (SPUBLISH on a cluster)."""
+    async def send_control(self, payload: bytes) -> int:
+        """Publish ``NODE_ID PAYLOAD`` on the control channel (SPUBLISH on a cluster);
+        returns how many nodes received it (this one included)."""
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         link = self._command_for(CONTROL_CHANNEL)
-        await link.call(self._publish_verb, CONTROL_CHANNEL,
-                        self.node_id.encode() + b" " + payload)
+        return await link.call(self._publish_verb, CONTROL_CHANNEL,
+                               self.node_id.encode() + b" " + payload)
 
     def _deliver_presence(self, channel: str, payload: bytes) -> None:
         try:

@@ -42,12 +42,15 @@ class LifecycleLog:
 
     RETRY = 0.5                 # seconds between two tries while Redis is away
 
-    def __init__(self, broker: RedisBroker, node: str, *, sweep_interval: float = 10.0,
-                 expiry: float = 20.0) -> None:
+    def __init__(self, broker: RedisBroker, node: str, *, sweep_interval: float | None = None,
+                 expiry: float | None = None) -> None:
+        from fastws.broker import redis as timings  # the presence sweep's (tests tune them)
+
         self.broker = broker
         self.node = node
-        self.sweep_interval = sweep_interval
-        self.expiry = expiry
+        self.sweep_interval = (timings.PRESENCE_REFRESH if sweep_interval is None
+                               else sweep_interval)
+        self.expiry = timings.PRESENCE_EXPIRY if expiry is None else expiry
         self.written = 0
         self.swept = 0
         self._queue: deque[tuple[str, list[str], list[Any]]] = deque()
