@@ -460,7 +460,7 @@ class RedisBroker(Broker):
 
     def _publish_call(self, channel: str, data: bytes, history_size: int,
                       history_ttl: float, idempotency_key: str | None,
-                      log: tuple[str, int] | None, stream: StreamAppend | None = None
+                      log: tuple[str, int] | None, append: StreamAppend | None = None
                       ) -> tuple[CommandConnection, list[str], list[Any]]:
         """The command connection, keys and arguments of the publish script for one
         publication (see redis_scripts.PUBLISH_LUA)."""
@@ -479,11 +479,11 @@ class RedisBroker(Broker):
         if log is not None and log[1] > 0 and self.keeps_logs:
             keys.extend(log_keys(log[0]))
             args.append(log[1])  # ARGV[12]: the namespace log's size
-        if stream is not None:   # ARGV[13-16], the stream's key last (SPEC §12)
+        if append is not None:   # ARGV[13-16], the stream's key last (SPEC §12)
             if len(args) == 11:
                 args.append(0)
-            args += [stream.maxlen, stream.user, stream.client, int(time.time() * 1000)]
-            keys.append(stream.key)
+            args += [append.maxlen, append.user, append.client, int(time.time() * 1000)]
+            keys.append(append.key)
         return link, keys, args
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
