@@ -21,6 +21,9 @@ its own (uvloop), a ``fastws serve`` subprocess and, for ``ingest``, a private
   (measured in its handler), and the overhead: rpc − ping − backend.
 
 Numbers depend on the machine: docs/benchmarks.md says where they were taken.
+Diagnostics: ``BENCH_SHOW_LOG=1`` prints the server's log at the end,
+``BENCH_GC_LOG=1`` makes the server log every garbage collection over 20 ms,
+``BENCH_PROFILE=FILE`` runs the server under cProfile (stats written to FILE).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ import uvloop
 from picows import WSListener, WSMsgType, WSTransport, ws_connect
 
 JWT_SECRET = "bench-secret-0123456789abcdef0123456789"
-TICK = 0.01                     # seconds between two scheduler ticks of the clients
+TICK = 0.01                     # seconds between two connect-storm scheduler ticks
+INGEST_TICK = 0.001             # ... of the ingest clients (10 sends per tick at 10k/s)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -122,6 +126,21 @@ def _backend_main(port: int, ready: Any) -> None:
     uvloop.run(main())
 
 
+_GC_LOG = """\
+import gc, sys, time
+from fastws.cli import main
+_t = [0.0]
+def _cb(phase, info):
+    if phase == "start":
+        _t[0] = time.perf_counter()
+    elif time.perf_counter() - _t[0] > 0.02:
+        sys.stderr.write(f"gc gen {info['generation']}: {(time.perf_counter() - _t[0]) * 1000:.0f} ms, "
+                         f"{len(gc.get_objects())} objects, collected {info['collected']}\\n")
+gc.callbacks.append(_cb)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 class Stack:
     """The backend process, a redis-server (optional) and ``fastws serve``."""
 
@@ -149,8 +168,13 @@ class Stack:
         cfg.write_text(config.format(backend=f"http://127.0.0.1:{self.backend_port}"))
         self.log = open(Path(self.tmp) / "server.log", "wb")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if not k.startswith("FASTWS_")}
+        launch = ["-m", "fastws"]
+        if os.environ.get("BENCH_GC_LOG"):    # log every collection over 20 ms (stderr)
+            launch = ["-c", _GC_LOG]
+        if os.environ.get("BENCH_PROFILE"):   # cProfile the server into this file
+            launch = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"], "-m", "fastws"]
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "fastws", "serve", "--host", "127.0.0.1", "--port",
+            [sys.executable, *launch, "serve", "--host", "127.0.0.1", "--port",
              str(self.port), "--config", str(cfg), "--log-level", "warning", *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         wait_port(self.port)
@@ -163,6 +187,12 @@ class Stack:
             return r.read().decode()
 
     def stop(self) -> None:
+        if os.environ.get("BENCH_SHOW_LOG"):
+            sys.stderr.write((Path(self.tmp) / "server.log").read_text()[-4000:])
+        if os.environ.get("BENCH_PROFILE") and self.server.poll() is None:
+            self.server.terminate()     # a clean exit writes the profile
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.server.wait(10)
         for proc in (self.server, self.redis):
             if proc is not None and proc.poll() is None:
                 proc.kill()
@@ -310,29 +340,36 @@ history_size = 0
 """
 
 
-async def run_ingest(connections: int, rate: float, seconds: float) -> dict[str, Any]:
-    stack = Stack(INGEST_CONFIG, redis=True)
+async def run_ingest(connections: int, rate: float, seconds: float,
+                     stream: bool = True) -> dict[str, Any]:
+    config = INGEST_CONFIG if stream else INGEST_CONFIG.replace("stream = true",
+                                                                "stream = false")
+    stack = Stack(config, redis=True)
     try:
         clients = []
         for i in range(0, connections, 100):
             clients += await asyncio.gather(*(open_client(stack.url)
                                               for _ in range(min(100, connections - i))))
         lat: list[float] = []
+        sent_at: list[float] = []
         errors = 0
         seq = 0
         total = int(connections * rate * seconds)
-        per_tick = connections * rate * TICK
+        per_tick = connections * rate * INGEST_TICK
         done = asyncio.get_running_loop().create_future()
 
         def on_reply(t0: float, msg: dict[str, Any]) -> None:
             nonlocal errors
             lat.append(time.perf_counter() - t0)
+            sent_at.append(t0)
             if msg.get("type") != "published":
                 errors += 1
             if len(lat) == total and not done.done():
                 done.set_result(None)
 
         cpu0 = cpu_seconds(stack.server.pid)
+        rcpu0 = cpu_seconds(stack.redis.pid)
+        ccpu0 = time.process_time()
         start = time.perf_counter()
         owed = 0.0
         k = 0
@@ -352,18 +389,29 @@ async def run_ingest(connections: int, rate: float, seconds: float) -> dict[str,
         await asyncio.wait_for(done, 30)
         elapsed = time.perf_counter() - start
         cpu = cpu_seconds(stack.server.pid) - cpu0
+        loop_lag = _metric(stack.metrics(), "fastws_event_loop_lag_seconds")
+        rcpu = cpu_seconds(stack.redis.pid) - rcpu0
+        ccpu = time.process_time() - ccpu0
         import redis as redis_sync
 
         xlen = redis_sync.Redis.from_url(stack.redis_url).xlen("fastws:stream:ev")
         for c in clients:
             c.transport.disconnect()
-        return {"connections": connections, "rate_per_connection": rate, "seconds": seconds,
+        by_second: dict[int, list[float]] = {}
+        for t0, x in zip(sent_at, lat, strict=True):
+            by_second.setdefault(int(t0 - start), []).append(x)
+        return {"server_loop_lag_ms": ms(loop_lag), "p99_ms_by_second": [ms(pct(v, 99)) for _, v in sorted(by_second.items())],
+                "connections": connections, "rate_per_connection": rate, "seconds": seconds,
                 "published": len(lat) - errors, "errors": errors, "xlen": xlen,
-                "all_appended": xlen == len(lat) - errors,
+                "stream": stream,
+                "all_appended": xlen == len(lat) - errors if stream else None,
                 "publishes_per_second": round(len(lat) / elapsed, 1),
                 "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99)),
                 "max_ms": ms(max(lat)), "server_cpu_us_per_publish":
-                    round(cpu * 1e6 / max(1, len(lat)), 1)}
+                    round(cpu * 1e6 / max(1, len(lat)), 1),
+                "cpu_share": {"server": round(cpu / elapsed, 2),
+                              "redis": round(rcpu / elapsed, 2),
+                              "client": round(ccpu / elapsed, 2)}}
     finally:
         stack.stop()
 
@@ -418,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--connections", type=int, default=1000)
     i.add_argument("--rate", type=float, default=10.0)
     i.add_argument("--seconds", type=float, default=10.0)
+    i.add_argument("--no-stream", action="store_true",
+                   help="the same load into a namespace without stream (a baseline)")
     r = sub.add_parser("rpc")
     r.add_argument("--requests", type=int, default=5000)
     for p in (c, i, r):
@@ -426,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "connect":
         res = uvloop.run(run_connect(args.rate, args.seconds))
     elif args.mode == "ingest":
-        res = uvloop.run(run_ingest(args.connections, args.rate, args.seconds))
+        res = uvloop.run(run_ingest(args.connections, args.rate, args.seconds,
+                                    not args.no_stream))
     else:
         res = uvloop.run(run_rpc(args.requests))
     res = {"mode": args.mode, "cpus": os.cpu_count(), **res}
