@@ -91,7 +91,8 @@ async def test_lifecycle_connect_disconnect_and_node_lost(tuned_server, redis_se
     r = redis.Redis(port=redis_server.port)
     timings = {"PRESENCE_REFRESH": 0.3, "PRESENCE_EXPIRY": 1.0}
     a = tuned_server(timings, "--broker", redis_server.url, "--lifecycle-stream")
-    b = tuned_server(timings, "--broker", redis_server.url, "--lifecycle-stream")
+    b = tuned_server(timings, "--broker", redis_server.url, "--lifecycle-stream",
+                     "--drain-timeout", "0.2")
     c = await connect(a.ws_url)
     await c.request({"id": 1, "type": "ping"})
 
@@ -125,7 +126,14 @@ async def test_lifecycle_connect_disconnect_and_node_lost(tuned_server, redis_se
     connects = [e["client"] for e in evs if e["event"] == "connect"]
     disconnects = [e["client"] for e in evs if e["event"] == "disconnect"]
     assert sorted(connects) == sorted(disconnects) and len(set(disconnects)) == 4
-    assert b.proc.poll() is None
+    # a drain: the node writes its connections' disconnect (4001) before it exits
+    d = await connect(b.ws_url)
+    await d.request({"id": 1, "type": "ping"})
+    await until(lambda: len(events()) == 9, 5)
+    assert b.stop() == 0
+    last = events()[-1]
+    assert (last["event"], last["code"], last["node"]) == ("disconnect", "4001",
+                                                           events()[-2]["node"])
 
 
 async def test_server_api_over_every_node(fastws_server, redis_server) -> None:
