@@ -123,16 +123,23 @@ class LifecycleLog:
                     await asyncio.wait_for(self._wake.wait(),
                                            max(0.01, next_sweep - time.monotonic()))
                 continue
-            if not self.broker.up or not await self._write():
+            try:
+                ok = self.broker.up and await self._write()
+            except Exception:      # never let the writer die: log, keep the records, retry
+                log.exception("lifecycle: writing records failed")
+                ok = False
+            if not ok:
                 await asyncio.sleep(self.RETRY)
 
     async def _write(self) -> bool:
         """Write up to BATCH queued records in one pipeline; False when some failed
         (they stay queued, in order, for the next try)."""
-        batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
         broker = self.broker
-        link = broker._command_for(LIFECYCLE_STREAM)
-        replies: list[Any] = []
+        try:
+            link = broker._command_for(LIFECYCLE_STREAM)
+        except BrokerUnavailable:
+            return False
+        batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
         try:
             futs = [broker._issue(link, script, keys, args, False)
                     for script, keys, args in batch]
