@@ -374,11 +374,15 @@ class Node:
 
     async def _subscribe(self, sess: Session, req: Request) -> bytes:
         name = sess.begin_subscribe(req.channel)  # checks; reserves the name meanwhile
+        extra: dict[str, Any] = {}
         if self.permissions.proxied("subscribe", name):
             try:
-                await self._ask(sess, "subscribe", {"client": sess.client_id,
-                                                    "user": sess.user, "channel": name,
-                                                    "meta": self._meta(sess)})
+                allowed = await self._ask(sess, "subscribe", {"client": sess.client_id,
+                                                              "user": sess.user,
+                                                              "channel": name,
+                                                              "meta": self._meta(sess)})
+                if "data" in allowed:   # e.g. the current price, with the confirmation
+                    extra["data"] = allowed["data"]
             except BaseException:
                 sess.forget(name)
                 raise
@@ -390,9 +394,8 @@ class Node:
         try:
             if not hub.has_subscribers(name):
                 await self.broker.subscribe(name)
-            extra: dict[str, Any] = {}
             if req.since is not None or req.positioned:
-                extra = await self.recovery.recover(sess, name, req.since)
+                extra.update(await self.recovery.recover(sess, name, req.since))
             if sess.closing:
                 sess.forget(name)
                 return b""

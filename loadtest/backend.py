@@ -134,7 +134,8 @@ def _cb(phase, info):
     if phase == "start":
         _t[0] = time.perf_counter()
     elif time.perf_counter() - _t[0] > 0.02:
-        sys.stderr.write(f"gc gen {info['generation']}: {(time.perf_counter() - _t[0]) * 1000:.0f} ms, "
+        took = (time.perf_counter() - _t[0]) * 1000
+        sys.stderr.write(f"gc gen {info['generation']}: {took:.0f} ms, "
                          f"{len(gc.get_objects())} objects, collected {info['collected']}\\n")
 gc.callbacks.append(_cb)
 sys.exit(main(sys.argv[1:]))
@@ -400,7 +401,8 @@ async def run_ingest(connections: int, rate: float, seconds: float,
         by_second: dict[int, list[float]] = {}
         for t0, x in zip(sent_at, lat, strict=True):
             by_second.setdefault(int(t0 - start), []).append(x)
-        return {"server_loop_lag_ms": ms(loop_lag), "p99_ms_by_second": [ms(pct(v, 99)) for _, v in sorted(by_second.items())],
+        return {"server_loop_lag_ms": ms(loop_lag),
+                "p99_ms_by_second": [ms(pct(v, 99)) for _, v in sorted(by_second.items())],
                 "connections": connections, "rate_per_connection": rate, "seconds": seconds,
                 "published": len(lat) - errors, "errors": errors, "xlen": xlen,
                 "stream": stream,

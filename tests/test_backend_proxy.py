@@ -87,6 +87,8 @@ async def test_subscribe_publish_rpc_proxies(fastws_server) -> None:
     def subscribe(body: dict[str, Any]) -> Any:
         if body["channel"] == "room:secret":
             return {"error": {"code": 403, "message": "not in this room"}}
+        if body["channel"] == "room:price":
+            return {"result": {"data": {"price": 42.5}}}
         return {"result": {}}
 
     def publish(body: dict[str, Any]) -> Any:
@@ -120,6 +122,10 @@ async def test_subscribe_publish_rpc_proxies(fastws_server) -> None:
         call = be.calls["subscribe"][-1]
         assert call == {"client": client_id, "user": "alice", "channel": "room:1",
                         "meta": {"plan": "pro", "token": "tok-alice"}}
+        assert "data" not in r
+        r = await c.request({"id": 20, "type": "subscribe", "channel": "room:price"})
+        assert r == {"id": 20, "type": "subscribed", "channel": "room:price",
+                     "data": {"price": 42.5}}, r
         r = await c.request({"id": 2, "type": "subscribe", "channel": "room:secret"})
         assert (r["type"], r["code"], r["message"]) == ("error", 403, "not in this room")
         # history of a proxy namespace: subscribers only (they passed the backend)
@@ -163,6 +169,7 @@ async def test_subscribe_publish_rpc_proxies(fastws_server) -> None:
             text = await m.text()
         assert 'fastws_proxy_requests_total{kind="rpc",result="timeout"} 2.0' in text
         assert 'fastws_proxy_requests_total{kind="subscribe",result="error"} 1.0' in text
+        assert 'fastws_proxy_requests_total{kind="subscribe",result="ok"} 2.0' in text
         assert 'fastws_proxy_duration_seconds_count{kind="connect"} 1.0' in text
     # the backend is gone: 503 for subscribe/publish/rpc
     async with Backend(connect=connect_handler) as be2:
