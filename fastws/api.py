@@ -1,8 +1,12 @@
-"""The server API (SPEC §9): JSON over HTTP POST, for a backend holding an API key.
+"""The server API (SPEC §9, §11): JSON over HTTP POST, for a backend holding an API key.
 
 * ``POST /api/publish``: one publication object, or an array of them (a batch);
 * ``POST /api/disconnect``: close every connection of a user, on every node;
-* ``POST /api/revoke``: revoke a user's tokens and/or one token id, on every node.
+* ``POST /api/revoke``: revoke a user's tokens and/or one token id, on every node;
+* ``POST /api/presence``, ``/api/presence_stats``, ``/api/history``: a channel's
+  presence (every node's, through the broker) and history;
+* ``POST /api/channels``, ``/api/info``: the channels with subscribers and the nodes,
+  gathered from every node sharing the broker (:meth:`fastws.node.Node.gather`).
 
 Each handler takes the node, the request's headers and body and returns the whole
 answer (:func:`fastws.http.json_response`); :data:`ROUTES` maps a path to it.
@@ -27,8 +31,8 @@ from fastws.http import bearer_token, json_response
 if TYPE_CHECKING:
     from fastws.node import Node
 
-__all__ = ["MAX_BATCH", "MAX_REVOCATION_TTL", "ROUTES", "disconnect", "key_ok", "publish",
-           "revoke"]
+__all__ = ["MAX_BATCH", "MAX_REVOCATION_TTL", "ROUTES", "channels_", "disconnect", "history",
+           "info", "key_ok", "presence", "presence_stats", "publish", "revoke"]
 
 log = logging.getLogger("fastws")
 
@@ -236,9 +240,125 @@ async def revoke(node: Node, headers: dict[str, str], body: bytes) -> bytes:
                                "until": max(r.until for r in stored)})
 
 
+def _channel(node: Node, msg: dict[str, Any]) -> str | bytes:
+    """The ``channel`` of a query (a channel, not a pattern), or the 400 answer."""
+    try:
+        return channels.validate(msg.get("channel"), node.config.limits.max_channel_length,
+                                 allow_pattern=False)
+    except channels.ChannelError as exc:
+        return json_response(400, {"error": str(exc)})
+
+
+def _unavailable(exc: BrokerUnavailable) -> bytes:
+    return json_response(503, {"error": f"broker unavailable: {exc}"}, {"Retry-After": "1"})
+
+
+async def _presence_members(node: Node, headers: dict[str, str], body: bytes
+                            ) -> dict[str, str | None] | bytes:
+    msg = _object(node, headers, body, {"channel"})
+    if isinstance(msg, bytes):
+        return msg
+    channel = _channel(node, msg)
+    if isinstance(channel, bytes):
+        return channel
+    if not node.config.for_channel(channel).presence:
+        return json_response(400, {"error": "presence is not enabled for this namespace"})
+    try:
+        return await node.presence.list(channel)
+    except BrokerUnavailable as exc:
+        return _unavailable(exc)
+
+
+def _stats(members: dict[str, str | None]) -> dict[str, int]:
+    return {"num_clients": len(members),
+            "num_users": len({u for u in members.values() if u is not None})}
+
+
+async def presence(node: Node, headers: dict[str, str], body: bytes) -> bytes:
+    """``{"channel": C}``: every node's presence members of C, and their counts."""
+    members = await _presence_members(node, headers, body)
+    if isinstance(members, bytes):
+        return members
+    clients = [{"client": cid, "user": user} for cid, user in members.items()]
+    return json_response(200, {"clients": clients, **_stats(members)})
+
+
+async def presence_stats(node: Node, headers: dict[str, str], body: bytes) -> bytes:
+    """``{"channel": C}``: how many clients and distinct users are in C's presence."""
+    members = await _presence_members(node, headers, body)
+    if isinstance(members, bytes):
+        return members
+    return json_response(200, _stats(members))
+
+
+async def history(node: Node, headers: dict[str, str], body: bytes) -> bytes:
+    """``{"channel": C, "limit": N[, "since": {"offset", "epoch"}]}``: the protocol's
+    history reply (publications oldest first, the stream's offset and epoch)."""
+    msg = _object(node, headers, body, {"channel", "limit", "since"})
+    if isinstance(msg, bytes):
+        return msg
+    channel = _channel(node, msg)
+    if isinstance(channel, bytes):
+        return channel
+    limit = msg.get("limit", 100)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        return json_response(400, {"error": "limit must be a non-negative integer"})
+    since = msg.get("since")
+    try:
+        pos = protocol._since(since, None) if since is not None else None
+        hist = await node.broker.history(
+            channel, limit=min(limit, protocol.MAX_HISTORY_LIMIT),
+            since_offset=pos.offset if pos else None, since_epoch=pos.epoch if pos else None)
+    except protocol.ProtocolError as exc:
+        return json_response(400, {"error": exc.message})
+    except BrokerUnavailable as exc:
+        return _unavailable(exc)
+    pubs = [{"offset": o, "data": orjson.Fragment(d)} for o, d in hist.publications]
+    return json_response(200, {"type": "history", "publications": pubs, "offset": hist.offset,
+                               "epoch": hist.epoch})
+
+
+async def channels_(node: Node, headers: dict[str, str], body: bytes) -> bytes:
+    """``{}`` or ``{"pattern": P}``: the channels with at least one subscriber on any
+    node (matching P), with how many connections each reaches."""
+    msg = _object(node, headers, body or b"{}", {"pattern"})
+    if isinstance(msg, bytes):
+        return msg
+    pattern = msg.get("pattern")
+    if pattern is not None and (not isinstance(pattern, str) or not pattern):
+        return json_response(400, {"error": "pattern must be a non-empty string"})
+    try:
+        parts = await node.gather("channels", {"pattern": pattern} if pattern else {})
+    except BrokerUnavailable as exc:
+        return _unavailable(exc)
+    out: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for name, n in (part or {}).items():
+            out.setdefault(name, {"num_clients": 0})["num_clients"] += int(n)
+    return json_response(200, {"channels": out})
+
+
+async def info(node: Node, headers: dict[str, str], body: bytes) -> bytes:
+    """``{}``: every node sharing the broker: name, version, connections,
+    subscriptions, uptime (seconds)."""
+    msg = _object(node, headers, body or b"{}", set())
+    if isinstance(msg, bytes):
+        return msg
+    try:
+        parts = await node.gather("info", {})
+    except BrokerUnavailable as exc:
+        return _unavailable(exc)
+    return json_response(200, {"nodes": [p for p in parts if isinstance(p, dict)]})
+
+
 # path -> handler; every route answers only POST
 ROUTES: dict[str, Callable[[Node, dict[str, str], bytes], Awaitable[bytes]]] = {
     "/api/publish": publish,
     "/api/disconnect": disconnect,
     "/api/revoke": revoke,
+    "/api/presence": presence,
+    "/api/presence_stats": presence_stats,
+    "/api/history": history,
+    "/api/channels": channels_,
+    "/api/info": info,
 }

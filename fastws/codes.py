@@ -32,6 +32,7 @@ class Err:
     RATE_LIMITED = 429
     INTERNAL = 500
     UNAVAILABLE = 503
+    BACKEND_TIMEOUT = 504
 
 
 class Close:

@@ -67,6 +67,8 @@ __all__ = [
     "ConfigError",
     "LimitsConfig",
     "NamespaceConfig",
+    "ProxyConfig",
+    "SUBSCRIBE_PERMISSIONS",
     "ServerConfig",
     "default_of",
     "env_names",
@@ -79,6 +81,8 @@ ENV_PREFIX = "FASTWS_"
 DEFAULT_NAMESPACE = "*"
 PERMISSIONS = ("anyone", "authenticated", "owner", "api")
 READ_PERMISSIONS = ("subscriber", *PERMISSIONS)
+# subscribe and publish may also ask the application's backend ([proxy] subscribe/publish)
+SUBSCRIBE_PERMISSIONS = (*PERMISSIONS, "proxy")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 
@@ -195,6 +199,10 @@ class ServerConfig:
                                  "longest lifetime of the tokens you accept (SIWE tokens live "
                                  "3600 s), so that a revoked token expires before its record.",
                                  Seconds(), unit="s")
+    lifecycle_stream: bool = _opt(False, "Append a `connect` and a `disconnect` record of "
+                                  "every connection to the Redis stream fastws:lifecycle "
+                                  "(docs/protocol.md section 12); needs a Redis broker.",
+                                  Bool(), reload=False)
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """``trusted_proxies`` parsed (host bits ignored), for client-IP checks."""
@@ -247,23 +255,65 @@ class NamespaceConfig:
                                 "publication.", Seconds(), "s")
     presence: bool = _limit(False, "Join/leave pushes and presence requests.", Bool())
     subscribe: str = _limit("anyone", "Who may subscribe: anyone | authenticated | owner "
-                            "(token `sub` equals the rest of the name) | api (nobody).",
-                            Choice(PERMISSIONS))
+                            "(token `sub` equals the rest of the name) | api (nobody) | "
+                            "proxy (the backend of `[proxy] subscribe` decides).",
+                            Choice(SUBSCRIBE_PERMISSIONS))
     publish: str = _limit("api", "Who may publish from a WebSocket: anyone | authenticated | "
-                          "owner | api (only the HTTP API, the CLI, the indexer and Redis).",
-                          Choice(PERMISSIONS))
+                          "owner | api (only the HTTP API, the CLI, the indexer and Redis) | "
+                          "proxy (the backend of `[proxy] publish` decides, and may rewrite "
+                          "the data).", Choice(SUBSCRIBE_PERMISSIONS))
     history_access: str = _limit("subscriber", "Who may request history: subscriber (whoever "
                                  "may subscribe) | anyone | authenticated | owner | api.",
                                  Choice(READ_PERMISSIONS))
     presence_access: str = _limit("subscriber", "Who may request presence: subscriber | "
                                   "anyone | authenticated | owner | api.",
                                   Choice(READ_PERMISSIONS))
+    stream: bool = _limit(False, "Append every accepted publication to the Redis stream "
+                          "fastws:stream:NAME before it is acknowledged (ingest for "
+                          "workers reading with XREADGROUP); needs a Redis broker.", Bool())
+    stream_maxlen: int = _limit(1000000, "Approximate length the namespace's stream is "
+                                "trimmed to (XADD MAXLEN ~).", Int(1))
 
     @property
     def private(self) -> bool:
-        """True when ``subscribe`` is ``owner`` or ``api``: each subscriber passed its own
-        check, so publications reach exact subscribers only (no pattern, no namespace log)."""
-        return self.subscribe in ("owner", "api")
+        """True when ``subscribe`` is ``owner``, ``api`` or ``proxy``: each subscriber
+        passed its own check, so publications reach exact subscribers only (no pattern,
+        no namespace log)."""
+        return self.subscribe in ("owner", "api", "proxy")
+
+
+def _proxy(default: Any, doc: str, kind: Kind, unit: str = "") -> Any:
+    return _opt(default, doc, kind, flag=None, env=(), unit=unit)
+
+
+_URL = Str("an http:// or https:// URL", optional=True, check=check_http_url)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """``[proxy]``: HTTP endpoints of the application's backend (docs/protocol.md §11)."""
+
+    connect: str | None = _proxy(None, "URL asked to accept each connection without a valid "
+                                 "JWT (WebSocket upgrade, /sse, /poll, /call) before it is "
+                                 "accepted; unset = no connect proxy.", _URL)
+    subscribe: str | None = _proxy(None, "URL asked for each subscribe to a namespace with "
+                                   '`subscribe = "proxy"`.', _URL)
+    publish: str | None = _proxy(None, "URL asked for each client publish to a namespace "
+                                 'with `publish = "proxy"` (it may rewrite the data).', _URL)
+    rpc: str | None = _proxy(None, "URL answering `rpc` requests; unset = error 404 "
+                             '"unknown method".', _URL)
+    timeout: float = _proxy(3.0, "Seconds a backend call may take; past it the call is "
+                            "abandoned (connect: HTTP 503, subscribe/publish/rpc: error 504).",
+                            Seconds(), "s")
+    headers: tuple[str, ...] = _proxy(("Authorization", "Cookie"), "Request headers of the "
+                                      "client forwarded to the backend (case-insensitive); "
+                                      "no other header is.", List(TOKEN))
+    max_in_flight: int = _proxy(8, "Outstanding backend calls per connection; one more is "
+                                "answered error 429 at once.", Int(1))
+
+    def url(self, kind: str) -> str | None:
+        """The URL of ``kind`` (connect, subscribe, publish, rpc), None when unset."""
+        return getattr(self, kind)
 
 
 def _builtin_namespaces(star: NamespaceConfig) -> dict[str, NamespaceConfig]:
@@ -293,6 +343,7 @@ class Config:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     namespaces: Mapping[str, NamespaceConfig] = field(
         default_factory=lambda: _builtin_namespaces(NamespaceConfig()))
     origin: _Origin = field(default_factory=_Origin, repr=False, compare=False)
@@ -357,6 +408,7 @@ def default_of(f: dataclasses.Field) -> Any:
 _SERVER_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 _LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(LimitsConfig)}
 _NS_FIELDS = {f.name: f for f in dataclasses.fields(NamespaceConfig)}
+_PROXY_FIELDS = {f.name: f for f in dataclasses.fields(ProxyConfig)}
 
 
 def _parse(f: dataclasses.Field, value: object, text: bool, label: str) -> Any:
@@ -410,6 +462,7 @@ class _Resolved:
     server: dict[str, tuple[Any, str]]
     limits: dict[str, tuple[Any, str]]
     namespaces: dict[str, dict[str, tuple[Any, str]]]
+    proxy: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
 
 def _collect(flags: Mapping[str, object], env: Mapping[str, str]) -> _Resolved:
@@ -441,9 +494,9 @@ def _collect(flags: Mapping[str, object], env: Mapping[str, str]) -> _Resolved:
     for section in data:
         if section in ("chains", "store"):    # fastws index's (SPEC §14): not the server's
             continue
-        if section not in ("server", "limits", "namespaces"):
+        if section not in ("server", "limits", "proxy", "namespaces"):
             raise ConfigError(f"[{section}]", "unknown section (expected [server], [limits], "
-                              "[namespaces.NAME])")
+                              "[proxy], [namespaces.NAME])")
 
     server = _section(data.get("server", {}), "server", _SERVER_FIELDS, "server.")
     if path is not None and "jwt_public_key" in server:
@@ -466,7 +519,18 @@ def _collect(flags: Mapping[str, object], env: Mapping[str, str]) -> _Resolved:
         shown = f'"{name}"' if name == DEFAULT_NAMESPACE else name
         spaces[name] = _section(table, f"namespaces.{shown}", _NS_FIELDS,
                                 f"namespaces.{shown}.")
-    return _Resolved(server, limits, spaces)
+    proxy = _proxy_section(data.get("proxy", {}))
+    return _Resolved(server, limits, spaces, proxy)
+
+
+def _proxy_section(table: object) -> dict[str, tuple[Any, str]]:
+    """``[proxy]``: every unknown key is named in one start-up error."""
+    unknown = sorted(k for k in _table(table, "proxy") if k not in _PROXY_FIELDS)
+    if unknown:
+        raise ConfigError("[proxy]", "unknown key" + ("s " if len(unknown) > 1 else " ")
+                          + ", ".join(unknown) + " (expected " + ", ".join(_PROXY_FIELDS)
+                          + ")")
+    return _section(table, "proxy", _PROXY_FIELDS, "proxy.")
 
 
 def _finish(res: _Resolved, origin: _Origin) -> Config:
@@ -508,7 +572,35 @@ def _finish(res: _Resolved, origin: _Origin) -> Config:
             continue
         base = spaces.get(name, star)
         spaces[name] = dataclasses.replace(base, **{k: v for k, (v, _) in values.items()})
-    return Config(server=server, limits=limits, namespaces=spaces, origin=origin)
+    proxy = ProxyConfig(**{k: v for k, (v, _) in res.proxy.items()})
+    _check_backend(server, label, proxy, res.proxy, spaces)
+    return Config(server=server, limits=limits, proxy=proxy, namespaces=spaces, origin=origin)
+
+
+def _check_backend(server: ServerConfig, label: Mapping[str, str], proxy: ProxyConfig,
+                   proxy_labels: Mapping[str, tuple[Any, str]],
+                   spaces: Mapping[str, NamespaceConfig]) -> None:
+    """Streams need Redis; a ``"proxy"`` permission needs its ``[proxy]`` URL."""
+    scheme = server.broker.partition("://")[0].lower()
+    streamed = sorted(n for n, ns in spaces.items() if ns.stream)
+    if scheme == "memory" and server.lifecycle_stream:
+        raise ConfigError(label.get("lifecycle_stream", "server.lifecycle_stream"),
+                          "the lifecycle stream needs a Redis broker (--broker "
+                          "redis://host:port); memory:// keeps no streams")
+    if scheme == "memory" and streamed:
+        raise ConfigError(f"namespaces.{streamed[0]}.stream", "a stream namespace needs a "
+                          "Redis broker (--broker redis://host:port); memory:// keeps no "
+                          "streams")
+    if scheme == "redis+cluster" and streamed:
+        raise ConfigError(f"namespaces.{streamed[0]}.stream", "a stream namespace needs one "
+                          "Redis master (redis:// or redis+sentinel://): on a cluster the "
+                          "stream's slot is not the channel's, so the append and the publish "
+                          "could not be one script")
+    for name, ns in spaces.items():
+        for what in ("subscribe", "publish"):
+            if getattr(ns, what) == "proxy" and proxy.url(what) is None:
+                raise ConfigError(f"namespaces.{name}.{what}", f'"proxy" needs [proxy] {what} '
+                                  "(the backend's URL)")
 
 
 def load_config(flags: Mapping[str, object] | None = None,

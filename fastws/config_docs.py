@@ -18,6 +18,7 @@ from fastws.config import (
     OWNER_NAMESPACES,
     LimitsConfig,
     NamespaceConfig,
+    ProxyConfig,
     ServerConfig,
     default_of,
     env_names,
@@ -63,6 +64,9 @@ Permissions (`subscribe`, `publish`):
   (`user:alice` for `sub` `alice`); the way `user:` and `wallet:` channels are private.
 - `api`: no WebSocket client; only `POST /api/publish`, `fastws publish`, the indexer
   and raw Redis `PUBLISH`.
+- `proxy` (`subscribe` and `publish` only): the application's backend decides, through
+  `[proxy] subscribe` / `[proxy] publish` (docs/protocol.md section 11); a `proxy`
+  namespace delivers to exact subscribers only, like `owner`.
 
 `history_access` and `presence_access` take the same values plus `subscriber`
 (whoever may subscribe to the channel, the default).
@@ -122,6 +126,16 @@ def markdown() -> str:
     for f in dataclasses.fields(LimitsConfig):
         out.append(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |")
 
+    out += ["", "## `[proxy]`", "",
+            "File only. The HTTP endpoints of the application's backend: connect,",
+            "subscribe, publish and rpc proxies (docs/protocol.md section 11). A backend",
+            "that is down, slow or answers anything but the documented JSON refuses",
+            "(HTTP 503 for a connection): fastws fails closed. An unknown key is a start-up",
+            "error naming it.", "",
+            "| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(ProxyConfig):
+        out.append(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |")
+
     out += ["", '## `[namespaces."*"]` and `[namespaces.NAME]`', "",
             "File only. A channel `NAME:rest` belongs to namespace `NAME`; channels without",
             'a `:` follow `[namespaces."*"]`. A `[namespaces.NAME]` table overrides the',
@@ -171,6 +185,7 @@ def example_toml() -> str:
 
     table("[server]", dataclasses.fields(ServerConfig))
     table("[limits]", dataclasses.fields(LimitsConfig))
+    table("[proxy]", dataclasses.fields(ProxyConfig))
     table('[namespaces."*"]  # every namespace, and channels without one',
           dataclasses.fields(NamespaceConfig))
     out += ["# One namespace: overrides the \"*\" table key by key.",

@@ -254,7 +254,7 @@ class HttpFront(asyncio.BufferedProtocol):
                            "too many requests from this IP", {"Retry-After": retry_after(wait)})
                 return
             if upgrade:
-                self._upgrade()
+                self._admit(path, headers)
                 return
             try:
                 length = body_length(headers)
@@ -332,6 +332,38 @@ class HttpFront(asyncio.BufferedProtocol):
         self.transport = None
         self.closing = True
         answer.take(transport, rest)
+
+    def _admit(self, path: str, headers: dict[str, str]) -> None:
+        """Hand the upgrade over now, or once the app's ``admit`` step (the connect
+        proxy: an awaitable) allows it.  Its future gives None or an admission (go
+        on: the app reads ``app.admission`` while the upgrade is handed over) or
+        ``(status, message, headers)`` (refused: that HTTP answer)."""
+        admit = getattr(self.app, "admit", None)
+        pending = admit(self.transport, path, headers) if admit is not None else None
+        if pending is None:
+            self._upgrade()
+            return
+        self.busy = True
+        pending.add_done_callback(self._admitted)
+
+    def _admitted(self, fut: asyncio.Future) -> None:
+        self.busy = False
+        if self.transport is None or self.closing:
+            return
+        try:
+            verdict = fut.result()
+        except Exception:
+            log.exception("internal error admitting a connection")
+            verdict = (500, "internal error", None)
+        if isinstance(verdict, tuple):
+            self._fail(*verdict)
+            return
+        app: Any = self.app
+        app.admission = verdict
+        try:
+            self._upgrade()
+        finally:
+            app.admission = None
 
     def _upgrade(self) -> None:
         """Switch the transport to the app's WebSocket protocol and feed it what was read."""

@@ -13,23 +13,30 @@ session's end (:meth:`Node.drop`); the broker hands it every publication
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from fastws import auth, channels, protocol
 from fastws._fanout import Hub, make_frame
+from fastws._match import glob_match
+from fastws._version import __version__
 from fastws.auth import Auth
 from fastws.broker import (
     Broker,
     BrokerUnavailable,
     Publication,
     PublishResult,
+    StreamAppend,
     create_broker,
 )
 from fastws.broker.base import Revocation
@@ -38,6 +45,14 @@ from fastws.limits import MAX_JSON_DEPTH, json_depth
 from fastws.permissions import Permissions
 from fastws.presence import Presence
 from fastws.protocol import ProtocolError, Request
+from fastws.proxy import (
+    BackendDisconnect,
+    BackendFailed,
+    BackendRefused,
+    Proxy,
+    ProxyCollector,
+    forward_headers,
+)
 from fastws.recovery import NS_LOG_SIZE, Recovery
 from fastws.revocations import Revocations
 
@@ -45,11 +60,32 @@ if TYPE_CHECKING:
     from fastws.config import Config
     from fastws.session import Session
 
-__all__ = ["Node", "Auth"]
+__all__ = ["Node", "Auth", "Admission", "stream_key"]
 
 log = logging.getLogger("fastws")
 
 LOAD_TIMEOUT = 10.0             # seconds start waits for the token revocations to load
+GATHER_TIMEOUT = 1.0            # seconds a server API query waits for the other nodes
+STREAM_PREFIX = "fastws:stream:"  # + namespace ("*" for channels without one): SPEC §12
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What the connect proxy decided for a new connection (:meth:`Node.connect_proxy`):
+    its client id, the backend's identity and meta, or the ``disconnect`` to close it
+    with once accepted; ``ip`` is the client IP the backend was told."""
+
+    client: str
+    ident: auth.Identity | None
+    meta: Any
+    disconnect: Disconnect | None
+    ip: str = ""
+
+
+def stream_key(channel: str) -> str:
+    """The Redis stream a ``stream = true`` namespace appends ``channel``'s
+    publications to: ``fastws:stream:<namespace>`` (``*`` for channels without one)."""
+    return STREAM_PREFIX + (channels.namespace_of(channel) or "*")
 
 
 class Node:
@@ -69,6 +105,11 @@ class Node:
         self.draining = False
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(3).hex() + "-"
+        #: this node's name (lifecycle records, /api/info): host, process, id prefix
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{self._id_prefix[:-1]}"
+        self.started = time.monotonic()
+        self.proxy = Proxy(config.proxy)    # the backend proxies (SPEC §11)
+        self.lifecycle: Any = None          # broker.streams.LifecycleLog (SPEC §12)
         # counters read at scrape time (not on the per-delivery path)
         self.accepted = 0
         self.messages_received = 0
@@ -80,7 +121,7 @@ class Node:
         self.broker_reconnects = 0
         self.loop_lag = 0.0
         #: more Prometheus collectors of this process (e.g. the demo's indexer)
-        self.extra_collectors: list[Any] = []
+        self.extra_collectors: list[Any] = [ProxyCollector(self.proxy)]
         self._handlers: dict[str, Callable[[Session, Request], Awaitable[bytes]]] = {
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
@@ -88,8 +129,12 @@ class Node:
             "history": self._history,
             "presence": self._presence,
             "auth": self._auth,
+            "rpc": self._rpc,
+            "presence_stats": self._presence_stats,
         }
         self._tasks: set[asyncio.Task] = set()
+        # server API queries awaiting the other nodes' answers: id -> (answers, done)
+        self._queries: dict[str, tuple[list[Any], asyncio.Event]] = {}
         # subscribes awaiting the broker, per name (no broker unsubscribe meanwhile)
         self._pending: Counter[str] = Counter()
 
@@ -111,8 +156,16 @@ class Node:
                 log.warning("the token revocations are still loading after %.0f s; "
                             "serving meanwhile", LOAD_TIMEOUT)
         self.recovery.start()
+        if self.config.server.lifecycle_stream:
+            from fastws.broker.streams import LifecycleLog
+
+            self.lifecycle = LifecycleLog(self.broker, self.name)  # type: ignore[arg-type]
+            self.lifecycle.start()
 
     async def close(self) -> None:
+        if self.lifecycle is not None:
+            await self.lifecycle.close()
+        await self.proxy.close()
         self.recovery.stop()
         if self.revocations.loading is not None:
             self.revocations.loading.cancel()
@@ -135,6 +188,7 @@ class Node:
         """Apply a re-read config (keys, limits, namespace rules) to everything live."""
         self.config = config
         self.permissions.config = config
+        self.proxy.config = config.proxy
         self.auth = Auth(config.server.jwt_secret, config.server.jwt_public_key)
         used = self.siwe.used
         self.siwe = auth.Siwe(self.auth, config.server.siwe_domains,
@@ -163,9 +217,11 @@ class Node:
     # ------------------------------------------------------------------ publishing
 
     def _publication(self, channel: str, data: Any, idempotency_key: str | None = None,
-                     data_json: bytes | None = None) -> Publication:
+                     data_json: bytes | None = None, user: str = "",
+                     client: str = "") -> Publication:
         """A broker :class:`Publication` of ``data`` on ``channel`` with its namespace's
-        history rules (ProtocolError if ``data`` nests too deep)."""
+        history and stream rules (ProtocolError if ``data`` nests too deep); ``user``
+        and ``client`` name the publisher in a stream entry."""
         if data_json is None:
             if json_depth(data) > MAX_JSON_DEPTH:
                 raise ProtocolError(Err.BAD_REQUEST,
@@ -178,16 +234,26 @@ class Node:
             space = channels.namespace_of(channel)
             if space:
                 log = (space, NS_LOG_SIZE)
+        stream = (StreamAppend(stream_key(channel), ns.stream_maxlen, user, client)
+                  if ns.stream else None)
         return Publication(channel, data_json, ns.history_size, ns.history_ttl,
-                           idempotency_key, log)
+                           idempotency_key, log, stream)
 
     async def publish(self, channel: str, data: Any, idempotency_key: str | None = None,
-                      *, data_json: bytes | None = None) -> PublishResult:
-        """Publish to a (validated) channel through the broker; returns offset/epoch."""
-        pub = self._publication(channel, data, idempotency_key, data_json)
+                      *, data_json: bytes | None = None, user: str = "",
+                      client: str = "") -> PublishResult:
+        """Publish to a (validated) channel through the broker; returns offset/epoch.
+        In a ``stream`` namespace it is appended to the stream first, with ``user`` and
+        ``client`` (BrokerUnavailable, and nothing published, when that fails)."""
+        pub = self._publication(channel, data, idempotency_key, data_json, user, client)
+        if pub.stream is None:
+            return await self.broker.publish(
+                channel, pub.data, history_size=pub.history_size,
+                history_ttl=pub.history_ttl, idempotency_key=idempotency_key, log=pub.log,
+            )
         return await self.broker.publish(
             channel, pub.data, history_size=pub.history_size, history_ttl=pub.history_ttl,
-            idempotency_key=idempotency_key, log=pub.log,
+            idempotency_key=idempotency_key, log=pub.log, stream=pub.stream,
         )
 
     async def publish_batch(self, items: list[tuple[str, Any, str | None]]
@@ -250,6 +316,15 @@ class Node:
             n = self.disconnect_user(str(msg["user"]),
                                      Disconnect(int(msg["code"]), str(msg["reason"])))
             log.info("disconnected %d connections of a user (server API, another node)", n)
+        elif isinstance(msg, dict) and msg.get("op") == "query":
+            answer = {"op": "answer", "id": str(msg.get("id")),
+                      "data": self.local_answer(str(msg.get("kind")), msg.get("args") or {})}
+            self.spawn(self.broker.send_control(orjson.dumps(answer)))
+        elif isinstance(msg, dict) and msg.get("op") == "answer":
+            waiting = self._queries.get(str(msg.get("id")))
+            if waiting is not None:
+                waiting[0].append(msg.get("data"))
+                waiting[1].set()
         elif isinstance(msg, dict) and msg.get("op") == "revoke":
             n = self.apply_revocation(Revocation(str(msg["kind"]), str(msg["key"]),
                                                  float(msg["at"]), float(msg["until"])))
@@ -288,6 +363,9 @@ class Node:
         except BrokerUnavailable as exc:
             sess.error(ProtocolError(Err.UNAVAILABLE, str(exc), req.id))
             return
+        except BackendDisconnect as exc:
+            sess.disconnect(Disconnect(exc.code, exc.reason))
+            return
         except Exception:
             log.exception("internal error handling %s", req.type)
             sess.error(ProtocolError(Err.INTERNAL, "internal error", req.id))
@@ -297,14 +375,28 @@ class Node:
 
     async def _subscribe(self, sess: Session, req: Request) -> bytes:
         name = sess.begin_subscribe(req.channel)  # checks; reserves the name meanwhile
+        extra: dict[str, Any] = {}
+        if self.permissions.proxied("subscribe", name):
+            try:
+                allowed = await self._ask(sess, "subscribe", {"client": sess.client_id,
+                                                              "user": sess.user,
+                                                              "channel": name,
+                                                              "meta": self._meta(sess)})
+                if "data" in allowed:   # e.g. the current price, with the confirmation
+                    extra["data"] = allowed["data"]
+            except BaseException:
+                sess.forget(name)
+                raise
+            if sess.closing:
+                sess.forget(name)
+                return b""
         hub = self.hub
         self._pending[name] += 1
         try:
             if not hub.has_subscribers(name):
                 await self.broker.subscribe(name)
-            extra: dict[str, Any] = {}
             if req.since is not None or req.positioned:
-                extra = await self.recovery.recover(sess, name, req.since)
+                extra.update(await self.recovery.recover(sess, name, req.since))
             if sess.closing:
                 sess.forget(name)
                 return b""
@@ -346,8 +438,164 @@ class Node:
 
     async def _publish_req(self, sess: Session, req: Request) -> bytes:
         sess.check("publish", req.channel)
-        res = await self.publish(req.channel, req.data)
+        data = req.data
+        if self.permissions.proxied("publish", req.channel):
+            result = await self._ask(sess, "publish", {"client": sess.client_id,
+                                                       "user": sess.user,
+                                                       "channel": req.channel, "data": data,
+                                                       "meta": self._meta(sess)})
+            if "data" in result:   # the backend rewrote it
+                data = result["data"]
+        res = await self.publish(req.channel, data, req.idempotency_key,
+                                 user=sess.user or "", client=sess.client_id)
         return protocol.reply(req.id, "published", offset=res.offset, epoch=res.epoch)
+
+    # ------------------------------------------------------------------ backend (SPEC §11)
+
+    @staticmethod
+    def _meta(sess: Session) -> Any:
+        """The ``meta`` of the session's connect-proxy result (None for JWT sessions)."""
+        return sess.backend.meta if sess.backend is not None else None
+
+    async def _ask(self, sess: Session, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One backend call for ``sess``: its ``result``, or a ProtocolError (429 past
+        max_in_flight, the backend's error, 503 down or garbage, 504 slow);
+        BackendDisconnect closes the session (:meth:`_run`)."""
+        state = sess.backend_state()
+        limit = self.config.proxy.max_in_flight
+        if state.in_flight >= limit:
+            self.rate_limited["proxy"] += 1
+            raise ProtocolError(Err.RATE_LIMITED, f"more than {limit} backend calls in flight "
+                                "on this connection")
+        state.in_flight += 1
+        try:
+            return await self.proxy.call(kind, body)
+        except BackendRefused as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        except BackendFailed as exc:
+            raise ProtocolError(exc.status, exc.message) from None
+        finally:
+            state.in_flight -= 1
+
+    async def _rpc(self, sess: Session, req: Request) -> bytes:
+        """``rpc``: the backend's ``result.data`` (no ``[proxy] rpc``: 404)."""
+        if not self.proxy.enabled("rpc"):
+            raise ProtocolError(Err.UNKNOWN_TYPE, "unknown method")
+        result = await self._ask(sess, "rpc", {"client": sess.client_id, "user": sess.user,
+                                               "method": req.method, "data": req.data,
+                                               "meta": self._meta(sess)})
+        return protocol.reply(req.id, "rpc", data=result.get("data"))
+
+    async def presence_stats(self, channel: str) -> tuple[int, int]:
+        """(clients, distinct authenticated users) in ``channel``'s presence, every
+        node's when the broker shares presence."""
+        members = await self.presence.list(channel)
+        return len(members), len({u for u in members.values() if u is not None})
+
+    async def _presence_stats(self, sess: Session, req: Request) -> bytes:
+        self._presence_allowed(sess, req.channel)
+        clients, users = await self.presence_stats(req.channel)
+        return protocol.reply(req.id, "presence_stats", num_clients=clients, num_users=users)
+
+    def _presence_allowed(self, sess: Session, channel: str) -> None:
+        if channels.is_pattern(channel):
+            raise ProtocolError(Err.BAD_REQUEST, "presence needs a channel, not a pattern")
+        if not self.config.for_channel(channel).presence:
+            raise ProtocolError(Err.FORBIDDEN, "presence is not enabled for this namespace")
+        sess.check("presence", channel)
+
+    async def connect_proxy(self, transport: str, ip: str, headers: dict[str, str],
+                            token: str | None) -> Admission:
+        """Put a connection without a valid JWT to the ``[proxy] connect`` backend before
+        it is accepted.  Returns the :class:`Admission` (the backend's user, channels,
+        expiry and meta, or its ``disconnect``); raises BackendRefused (its 401/403)
+        or BackendFailed (down, slow, garbage: refuse with HTTP 503)."""
+        client = self.next_client_id()
+        body = {"client": client, "transport": transport, "ip": ip,
+                "headers": forward_headers(self.config.proxy.headers, headers),
+                "token": token}
+        try:
+            result = await self.proxy.call("connect", body)
+        except BackendDisconnect as exc:
+            return Admission(client, None, None, Disconnect(exc.code, exc.reason), ip)
+        chans = result.get("channels")
+        exp = result.get("expire_at")
+        ident = auth.Identity(result["user"], float(exp) if exp is not None else None,
+                              tuple(chans) if chans is not None else None)
+        return Admission(client, ident, result.get("meta"), None, ip)
+
+    def admit(self, sess: Session, admission: Admission) -> None:
+        """Give a new session what its connect-proxy admission says (before it is
+        accepted: its client id, identity and meta)."""
+        sess.client_id = admission.client
+        state = sess.backend_state()
+        state.meta = admission.meta
+        state.ip = admission.ip
+        if admission.ident is not None:
+            sess.set_identity(admission.ident)
+
+    # ------------------------------------------------------------------ server API queries
+
+    def local_answer(self, kind: str, args: dict[str, Any]) -> Any:
+        """This node's part of a server API query: ``channels`` ({channel: clients} of
+        the channels with a subscriber here, matching ``args["pattern"]`` if given) or
+        ``info`` (name, version, connections, subscriptions, uptime)."""
+        hub = self.hub
+        if kind == "channels":
+            pattern = args.get("pattern")
+            out = {}
+            for name in hub.names():
+                if channels.is_pattern(name):
+                    continue
+                if isinstance(pattern, str) and not glob_match(pattern, name):
+                    continue
+                out[name] = len(hub.subscribers(name))
+            return out
+        if kind == "info":
+            return {"name": self.name, "version": __version__,
+                    "connections": hub.connection_count, "subscriptions": self.subscriptions,
+                    "uptime": int(time.monotonic() - self.started)}
+        return None
+
+    async def gather(self, kind: str, args: dict[str, Any]) -> list[Any]:
+        """Every node's :meth:`local_answer` (this node's first): the query goes to the
+        others over the broker's control channel; their answers are awaited until as
+        many came as the broker counted receivers, or GATHER_TIMEOUT.  Raises
+        BrokerUnavailable when the query could not be sent."""
+        qid = os.urandom(8).hex()
+        answers: list[Any] = []
+        done = asyncio.Event()
+        self._queries[qid] = (answers, done)
+        try:
+            sent = await self.broker.send_control(orjson.dumps(
+                {"op": "query", "id": qid, "kind": kind, "args": args}))
+            others = max(0, int(sent) - 1) if isinstance(sent, int) else 0
+            deadline = time.monotonic() + GATHER_TIMEOUT
+            while len(answers) < others:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("server API %s: %d of %d other nodes answered within %g s",
+                                kind, len(answers), others, GATHER_TIMEOUT)
+                    break
+                done.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), left)
+        finally:
+            del self._queries[qid]
+        return [self.local_answer(kind, args), *answers]
+
+    # ------------------------------------------------------------------ lifecycle (SPEC §12)
+
+    def connected(self, sess: Session, transport: str, ip: str) -> None:
+        """A transport accepted ``sess``: its ``connect`` record (lifecycle_stream)."""
+        if self.lifecycle is None:
+            return
+        state = sess.backend_state()
+        state.transport = transport
+        state.ip = state.ip or ip
+        if not state.logged:
+            state.logged = True
+            self.lifecycle.connect(sess.client_id, sess.user or "", state.ip, transport)
 
     async def _history(self, sess: Session, req: Request) -> bytes:
         if channels.is_pattern(req.channel):
@@ -363,11 +611,7 @@ class Node:
                               epoch=hist.epoch)
 
     async def _presence(self, sess: Session, req: Request) -> bytes:
-        if channels.is_pattern(req.channel):
-            raise ProtocolError(Err.BAD_REQUEST, "presence needs a channel, not a pattern")
-        if not self.config.for_channel(req.channel).presence:
-            raise ProtocolError(Err.FORBIDDEN, "presence is not enabled for this namespace")
-        sess.check("presence", req.channel)
+        self._presence_allowed(sess, req.channel)
         members = await self.presence.list(req.channel)  # every node's, if shared
         clients = [{"client": cid, "user": user} for cid, user in members.items()]
         return protocol.reply(req.id, "presence", clients=clients)
@@ -393,6 +637,9 @@ class Node:
     def drop(self, sess: Session, close_code: int) -> None:
         """A session ended: remove its subscriptions and count its close code."""
         self.closed[close_code] += 1
+        if sess.backend is not None and sess.backend.logged and self.lifecycle is not None:
+            sess.backend.logged = False
+            self.lifecycle.disconnect(sess.client_id, close_code)
         self.hub.remove_connection(sess)
         sess.closing = True
         if sess.subs:

@@ -32,6 +32,8 @@ def allowed(rule: str, user: str | None, channel: str) -> int:
         return 0
     if rule == "api":
         return Err.FORBIDDEN
+    if rule == "proxy":     # the node asks the backend ([proxy] subscribe / publish)
+        return 0
     if user is None:
         return Err.UNAUTHORIZED
     if rule == "authenticated":
@@ -65,13 +67,22 @@ class Permissions:
                 return name
         return None
 
+    def proxied(self, what: str, channel: str) -> bool:
+        """True when ``what`` (subscribe or publish) on ``channel`` is decided by the
+        application's backend (namespace permission ``"proxy"``): the node asks it after
+        :meth:`check` passed."""
+        return getattr(self.config.for_channel(channel), what) == "proxy"
+
     def check(self, what: str, user: str | None, channel: str,
-              grants: tuple[str, ...] | None = None) -> None:
+              grants: tuple[str, ...] | None = None, subscribed: bool = False) -> None:
         """Raise ProtocolError unless ``user`` may ``what`` (subscribe, publish, history
         or presence) ``channel``.
 
         ``grants`` is the ``channels`` claim of the connection's token, if it had one:
         the channel (or every channel a pattern can match) must be one it allows.
+        ``subscribed``: the session holds a subscription to ``channel``; where the rule
+        ``subscriber`` means the backend's ``"proxy"`` check, only such a session passed
+        it (history and presence).
         """
         ns: NamespaceConfig = self.config.for_channel(channel)
         cross = channels.is_pattern(channel) and not channels.namespace_of(channel)
@@ -80,6 +91,9 @@ class Permissions:
         rule = getattr(ns, _RULE_FIELD[what])
         if rule == "subscriber":
             rule = ns.subscribe
+            if rule == "proxy" and not subscribed:
+                raise ProtocolError(Err.FORBIDDEN, f"permission denied: {what} {channel} "
+                                    "(subscribe first: the backend decides who subscribes)")
         code = allowed(rule, user, channel)
         if not code and cross and user is None and (reach := self.pattern_reach(channel)):
             raise ProtocolError(Err.UNAUTHORIZED, f"not authenticated: {channel} may match "

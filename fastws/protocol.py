@@ -21,8 +21,10 @@ __all__ = [
 ]
 
 TYPES = frozenset(
-    {"subscribe", "unsubscribe", "publish", "history", "presence", "auth", "ping"}
+    {"subscribe", "unsubscribe", "publish", "history", "presence", "auth", "ping", "rpc",
+     "presence_stats"}
 )
+MAX_METHOD = 255                # characters of an rpc method name
 _MAX_ID = 2**63 - 1
 MAX_HISTORY_LIMIT = 1000
 
@@ -51,6 +53,8 @@ class Request:
     positioned: bool = False  # subscribe: answer the stream's position (docs/history.md)
     limit: int | None = None
     token: str = ""
+    method: str = ""                  # rpc
+    idempotency_key: str | None = None  # publish: a retry with the same key publishes once
 
 
 class ProtocolError(Exception):
@@ -101,6 +105,14 @@ def parse(payload: bytes | str, max_channel_length: int = 255) -> Request:
     req = Request(typ, id)
     if typ in ("ping",):
         return req
+    if typ == "rpc":
+        method = msg.get("method")
+        if not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD:
+            raise ProtocolError(Err.BAD_REQUEST, f"method must be a string of 1-{MAX_METHOD} "
+                                "chars", id)
+        req.method = method
+        req.data = msg.get("data")
+        return req
     if typ == "auth":
         token = msg.get("token")
         if not isinstance(token, str) or not token:
@@ -119,6 +131,12 @@ def parse(payload: bytes | str, max_channel_length: int = 255) -> Request:
         if "data" not in msg:
             raise ProtocolError(Err.BAD_REQUEST, "data is required", id)
         req.data = msg["data"]
+        key = msg.get("idempotency_key")
+        if key is not None:
+            if not isinstance(key, str) or not 0 < len(key) <= 255:
+                raise ProtocolError(Err.BAD_REQUEST, "idempotency_key must be a string of "
+                                    "1-255 chars", id)
+            req.idempotency_key = key
     elif typ in ("subscribe", "history"):
         if msg.get("since") is not None:
             req.since = _since(msg["since"], id)

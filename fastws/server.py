@@ -50,7 +50,8 @@ from fastws.http import Handover, bearer_token, json_response, response
 from fastws.limits import KeyedLimiter, client_ip
 from fastws.logs import PicowsLog
 from fastws.metrics import CONTENT_TYPE, Metrics
-from fastws.node import Node
+from fastws.node import Admission, Node
+from fastws.proxy import BackendFailed, BackendRefused
 from fastws.session import SESSION_SLOTS, Session
 
 __all__ = ["Connection", "App", "Server", "run", "serve"]
@@ -68,6 +69,12 @@ def _http_response(status: int, body: bytes, headers: dict[str, str] | None = No
     for k, v in (headers or {}).items():
         resp.headers[k] = v
     return WSUpgradeResponseWithListener(resp, None)
+
+
+def _peer_ip(transport: WSTransport) -> str:
+    """The socket peer's IP (lifecycle records of connections without an admission)."""
+    peer = transport.underlying_transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else ""
 
 
 def _peer(transport: WSTransport) -> str:
@@ -100,6 +107,7 @@ class Connection(Conn, Session):
             self.disconnect(self.pending_close)
             return
         node.hub.add_connection(self)
+        node.connected(self, "websocket", _peer_ip(transport))
         transport.underlying_transport.set_write_buffer_limits(
             high=node.config.limits.send_buffer)
         if conn_log.isEnabledFor(logging.DEBUG):
@@ -255,7 +263,8 @@ class App:
         token = parse_qs(url.query).get("token", [None])[0]
         if token is None:
             token = bearer_token(request.headers.get("authorization", ""))
-        if token and pending is None:
+        admission = self.admission      # the connect proxy's, set while it is handed over
+        if token and pending is None and admission is None:
             try:
                 ident = node.auth.verify(token)
             except auth.AuthError as exc:
@@ -266,7 +275,58 @@ class App:
         conn = Connection(node, pending)
         if ident is not None:
             conn.set_identity(ident)
+        if admission is not None:
+            node.admit(conn, admission)
+            if pending is None and admission.disconnect is not None:
+                conn.pending_close = admission.disconnect
         return conn
+
+    # ------------------------------------------------------------------ connect proxy
+
+    admission: Admission | None = None   # set by HttpFront while an admitted upgrade is handed over
+
+    def admit(self, transport: asyncio.Transport, path: str,
+              headers: dict[str, str]) -> asyncio.Future | None:
+        """HttpFront's step before an upgrade: None (go on now) unless ``[proxy]
+        connect`` is set and the request has no valid JWT; then a future of the
+        backend's :class:`~fastws.node.Admission` or ``(status, message, headers)``
+        refusing it (401/403 as the backend says; 503 when it is down, slow or
+        answers garbage: fail closed)."""
+        node = self.node
+        url = urlsplit(path)
+        if node.config.proxy.connect is None or node.draining or url.path not in WS_PATHS:
+            return None
+        token = parse_qs(url.query).get("token", [None])[0]
+        if token is None:
+            token = bearer_token(headers.get("authorization", ""))
+        if token:
+            try:
+                node.auth.verify(token)
+                return None             # a valid JWT: listener_for takes it
+            except auth.AuthError:
+                pass
+        return self.loop.create_task(self._connect_proxy(
+            self.client_ip(transport, headers), headers, token or None))
+
+    async def _connect_proxy(self, ip: str, headers: dict[str, str],
+                             token: str | None) -> Admission | tuple[int, str, Any]:
+        try:
+            return await self.node.connect_proxy("websocket", ip, headers, token)
+        except BackendRefused as exc:
+            return exc.code, exc.message or "refused", None
+        except BackendFailed:
+            return 503, "the authentication backend is unavailable", {"Retry-After": "1"}
+
+    def client_ip(self, transport: asyncio.BaseTransport, headers: dict[str, str]) -> str:
+        """The client IP of a request (the last X-Forwarded-For hop behind a trusted
+        proxy, else the peer)."""
+        server = self.node.config.server
+        if self._trusted[0] is not server:
+            self._trusted = (server, server.trusted_networks())
+        peer = transport.get_extra_info("peername")
+        ip, _ = client_ip(peer[0] if isinstance(peer, tuple) else None,
+                          headers.get("x-forwarded-for"), self._trusted[1])
+        return ip or ""
 
     # ------------------------------------------------------------------ HTTP
 

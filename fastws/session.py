@@ -41,11 +41,29 @@ from fastws.limits import Bucket, request_id
 from fastws.permissions import Permissions
 from fastws.protocol import ProtocolError, Request
 
-__all__ = ["SESSION_SLOTS", "Session", "SessionHost", "BufferedSession"]
+__all__ = ["SESSION_SLOTS", "Session", "SessionHost", "BufferedSession", "Backend"]
 
 #: the per-client state every concrete session class declares in its ``__slots__``
 SESSION_SLOTS = ("host", "client_id", "user", "subs", "grants", "iat", "jti",
-                 "msg_bucket", "strikes", "sub_bucket")
+                 "msg_bucket", "strikes", "sub_bucket", "backend")
+
+
+class Backend:
+    """What the application's backend integration keeps of one session (SPEC §11-12),
+    made only for sessions that use it: the ``meta`` of the connect proxy's result
+    (None for JWT sessions), the proxy calls outstanding (``in_flight``, at most
+    ``[proxy] max_in_flight``), and for the lifecycle stream the session's
+    ``transport`` name and client ``ip`` and whether its ``connect`` record was
+    written (``logged``)."""
+
+    __slots__ = ("meta", "in_flight", "transport", "ip", "logged")
+
+    def __init__(self, meta: Any = None, transport: str = "websocket", ip: str = "") -> None:
+        self.meta = meta
+        self.in_flight = 0
+        self.transport = transport
+        self.ip = ip
+        self.logged = False
 
 
 class SessionHost(Protocol):
@@ -86,6 +104,7 @@ class Session:
     msg_bucket: Bucket | None
     strikes: Bucket | None
     sub_bucket: Bucket | None
+    backend: Backend | None
     closing: bool                     # ended or ending: nothing more is sent (transport's)
 
     def init_session(self, host: SessionHost, client_id: str) -> None:
@@ -100,6 +119,13 @@ class Session:
         self.msg_bucket = None
         self.strikes = None
         self.sub_bucket = None
+        self.backend = None
+
+    def backend_state(self) -> Backend:
+        """This session's :class:`Backend` state (made on first use)."""
+        if self.backend is None:
+            self.backend = Backend()
+        return self.backend
 
     # ------------------------------------------------------------ transport hooks
 
@@ -178,7 +204,8 @@ class Session:
     def check(self, what: str, channel: str) -> None:
         """Raise ProtocolError unless this client may ``what`` (subscribe, publish,
         history, presence) ``channel``."""
-        self.host.permissions.check(what, self.user, channel, self.grants)
+        self.host.permissions.check(what, self.user, channel, self.grants,
+                                    bool(self.subs) and channel in self.subs)
 
     def begin_subscribe(self, channel: str, now: float | None = None) -> str:
         """Check a subscribe to ``channel`` and reserve the name in :attr:`subs`

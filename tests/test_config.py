@@ -206,7 +206,7 @@ subscribe = "authenticated"
 
 @pytest.mark.parametrize(("text", "message"), [
     ('[namespaces.chat]\nsubscribe = "nobody"',
-     "namespaces.chat.subscribe: must be one of anyone, authenticated, owner, api, "
+     "namespaces.chat.subscribe: must be one of anyone, authenticated, owner, api, proxy, "
      "got 'nobody'"),
     ("[namespaces.chat]\nhistory_size = -1",
      "namespaces.chat.history_size: must be a non-negative integer, got -1"),

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "fastws.broker": 3, "fastws._fanout": 3,
     # 4 — orchestration of one process
     "fastws.recovery": 4, "fastws.presence": 4, "fastws.revocations": 4, "fastws.node": 4,
+    "fastws.proxy": 4,
     # 5 — the edge: HTTP/1.1, the server API, metrics, workers, logs, echo mode
     "fastws.metrics": 5, "fastws.workers": 5, "fastws.http": 5, "fastws.api": 5,
     "fastws.logs": 5, "fastws.echo": 5,

@@ -108,4 +108,4 @@ def test_close_code_ranges() -> None:
     assert set(metrics.KNOWN_CLOSE_CODES) == {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009,
                                               1011, 4001, 4008, 4010, 4029, 4501, 4503, 4504,
                                               4505}
-    assert metrics.KNOWN_ERROR_CODES == (400, 401, 403, 404, 409, 413, 429, 500, 503)
+    assert metrics.KNOWN_ERROR_CODES == (400, 401, 403, 404, 409, 413, 429, 500, 503, 504)

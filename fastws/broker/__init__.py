@@ -9,10 +9,11 @@ from fastws.broker.base import (
     HistoryResult,
     Publication,
     PublishResult,
+    StreamAppend,
 )
 
 __all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "HistoryResult", "Publication",
-           "PublishResult", "create_broker"]
+           "PublishResult", "StreamAppend", "create_broker"]
 
 
 def create_broker(url: str) -> Broker:

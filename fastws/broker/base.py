@@ -16,7 +16,19 @@ from typing import Protocol
 from fastws.errors import BrokerUnavailable
 
 __all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "PublishResult", "HistoryResult",
-           "Publication", "Revocation"]
+           "Publication", "Revocation", "StreamAppend"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAppend:
+    """Where a publication of a ``stream = true`` namespace is also appended (SPEC §12):
+    ``XADD key MAXLEN ~ maxlen *`` with the publisher's ``user`` and ``client`` ("" for
+    publications without a connection), before the publication is acknowledged."""
+
+    key: str
+    maxlen: int
+    user: str = ""
+    client: str = ""
 
 
 
@@ -39,6 +51,7 @@ class Publication:
     history_ttl: float
     idempotency_key: str | None = None
     log: tuple[str, int] | None = None
+    stream: StreamAppend | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +153,8 @@ class Broker(ABC):
     @abstractmethod
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
-                      log: tuple[str, int] | None = None) -> PublishResult:
+                      log: tuple[str, int] | None = None,
+                      stream: StreamAppend | None = None) -> PublishResult:
         """Publish encoded JSON ``data``; append to history when ``history_size`` > 0.
 
         The same ``idempotency_key`` on a channel within 5 minutes returns the first
@@ -148,6 +162,10 @@ class Broker(ABC):
         it to that namespace's log (kept ``size`` long, for pattern recovery) and hand
         its log position to every node's handler (``log_offset``, ``log_epoch``), when
         the broker keeps logs (:attr:`keeps_logs`); it is ignored otherwise.
+        ``stream``: also append it to that Redis stream first, exactly once per
+        idempotency key; when the append fails nothing is published or kept and
+        BrokerUnavailable is raised (brokers without streams ignore it: the config
+        refuses ``stream = true`` with them).
         """
 
     async def publish_batch(self, pubs: list[Publication]
@@ -162,7 +180,8 @@ class Broker(ABC):
             try:
                 out.append(await self.publish(p.channel, p.data, history_size=p.history_size,
                                               history_ttl=p.history_ttl,
-                                              idempotency_key=p.idempotency_key, log=p.log))
+                                              idempotency_key=p.idempotency_key, log=p.log,
+                                              stream=p.stream))
             except BrokerUnavailable as exc:
                 out.append(exc)
         return out
@@ -199,11 +218,12 @@ class Broker(ABC):
         inside ``publish`` (the in-memory one): it returns without suspending."""
         return None
 
-    async def send_control(self, payload: bytes) -> None:
+    async def send_control(self, payload: bytes) -> int | None:
         """Hand ``payload`` to the ``handle_control`` of every *other* node sharing this
-        broker, on a channel no client can name.  Raises :class:`BrokerUnavailable` when
-        it could not be sent.  The default (a single-process broker) has no other node
-        and does nothing."""
+        broker, on a channel no client can name; returns how many nodes received it
+        (this one included) when the broker knows, else None.  Raises
+        :class:`BrokerUnavailable` when it could not be sent.  The default (a
+        single-process broker) has no other node and does nothing."""
         return None
 
     #: the revocations of a single-process broker: (kind, key) -> record

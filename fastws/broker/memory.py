@@ -14,7 +14,7 @@ import os
 import time
 from collections import deque
 
-from fastws.broker.base import Broker, BrokerHandler, HistoryResult, PublishResult
+from fastws.broker.base import Broker, BrokerHandler, HistoryResult, PublishResult, StreamAppend
 
 __all__ = ["MemoryBroker"]
 
@@ -61,7 +61,8 @@ class MemoryBroker(Broker):
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
-                      log: tuple[str, int] | None = None) -> PublishResult:
+                      log: tuple[str, int] | None = None,
+                      stream: StreamAppend | None = None) -> PublishResult:
         accepted = time.monotonic()
         if idempotency_key is not None:
             seen = self._idem.get((channel, idempotency_key))

@@ -58,6 +58,7 @@ from fastws.broker.base import (
     Publication,
     PublishResult,
     Revocation,
+    StreamAppend,
 )
 from fastws.broker.redis_scripts import (
     LOG_PREFIX,
@@ -321,13 +322,14 @@ class RedisBroker(Broker):
             return  # our own: the sending node acted on it already
         self._notify("handle_control", body)
 
-    async def send_control(self, payload: bytes) -> None:
-        """Publish ``NODE_ID PAYLOAD`` on the control channel (SPUBLISH on a cluster)."""
+    async def send_control(self, payload: bytes) -> int:
+        """Publish ``NODE_ID PAYLOAD`` on the control channel (SPUBLISH on a cluster);
+        returns how many nodes received it (this one included)."""
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         link = self._command_for(CONTROL_CHANNEL)
-        await link.call(self._publish_verb, CONTROL_CHANNEL,
-                        self.node_id.encode() + b" " + payload)
+        return await link.call(self._publish_verb, CONTROL_CHANNEL,
+                               self.node_id.encode() + b" " + payload)
 
     def _deliver_presence(self, channel: str, payload: bytes) -> None:
         try:
@@ -458,7 +460,7 @@ class RedisBroker(Broker):
 
     def _publish_call(self, channel: str, data: bytes, history_size: int,
                       history_ttl: float, idempotency_key: str | None,
-                      log: tuple[str, int] | None
+                      log: tuple[str, int] | None, append: StreamAppend | None = None
                       ) -> tuple[CommandConnection, list[str], list[Any]]:
         """The command connection, keys and arguments of the publish script for one
         publication (see redis_scripts.PUBLISH_LUA)."""
@@ -477,16 +479,27 @@ class RedisBroker(Broker):
         if log is not None and log[1] > 0 and self.keeps_logs:
             keys.extend(log_keys(log[0]))
             args.append(log[1])  # ARGV[12]: the namespace log's size
+        if append is not None:   # ARGV[13-16], the stream's key last (SPEC §12)
+            if len(args) == 11:
+                args.append(0)
+            args += [append.maxlen, append.user, append.client, int(time.time() * 1000)]
+            keys.append(append.key)
         return link, keys, args
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
-                      log: tuple[str, int] | None = None) -> PublishResult:
+                      log: tuple[str, int] | None = None,
+                      stream: StreamAppend | None = None) -> PublishResult:
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         link, keys, args = self._publish_call(channel, data, history_size, history_ttl,
-                                              idempotency_key, log)
-        res = await self._run_script(link, "publish", keys, args, durable=True)
+                                              idempotency_key, log, stream)
+        try:
+            res = await self._run_script(link, "publish", keys, args, durable=True)
+        except ResponseError as exc:
+            if stream is None:
+                raise
+            raise BrokerUnavailable(f"stream append failed: {exc}") from None
         offset, _, epoch = res.partition(b" ")
         return PublishResult(int(offset), epoch.decode())
 
@@ -502,7 +515,8 @@ class RedisBroker(Broker):
         for p in pubs:
             try:
                 link, keys, args = self._publish_call(p.channel, p.data, p.history_size,
-                                                      p.history_ttl, p.idempotency_key, p.log)
+                                                      p.history_ttl, p.idempotency_key, p.log,
+                                                      p.stream)
                 fut = self._issue(link, "publish", keys, args, durable=True)
             except BrokerUnavailable as exc:  # e.g. the channel's cluster shard is down
                 calls.append(exc)
@@ -518,6 +532,9 @@ class RedisBroker(Broker):
             res = c if isinstance(c, BrokerUnavailable) else next(it)
             if isinstance(res, BrokerUnavailable):
                 out.append(res)
+            elif isinstance(res, ResponseError) and not isinstance(c, BrokerUnavailable) \
+                    and len(c[3]) > 12:   # a stream namespace's append failed
+                out.append(BrokerUnavailable(f"stream append failed: {res}"))
             elif isinstance(res, BaseException):
                 raise res
             else:

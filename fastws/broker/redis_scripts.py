@@ -28,7 +28,9 @@ __all__ = ["ENVELOPE_PREFIX", "decode_payload", "LOG_PREFIX", "log_keys", "PUBLI
            "hash_tag", "keys_for",
            "PRESENCE_PREFIX", "PRESENCE_JOIN_LUA", "PRESENCE_LEAVE_LUA", "PRESENCE_GET_LUA",
            "PRESENCE_REFRESH_LUA", "presence_keys", "presence_value", "presence_user",
-           "REVOKED_PREFIX", "REVOKE_LUA", "SCRIPTS"]
+           "REVOKED_PREFIX", "REVOKE_LUA", "LIFECYCLE_STREAM", "LIFECYCLE_NODES",
+           "LIFECYCLE_CONNS", "LC_CONNECT_LUA", "LC_DISCONNECT_LUA", "LC_SWEEP_LUA",
+           "SCRIPTS"]
 
 ENVELOPE_PREFIX = b"\x00fws\x00"
 _ENV_LEN = len(ENVELOPE_PREFIX)
@@ -58,13 +60,39 @@ _ENV_LEN = len(ENVELOPE_PREFIX)
 #   since-recovery still works in the same epoch.
 # Offsets are thus never reused in one epoch.  Any other difference of `r` is the same
 # master restarted with its data: `r` is updated, the stream goes on.
+#
+# A namespace with `stream = true` (SPEC §12) passes ARGV[13] = the stream's MAXLEN,
+# ARGV[14] user, ARGV[15] client, ARGV[16] unix time in ms, and the stream's key last in
+# KEYS.  Its XADD is the script's first write, and an error stops the script there:
+# Lua does not roll back, so nothing of a publication whose append failed is kept or
+# published.  A retry with the same idempotency key returns before it: appended once.
+# The offset and epoch written into the entry are those the rest of the script then
+# gives the publication (the same reading of the meta hash, without its writes).
 PUBLISH_LUA = r"""
 local nk = #KEYS
 local nlog = tonumber(ARGV[12] or '0') or 0
+local nstream = tonumber(ARGV[13] or '0') or 0
 if nlog > 0 then nk = nk - 2 end
+if nstream > 0 then nk = nk - 1 end
 if nk == 3 then
   local seen = redis.call('GET', KEYS[3])
   if seen then return seen end
+end
+if nstream > 0 then
+  local soff, sepoch = 0, ''
+  if tonumber(ARGV[3]) > 0 then
+    local m = redis.call('HMGET', KEYS[1], 'o', 'e', 'r')
+    local o = tonumber(m[1] or '0') or 0
+    if not m[2] or (m[3] ~= ARGV[10] and m[3] == ARGV[11]) then
+      soff, sepoch = 1, ARGV[5]
+    else
+      if m[3] ~= ARGV[10] and m[3] == ARGV[11] .. ':d' then o = o + 1048576 end
+      soff, sepoch = o + 1, m[2]
+    end
+  end
+  redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', nstream, '*', 'channel', ARGV[1],
+             'data', ARGV[2], 'user', ARGV[14], 'client', ARGV[15], 'offset', soff,
+             'epoch', sepoch, 'ts', ARGV[16])
 end
 local function stream_epoch(mkey, skey, cand)
   local meta = redis.call('HMGET', mkey, 'e', 'r')
@@ -353,6 +381,78 @@ redis.call('SET', KEYS[1], val, 'PX', ttl)
 return val
 """
 
+# ---------------------------------------------------------------------- lifecycle
+#
+#   fastws:lifecycle                    the stream of connect/disconnect records (SPEC §12)
+#   fws:{fastws:lifecycle}:c:NODE       hash client id -> JSON [user, ip, transport] of
+#                                       NODE's connections whose connect was written
+#   fws:{fastws:lifecycle}:n            sorted set NODE -> expiry (Redis clock, ms)
+#
+# The hash tag puts every key in the stream's slot.  A connection's entry is the claim
+# on its one disconnect record: whoever removes the entry writes the record, in the
+# same script (the disconnect of the node itself, or the sweep of a surviving node
+# once NODE's expiry passed without a refresh: "node lost", as presence sweeps).
+# Each script's XADD comes before its other writes of that connection: an append that
+# fails leaves the entry (and the claim) in place for a retry.
+
+LIFECYCLE_STREAM = "fastws:lifecycle"
+LIFECYCLE_NODES = "fws:{fastws:lifecycle}:n"
+LIFECYCLE_CONNS = "fws:{fastws:lifecycle}:c:"
+
+# KEYS: stream, node hash, nodes zset.  ARGV: maxlen, client, "[user, ip, transport]"
+# JSON, node, ttl ms, ts ms, user, ip, transport.
+LC_CONNECT_LUA = r"""
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', 'connect',
+           'client', ARGV[2], 'user', ARGV[7], 'ip', ARGV[8], 'transport', ARGV[9],
+           'node', ARGV[4], 'ts', ARGV[6])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[3], ms + tonumber(ARGV[5]), ARGV[4])
+return 1
+"""
+
+# KEYS: stream, node hash.  ARGV: maxlen, client, node, ts ms, code, reason.
+# Returns 1 when this wrote the disconnect, 0 when the entry was gone (claimed).
+LC_DISCONNECT_LUA = r"""
+local v = redis.call('HGET', KEYS[2], ARGV[2])
+if not v then return 0 end
+local r = cjson.decode(v)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', 'disconnect',
+           'client', ARGV[2], 'user', r[1], 'ip', r[2], 'transport', r[3], 'node', ARGV[3],
+           'ts', ARGV[4], 'code', ARGV[5], 'reason', ARGV[6])
+redis.call('HDEL', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: stream, nodes zset.  ARGV: maxlen, conns prefix, this node, ttl ms.
+# Refreshes this node's expiry, then closes out every node whose expiry passed: a
+# "node lost" disconnect (code 1006) per connection it held, then its hash is
+# deleted.  Returns how many records it wrote.
+LC_SWEEP_LUA = r"""
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ms)
+local n = 0
+for i = 1, #dead do
+  if dead[i] ~= ARGV[3] then
+    local h = ARGV[2] .. dead[i]
+    local all = redis.call('HGETALL', h)
+    for j = 1, #all, 2 do
+      local r = cjson.decode(all[j + 1])
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', 'disconnect',
+                 'client', all[j], 'user', r[1], 'ip', r[2], 'transport', r[3],
+                 'node', dead[i], 'ts', ms, 'code', '1006', 'reason', 'node lost')
+      n = n + 1
+    end
+    redis.call('DEL', h)
+    redis.call('ZREM', KEYS[2], dead[i])
+  end
+end
+redis.call('ZADD', KEYS[2], ms + tonumber(ARGV[4]), ARGV[3])
+return n
+"""
+
 # ---------------------------------------------------------------------- loading
 
 # Every script, by the name the broker runs it with: a command connection loads them
@@ -361,5 +461,6 @@ return val
 SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA, "logsince": LOG_SINCE_LUA,
            "join": PRESENCE_JOIN_LUA, "leave": PRESENCE_LEAVE_LUA,
            "presence": PRESENCE_GET_LUA, "prefresh": PRESENCE_REFRESH_LUA,
-           "revoke": REVOKE_LUA}
+           "revoke": REVOKE_LUA, "lcconnect": LC_CONNECT_LUA,
+           "lcdisconnect": LC_DISCONNECT_LUA, "lcsweep": LC_SWEEP_LUA}
 
