@@ -54,6 +54,61 @@ from fastws._frames import (
 )
 from fastws.codes import Close
 
+#: The ``Sec-WebSocket-Extensions`` value for permessage-deflate (RFC 7692) the server
+#: answers with: no context between messages either way, so a compressed frame is built
+#: once per publication and no connection keeps a zlib stream (SPEC §9).
+DEFLATE_ANSWER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+_DEFLATE_PARAMS = frozenset({"server_no_context_takeover", "client_no_context_takeover",
+                             "server_max_window_bits", "client_max_window_bits"})
+
+
+def negotiate_deflate(offers: str) -> tuple[str, bool] | None:
+    """Answer a ``Sec-WebSocket-Extensions`` header: ``(answer, compress)`` or None.
+
+    Takes the first valid ``permessage-deflate`` offer (unknown or repeated parameters,
+    or bad window sizes, make an offer invalid: it is skipped, never an error).  The
+    answer always carries ``server_no_context_takeover`` and
+    ``client_no_context_takeover``.  An offer limiting the server's window below 15 bits
+    is accepted with that limit echoed and ``compress`` False: the server then sends
+    that connection plain frames (RFC 7692 allows it per message), because one shared
+    frame is compressed with a 15-bit window.  None: no offer to accept.
+    """
+    for offer in offers.split(","):
+        parts = [p.strip() for p in offer.split(";")]
+        if parts[0].lower() != "permessage-deflate":
+            continue
+        seen: dict[str, str | None] = {}
+        ok = True
+        for part in parts[1:]:
+            if not part:
+                continue
+            name, eq, value = part.partition("=")
+            name = name.strip().lower()
+            val = value.strip().strip('"') if eq else None
+            if name not in _DEFLATE_PARAMS or name in seen:
+                ok = False
+                break
+            if name.endswith("context_takeover") and val is not None:
+                ok = False
+                break
+            if name == "server_max_window_bits" and not (
+                    val is not None and val.isdigit() and 8 <= int(val) <= 15
+                    and val == str(int(val))):
+                ok = False
+                break
+            if name == "client_max_window_bits" and val is not None and not (
+                    val.isdigit() and 8 <= int(val) <= 15 and val == str(int(val))):
+                ok = False
+                break
+            seen[name] = val
+        if not ok:
+            continue
+        bits = seen.get("server_max_window_bits")
+        if bits is not None and int(bits) < 15:
+            return f"{DEFLATE_ANSWER}; server_max_window_bits={bits}", False
+        return DEFLATE_ANSWER, True
+    return None
+
 #: The close codes the assembler raises, and the answer to a CLOSE without a code
 #: (``_frames.pyx`` holds the same numbers as C constants, which Python cannot import).
 CLOSE_NORMAL = Close.NORMAL
@@ -62,6 +117,7 @@ CLOSE_INVALID_TEXT = Close.INVALID_PAYLOAD
 CLOSE_MESSAGE_TOO_BIG = Close.TOO_BIG
 
 __all__ = [
+    "DEFLATE_ANSWER",
     "CLOSE_INVALID_TEXT",
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_NORMAL",
@@ -70,6 +126,7 @@ __all__ = [
     "ProtocolViolation",
     "close_code_valid",
     "close_with",
+    "negotiate_deflate",
     "receive",
     "utf8_valid",
 ]

@@ -35,6 +35,7 @@ from picows.picows import WSProtocol
 from fastws import api, auth, lifecycle, protocol, workers
 from fastws._fanout import Conn
 from fastws._frames import MessageAssembler, close_with, receive
+from fastws.frames import negotiate_deflate
 from fastws.codes import (
     DISCONNECT_CONNECTION_LIMIT,
     DISCONNECT_INVALID_TOKEN,
@@ -267,6 +268,15 @@ class App:
         conn = Connection(node, pending)
         if ident is not None:
             conn.set_identity(ident)
+        offer = ", ".join(request.headers.getall("sec-websocket-extensions", ()))
+        if offer and node.config.server.compression:
+            deal = negotiate_deflate(offer)
+            if deal is not None:                 # SPEC §9: one compressed frame for all
+                conn.deflate = 1 if deal[1] else 2
+                conn.assembler.deflate = True
+                return WSUpgradeResponseWithListener(
+                    WSUpgradeResponse.create_101_response(
+                        {"Sec-WebSocket-Extensions": deal[0]}), conn)
         return conn
 
     # ------------------------------------------------------------------ HTTP
