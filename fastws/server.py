@@ -35,7 +35,6 @@ from picows.picows import WSProtocol
 from fastws import api, auth, lifecycle, protocol, workers
 from fastws._fanout import Conn
 from fastws._frames import MessageAssembler, close_with, receive
-from fastws.frames import negotiate_deflate
 from fastws.codes import (
     DISCONNECT_CONNECTION_LIMIT,
     DISCONNECT_INVALID_TOKEN,
@@ -47,6 +46,7 @@ from fastws.codes import (
     Disconnect,
 )
 from fastws.config import Config
+from fastws.frames import negotiate_deflate
 from fastws.http import json_response, response
 from fastws.limits import KeyedLimiter, client_ip
 from fastws.logs import PicowsLog
