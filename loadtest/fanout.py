@@ -26,6 +26,7 @@ import datetime as _dt
 import multiprocessing as mp
 import os
 import platform
+import random
 import shlex
 import shutil
 import signal
@@ -36,6 +37,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+import zlib
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,7 @@ class Stats:
     __slots__ = (
         "win_start", "win_end", "received", "in_window", "duplicates", "gaps", "max_us",
         "hist", "disconnected", "closing", "close_codes", "bad_frames", "first_error",
+        "wire_bytes", "compressed",
     )
 
     def __init__(self) -> None:
@@ -128,6 +131,8 @@ class Stats:
         self.close_codes: dict[int, int] = {}
         self.bad_frames = 0
         self.first_error = ""
+        self.wire_bytes = 0     # TEXT payload bytes as received (compressed or not)
+        self.compressed = 0     # TEXT frames that came compressed (RSV1)
 
 
 class Subscriber(WSListener):
@@ -151,6 +156,12 @@ class Subscriber(WSListener):
         first and the type is only looked at for frames that are not event pushes.
         """
         buf = frame.get_payload_as_bytes()
+        if frame.rsv1:          # permessage-deflate (--compression)
+            self.stats.wire_bytes += len(buf)
+            self.stats.compressed += 1
+            buf = _inflate(buf)
+        elif frame.msg_type is WSMsgType.TEXT:
+            self.stats.wire_bytes += len(buf)
         i = buf.find(b'"t":')
         if i < 0:
             if frame.msg_type is WSMsgType.TEXT:
@@ -214,6 +225,44 @@ class Subscriber(WSListener):
             fut.set_exception(ConnectionError("disconnected before subscribed"))
 
 
+def _inflate(payload: bytes) -> bytes:
+    """One permessage-deflate message (the server keeps no context between messages)."""
+    return zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+
+
+#: What ``--compression`` subscribers offer: Chromium's offer.
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+
+
+def demo_events(bets: int = 2, n: int = 64, seed: int = 7) -> list[bytes]:
+    """``n`` different publications shaped like the demo's indexed events
+    (fastws.indexer's ``event_data`` of PredictionMarket ``BetPlaced`` logs): ``bets``
+    bets in one block on one market, fresh tx hashes and bettors (the push is ~0.6 KB
+    with one bet, ~1.1 KB with two, ~1.6 KB with three)."""
+    rnd = random.Random(seed)
+
+    def hx(k: int) -> str:
+        return "0x" + rnd.randbytes(k).hex()
+
+    out = []
+    for i in range(n):
+        block, market = hx(32), hx(20)
+        yes, no = rnd.randrange(10**18, 10**21), rnd.randrange(10**18, 10**21)
+        events = []
+        for j in range(bets):
+            amount = rnd.randrange(10**16, 10**19)
+            outcome = rnd.random() < 0.5
+            yes, no = (yes + amount, no) if outcome else (yes, no + amount)
+            events.append({"eventType": "BetPlaced", "marketAddress": market,
+                           "blockNumber": 1000 + i, "blockHash": block, "txHash": hx(32),
+                           "logIndex": j, "timestamp": 1764900000 + i,
+                           "args": {"marketId": i % 7, "bettor": hx(20), "outcome": outcome,
+                                    "amount": str(amount), "yesPool": str(yes),
+                                    "noPool": str(no)}})
+        out.append(orjson.dumps(events))
+    return out
+
+
 def on_reply(sub: Any, buf: bytes) -> None:
     """A TEXT frame that is not an event push: the `subscribed` reply, or an error."""
     fut = sub.subscribed
@@ -256,13 +305,15 @@ def subscriber_classes(client: str) -> tuple[Any, Any, str]:
 
 async def _connect_one(url: str, stats: Any, local_addr: tuple[str, int] | None,
                        timeout: float, attempts: int = 5, factory: Any = None,
-                       raw: bool = False) -> Any:
+                       raw: bool = False, compress: bool = False) -> Any:
     """Connect and subscribe one subscriber, retrying transient connect failures.
 
     ``raw``: the server has no subscribe request (an anchor: a connection is a
     subscription); the connection counts as subscribed once the handshake is done.
     """
     kwargs: dict[str, Any] = {"local_addr": local_addr} if local_addr else {}
+    if compress:
+        kwargs["extra_headers"] = {"Sec-WebSocket-Extensions": DEFLATE_OFFER}
     factory = factory or Subscriber
     delay = 0.05
     for attempt in range(attempts):
@@ -324,7 +375,7 @@ async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
             try:
                 subs.append(await _connect_one(cfg["url"], stats, local_addr,
                                                cfg["connect_timeout"], factory=factory,
-                                               raw=raw))
+                                               raw=raw, compress=cfg.get("compress", False)))
             except Exception as exc:  # noqa: BLE001 - reported to the parent
                 if len(errors) < 5:
                     errors.append(str(exc)[:300])
@@ -364,6 +415,7 @@ async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
                 "disconnected": stats.disconnected, "close_codes": stats.close_codes,
                 "bad_frames": stats.bad_frames, "first_error": stats.first_error,
                 "spread": stats.spread() if hasattr(stats, "spread") else None,
+                "wire_bytes": stats.wire_bytes, "compressed": stats.compressed,
                 "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
             })
         elif cmd == "close":
@@ -411,7 +463,8 @@ class Publisher(WSListener):
         self.win_start = 0
         self.win_end = 0
         self.accepted_in_window = 0
-        self.pad = b"x" * 60
+        self.pad = b'"' + b"x" * 60 + b'"'     # any JSON value (--event demo: ~1 KB)
+        self.pads: list[bytes] = []
         self.done: asyncio.Future[None] | None = None
         self.disconnected = False
         self.paced = False      # --rate: a timer sends, replies only free window slots
@@ -427,12 +480,13 @@ class Publisher(WSListener):
         """Send one publication stamped with the current wall-clock time."""
         self.seq += 1
         self.outstanding += 1
+        pad = self.pads[self.seq % len(self.pads)] if self.pads else self.pad
         if self.raw:
-            self._write(b'{"t":%d,"seq":%d,"pad":"%s"}' % (time.time_ns(), self.seq, self.pad))
+            self._write(b'{"t":%d,"seq":%d,"pad":%s}' % (time.time_ns(), self.seq, pad))
         else:
             self._write(
-                b'{"id":%d,"type":"publish","channel":"%s","data":{"t":%d,"seq":%d,"pad":"%s"}}'
-                % (self.seq, CHANNEL.encode(), time.time_ns(), self.seq, self.pad))
+                b'{"id":%d,"type":"publish","channel":"%s","data":{"t":%d,"seq":%d,"pad":%s}}'
+                % (self.seq, CHANNEL.encode(), time.time_ns(), self.seq, pad))
 
     def _write(self, payload: bytes) -> None:
         assert self.transport is not None
@@ -533,7 +587,7 @@ class HttpPublisher(Publisher):
 
 async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
                         duration_s: float, rate: float = 0.0,
-                        mode: str = "fastws") -> dict[str, Any]:
+                        mode: str = "fastws", event: str = "small") -> dict[str, Any]:
     """Publish from start_ns for warmup + duration seconds; return the publisher counts.
 
     rate 0: closed loop, `inflight` publications always outstanding (saturation).
@@ -552,6 +606,8 @@ async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
         assert isinstance(listener, Publisher)
         pub = listener
         pub.raw = mode == "raw"
+        if event.startswith("demo"):
+            pub.pads = demo_events(int(event[4:] or 2))
     pub.done = asyncio.get_running_loop().create_future()
     pub.win_start = start_ns + int(warmup_s * 1e9)
     pub.win_end = pub.win_start + int(duration_s * 1e9)
@@ -777,6 +833,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pub-mode", choices=("fastws", "raw", "http"), default=None,
                    help="publish requests (fastws), bare payloads on a WebSocket (raw) or "
                    "HTTP POSTs (http); default: follows --protocol")
+    p.add_argument("--compression", action="store_true",
+                   help="subscribers offer permessage-deflate (as Chromium does) and "
+                        "inflate what arrives compressed")
+    p.add_argument("--event", choices=("small", "demo", "demo1", "demo3"), default="small",
+                   help="publication data: small (~80 B) or demo (~1.1 KB pushes: two "
+                        "indexed events of one block, like the demo's; demo1/demo3: one "
+                        "or three events, ~0.6 / ~1.6 KB)")
     p.add_argument("--label", default="fastws", help="name of the server in the results")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -895,6 +958,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             parent_end, child_end = ctx.Pipe()
             cfg = {"url": url, "n": share + (1 if k < extra else 0), "batch": batch,
                    "client": args.client, "protocol": args.protocol,
+                   "compress": args.compression,
                    "connect_timeout": args.connect_timeout, "cpus": client_cpus,
                    "source_ip": f"127.0.0.{2 + k}" if use_source_ips else None}
             proc = ctx.Process(target=worker_entry, args=(child_end, cfg), daemon=True)
@@ -940,7 +1004,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sampler = asyncio.ensure_future(sample())
             pub = await run_publisher(args.pub_url or url, args.inflight, start_ns,
                                       args.warmup, args.duration, args.rate,
-                                      args.pub_mode or args.protocol)
+                                      args.pub_mode or args.protocol, args.event)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sampler, 5)
             a, b = srv_cpu
@@ -1011,7 +1075,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "warmup_s": args.warmup, "server_cpu": args.server_cpu,
                        "client_cpus": client_cpus, "url": url if args.url else None,
                        "channel": CHANNEL, "client": client_name,
-                       "protocol": args.protocol},
+                       "protocol": args.protocol, "compression": args.compression,
+                       "event": args.event},
             "server": args.label,
             "connected": connected, "connect_failed": failed, "connect_errors": errors[:3],
             "connect_s": round(connect_s, 3),
@@ -1038,6 +1103,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "close_codes": close_codes,
             "bad_frames": sum(p["bad_frames"] for p in parts),
             "client_error": next((p["first_error"] for p in parts if p["first_error"]), ""),
+            "wire_bytes": sum(p["wire_bytes"] for p in parts),
+            "wire_bytes_per_delivery": round(sum(p["wire_bytes"] for p in parts)
+                                             / received, 1) if received else None,
+            "compressed_deliveries": sum(p["compressed"] for p in parts),
             "server_pid": server_pid,
             "server_rss_kib": {"before": rss_before, "idle": rss_idle, "after": rss_after},
             "server_rss_per_conn_bytes": None if per_conn is None else round(per_conn),
@@ -1083,6 +1152,9 @@ def format_table(r: dict[str, Any]) -> str:
                       else f"{p['inflight']} publications in flight")),
         ("publications/s", f"{r['publications_per_s']:,.0f}  ({r['publications']:,} total)"),
         ("deliveries/s", f"{r['deliveries_per_s']:,.0f}"),
+        ("wire bytes/delivery", f(r.get("wire_bytes_per_delivery"))
+         + (f"  ({r['compressed_deliveries']:,} compressed)"
+            if r.get("compressed_deliveries") else "")),
         ("latency p50", f(lat["p50"], " ms")),
         ("latency p99", f(lat["p99"], " ms")),
         ("latency max", f(lat["max"], " ms")),
