@@ -265,3 +265,22 @@ def test_lingering_close_ends_when_the_peer_closes(srv: ServerProc) -> None:
     while scrape(srv.http_url)["fastws_connections"] != 0:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------- stalled readers
+
+
+@pytest.mark.timeout(120)
+def test_stalled_readers_cost_at_most_their_send_buffer() -> None:
+    """100 readers that stall beside 20 fast ones (send_buffer scaled down to 256 KiB):
+    RSS grows by at most 1.2 × send_buffer per stalled reader + 20 MB, every stalled
+    reader is dropped, every fast one gets everything, and RSS comes back after."""
+    from loadtest import stalled
+
+    send_buffer = 256 * 1024
+    r = stalled.run(stalled=100, fast=20, publications=3000, size=2048,
+                    send_buffer=send_buffer)
+    assert r["fast_complete"] == 20, r
+    assert r["closed_4008"] > 0 and set(r["close_codes"]) <= {4008}, r
+    assert r["growth_bytes"] <= 100 * 1.2 * send_buffer + 20e6, r
+    assert r["rss_after_close_kib"] - r["rss_before_kib"] < 10 * 1024, r
