@@ -32,7 +32,9 @@ The pieces, in the order a listener meets them::
   ``picows._make_test_ws_frame``; no socket needed.
 * :func:`receive` — the adapter: feeds one frame, answers PING and CLOSE, closes on
   a violation, and returns only data messages.
-* :func:`close_with` — send a CLOSE (never code 0) and disconnect.
+* :func:`close_with` — send a CLOSE (never code 0) and close; when the server starts
+  the close it lingers (SPEC §9): input is discarded, the sending side shut down, and
+  the socket closes when the peer closes, after 2 s or after 64 KiB.
 
 Create the server with ``enable_auto_pong=False`` so that PINGs reach the assembler
 and get their RSV bits checked (Autobahn 3.6); with picows' auto-pong on, PINGs are

@@ -330,8 +330,14 @@ async def _connect_one(url: str, stats: Any, local_addr: tuple[str, int] | None,
     if raw:
         return listener
     listener.subscribed = asyncio.get_running_loop().create_future()
-    transport.send(WSMsgType.TEXT,
-                   b'{"id":1,"type":"subscribe","channel":"' + CHANNEL.encode() + b'"}')
+    request = b'{"id":1,"type":"subscribe","channel":"' + CHANNEL.encode() + b'"}'
+    answer = transport.response.headers.get("sec-websocket-extensions", "") if compress else ""
+    if "permessage-deflate" in answer:   # as a compressing browser would: RSV1, deflated
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        transport.send(WSMsgType.TEXT, (packer.compress(request)
+                                        + packer.flush(zlib.Z_SYNC_FLUSH))[:-4], rsv1=True)
+    else:
+        transport.send(WSMsgType.TEXT, request)
     reply = await asyncio.wait_for(listener.subscribed, timeout)
     listener.subscribed = None
     if b'"subscribed"' not in reply:
