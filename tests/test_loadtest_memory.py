@@ -21,8 +21,6 @@ import uvloop
 from fastws._fanout import Conn, Hub
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from fastws._match import Trie
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,7 +62,7 @@ async def _session() -> None:
         servers.append(c)
         return c
 
-    hub.append(Hub(Trie(), 1 << 20, asyncio.get_running_loop()))
+    hub.append(Hub(1 << 20, asyncio.get_running_loop()))
     srv = await ws_create_server(factory, "127.0.0.1", 0, enable_auto_pong=False)
     port = srv.sockets[0].getsockname()[1]
     clients = []
@@ -86,7 +84,8 @@ async def _session() -> None:
         assert await asyncio.wait_for(cl.frames.get(), 2) == (int(WSMsgType.PONG),
                                                               b"p%d" % i, 0)
     # the hub's heartbeat ping is a pre-built frame written through our queue
-    hub[0].conns.update(servers)
+    for s in servers:
+        hub[0].add_connection(s)
     hub[0].sweep(0.0, 60.0)           # marks idle
     hub[0].sweep(0.0, 60.0)           # pings
     for _, cl in clients:
@@ -96,7 +95,7 @@ async def _session() -> None:
     from fastws._fanout import make_frame
 
     for s in servers:
-        hub[0].add("ch", s)
+        hub[0].subscribe("ch", s)
     assert hub[0].broadcast("ch", make_frame(b'{"x":1}'), 0.0) == 3
     for _, cl in clients:
         assert await asyncio.wait_for(cl.frames.get(), 2) == (int(WSMsgType.TEXT),
