@@ -8,6 +8,8 @@ with ``--inflight`` in flight.  It samples the server's VmRSS every 20 ms and re
 the RSS before, its peak while publishing, the growth per stalled reader (against
 ``send_buffer``), how many stalled readers got the 4008 close, whether every fast
 reader got every publication, and the RSS once the stalled readers are closed.
+A stalled reader that starts reading within 2 s of its 4008 CLOSE gets that frame
+(behind what was queued for it); later, the server has dropped the socket.
 
 Each stalled reader is closed by the server (4008) when its queue passes
 ``send_buffer``; until then the server holds up to ``send_buffer`` bytes for it.
@@ -102,9 +104,11 @@ def _stalled(port: int, rcvbuf: int) -> socket.socket:
     return sock
 
 
-def _drain(socks: list[socket.socket], timeout: float = 10.0) -> list[int | None]:
-    """Read every socket until EOF (or a reset, or ``timeout``); the code of the CLOSE
-    frame each one received (None: none, e.g. dropped with a reset)."""
+def _drain(socks: list[socket.socket],
+           timeout: float = 10.0) -> tuple[list[int | None], int]:
+    """Read every socket until EOF (or a reset, or ``timeout``): the code of the CLOSE
+    frame each one received (None: none, e.g. dropped with a reset), and how many ended
+    (EOF or reset) before ``timeout``."""
     bufs = {s: bytearray() for s in socks}
     sel = selectors.DefaultSelector()
     for s in socks:
@@ -124,8 +128,9 @@ def _drain(socks: list[socket.socket], timeout: float = 10.0) -> list[int | None
                 bufs[s] += chunk
             else:
                 sel.unregister(s)
+    ended = len(socks) - len(sel.get_map())
     sel.close()
-    return [_close_code(bufs[s]) for s in socks]
+    return [_close_code(bufs[s]) for s in socks], ended
 
 
 def _close_code(buf: bytearray) -> int | None:
@@ -196,7 +201,7 @@ def run(stalled: int = 100, fast: int = 50, publications: int = 3000, size: int 
         before = read_rss_kib(server.pid) or 0
         pub = uvloop.run(_publish(port, fast, publications, size, inflight, server.pid))
         during = read_rss_kib(server.pid) or 0
-        codes = _drain(socks)           # the server closed them: read to EOF (or reset)
+        codes, ended = _drain(socks)    # the server closed them: read to EOF (or reset)
         for s in socks:
             s.close()
         time.sleep(1.0)
@@ -212,6 +217,7 @@ def run(stalled: int = 100, fast: int = 50, publications: int = 3000, size: int 
             "growth_per_stalled_in_send_buffers": round(growth / stalled / send_buffer, 3)
             if stalled else None,
             "closed_4008": sum(1 for c in codes if c == 4008),
+            "ended": ended,
             "close_codes": sorted({c for c in codes if c is not None}),
             "fast_complete": pub["fast_complete"], "publish_s": pub["publish_s"],
         }
