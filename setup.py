@@ -19,6 +19,7 @@ extensions = [
         f"fastws.{pyx.stem}",
         [str(pyx.relative_to(HERE))],
         extra_compile_args=["-O2"],
+        libraries=["z"] if pyx.stem == "_fanout" else [],   # permessage-deflate (zlib)
     )
     for pyx in sorted((HERE / "fastws").glob("*.pyx"))
 ]

@@ -17,6 +17,8 @@ cdef class Conn(WSListener):
     cdef public double ping_sent
     cdef public bint relay          # not a WebSocket: the hub calls its deliver(frame) (SSE, long-poll)
 
+    cdef public unsigned char deflate   # permessage-deflate: 0 no, 1 yes, 2 yes but sent plain
+
     cdef int _append(self, const char* ptr, Py_ssize_t size) except -1
     cdef int _send_raw(self, const char* ptr, Py_ssize_t size) except -1
     cdef int _write_out(self) noexcept
@@ -43,6 +45,9 @@ cdef class Hub:
     cdef readonly unsigned long long bytes_sent
     cdef readonly unsigned long long writes
     cdef readonly unsigned long long slow_consumers
+    cdef readonly Py_ssize_t compressed_connections
+    cdef readonly unsigned long long compressed_publications
+    cdef public Py_ssize_t compression_min_size  # payloads shorter than this go out plain
     # delivery latency (publication accepted -> written), one observation per publication
     cdef double* _accepted
     cdef Py_ssize_t _naccepted

@@ -12,7 +12,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport free, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from fastws._picows cimport MemoryBuffer, WSListener, WSMsgType, WSTransport
@@ -27,6 +27,22 @@ cdef extern from "<arpa/inet.h>" nogil:
 
 cdef extern from "<endian.h>" nogil:
     uint64_t htobe64(uint64_t)
+
+cdef extern from "<zlib.h>" nogil:
+    ctypedef struct z_stream:
+        unsigned char* next_in
+        unsigned int avail_in
+        unsigned char* next_out
+        unsigned int avail_out
+        void* zalloc
+        void* zfree
+        void* opaque
+    int Z_OK, Z_SYNC_FLUSH, Z_DEFLATED, Z_DEFAULT_STRATEGY, Z_BUF_ERROR
+    int deflateInit2(z_stream* strm, int level, int method, int windowBits, int memLevel,
+                     int strategy)
+    int deflate(z_stream* strm, int flush)
+    int deflateReset(z_stream* strm)
+    unsigned long deflateBound(z_stream* strm, unsigned long sourceLen)
 
 cdef extern from "Python.h":
     # the item array of a tuple, read without a call or a reference count per item
@@ -68,16 +84,20 @@ cdef inline double _now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cpdef bytes make_frame(bytes payload, int opcode=1):
+cpdef bytes make_frame(bytes payload, int opcode=1, bint rsv1=False):
     """Return a complete unmasked server frame (FIN set) carrying ``payload``.
 
-    Server frames are never masked, so one such buffer serves every receiver.
+    Server frames are never masked, so one such buffer serves every receiver.  ``rsv1``
+    marks a payload compressed with permessage-deflate (see :func:`deflate_payload`).
     """
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+    return _frame(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), opcode, rsv1)
+
+
+cdef bytes _frame(const char* payload, Py_ssize_t n, int opcode, bint rsv1):
     cdef Py_ssize_t hdr = 2 if n < 126 else (4 if n < 65536 else 10)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, hdr + n)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
-    p[0] = 0x80 | (opcode & 0x0F)
+    p[0] = 0x80 | (0x40 if rsv1 else 0) | (opcode & 0x0F)
     if n < 126:
         p[1] = <uint8_t>n
     elif n < 65536:
@@ -86,8 +106,85 @@ cpdef bytes make_frame(bytes payload, int opcode=1):
     else:
         p[1] = 127
         (<uint64_t*>(p + 2))[0] = htobe64(<uint64_t>n)
-    memcpy(p + hdr, PyBytes_AS_STRING(payload), n)
+    memcpy(p + hdr, payload, n)
     return out
+
+
+# ------------------------------------------------------------------ permessage-deflate
+# One deflate stream per process (one event loop per process), reset per message: the
+# answer to every offer carries server_no_context_takeover, so no connection keeps a
+# compressor.  Its ~270 KB are allocated on the first compressed message.
+
+DEFLATE_LEVEL = 6
+cdef z_stream _zs
+cdef bint _zs_ready = False
+cdef char* _zbuf = NULL
+cdef Py_ssize_t _zcap = 0
+
+
+cdef Py_ssize_t _deflate(const char* data, Py_ssize_t n) except -2:
+    """Raw-deflate ``n`` bytes into ``_zbuf`` (sync flush, 00 00 ff ff stripped).
+
+    Returns the compressed size, or -1 when it is not smaller than ``n``.
+    """
+    global _zs_ready, _zbuf, _zcap
+    cdef Py_ssize_t bound
+    cdef int rc
+    cdef char* nbuf
+    cdef Py_ssize_t out
+    if not _zs_ready:
+        memset(&_zs, 0, sizeof(z_stream))
+        if deflateInit2(&_zs, DEFLATE_LEVEL, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY) != Z_OK:
+            raise MemoryError("deflateInit2 failed")
+        _zs_ready = True
+    else:
+        deflateReset(&_zs)
+    if n > 0x7FFFFFFF:
+        return -1
+    bound = deflateBound(&_zs, n) + 16
+    if bound > _zcap:
+        nbuf = <char*>realloc(_zbuf, bound)
+        if nbuf == NULL:
+            raise MemoryError()
+        _zbuf = nbuf
+        _zcap = bound
+    _zs.next_in = <unsigned char*>data
+    _zs.avail_in = <unsigned int>n
+    _zs.next_out = <unsigned char*>_zbuf
+    _zs.avail_out = <unsigned int>bound
+    rc = deflate(&_zs, Z_SYNC_FLUSH)
+    if (rc != Z_OK and rc != Z_BUF_ERROR) or _zs.avail_in != 0:
+        return -1
+    out = bound - _zs.avail_out - 4        # the sync flush ends with 00 00 ff ff
+    if out >= n:
+        return -1                          # deflate does not make it smaller
+    return out
+
+
+cpdef bytes deflate_payload(bytes payload):
+    """``payload`` compressed for one permessage-deflate message (RFC 7692 7.2.1), or
+    None when deflate does not make it smaller.  No context is kept between calls."""
+    cdef Py_ssize_t n = _deflate(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+    if n < 0:
+        return None
+    return PyBytes_FromStringAndSize(_zbuf, n)
+
+
+cdef bytes _deflate_frame(bytes frame):
+    """The RSV1 (compressed) version of a pre-built data frame, or None if deflate does
+    not shrink its payload."""
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(frame)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+    cdef Py_ssize_t hdr
+    cdef Py_ssize_t n
+    cdef int opcode = p[0] & 0x0F
+    if size < 2 or (p[0] & 0x70) or (opcode != 1 and opcode != 2) or not (p[0] & 0x80):
+        return None
+    hdr = 2 if (p[1] & 0x7F) < 126 else (4 if (p[1] & 0x7F) == 126 else 10)
+    n = _deflate(<const char*>p + hdr, size - hdr)
+    if n < 0:
+        return None
+    return _frame(_zbuf, n, opcode, True)
 
 
 cdef class Conn(WSListener):
@@ -106,6 +203,7 @@ cdef class Conn(WSListener):
         self.active = True
         self.idle_since = 0.0
         self.ping_sent = 0.0
+        self.deflate = 0
 
     def __dealloc__(self):
         if self._buf != NULL:
@@ -286,6 +384,9 @@ cdef class Hub:
         self.bytes_sent = 0
         self.writes = 0
         self.slow_consumers = 0
+        self.compressed_connections = 0
+        self.compressed_publications = 0
+        self.compression_min_size = 512
 
     def __dealloc__(self):
         cdef Py_ssize_t i
@@ -314,6 +415,13 @@ cdef class Hub:
         way but counted in no publication metric.
         """
         cdef tuple keys
+        cdef bytes zframe = None        # the compressed frame, built on first need
+        cdef bint zmay = False          # compression still possible for this publication
+        cdef bint zbuilt = False
+        cdef const char* zptr = NULL    # zframe's bytes, once built (NULL: none)
+        cdef Py_ssize_t zsize = 0
+        cdef const char* p
+        cdef Py_ssize_t s
         if exact_only:
             keys = self._trie.keys(channel)
         else:
@@ -330,6 +438,9 @@ cdef class Hub:
         cdef bint publication = accepted >= 0
         if publication:
             self.publications += 1
+        if self.compressed_connections and size > 2:   # the payload's size, headers apart
+            s = (<const uint8_t*>ptr)[1] & 0x7F
+            zmay = size - (2 if s < 126 else (4 if s == 126 else 10)) >= self.compression_min_size
         for i in range(m):
             o = items[i]
             if (<Conn>o).closing:
@@ -338,10 +449,25 @@ cdef class Hub:
                 if (<object>o).deliver(frame):
                     n += 1
                 continue
-            if (<Conn>o)._len + size > self.send_buffer:
+            p = ptr
+            s = size
+            if (<Conn>o).deflate == 1 and zmay:
+                if not zbuilt:          # once per publication, for all its receivers
+                    zbuilt = True
+                    zframe = _deflate_frame(frame)
+                    if zframe is None:
+                        zmay = False
+                    else:
+                        self.compressed_publications += 1
+                        zptr = PyBytes_AS_STRING(zframe)
+                        zsize = PyBytes_GET_SIZE(zframe)
+                if zptr != NULL:
+                    p = zptr
+                    s = zsize
+            if (<Conn>o)._len + s > self.send_buffer:
                 self._slow(<Conn>o)
                 continue
-            (<Conn>o)._append(ptr, size)
+            (<Conn>o)._append(p, s)
             if not (<Conn>o).queued:
                 (<Conn>o).queued = True
                 if self._npend == self._pend_cap:
@@ -463,11 +589,17 @@ cdef class Hub:
 
     def add_connection(self, Conn c):
         """Register an open connection (heartbeat sweep, drain, counts)."""
-        self._conns.add(c)
+        if c not in self._conns:
+            self._conns.add(c)
+            if c.deflate:
+                self.compressed_connections += 1
 
     def remove_connection(self, Conn c):
         """Forget a connection that ended (its subscriptions are removed separately)."""
-        self._conns.discard(c)
+        if c in self._conns:
+            self._conns.discard(c)
+            if c.deflate:
+                self.compressed_connections -= 1
 
     def connections(self) -> list:
         """A snapshot list of the open connections (safe to close them while iterating)."""

@@ -23,14 +23,17 @@ cdef class MessageAssembler:
         uint32_t _utf8_state                   # DFA state carried across TEXT fragments
         bint _closed                           # a CLOSE was fed: ignore everything after it
         bytearray _buf                         # fragments so far (amortized O(n) growth)
+        public bint deflate                    #: permessage-deflate negotiated: RSV1 = compressed
+        object _inflater                       # zlib decompressobj of the open compressed message
 
     cpdef object feed(self, WSFrame frame)
     cpdef reset(self)
     cdef inline NoResult _check_close(self, WSFrame frame) except NoResult.EXC
     cdef inline object _continue(self, WSFrame frame)
+    cdef object _compressed(self, WSFrame frame, int op)
 
 
 cpdef bint utf8_valid(const unsigned char[:] data) noexcept
 cpdef bint close_code_valid(int code) noexcept
 cpdef object receive(MessageAssembler assembler, WSTransport transport, WSFrame frame)
-cpdef close_with(WSTransport transport, int code, str reason=*)
+cpdef close_with(WSTransport transport, int code, str reason=*, bint linger=*)

@@ -10,12 +10,15 @@ that talk to a picows transport, :func:`receive` and :func:`close_with`.
 cimport cython
 from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAndSize,
                                 PyByteArray_GET_SIZE, PyByteArray_Resize)
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from fastws._picows cimport WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from picows import WSProtocolError
+
+import asyncio
+import zlib
 
 __all__ = ["MessageAssembler", "ProtocolViolation", "close_code_valid", "close_with",
            "receive", "utf8_valid"]
@@ -35,6 +38,14 @@ cdef enum:
     MAX_CLOSE_REASON = 123       # 125 minus the 2-byte code
     UTF8_ACCEPT = 0
     UTF8_REJECT = 12
+    LINGER_MAX_BYTES = 65536     # a lingering close discards at most this much input
+
+# a lingering close gives the peer this long to close after our CLOSE (SPEC §9)
+LINGER_SECONDS = 2.0
+# RFC 7692 7.2.2: the receiver appends the tail the sender stripped
+cdef bytes _DEFLATE_TAIL = b"\x00\x00\xff\xff"
+_decompressobj = zlib.decompressobj
+_zlib_error = zlib.error
 
 
 class ProtocolViolation(WSProtocolError):
@@ -141,6 +152,7 @@ cdef class MessageAssembler:
         self._utf8_state = UTF8_ACCEPT
         self._closed = False
         self._buf = None
+        self._inflater = None
         self.reply_close_code = 0
 
     @property
@@ -176,6 +188,9 @@ cdef class MessageAssembler:
         if self._closed:
             return None
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            if (frame.rsv1 and self.deflate and not (frame.rsv2 or frame.rsv3)
+                    and (op == OP_TEXT or op == OP_BINARY)):
+                return self._compressed(frame, op)      # RSV1: a compressed message
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set, no extension")
 
         if op == OP_TEXT or op == OP_BINARY:
@@ -196,6 +211,8 @@ cdef class MessageAssembler:
             return None
 
         if op == OP_CONTINUATION:
+            if self._inflater is not None:
+                return self._compressed(frame, op)
             return self._continue(frame)
 
         # Control frames (picows' parser already enforces both rules on the wire; they
@@ -245,6 +262,62 @@ cdef class MessageAssembler:
         self._buf = None
         return result
 
+    cdef object _compressed(self, WSFrame frame, int op):
+        """One frame of a compressed message (RFC 7692): inflate it as it arrives.
+
+        The inflater lives only while the message does (the server's answer carries
+        ``client_no_context_takeover``), and it never produces more than
+        ``max_message_size`` bytes in all: a deflate bomb stops at the limit (1009).
+        """
+        cdef:
+            Py_ssize_t have = 0
+            Py_ssize_t room
+            Py_ssize_t n
+            uint32_t state
+            bytes out
+            int msg_type
+
+        if op != OP_CONTINUATION:
+            if self._msg_type != 0:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR,
+                                        "new message inside a fragmented message")
+            self._inflater = _decompressobj(-15)
+            self._msg_type = op
+            self._utf8_state = UTF8_ACCEPT
+            self._buf = None
+        elif self._buf is not None:
+            have = PyByteArray_GET_SIZE(self._buf)
+        room = self.max_message_size - have
+        try:
+            out = self._inflater.decompress(frame.get_payload_as_memoryview(), room + 1)
+            if frame.fin and PyBytes_GET_SIZE(out) <= room:
+                out += self._inflater.decompress(_DEFLATE_TAIL, room + 1 - PyBytes_GET_SIZE(out))
+        except _zlib_error:
+            raise ProtocolViolation(CLOSE_INVALID_TEXT, "invalid compressed data")
+        n = PyBytes_GET_SIZE(out)
+        if n > room:
+            raise ProtocolViolation(CLOSE_MESSAGE_TOO_BIG, "message too big")
+        msg_type = self._msg_type
+        if msg_type == OP_TEXT:
+            state = _utf8_run(self._utf8_state, <const uint8_t*>PyBytes_AS_STRING(out), n)
+            if state == UTF8_REJECT or (frame.fin and state != UTF8_ACCEPT):
+                raise ProtocolViolation(CLOSE_INVALID_TEXT, "invalid UTF-8 in text message")
+            self._utf8_state = state
+        if not frame.fin:
+            if self._buf is None:
+                self._buf = PyByteArray_FromStringAndSize(PyBytes_AS_STRING(out), n)
+            elif n:
+                PyByteArray_Resize(self._buf, have + n)
+                memcpy(PyByteArray_AS_STRING(self._buf) + have, PyBytes_AS_STRING(out), n)
+            return None
+        if self._buf is not None and have:
+            out = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self._buf), have) + out
+        self._msg_type = 0
+        self._utf8_state = UTF8_ACCEPT
+        self._buf = None
+        self._inflater = None
+        return (msg_type, out)
+
     cdef inline NoResult _check_close(self, WSFrame frame) except NoResult.EXC:
         cdef:
             Py_ssize_t size = frame.payload_size
@@ -269,11 +342,16 @@ cdef class MessageAssembler:
 # The thin I/O adapter for picows.
 
 
-cpdef close_with(WSTransport transport, int code, str reason=""):
-    """Send a CLOSE frame with ``code`` and ``reason`` (cut to 123 bytes), then disconnect.
+cpdef close_with(WSTransport transport, int code, str reason="", bint linger=True):
+    """Send a CLOSE frame with ``code`` and ``reason`` (cut to 123 bytes), then close.
 
     Safe to call more than once: the CLOSE is sent only if none was sent yet. Use it
     instead of ``send_close(WSCloseCode.NO_INFO)``, which puts code 0 on the wire.
+
+    With ``linger`` (when the server starts the close) the close is a lingering one
+    (:func:`linger`): the peer may still be sending, and closing with unread input
+    would make the kernel answer with a reset that destroys the CLOSE frame.  Answering
+    the peer's own CLOSE (``linger=False``) disconnects at once.
     """
     cdef bytes raw
     if transport.is_disconnected:
@@ -283,7 +361,78 @@ cpdef close_with(WSTransport transport, int code, str reason=""):
         if len(raw) > MAX_CLOSE_REASON:
             raw = raw[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode("utf-8")
         transport.send_close(<WSCloseCode>code, raw)
+        if linger and _linger(transport):
+            return
+    elif _Linger.active(transport):
+        return
     transport.disconnect(True)
+
+
+class _Linger(asyncio.Protocol):
+    """Stands in for picows' protocol once our CLOSE is sent: input is discarded.
+
+    The sending side is shut down (``write_eof``, after what is buffered); what the
+    peer still sends is read and dropped until it closes, or ``LINGER_SECONDS`` or
+    ``LINGER_MAX_BYTES`` pass; then the socket closes.  picows hears of the end
+    through its own ``connection_lost`` (``on_ws_disconnected`` as usual).
+    """
+
+    __slots__ = ("ws", "tr", "seen", "timer")
+
+    def __init__(self, ws: object, tr: object) -> None:
+        self.ws = ws
+        self.tr = tr
+        self.seen = 0
+        self.timer = None
+
+    @staticmethod
+    def active(WSTransport transport) -> bool:
+        """True when ``transport`` is in a lingering close already."""
+        return isinstance(transport.underlying_transport.get_protocol(), _Linger)
+
+    def data_received(self, data: bytes) -> None:
+        self.seen += len(data)
+        if self.seen > LINGER_MAX_BYTES:
+            self.tr.close()
+
+    def eof_received(self) -> bool:
+        return False                    # the peer closed: close our side too
+
+    def expire(self) -> None:
+        self.tr.close()
+
+    def pause_writing(self) -> None:
+        self.ws.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.ws.resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.ws.connection_lost(exc)
+
+
+cdef bint _linger(WSTransport transport) except -1:
+    """Start a lingering close of ``transport`` (its CLOSE frame is sent); False if
+    the socket cannot half-close (then the caller disconnects at once)."""
+    tr = transport.underlying_transport
+    if tr.is_closing():
+        return False
+    ws = tr.get_protocol()
+    if isinstance(ws, _Linger):
+        return True
+    try:
+        if not tr.can_write_eof():
+            return False
+        lingering = _Linger(ws, tr)
+        tr.set_protocol(lingering)
+        tr.write_eof()
+    except (OSError, RuntimeError, AttributeError, NotImplementedError):
+        return False
+    lingering.timer = transport._loop.call_later(LINGER_SECONDS, lingering.expire)
+    return True
 
 
 cpdef object receive(MessageAssembler assembler, WSTransport transport, WSFrame frame):
@@ -292,7 +441,10 @@ cpdef object receive(MessageAssembler assembler, WSTransport transport, WSFrame 
     Call it first thing in ``on_ws_frame``. PING gets its PONG, a CLOSE gets the echoed
     code (1000 if none) and a disconnect, a violation gets its close code and a
     disconnect; what comes back is only ``(TEXT | BINARY, bytes)`` for the application.
+    Once a CLOSE is sent nothing more is read (frames already buffered are dropped).
     """
+    if transport.is_close_frame_sent:
+        return None
     try:
         msg = assembler.feed(frame)
     except ProtocolViolation as exc:
@@ -306,5 +458,5 @@ cpdef object receive(MessageAssembler assembler, WSTransport transport, WSFrame 
     if op == OP_PING:
         transport.send_pong((<tuple>msg)[1])
     elif op == OP_CLOSE:
-        close_with(transport, assembler.reply_close_code)
+        close_with(transport, assembler.reply_close_code, "", False)
     return None

@@ -60,8 +60,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
             continue
         help_text = f"{f.metadata['doc']} [env {env_names(f)[0]}]".replace("%", "%%")
         default = default_of(f)
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None,
+        if isinstance(default, bool):      # on by default: --name / --no-name
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, default=None,
                                 help=help_text)
         elif isinstance(default, tuple):
             parser.add_argument(flag, dest=f.name, action="append", default=None,
@@ -132,7 +133,8 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return 2
     if config.server.echo:
         echo = importlib.import_module("fastws.echo")
-        code = echo.run(config.server.host, config.server.port)
+        code = echo.run(config.server.host, config.server.port,
+                        compression=config.server.compression)
     else:
         server = importlib.import_module("fastws.server")
         code = server.run(config)

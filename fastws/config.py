@@ -176,6 +176,11 @@ class ServerConfig:
                                             "hop is taken as the client IP.",
                                             List(Str("an IP network", check=check_network)),
                                             flag="--trusted-proxy")
+    compression: bool = _opt(True, "Accept permessage-deflate (RFC 7692) offers: each "
+                             "publication is compressed once for every receiver that "
+                             "negotiated it.", Bool())
+    compression_min_size: int = _opt(512, "Messages shorter than this go out uncompressed.",
+                                     Int(0, 1 << 30), unit="bytes")
     read_buffer_size: int = _opt(2048, "Initial read buffer per connection (picows), bytes.",
                                  Int(64, 16 * 1024 * 1024), reload=False, unit="bytes")
     siwe_domains: tuple[str, ...] = _opt((), "Domains accepted in Sign-In with Ethereum "

@@ -32,7 +32,9 @@ The pieces, in the order a listener meets them::
   ``picows._make_test_ws_frame``; no socket needed.
 * :func:`receive` — the adapter: feeds one frame, answers PING and CLOSE, closes on
   a violation, and returns only data messages.
-* :func:`close_with` — send a CLOSE (never code 0) and disconnect.
+* :func:`close_with` — send a CLOSE (never code 0) and close; when the server starts
+  the close it lingers (SPEC §9): input is discarded, the sending side shut down, and
+  the socket closes when the peer closes, after 2 s or after 64 KiB.
 
 Create the server with ``enable_auto_pong=False`` so that PINGs reach the assembler
 and get their RSV bits checked (Autobahn 3.6); with picows' auto-pong on, PINGs are
@@ -54,6 +56,61 @@ from fastws._frames import (
 )
 from fastws.codes import Close
 
+#: The ``Sec-WebSocket-Extensions`` value for permessage-deflate (RFC 7692) the server
+#: answers with: no context between messages either way, so a compressed frame is built
+#: once per publication and no connection keeps a zlib stream (SPEC §9).
+DEFLATE_ANSWER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+_DEFLATE_PARAMS = frozenset({"server_no_context_takeover", "client_no_context_takeover",
+                             "server_max_window_bits", "client_max_window_bits"})
+
+
+def negotiate_deflate(offers: str) -> tuple[str, bool] | None:
+    """Answer a ``Sec-WebSocket-Extensions`` header: ``(answer, compress)`` or None.
+
+    Takes the first valid ``permessage-deflate`` offer (unknown or repeated parameters,
+    or bad window sizes, make an offer invalid: it is skipped, never an error).  The
+    answer always carries ``server_no_context_takeover`` and
+    ``client_no_context_takeover``.  An offer limiting the server's window below 15 bits
+    is accepted with that limit echoed and ``compress`` False: the server then sends
+    that connection plain frames (RFC 7692 allows it per message), because one shared
+    frame is compressed with a 15-bit window.  None: no offer to accept.
+    """
+    for offer in offers.split(","):
+        parts = [p.strip() for p in offer.split(";")]
+        if parts[0].lower() != "permessage-deflate":
+            continue
+        seen: dict[str, str | None] = {}
+        ok = True
+        for part in parts[1:]:
+            if not part:
+                continue
+            name, eq, value = part.partition("=")
+            name = name.strip().lower()
+            val = value.strip().strip('"') if eq else None
+            if name not in _DEFLATE_PARAMS or name in seen:
+                ok = False
+                break
+            if name.endswith("context_takeover") and val is not None:
+                ok = False
+                break
+            if name == "server_max_window_bits" and not (
+                    val is not None and val.isdigit() and 8 <= int(val) <= 15
+                    and val == str(int(val))):
+                ok = False
+                break
+            if name == "client_max_window_bits" and val is not None and not (
+                    val.isdigit() and 8 <= int(val) <= 15 and val == str(int(val))):
+                ok = False
+                break
+            seen[name] = val
+        if not ok:
+            continue
+        bits = seen.get("server_max_window_bits")
+        if bits is not None and int(bits) < 15:
+            return f"{DEFLATE_ANSWER}; server_max_window_bits={bits}", False
+        return DEFLATE_ANSWER, True
+    return None
+
 #: The close codes the assembler raises, and the answer to a CLOSE without a code
 #: (``_frames.pyx`` holds the same numbers as C constants, which Python cannot import).
 CLOSE_NORMAL = Close.NORMAL
@@ -62,6 +119,7 @@ CLOSE_INVALID_TEXT = Close.INVALID_PAYLOAD
 CLOSE_MESSAGE_TOO_BIG = Close.TOO_BIG
 
 __all__ = [
+    "DEFLATE_ANSWER",
     "CLOSE_INVALID_TEXT",
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_NORMAL",
@@ -70,6 +128,7 @@ __all__ = [
     "ProtocolViolation",
     "close_code_valid",
     "close_with",
+    "negotiate_deflate",
     "receive",
     "utf8_valid",
 ]

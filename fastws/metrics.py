@@ -66,6 +66,9 @@ class NodeCollector:
         for name in ("sse", "poll"):
             by_transport.add_metric([name], others[name])
         yield by_transport
+        yield GaugeMetricFamily("fastws_connections_compressed",
+                                "Open WebSocket connections that negotiated permessage-deflate.",
+                                value=hub.compressed_connections)
         yield CounterMetricFamily("fastws_connections_accepted", "WebSocket connections accepted.",
                                   value=node.accepted)
         closed = CounterMetricFamily("fastws_connections_closed",
@@ -88,7 +91,8 @@ class NodeCollector:
                                   "Publication frames queued to connections.",
                                   value=hub.deliveries)
         yield CounterMetricFamily("fastws_bytes_sent",
-                                  "Bytes of WebSocket frames written by the application.",
+                                  "Bytes of WebSocket frames written by the application "
+                                  "(after compression).",
                                   value=hub.bytes_sent)
         yield CounterMetricFamily("fastws_writes", "Socket writes of queued frames.",
                                   value=hub.writes)

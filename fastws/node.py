@@ -143,6 +143,7 @@ class Node:
     async def start(self) -> None:
         """Create the hub on the running loop and connect the broker."""
         self.hub = Hub(self.config.limits.send_buffer, asyncio.get_running_loop())
+        self.hub.compression_min_size = self.config.server.compression_min_size
         await self.broker.start(self)
         # the revocations stored before this node started: refused from the first
         # connection on (a broker that calls handle_connected started loading them)
@@ -196,6 +197,7 @@ class Node:
         self.siwe.used = used
         if self.hub is not None:
             self.hub.send_buffer = config.limits.send_buffer
+            self.hub.compression_min_size = config.server.compression_min_size
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         """Run ``coro`` in the background (kept referenced until it ends)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import random
 import time
@@ -46,6 +47,7 @@ from fastws.codes import (
     Disconnect,
 )
 from fastws.config import Config
+from fastws.frames import negotiate_deflate
 from fastws.http import Handover, bearer_token, json_response, response
 from fastws.limits import KeyedLimiter, client_ip
 from fastws.logs import PicowsLog
@@ -197,6 +199,7 @@ class App:
         self.ip_requests = KeyedLimiter()      # requests_per_ip_per_s
         self._trusted: tuple[Any, Any] = (None, ())
         self._wallets: auth.ContractWallets | None = None   # EIP-1271 (siwe_rpc_url)
+        self._trim: asyncio.TimerHandle | None = None       # release_memory() scheduled
 
     def ip_limit(self, transport: asyncio.BaseTransport, headers: dict[str, str],
                  upgrade: bool) -> float:
@@ -279,6 +282,15 @@ class App:
             node.admit(conn, admission)
             if pending is None and admission.disconnect is not None:
                 conn.pending_close = admission.disconnect
+        offer = ", ".join(request.headers.getall("sec-websocket-extensions", ()))
+        if offer and node.config.server.compression:
+            deal = negotiate_deflate(offer)
+            if deal is not None:                 # SPEC §9: one compressed frame for all
+                conn.deflate = 1 if deal[1] else 2
+                conn.assembler.deflate = True
+                return WSUpgradeResponseWithListener(
+                    WSUpgradeResponse.create_101_response(
+                        {"Sec-WebSocket-Extensions": deal[0]}), conn)
         return conn
 
     # ------------------------------------------------------------------ connect proxy
@@ -405,6 +417,13 @@ class App:
         with contextlib.suppress(Exception):
             close_with(tr, Close.SLOW_CONSUMER, DISCONNECT_SLOW.reason)
         self.loop.call_later(SLOW_ABORT_AFTER, _abort, tr)
+        if self._trim is None:          # once the dropped queues are freed: give them back
+            self._trim = self.loop.call_later(SLOW_ABORT_AFTER + 0.5, self._release_memory)
+
+    def _release_memory(self) -> None:
+        """Return the freed heap of dropped slow consumers to the OS (glibc keeps it)."""
+        self._trim = None
+        release_memory()
 
     def on_heartbeat_timeout(self, conn: Connection) -> None:
         """The hub's heartbeat hook: close going-away, drop the socket soon after."""
@@ -429,6 +448,26 @@ class App:
                 conn.transport.disconnect(False)
             elif isinstance(conn, fallback.SseStream):
                 conn.abort()
+
+
+def _libc_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):   # not glibc
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def release_memory() -> None:
+    """Hand free heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A slow consumer's queue (up to ``send_buffer``) is freed when it is dropped, but
+    glibc keeps freed heap memory that is not at the top of the heap: RSS would stay at
+    its peak (measured in docs/benchmarks.md, "Stalled readers")."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _abort(transport: WSTransport) -> None:

@@ -57,7 +57,8 @@ def _compile(out: Path, quiet: bool) -> None:
     from setuptools import Distribution, Extension
 
     picows_dir = os.path.dirname(os.path.dirname(picows.__file__))
-    ext = Extension("_fastsub", [str(SOURCE)], extra_compile_args=["-O2"])
+    ext = Extension("_fastsub", [str(SOURCE)], extra_compile_args=["-O2"],
+                    libraries=["z"])          # inflates permessage-deflate frames
     modules = cythonize([ext], include_path=[picows_dir], quiet=quiet,
                         build_dir=str(out / "c"), compiler_directives={"language_level": "3"})
     dist = Distribution({"ext_modules": modules})

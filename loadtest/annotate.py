@@ -25,9 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "fastws" / "_fanout.pyx"
 # per-connection-per-pass lines allowed to touch Python (a refcount macro, the write), and
 # the delivery to a relay receiver (SSE / long-poll of fastws.fallback: a Python call by
-# design, for those receivers only; a WebSocket receiver never reaches that line)
+# design, for those receivers only; a WebSocket receiver never reaches that line), and
+# the compressed frame, built once per publication inside the loop
 ALLOWED = ("Py_XINCREF(o)", "Py_XDECREF(o)", "._write_out()", "self._slow(",
-           "(<object>o).deliver(frame)")
+           "(<object>o).deliver(frame)",
+           # built once per publication (the first receiver that negotiated deflate)
+           "zframe = _deflate_frame(frame)", "zptr = PyBytes_AS_STRING(zframe)",
+           "zsize = PyBytes_GET_SIZE(zframe)")
 
 
 def line_scores(source: Path = SOURCE) -> dict[int, int]:

@@ -40,6 +40,7 @@ import datetime as _dt
 import multiprocessing as mp
 import os
 import platform
+import random
 import shlex
 import shutil
 import signal
@@ -50,6 +51,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+import zlib
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -147,7 +149,7 @@ class Stats:
     __slots__ = (
         "win_start", "win_end", "received", "in_window", "duplicates", "gaps", "max_us",
         "hist", "disconnected", "closing", "close_codes", "bad_frames", "first_error",
-        "lanes",
+        "lanes", "wire_bytes", "compressed",
     )
 
     def __init__(self) -> None:
@@ -165,6 +167,8 @@ class Stats:
         self.bad_frames = 0
         self.first_error = ""
         self.lanes = 1          # publishers numbering their own publications (see seq_check)
+        self.wire_bytes = 0     # TEXT payload bytes as received (compressed or not)
+        self.compressed = 0     # TEXT frames that came compressed (RSV1)
 
 
 def seq_check(sub: Any, lanes: int, seq: int) -> int:
@@ -217,6 +221,12 @@ class Subscriber(WSListener):
         first and the type is only looked at for frames that are not event pushes.
         """
         buf = frame.get_payload_as_bytes()
+        if frame.rsv1:          # permessage-deflate (--compression)
+            self.stats.wire_bytes += len(buf)
+            self.stats.compressed += 1
+            buf = _inflate(buf)
+        elif frame.msg_type is WSMsgType.TEXT:
+            self.stats.wire_bytes += len(buf)
         i = buf.find(b'"t":')
         if i < 0:
             if frame.msg_type is WSMsgType.TEXT:
@@ -277,6 +287,44 @@ class Subscriber(WSListener):
             fut.set_exception(ConnectionError("disconnected before subscribed"))
 
 
+def _inflate(payload: bytes) -> bytes:
+    """One permessage-deflate message (the server keeps no context between messages)."""
+    return zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+
+
+#: What ``--compression`` subscribers offer: Chromium's offer.
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+
+
+def demo_events(bets: int = 2, n: int = 64, seed: int = 7) -> list[bytes]:
+    """``n`` different publications shaped like the demo's indexed events
+    (fastws.indexer's ``event_data`` of PredictionMarket ``BetPlaced`` logs): ``bets``
+    bets in one block on one market, fresh tx hashes and bettors (the push is ~0.6 KB
+    with one bet, ~1.1 KB with two, ~1.6 KB with three)."""
+    rnd = random.Random(seed)
+
+    def hx(k: int) -> str:
+        return "0x" + rnd.randbytes(k).hex()
+
+    out = []
+    for i in range(n):
+        block, market = hx(32), hx(20)
+        yes, no = rnd.randrange(10**18, 10**21), rnd.randrange(10**18, 10**21)
+        events = []
+        for j in range(bets):
+            amount = rnd.randrange(10**16, 10**19)
+            outcome = rnd.random() < 0.5
+            yes, no = (yes + amount, no) if outcome else (yes, no + amount)
+            events.append({"eventType": "BetPlaced", "marketAddress": market,
+                           "blockNumber": 1000 + i, "blockHash": block, "txHash": hx(32),
+                           "logIndex": j, "timestamp": 1764900000 + i,
+                           "args": {"marketId": i % 7, "bettor": hx(20), "outcome": outcome,
+                                    "amount": str(amount), "yesPool": str(yes),
+                                    "noPool": str(no)}})
+        out.append(orjson.dumps(events))
+    return out
+
+
 def on_reply(sub: Any, buf: bytes) -> None:
     """A TEXT frame that is not an event push: the `subscribed` reply, or an error."""
     fut = sub.subscribed
@@ -319,13 +367,15 @@ def subscriber_classes(client: str) -> tuple[Any, Any, str]:
 
 async def _connect_one(url: str, stats: Any, local_addr: tuple[str, int] | None,
                        timeout: float, attempts: int = 5, factory: Any = None,
-                       raw: bool = False) -> Any:
+                       raw: bool = False, compress: bool = False) -> Any:
     """Connect and subscribe one subscriber, retrying transient connect failures.
 
     ``raw``: the server has no subscribe request (an anchor: a connection is a
     subscription); the connection counts as subscribed once the handshake is done.
     """
     kwargs: dict[str, Any] = {"local_addr": local_addr} if local_addr else {}
+    if compress:
+        kwargs["extra_headers"] = {"Sec-WebSocket-Extensions": DEFLATE_OFFER}
     factory = factory or Subscriber
     delay = 0.05
     for attempt in range(attempts):
@@ -342,8 +392,14 @@ async def _connect_one(url: str, stats: Any, local_addr: tuple[str, int] | None,
     if raw:
         return listener
     listener.subscribed = asyncio.get_running_loop().create_future()
-    transport.send(WSMsgType.TEXT,
-                   b'{"id":1,"type":"subscribe","channel":"' + CHANNEL.encode() + b'"}')
+    request = b'{"id":1,"type":"subscribe","channel":"' + CHANNEL.encode() + b'"}'
+    answer = transport.response.headers.get("sec-websocket-extensions", "") if compress else ""
+    if "permessage-deflate" in answer:   # as a compressing browser would: RSV1, deflated
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        transport.send(WSMsgType.TEXT, (packer.compress(request)
+                                        + packer.flush(zlib.Z_SYNC_FLUSH))[:-4], rsv1=True)
+    else:
+        transport.send(WSMsgType.TEXT, request)
     reply = await asyncio.wait_for(listener.subscribed, timeout)
     listener.subscribed = None
     if b'"subscribed"' not in reply:
@@ -388,7 +444,7 @@ async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
             try:
                 subs.append(await _connect_one(cfg["url"], stats, local_addr,
                                                cfg["connect_timeout"], factory=factory,
-                                               raw=raw))
+                                               raw=raw, compress=cfg.get("compress", False)))
             except Exception as exc:  # noqa: BLE001 - reported to the parent
                 if len(errors) < 5:
                     errors.append(str(exc)[:300])
@@ -428,6 +484,7 @@ async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
                 "disconnected": stats.disconnected, "close_codes": stats.close_codes,
                 "bad_frames": stats.bad_frames, "first_error": stats.first_error,
                 "spread": stats.spread() if hasattr(stats, "spread") else None,
+                "wire_bytes": stats.wire_bytes, "compressed": stats.compressed,
                 "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
             })
         elif cmd == "close":
@@ -475,7 +532,8 @@ class Publisher(WSListener):
         self.win_start = 0
         self.win_end = 0
         self.accepted_in_window = 0
-        self.pad = b"x" * 60
+        self.pad = b'"' + b"x" * 60 + b'"'     # any JSON value (--event demo: ~1 KB)
+        self.pads: list[bytes] = []
         self.done: asyncio.Future[None] | None = None
         self.disconnected = False
         self.paced = False      # --rate: a timer sends, replies only free window slots
@@ -491,12 +549,13 @@ class Publisher(WSListener):
         """Send one publication stamped with the current wall-clock time."""
         self.seq += 1
         self.outstanding += 1
+        pad = self.pads[self.seq % len(self.pads)] if self.pads else self.pad
         if self.raw:
-            self._write(b'{"t":%d,"seq":%d,"pad":"%s"}' % (time.time_ns(), self.seq, self.pad))
+            self._write(b'{"t":%d,"seq":%d,"pad":%s}' % (time.time_ns(), self.seq, pad))
         else:
             self._write(
-                b'{"id":%d,"type":"publish","channel":"%s","data":{"t":%d,"seq":%d,"pad":"%s"}}'
-                % (self.seq, CHANNEL.encode(), time.time_ns(), self.seq, self.pad))
+                b'{"id":%d,"type":"publish","channel":"%s","data":{"t":%d,"seq":%d,"pad":%s}}'
+                % (self.seq, CHANNEL.encode(), time.time_ns(), self.seq, pad))
 
     def _write(self, payload: bytes) -> None:
         assert self.transport is not None
@@ -711,7 +770,8 @@ class RedisPublisher(Publisher):
 async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
                         duration_s: float, rate: float = 0.0,
                         mode: str = "fastws", lanes: int = 1,
-                        api: bool = False, ack_url: str = "") -> dict[str, Any]:
+                        api: bool = False, ack_url: str = "",
+                        event: str = "small") -> dict[str, Any]:
     """Publish from start_ns for warmup + duration seconds; return the publisher counts.
 
     rate 0: closed loop, `inflight` publications always outstanding (saturation).
@@ -736,6 +796,8 @@ async def run_publisher(url: str, inflight: int, start_ns: int, warmup_s: float,
         assert isinstance(listener, Publisher)
         pub = listener
         pub.raw = mode == "raw"
+        if event.startswith("demo"):
+            pub.pads = demo_events(int(event[4:] or 2))
     pub.done = asyncio.get_running_loop().create_future()
     pub.win_start = start_ns + int(warmup_s * 1e9)
     pub.win_end = pub.win_start + int(duration_s * 1e9)
@@ -1006,6 +1068,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"--path http-conns: publishing connections (at most {MAX_LANES})")
     p.add_argument("--redis-url", help="--path redis with --url: the Redis the server uses "
                    "(default: start a redis-server on the server's CPU)")
+    p.add_argument("--compression", action="store_true",
+                   help="subscribers offer permessage-deflate (as Chromium does) and "
+                        "inflate what arrives compressed")
+    p.add_argument("--event", choices=("small", "demo", "demo1", "demo3"), default="small",
+                   help="publication data: small (~80 B) or demo (~1.1 KB pushes: two "
+                        "indexed events of one block, like the demo's; demo1/demo3: one "
+                        "or three events, ~0.6 / ~1.6 KB)")
     p.add_argument("--label", default="fastws", help="name of the server in the results")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -1171,6 +1240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             parent_end, child_end = ctx.Pipe()
             cfg = {"url": url, "n": share + (1 if k < extra else 0), "batch": batch,
                    "client": args.client, "protocol": args.protocol, "lanes": lanes,
+                   "compress": args.compression,
                    "connect_timeout": args.connect_timeout, "cpus": client_cpus,
                    "source_ip": f"127.0.0.{2 + k}" if use_source_ips else None}
             proc = ctx.Process(target=worker_entry, args=(child_end, cfg), daemon=True)
@@ -1217,7 +1287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sampler = asyncio.ensure_future(sample())
             pub = await run_publisher(pub_url, args.inflight, start_ns,
                                       args.warmup, args.duration, args.rate,
-                                      pub_mode, lanes, api_body, url)
+                                      pub_mode, lanes, api_body, url, args.event)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(sampler, 5)
             a, b = srv_cpu
@@ -1290,6 +1360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "client_cpus": client_cpus, "url": url if args.url else None,
                        "channel": CHANNEL, "client": client_name,
                        "protocol": args.protocol, "path": args.path,
+                       "compression": args.compression, "event": args.event,
                        "publisher": {"mode": pub_mode, "connections": lanes,
                                      "inflight": lanes if lanes > 1 else args.inflight,
                                      "url": pub_url}},
@@ -1319,6 +1390,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "close_codes": close_codes,
             "bad_frames": sum(p["bad_frames"] for p in parts),
             "client_error": next((p["first_error"] for p in parts if p["first_error"]), ""),
+            "wire_bytes": sum(p["wire_bytes"] for p in parts),
+            "wire_bytes_per_delivery": round(sum(p["wire_bytes"] for p in parts)
+                                             / received, 1) if received else None,
+            "compressed_deliveries": sum(p["compressed"] for p in parts),
             "server_pid": server_pid,
             "server_rss_kib": {"before": rss_before, "idle": rss_idle, "after": rss_after},
             "server_rss_per_conn_bytes": None if per_conn is None else round(per_conn),
@@ -1372,6 +1447,9 @@ def format_table(r: dict[str, Any]) -> str:
             if p.get("publisher") else "")),
         ("publications/s", f"{r['publications_per_s']:,.0f}  ({r['publications']:,} total)"),
         ("deliveries/s", f"{r['deliveries_per_s']:,.0f}"),
+        ("wire bytes/delivery", f(r.get("wire_bytes_per_delivery"))
+         + (f"  ({r['compressed_deliveries']:,} compressed)"
+            if r.get("compressed_deliveries") else "")),
         ("latency p50", f(lat["p50"], " ms")),
         ("latency p99", f(lat["p99"], " ms")),
         ("latency max", f(lat["max"], " ms")),

@@ -37,7 +37,8 @@ __all__ = ["measure_rss", "breakdown", "main"]
 
 
 def _start_workers(ctx: Any, url: str, n: int, procs: int, batch: int,
-                   cpus: list[int] | None, timeout: float) -> list[tuple[Any, Any]]:
+                   cpus: list[int] | None, timeout: float,
+                   compress: bool = False) -> list[tuple[Any, Any]]:
     share, extra = divmod(n, procs)
     use_source_ips = n > fanout.PORTS_PER_SOURCE_IP
     workers = []
@@ -46,7 +47,7 @@ def _start_workers(ctx: Any, url: str, n: int, procs: int, batch: int,
         cfg = {"url": url, "n": share + (1 if k < extra else 0),
                "batch": max(4, batch // procs), "connect_timeout": timeout, "cpus": cpus,
                "source_ip": f"127.0.0.{2 + k}" if use_source_ips else None,
-               "client": "python"}
+               "client": "python", "compress": compress}
         proc = ctx.Process(target=fanout.worker_entry, args=(child_end, cfg), daemon=True)
         proc.start()
         child_end.close()
@@ -57,8 +58,11 @@ def _start_workers(ctx: Any, url: str, n: int, procs: int, batch: int,
 def measure_rss(n: int, procs: int, *, url: str | None = None, server_pid: int | None = None,
                 server_cpu: int | None = None, settle: float = 2.0, batch: int = 64,
                 timeout: float = 30.0, server_args: list[str] | None = None,
-                log: Any = None) -> dict[str, Any]:
-    """Open ``n`` subscribed connections; return the server's RSS before/after and per conn."""
+                log: Any = None, compress: bool = False) -> dict[str, Any]:
+    """Open ``n`` subscribed connections; return the server's RSS before/after and per conn.
+
+    ``compress``: the clients negotiate permessage-deflate and send their subscribe
+    request compressed (so the server inflated one message on each)."""
     server = None
     if url is None:
         port = fanout.free_port()
@@ -80,7 +84,7 @@ def measure_rss(n: int, procs: int, *, url: str | None = None, server_pid: int |
         time.sleep(0.5)
         before = fanout.read_rss_kib(server_pid)
         t0 = time.monotonic()
-        workers = _start_workers(ctx, url, n, procs, batch, cpus, timeout)
+        workers = _start_workers(ctx, url, n, procs, batch, cpus, timeout, compress)
         connected, failed, errors = fanout.collect_ready(workers, timeout * 4 + 120)
         connect_s = time.monotonic() - t0
         if log:
@@ -91,7 +95,7 @@ def measure_rss(n: int, procs: int, *, url: str | None = None, server_pid: int |
         if before is not None and after is not None and connected:
             per = round((after - before) * 1024 / connected)
         return {"connections": n, "procs": procs, "connected": connected, "failed": failed,
-                "errors": errors[:3], "connect_s": round(connect_s, 2),
+                "errors": errors[:3], "connect_s": round(connect_s, 2), "compress": compress,
                 "rss_before_kib": before, "rss_after_kib": after, "rss_per_conn_bytes": per}
     finally:
         fanout.stop_workers(workers)
@@ -206,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breakdown", action="store_true",
                    help="in-process server under tracemalloc: where the bytes go")
     p.add_argument("--frames", type=int, default=1, help="traceback depth for --breakdown")
+    p.add_argument("--compression", action="store_true",
+                   help="clients negotiate permessage-deflate and subscribe compressed")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
 
@@ -230,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.repeat):
             r = measure_rss(args.connections, args.procs, url=args.url,
                             server_pid=args.server_pid, server_cpu=args.server_cpu,
-                            settle=args.settle, server_args=args.server_arg, log=log)
+                            settle=args.settle, server_args=args.server_arg, log=log,
+                            compress=args.compression)
             log(f"run {i + 1}: {r['rss_per_conn_bytes']} B/conn "
                 f"({r['rss_before_kib']} → {r['rss_after_kib']} KiB)")
             runs.append(r)

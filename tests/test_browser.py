@@ -160,6 +160,37 @@ def test_live_page_streams_events(page, fastws_server, tmp_path):
     assert (tmp_path / "live-page.png").stat().st_size > 10_000
 
 
+def test_live_page_over_a_compressed_connection(page, fastws_server):
+    """Chromium offers permessage-deflate by itself: the page's connection is compressed
+    (SPEC §9), a large publication arrives compressed and one under 512 B plain, and the
+    page shows both unchanged; with compression off the same page works plain."""
+    srv = fastws_server()
+    open_live_page(page, srv)
+    values = scrape(srv.http_url)
+    assert values["fastws_connections_compressed"] == values["fastws_connections"] == 1
+    subscribe_on_page(page, "zip:*")
+    big = {"rows": [{"tx": f"0x{i:064x}", "value": i} for i in range(12)]}   # > 512 B
+    sent_before = scrape(srv.http_url)["fastws_bytes_sent_total"]
+    srv.publish("zip:big", big)
+    srv.publish("zip:small", "tiny")
+    wait_for(lambda: len(event_rows(page)) >= 2, what="events on the page")
+    assert event_rows(page) == [("zip:small", "tiny"),
+                                ("zip:big", json.dumps(big, separators=(",", ":")))]
+    # the big push went out compressed: far fewer bytes written than its JSON
+    written = scrape(srv.http_url)["fastws_bytes_sent_total"] - sent_before
+    assert written < len(json.dumps(big)) // 2, written
+    assert not page.errors, page.errors
+
+    plain = fastws_server("--no-compression")
+    open_live_page(page, plain)
+    values = scrape(plain.http_url)
+    assert values["fastws_connections_compressed"] == 0 and values["fastws_connections"] == 1
+    subscribe_on_page(page, "zip:*")
+    plain.publish("zip:big", big)
+    wait_for(lambda: len(event_rows(page)) >= 1, what="the plain event")
+    assert not page.errors, page.errors
+
+
 def test_second_subscription_and_unsubscribe(page, fastws_server):
     srv = fastws_server()
     open_live_page(page, srv)

@@ -1,16 +1,19 @@
 """The echo server (`fastws serve --echo`) against Autobahn (kosoku) and direct checks.
 
 The conformance run uses kosoku (Autobahn's own case files, driven from Rust) with the
-cases of `kosoku -x '12.*' -x '13.*' -x 7.1.2`: no compression is negotiated, and 7.1.2
-fails inside picows' parser, before our code sees a frame.
+cases of `kosoku -x '12.*' -x '13.*' -x 7.1.2` (7.1.2 fails inside picows' parser, before
+our code sees a frame); a second run takes the permessage-deflate cases, 12.* and 13.*,
+against the same server (compression is on by default, SPEC §9).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from kosoku import FailureError, run_fuzzingclient
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 EXCLUDED = ["12.*", "13.*", "7.1.2"]
+COMPRESSION_CASES = ["12.*", "13.*"]
 PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
 PASSING_CLOSE = {"OK", "INFORMATIONAL"}
 
@@ -118,3 +122,55 @@ async def test_autobahn_cases_pass(echo_port: int) -> None:
            if r.behavior.value not in PASSING or r.behavior_close.value not in PASSING_CLOSE]
     assert not bad, bad
     print(f"kosoku: {len(results)} cases passed in {elapsed:.1f}s")
+
+
+async def test_autobahn_compression_cases_pass(echo_port: int) -> None:
+    """Autobahn 12.* (payload kinds) and 13.* (offer parameters): every case OK."""
+    start = time.monotonic()
+    try:
+        results = await run_fuzzingclient(f"ws://127.0.0.1:{echo_port}",
+                                          cases=COMPRESSION_CASES, concurrency=4)
+    except FailureError as exc:
+        failed = [(r.case_id, r.behavior.value, r.behavior_close.value) for r in exc.results
+                  if r.behavior.value != "OK" or r.behavior_close.value != "OK"]
+        pytest.fail(f"Autobahn compression cases failed: {failed}")
+    elapsed = time.monotonic() - start
+    assert len(results) >= 200, len(results)
+    bad = [(r.case_id, r.behavior.value, r.behavior_close.value) for r in results
+           if r.behavior.value not in PASSING or r.behavior_close.value not in PASSING_CLOSE]
+    assert not bad, bad
+    print(f"kosoku compression: {len(results)} cases passed in {elapsed:.1f}s")
+
+
+def test_healthz_is_answered(echo_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", echo_port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b'"ok"}' not in answer:
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status":"ok"}'), answer
+
+
+async def test_compressed_echo(echo_port: int) -> None:
+    """The echo server answers a deflate offer and echoes a compressed message compressed."""
+    with socket.create_connection(("127.0.0.1", echo_port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        head, data = data.split(b"\r\n\r\n", 1)
+        assert b"permessage-deflate; server_no_context_takeover" in head, head
+        message = b"echo " * 200
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        packed = (packer.compress(message) + packer.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        sock.sendall(bytes([0xC1, 0x80 | len(packed)]) + b"\0\0\0\0" + packed)  # mask 0
+        while len(data) < 2 or len(data) < 2 + (data[1] & 0x7F):
+            data += sock.recv(4096)
+        assert data[0] == 0xC1 and data[1] < 126, data[:2]              # FIN, RSV1, TEXT
+        inflated = zlib.decompressobj(-15).decompress(data[2:2 + data[1]] + b"\0\0\xff\xff")
+        assert inflated == message

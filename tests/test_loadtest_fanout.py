@@ -4,6 +4,7 @@ loadtest/anchors.py), checked for exact accounting, never for speed."""
 from __future__ import annotations
 
 import time
+import zlib
 
 import pytest
 from picows import WSMsgType
@@ -92,3 +93,33 @@ def test_lanes_are_checked_each_in_order_in_both_hot_paths() -> None:
     for st in (py_stats, c_stats):
         assert (st.received, st.duplicates, st.gaps, st.bad_frames) == (11, 1, 1, 0)
     assert c_sub.last == py_sub.last == 10        # distinct publications seen
+
+
+def test_compiled_subscriber_inflates_compressed_frames() -> None:
+    """RSV1 frames (permessage-deflate) are inflated and accounted as plain ones."""
+    fast = load_fastsub()
+    now = time.time_ns()
+    stats = fast.CStats()
+    stats.win_start, stats.win_end = now - 10**10, now + 10**10
+    sub = fast.FastSubscriber(stats, fanout.on_reply, fanout.on_control)
+    for seq in (1, 2):
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        payload = _event(now, seq) + b" " * 2000
+        packed = (packer.compress(payload) + packer.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        sub.on_ws_frame(None, _make_test_ws_frame(WSMsgType.TEXT, packed, True, True))
+    assert (stats.received, stats.gaps, stats.bad_frames, stats.compressed) == (2, 0, 0, 2)
+    assert sub.last == 2 and stats.wire_bytes < 400
+
+
+@pytest.mark.timeout(120)
+def test_compressed_smoke_run() -> None:
+    """--compression --event demo for a second: every delivery arrives, compressed."""
+    args = fanout.parse_args(["--smoke", "--subscribers", "40", "--procs", "1",
+                              "--duration", "1", "--warmup", "0.3", "--compression",
+                              "--event", "demo", "--quiet"])
+    args._argv = None
+    r = fanout.run(args)
+    assert r["connected"] == 40 and r["publications"] > 0, r
+    assert r["lost"] == r["duplicates"] == r["out_of_order"] == r["bad_frames"] == 0, r
+    assert r["compressed_deliveries"] == r["deliveries"] == r["publications"] * 40
+    assert r["wire_bytes_per_delivery"] < 700          # ~1.1 KB pushes, compressed
