@@ -638,7 +638,7 @@ class HttpPublisher(Publisher):
         seq = self.lane_seq[lane]
         self.seq += 1
         self.outstanding += 1
-        data = b'{"t":%d,"seq":%d,"pad":"%s"}' % (time.time_ns(), seq, self.pad)
+        data = b'{"t":%d,"seq":%d,"pad":%s}' % (time.time_ns(), seq, self.pad)
         if self.api:
             data = b'{"channel":"%s","data":%s}' % (CHANNEL.encode(), data)
         self.writers[lane].write(b"%sContent-Length: %d\r\n\r\n%s"

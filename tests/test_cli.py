@@ -184,10 +184,13 @@ def test_serve_echo_runs_echo_server(fake_server: list[Config],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple] = []
     module = types.ModuleType("fastws.echo")
-    module.run = lambda host, port: calls.append((host, port)) or 0  # type: ignore[attr-defined]
+    module.run = (lambda host, port, compression: calls.append((host, port, compression))  # type: ignore[attr-defined]
+                  or 0)
     monkeypatch.setitem(sys.modules, "fastws.echo", module)
     assert cli.main(["serve", "--echo", "--port", "9005"]) == 0
-    assert calls == [("127.0.0.1", 9005)] and fake_server == []
+    assert cli.main(["serve", "--echo", "--port", "9006", "--no-compression"]) == 0
+    assert calls == [("127.0.0.1", 9005, True), ("127.0.0.1", 9006, False)]
+    assert fake_server == []
 
 
 def test_serve_crash_is_one_line(monkeypatch: pytest.MonkeyPatch,
