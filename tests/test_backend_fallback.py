@@ -314,7 +314,15 @@ async def test_lifecycle_records_sse_streams_not_polls(fastws_server, redis_serv
         assert events()[4]["event"] == "connect"
         j.close()
         await until(lambda: len(events()) == 6, 5)
+        # a drain ends a stream with 4001, and writes its disconnect before the exit
+        d = await open_sse(srv.port, "channel=room:1&token=tok-alice")
+        assert (await d.next())["type"] == "subscribed"
+        await until(lambda: len(events()) == 7, 5)
+        assert await asyncio.to_thread(srv.stop) == 0
+        assert (await d.next())["code"] == 4001
     evs = events()
+    assert (evs[-1]["event"], evs[-1]["code"], evs[-1]["client"]) == (
+        "disconnect", "4001", evs[-2]["client"]), evs[-1]
     connects = [e["client"] for e in evs if e["event"] == "connect"]
     disconnects = [e["client"] for e in evs if e["event"] == "disconnect"]
-    assert sorted(connects) == sorted(disconnects) and len(set(connects)) == 3
+    assert sorted(connects) == sorted(disconnects) and len(set(connects)) == 4
