@@ -196,7 +196,9 @@ class _Relayed(Conn, Session):
         self.unrecovered = plan.unrecovered
         self.close_code = 0
         self.expiry = None
-        if plan.ident is not None:
+        if plan.admission is not None:        # the connect proxy's (SPEC §11)
+            node.admit(self, plan.admission)
+        elif plan.ident is not None:
             self.set_identity(plan.ident)
 
     # what the hub and the node call
@@ -325,9 +327,11 @@ class SseStream(_Relayed, asyncio.Protocol):
         node.accepted += 1
         node.transports["sse"] += 1
         node.hub.add_connection(self)
-        if node.draining:
-            self.disconnect(DISCONNECT_DRAINING)
+        end = DISCONNECT_DRAINING if node.draining else plan.end
+        if end is not None:                 # no lifecycle record: never accepted
+            self.disconnect(end)
             return
+        node.connected(self, "sse", plan.ip)
         self._arm_ping()
         self.subscribe_all(plan)
 
@@ -479,6 +483,12 @@ class CallSession(BufferedSession):
         if not self.done.done():
             self.done.set_result(None)
 
+    def disconnect(self, d: Disconnect, after_ms: int | None = None) -> None:
+        """A backend ``disconnect`` (SPEC §11): the disconnect message is the answer."""
+        super().disconnect(d, after_ms)
+        if not self.done.done():
+            self.done.set_result(None)
+
 
 # ---------------------------------------------------------------------- requests
 
@@ -494,6 +504,11 @@ class Plan:
     cors: dict[str, str] = field(default_factory=dict)
     timeout: float = POLL_TIMEOUT
     given_cursor: bool = False
+    token: str | None = None
+    proxied: bool = False           # the connect proxy decides (no valid JWT)
+    admission: Any = None           # its node.Admission, once it answered
+    end: Disconnect | None = None   # the admission's disconnect: accepted, then closed
+    ip: str = ""
 
 
 def _cors(node: Any, headers: dict[str, str]) -> dict[str, str]:
@@ -506,10 +521,26 @@ def _cors(node: Any, headers: dict[str, str]) -> dict[str, str]:
     return {**(cors_headers(origins, origin) or {}), "Vary": "Origin"}
 
 
-def _identity(node: Any, token: str | None, headers: dict[str, str]) -> auth.Identity | None:
+def _token(token: str | None, headers: dict[str, str]) -> str | None:
+    """The request's token: ``?token=``, else ``Authorization: Bearer``."""
     authz = headers.get("authorization", "")
     if token is None and authz.lower().startswith("bearer "):
         token = authz[7:].strip()
+    return token or None
+
+
+async def _connect(node: Any, transport: str, ip: str, headers: dict[str, str],
+                   token: str | None, cors: dict[str, str]) -> Any:
+    """The connect proxy's admission (:meth:`Node.admission`), else :class:`Refused`
+    with the upgrade's answer: the backend's 401/403, or 503 (fail closed)."""
+    got = await node.admission(transport, ip, headers, token)
+    if isinstance(got, tuple):
+        raise Refused(got[0], got[1], {**cors, **(got[2] or {})})
+    return got
+
+
+def _identity(node: Any, token: str | None, headers: dict[str, str]) -> auth.Identity | None:
+    token = _token(token, headers)
     if not token:
         return None
     try:
@@ -552,12 +583,16 @@ def plan_request(node: Any, path: str, headers: dict[str, str], params: frozense
         if req.channel in names:
             raise Refused(400, f"channel {req.channel} given more than once", cors)
         names.append(req.channel)
-    try:
-        ident = _identity(node, query.get("token", [None])[0], headers)
-    except Refused as exc:
-        exc.headers.update(cors)
-        raise
-    plan = Plan(names, dict.fromkeys(names), ident=ident, cors=cors)
+    token = _token(query.get("token", [None])[0], headers)
+    proxied = node.proxied(token)     # (draining: no backend call, the stream ends)
+    plan = Plan(names, dict.fromkeys(names), cors=cors, token=token,
+                proxied=proxied and not node.draining)
+    if not proxied:     # else the backend says who this is: authorize() after it
+        try:
+            plan.ident = _identity(node, token, headers)
+        except Refused as exc:
+            exc.headers.update(cors)
+            raise
     text = (headers.get("last-event-id") or query.get("cursor", [None])[0]
             or query.get("last_event_id", [None])[0])
     if text:
@@ -570,17 +605,26 @@ def plan_request(node: Any, path: str, headers: dict[str, str], params: frozense
             plan.positions = {n: got[n] for n in names}
         else:
             plan.unrecovered = True     # another channel set's cursor: as if none
+    if not proxied:
+        authorize(node, plan)
+    return plan
+
+
+def authorize(node: Any, plan: Plan) -> None:
+    """The checks of a planned request that need its identity (raises
+    :class:`Refused`): every channel's subscribe permission, ``max_connections``."""
+    ident, cors = plan.ident, plan.cors
     user = ident.user if ident is not None else None
     grants = ident.channels if ident is not None else None
-    for name in names:
+    for name in plan.names:
         try:
             node.permissions.check("subscribe", user, name, grants)
         except ProtocolError as exc:
             raise Refused(exc.code, exc.message, cors) from None
+    limits = node.config.limits
     if limits.max_connections and node.hub.connection_count >= limits.max_connections:
         node.rate_limited["connections"] += 1
         raise Refused(429, "connection limit reached", {**cors, "Retry-After": "5"})
-    return plan
 
 
 def _refusal(exc: Refused) -> bytes:
@@ -608,7 +652,7 @@ def handle(app: Any, method: str, path: str, headers: dict[str, str],
             return _preflight(node, headers, "POST, OPTIONS")
         if method != "POST":
             return response(405, _error_body(405, "use POST"), {"Allow": "POST, OPTIONS"})
-        return app.loop.create_task(call(node, headers, body))
+        return app.loop.create_task(call(node, headers, body, _ip(app, headers)))
     if method == "OPTIONS":
         return _preflight(node, headers, "GET, OPTIONS")
     if method != "GET":
@@ -620,8 +664,36 @@ def handle(app: Any, method: str, path: str, headers: dict[str, str],
             plan.timeout = _timeout(path)
     except Refused as exc:
         return _refusal(exc)
+    if plan.proxied:
+        plan.ip = _ip(app, headers)
+        return app.loop.create_task(_admitted(app, route, plan, headers))
     if route == "/poll":
         return app.loop.create_task(poll(node, plan))
+    return Handover(lambda sock, rest: _open_sse(app, plan, sock, headers))
+
+
+def _ip(app: Any, headers: dict[str, str]) -> str:
+    """The client IP of the request being handled (HttpFront sets ``app.peer``)."""
+    peer = getattr(app, "peer", None)
+    return app.client_ip(peer, headers) if peer is not None else ""
+
+
+async def _admitted(app: Any, route: str, plan: Plan,
+                    headers: dict[str, str]) -> bytes | Handover:
+    """A ``/sse`` or ``/poll`` the connect proxy decides: its admission (else 401/403/503),
+    the checks that need the identity, then the stream or poll (:meth:`Node.admit`)."""
+    node = app.node
+    try:
+        plan.admission = await _connect(node, "sse" if route == "/sse" else "poll",
+                                        plan.ip, headers, plan.token, plan.cors)
+        plan.end = plan.admission.disconnect
+        if plan.end is None:
+            plan.ident = plan.admission.ident
+            authorize(node, plan)
+    except Refused as exc:
+        return _refusal(exc)
+    if route == "/poll":
+        return await poll(node, plan)
     return Handover(lambda sock, rest: _open_sse(app, plan, sock, headers))
 
 
@@ -648,6 +720,7 @@ def _open_sse(app: Any, plan: Plan, sock: asyncio.Transport, headers: dict[str, 
         sock.write(_refusal(exc))
         sock.close()
         return
+    plan.ip = plan.ip or app.client_ip(sock, headers)
     SseStream(app.node, plan).start(sock, plan, headers)
 
 
@@ -659,8 +732,9 @@ async def poll(node: Any, plan: Plan) -> bytes:
     node.transports["poll"] += 1
     node.hub.add_connection(sess)
     try:
-        if node.draining:
-            sess.disconnect(DISCONNECT_DRAINING)
+        end = DISCONNECT_DRAINING if node.draining else plan.end
+        if end is not None:
+            sess.disconnect(end)
         else:
             sess.subscribe_all(plan)
             await asyncio.wait_for(asyncio.shield(sess.subscribed), SUBSCRIBE_TIMEOUT)
@@ -685,22 +759,30 @@ async def poll(node: Any, plan: Plan) -> bytes:
     return response(200, body, hdrs)
 
 
-async def call(node: Any, headers: dict[str, str], body: bytes) -> bytes:
+async def call(node: Any, headers: dict[str, str], body: bytes, ip: str = "") -> bytes:
     """Answer one ``POST /call``: one protocol request, the WebSocket's reply; an
-    ``error`` reply comes with its code as the HTTP status."""
+    ``error`` reply comes with its code as the HTTP status.  The connect proxy admits
+    it first (transport ``http``) as a stream; its ``disconnect`` is the answer (200)."""
     try:
         cors = _cors(node, headers)
     except Refused as exc:
         return _refusal(exc)
+    sess = CallSession(node, node.next_client_id())
+    token = _token(None, headers)
     try:
-        ident = _identity(node, None, headers)
+        if node.proxied(token):
+            admission = await _connect(node, "http", ip, headers, token, cors)
+            node.admit(sess, admission)
+            if admission.disconnect is not None:
+                sess.disconnect(admission.disconnect)
+        else:
+            ident = _identity(node, token, headers)
+            if ident is not None:
+                sess.set_identity(ident)
     except Refused as exc:
         exc.headers.update(cors)
         return _refusal(exc)
-    sess = CallSession(node, node.next_client_id())
-    if ident is not None:
-        sess.set_identity(ident)
-    req = sess.receive(body)
+    req = sess.receive(body) if sess.closed is None else None
     if req is not None:
         if req.type not in CALL_TYPES:
             sess.error(ProtocolError(Err.BAD_REQUEST, f"{req.type} needs a stream: use "

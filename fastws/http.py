@@ -40,7 +40,7 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 501: "Not Implemented",
            405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+           503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 
 
 class HttpError(Exception):
@@ -140,6 +140,7 @@ class HttpApp(Protocol):
 
     loop: asyncio.AbstractEventLoop
     read_view: memoryview    # the one scratch buffer every HttpFront reads into
+    peer: asyncio.BaseTransport | None   # set by HttpFront while handle_http runs
 
     def ip_limit(self, transport: asyncio.BaseTransport, headers: dict[str, str],
                  upgrade: bool) -> float:
@@ -267,11 +268,14 @@ class HttpFront(asyncio.BufferedProtocol):
             body = buf[start:end]
             self.buf = buf[end:]
             keep = keep_alive(version, headers)
+            app.peer = self.transport   # whose request handle_http answers (its client IP)
             try:
                 answer = app.handle_http(method, path, headers, body)
             except Exception:
                 log.exception("internal error answering %s %s", method, path)
                 answer = json_response(500, {"error": "internal error"})
+            finally:
+                app.peer = None
             if not keep:
                 self.busy = True    # nothing after a request that closes is read
             if isinstance(answer, bytes):

@@ -174,6 +174,7 @@ class Server:
                 await task
         if self.app is not None:
             self.app.close_all()
+            await asyncio.sleep(0)  # their connection_lost (node.drop: lifecycle records) first
         await self.node.close()
 
 

@@ -526,6 +526,32 @@ class Node:
                               tuple(chans) if chans is not None else None)
         return Admission(client, ident, result.get("meta"), None, ip)
 
+    def proxied(self, token: str | None) -> bool:
+        """Whether the ``[proxy] connect`` backend decides who a new connection is: it
+        is set and ``token`` (None: none given) does not verify as a JWT (an expired
+        or foreign one goes to the backend like any opaque token)."""
+        if self.config.proxy.connect is None:
+            return False
+        if token:
+            try:
+                self.auth.verify(token)
+                return False
+            except auth.AuthError:
+                pass
+        return True
+
+    async def admission(self, transport: str, ip: str, headers: dict[str, str],
+                        token: str | None) -> Admission | tuple[int, str, dict[str, str] | None]:
+        """:meth:`connect_proxy` for a transport: the :class:`Admission`, or the HTTP
+        refusal ``(status, message, headers)``: the backend's 401/403, or 503 with
+        ``Retry-After`` when it is down, slow or answers garbage (fail closed)."""
+        try:
+            return await self.connect_proxy(transport, ip, headers, token)
+        except BackendRefused as exc:
+            return exc.code, exc.message or "refused", None
+        except BackendFailed:
+            return 503, "the authentication backend is unavailable", {"Retry-After": "1"}
+
     def admit(self, sess: Session, admission: Admission) -> None:
         """Give a new session what its connect-proxy admission says (before it is
         accepted: its client id, identity and meta)."""

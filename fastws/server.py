@@ -53,7 +53,6 @@ from fastws.limits import KeyedLimiter, client_ip
 from fastws.logs import PicowsLog
 from fastws.metrics import CONTENT_TYPE, Metrics
 from fastws.node import Admission, Node
-from fastws.proxy import BackendFailed, BackendRefused
 from fastws.session import SESSION_SLOTS, Session
 
 __all__ = ["Connection", "App", "Server", "run", "serve"]
@@ -296,6 +295,7 @@ class App:
     # ------------------------------------------------------------------ connect proxy
 
     admission: Admission | None = None   # set by HttpFront while an admitted upgrade is handed over
+    peer: asyncio.BaseTransport | None = None   # set by HttpFront while handle_http runs
 
     def admit(self, transport: asyncio.Transport, path: str,
               headers: dict[str, str]) -> asyncio.Future | None:
@@ -311,23 +311,10 @@ class App:
         token = parse_qs(url.query).get("token", [None])[0]
         if token is None:
             token = bearer_token(headers.get("authorization", ""))
-        if token:
-            try:
-                node.auth.verify(token)
-                return None             # a valid JWT: listener_for takes it
-            except auth.AuthError:
-                pass
-        return self.loop.create_task(self._connect_proxy(
-            self.client_ip(transport, headers), headers, token or None))
-
-    async def _connect_proxy(self, ip: str, headers: dict[str, str],
-                             token: str | None) -> Admission | tuple[int, str, Any]:
-        try:
-            return await self.node.connect_proxy("websocket", ip, headers, token)
-        except BackendRefused as exc:
-            return exc.code, exc.message or "refused", None
-        except BackendFailed:
-            return 503, "the authentication backend is unavailable", {"Retry-After": "1"}
+        if not node.proxied(token or None):
+            return None                 # a valid JWT: listener_for takes it
+        return self.loop.create_task(node.admission(
+            "websocket", self.client_ip(transport, headers), headers, token or None))
 
     def client_ip(self, transport: asyncio.BaseTransport, headers: dict[str, str]) -> str:
         """The client IP of a request (the last X-Forwarded-For hop behind a trusted
