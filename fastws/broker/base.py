@@ -39,6 +39,7 @@ class Publication:
     history_ttl: float
     idempotency_key: str | None = None
     log: tuple[str, int] | None = None
+    meta: bytes = b""  # opaque to the broker, handed back with the publication (SPEC §13)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class BrokerHandler(Protocol):
 
         ``log_offset``/``log_epoch``: its position in its namespace's log, passed (as
         two more positional arguments) only when it has one (see ``Broker.publish``).
+        A publication made with ``meta`` comes with ``meta=META`` too (see there).
         """
 
     def handle_gap(self) -> None:
@@ -140,7 +142,7 @@ class Broker(ABC):
     @abstractmethod
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
-                      log: tuple[str, int] | None = None) -> PublishResult:
+                      log: tuple[str, int] | None = None, meta: bytes = b"") -> PublishResult:
         """Publish encoded JSON ``data``; append to history when ``history_size`` > 0.
 
         The same ``idempotency_key`` on a channel within 5 minutes returns the first
@@ -148,6 +150,11 @@ class Broker(ABC):
         it to that namespace's log (kept ``size`` long, for pattern recovery) and hand
         its log position to every node's handler (``log_offset``, ``log_epoch``), when
         the broker keeps logs (:attr:`keeps_logs`); it is ignored otherwise.
+
+        ``meta`` (keyword, optional): bytes the broker does not read and hands back to
+        every node's handler with this publication, as ``meta=`` (the sender and the
+        ephemeral flag of a client's publication, SPEC §13); a publication without it
+        is handed over without the keyword.  It is not kept in history.
         """
 
     async def publish_batch(self, pubs: list[Publication]
@@ -162,7 +169,8 @@ class Broker(ABC):
             try:
                 out.append(await self.publish(p.channel, p.data, history_size=p.history_size,
                                               history_ttl=p.history_ttl,
-                                              idempotency_key=p.idempotency_key, log=p.log))
+                                              idempotency_key=p.idempotency_key, log=p.log,
+                                              **({"meta": p.meta} if p.meta else {})))
             except BrokerUnavailable as exc:
                 out.append(exc)
         return out

@@ -28,9 +28,11 @@ __all__ = ["ENVELOPE_PREFIX", "decode_payload", "LOG_PREFIX", "log_keys", "PUBLI
            "hash_tag", "keys_for",
            "PRESENCE_PREFIX", "PRESENCE_JOIN_LUA", "PRESENCE_LEAVE_LUA", "PRESENCE_GET_LUA",
            "PRESENCE_REFRESH_LUA", "presence_keys", "presence_value", "presence_user",
-           "REVOKED_PREFIX", "REVOKE_LUA", "SCRIPTS"]
+           "REVOKED_PREFIX", "REVOKE_LUA", "SCRIPTS", "META_PREFIX"]
 
 ENVELOPE_PREFIX = b"\x00fws\x00"
+#: before an envelope (and its LOG_PREFIX part): b"META\n", a publication's meta
+META_PREFIX = b"\x00fwm\x00"
 _ENV_LEN = len(ENVELOPE_PREFIX)
 
 # KEYS: meta, stream[, idempotency][, log meta, log]
@@ -38,7 +40,9 @@ _ENV_LEN = len(ENVELOPE_PREFIX)
 #       an id, space-separated), idempotency ttl ms, publish command (PUBLISH or
 #       SPUBLISH), '' or the feed of the channel's slot (cluster: see broker/cluster.py),
 #       this master's replication id and its previous one (master_replid, _replid2),
-#       the size of the namespace log (0 or absent: none; then no log keys)
+#       the size of the namespace log (0 or absent: none; then no log keys),
+#       '' or absent, or META_PREFIX + META + "\n": put before what is published (the
+#       node's meta of a client's publication, SPEC §13; not kept in history)
 #
 # The namespace log (docs/history.md) is a second stream, one per namespace, that
 # gets every publication of the namespace with its own offset and epoch (entries
@@ -110,6 +114,7 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 env = env .. '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
+if (ARGV[13] or '') ~= '' then env = ARGV[13] .. env end
 redis.call(ARGV[8], ARGV[1], env)
 if ARGV[9] ~= '' then redis.call('SPUBLISH', ARGV[9], ARGV[1] .. '\n' .. env) end
 local res = offset .. ' ' .. epoch
