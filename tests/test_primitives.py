@@ -10,6 +10,7 @@ import uuid
 
 import jwt
 import pytest
+from conftest import API_KEY, api
 from wsclient import RawClient, connect, connect_with_token
 
 pytestmark = pytest.mark.timeout(90)
@@ -144,6 +145,14 @@ async def test_ephemeral_reaches_live_subscribers_only(nodes):
     assert a.publish(ch, {"typing": False}, ephemeral=True) == {"offset": 0, "epoch": ""}
     push = await sub.recv()
     assert push["ephemeral"] is True and "from" not in push
+    status, batch = api(a.http_url, "/api/publish", [
+        {"channel": ch, "data": "eph", "ephemeral": True}, {"channel": ch, "data": "x",
+                                                            "ephemeral": "yes"}],
+        {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 200 and batch[0] == {"offset": 0, "epoch": ""}, batch
+    assert batch[1]["status"] == 400 and "ephemeral" in batch[1]["error"]
+    push = await sub.recv()
+    assert push["data"] == "eph" and push["ephemeral"] is True
     nxt = a.publish(ch, {"n": 2})
     assert nxt["offset"] == first["offset"] + 1
     assert (await sub.recv())["offset"] == nxt["offset"]
