@@ -494,7 +494,7 @@ class RedisBroker(Broker):
         if log is not None and log[1] > 0 and self.keeps_logs:
             keys.extend(log_keys(log[0]))
             args.append(log[1])  # ARGV[12]: the namespace log's size
-        if pub_meta:  # ARGV[13]: the publication's meta, before what is published
+        if pub_meta:  # after ARGV[12] (the log size): the meta, found by its prefix
             if len(args) == 11:
                 args.append(0)
             args.append(META_PREFIX + pub_meta + b"\n")

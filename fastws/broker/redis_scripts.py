@@ -41,8 +41,9 @@ _ENV_LEN = len(ENVELOPE_PREFIX)
 #       SPUBLISH), '' or the feed of the channel's slot (cluster: see broker/cluster.py),
 #       this master's replication id and its previous one (master_replid, _replid2),
 #       the size of the namespace log (0 or absent: none; then no log keys),
-#       '' or absent, or META_PREFIX + META + "\n": put before what is published (the
-#       node's meta of a client's publication, SPEC §13; not kept in history)
+#       then, optionally, META_PREFIX + META + "\n" (found by its prefix among the
+#       arguments after the log size): put before what is published (the node's meta
+#       of a client's publication, SPEC §13; never kept in history)
 #
 # The namespace log (docs/history.md) is a second stream, one per namespace, that
 # gets every publication of the namespace with its own offset and epoch (entries
@@ -114,7 +115,9 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 env = env .. '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
-if (ARGV[13] or '') ~= '' then env = ARGV[13] .. env end
+for i = 13, #ARGV do  -- the meta argument, wherever it sits after the log size
+  if string.sub(ARGV[i], 1, 5) == '\0fwm\0' then env = ARGV[i] .. env end
+end
 redis.call(ARGV[8], ARGV[1], env)
 if ARGV[9] ~= '' then redis.call('SPUBLISH', ARGV[9], ARGV[1] .. '\n' .. env) end
 local res = offset .. ' ' .. epoch
