@@ -3,7 +3,8 @@ without WebSocket (SSE and HTTP calls), through the example's backend and config
 
 Messages both ways with sender names, presence, typing shown then cleared, read
 receipts, a direct message to the other's inbox, and offline sending: the server goes
-away, two messages typed meanwhile arrive once each after it is back.
+away, two messages typed meanwhile arrive once each after it is back; a third user
+joining later gets the room's last messages.
 """
 
 from __future__ import annotations
@@ -135,4 +136,12 @@ def test_two_users_chat(browser, chat):
     assert got.count(("alice", "offline one")) == 1 and got.count(("alice", "offline two")) == 1
     assert got.index(("alice", "offline one")) < got.index(("alice", "offline two"))
     assert rows(alice).count(("alice", "offline one")) == 1
-    assert alice.errors == [] and bob.errors == []
+
+    # a third user arriving later sees the room's last messages (subscribe with `last`),
+    # sender names included, and the receipts and typing signals not at all
+    carol = open_user(browser, chat["url"], "carol")
+    wait_row(carol, "bob", "welcome back")
+    history = rows(carol)
+    assert history == [("alice", "hello bob"), ("bob", "hi alice"), ("alice", "offline one"),
+                       ("alice", "offline two"), ("bob", "welcome back")], history
+    assert alice.errors == [] and bob.errors == [] and carol.errors == []
