@@ -9,13 +9,14 @@ joining later gets the room's last messages.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, start_redis, start_server, wait_port
+from conftest import free_port, http, start_redis, start_server, wait_port
 from test_browser import browser
 
 __all__ = ["browser"]   # fixture, imported for pytest
@@ -145,3 +146,38 @@ def test_two_users_chat(browser, chat):
     assert history == [("alice", "hello bob"), ("bob", "hi alice"), ("alice", "offline one"),
                        ("alice", "offline two"), ("bob", "welcome back")], history
     assert alice.errors == [] and bob.errors == [] and carol.errors == []
+
+
+def test_backend_answers_the_proxy_shapes():
+    """The backend's connect and publish proxy endpoints answer SPEC §11's shapes: the
+    user of a login cookie (401 without one); a message over the length limit refused
+    (413), others allowed with the sender's name stamped in."""
+    port = free_port()
+    backend = subprocess.Popen([sys.executable, str(CHAT / "backend.py"), "--no-fastws",
+                                "--port", str(port)], cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_port(port, backend)
+        status, headers, body = http("POST", base + "/login", {"name": "dora"})
+        assert status == 200 and json.loads(body)["token"]  # JWT mode: no [proxy] table
+        cookie = {k.lower(): v for k, v in headers.items()}["set-cookie"].split(";")[0]
+        connect_req = {"client": "c1", "transport": "websocket", "ip": "127.0.0.1",
+                       "token": None}
+        _, _, body = http("POST", base + "/proxy/connect",
+                          {**connect_req, "headers": {"Cookie": cookie}})
+        assert json.loads(body)["result"]["user"] == "dora"
+        for bad in ({}, {"cookie": cookie.replace("dora", "eve")}):
+            _, _, body = http("POST", base + "/proxy/connect", {**connect_req, "headers": bad})
+            assert json.loads(body)["error"]["code"] == 401
+        pub = {"client": "c1", "user": "dora", "channel": "room:general"}
+        _, _, body = http("POST", base + "/proxy/publish",
+                          {**pub, "data": {"text": "x" * 501, "name": "mallory"}})
+        assert json.loads(body)["error"]["code"] == 413
+        _, _, body = http("POST", base + "/proxy/publish",
+                          {**pub, "data": {"text": "hi", "name": "mallory"}})
+        assert json.loads(body) == {"result": {"data": {"text": "hi", "name": "dora"}}}
+        status, _, _ = http("POST", base + "/login", {"name": "no spaces"})
+        assert status == 400
+    finally:
+        backend.terminate()
+        backend.wait(10)
