@@ -46,12 +46,12 @@ def key_ok(node: Node, headers: dict[str, str]) -> bool:
     return bool(keys) and bearer_token(headers.get("authorization", "")) in keys
 
 
-def _publication(node: Node, msg: Any) -> tuple[str, Any, str | None] | str:
+def _publication(node: Node, msg: Any) -> tuple[Any, ...] | str:
     """``(channel, data, idempotency_key)`` of one publication object of the API,
     or the reason it is refused."""
     if not isinstance(msg, dict):
         return "a publication must be a JSON object"
-    unknown = set(msg) - {"channel", "data", "idempotency_key"}
+    unknown = set(msg) - {"channel", "data", "idempotency_key", "ephemeral"}
     if unknown:
         return f"unknown field {sorted(unknown)[0]!r}"
     if "data" not in msg:
@@ -64,6 +64,11 @@ def _publication(node: Node, msg: Any) -> tuple[str, Any, str | None] | str:
     key = msg.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not key or len(key) > 255):
         return "idempotency_key must be a string of 1-255 chars"
+    ephemeral = msg.get("ephemeral")
+    if ephemeral is not None and not isinstance(ephemeral, bool):
+        return "ephemeral must be a boolean"
+    if ephemeral:  # SPEC §13: live subscribers only, offset 0
+        return channel, msg["data"], key, True
     return channel, msg["data"], key
 
 
@@ -106,7 +111,7 @@ async def publish(node: Node, headers: dict[str, str], body: bytes) -> bytes:
     if isinstance(item, str):
         return json_response(400, {"error": item})
     try:
-        res = await node.publish(*item)
+        res = await node.publish(*item[:3], ephemeral=len(item) > 3)
     except BrokerUnavailable as exc:
         return json_response(503, {"error": f"broker unavailable: {exc}"}, {"Retry-After": "1"})
     except protocol.ProtocolError as exc:
@@ -127,7 +132,7 @@ async def _publish_batch(node: Node, msgs: list[Any]) -> bytes:
         if not isinstance(msg, dict):
             return json_response(400, {"error": f"item {i} of the array is not a JSON object"})
     results: list[Any] = []
-    items: list[tuple[str, Any, str | None]] = []
+    items: list[tuple[Any, ...]] = []
     for msg in msgs:
         item = _publication(node, msg)
         if isinstance(item, str):

@@ -86,6 +86,7 @@ def stream_key(channel: str) -> str:
     """The Redis stream a ``stream = true`` namespace appends ``channel``'s
     publications to: ``fastws:stream:<namespace>`` (``*`` for channels without one)."""
     return STREAM_PREFIX + (channels.namespace_of(channel) or "*")
+EPHEMERAL_META = b'{"e":1}'     # the meta of an ephemeral publication without a sender
 
 
 class Node:
@@ -137,6 +138,8 @@ class Node:
         self._queries: dict[str, tuple[list[Any], asyncio.Event]] = {}
         # subscribes awaiting the broker, per name (no broker unsubscribe meanwhile)
         self._pending: Counter[str] = Counter()
+        # sessions that published with "echo": false, by client id (until they end)
+        self._echoless: dict[str, Session] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -220,7 +223,8 @@ class Node:
 
     def _publication(self, channel: str, data: Any, idempotency_key: str | None = None,
                      data_json: bytes | None = None, user: str = "",
-                     client: str = "") -> Publication:
+                     client: str = "", ephemeral: bool = False,
+                     meta: bytes = b"") -> Publication:
         """A broker :class:`Publication` of ``data`` on ``channel`` with its namespace's
         history and stream rules (ProtocolError if ``data`` nests too deep); ``user``
         and ``client`` name the publisher in a stream entry."""
@@ -230,6 +234,9 @@ class Node:
                                     f"data nests deeper than {MAX_JSON_DEPTH} levels")
             data_json = orjson.dumps(data)
         ns = self.config.for_channel(channel)
+        if ephemeral:  # live subscribers only: no history, no log, no stream, no offset
+            return Publication(channel, data_json, 0, ns.history_ttl, idempotency_key, None,
+                               None, meta or EPHEMERAL_META)
         log = None
         if ns.history_size > 0 and not ns.private:
             # the namespace's log, for pattern subscriptions (docs/history.md)
@@ -239,26 +246,31 @@ class Node:
         stream = (StreamAppend(stream_key(channel), ns.stream_maxlen, user, client)
                   if ns.stream else None)
         return Publication(channel, data_json, ns.history_size, ns.history_ttl,
-                           idempotency_key, log, stream)
+                           idempotency_key, log, stream, meta)
 
     async def publish(self, channel: str, data: Any, idempotency_key: str | None = None,
                       *, data_json: bytes | None = None, user: str = "",
-                      client: str = "") -> PublishResult:
+                      client: str = "", ephemeral: bool = False,
+                      meta: bytes = b"") -> PublishResult:
         """Publish to a (validated) channel through the broker; returns offset/epoch.
+
         In a ``stream`` namespace it is appended to the stream first, with ``user`` and
-        ``client`` (BrokerUnavailable, and nothing published, when that fails)."""
-        pub = self._publication(channel, data, idempotency_key, data_json, user, client)
-        if pub.stream is None:
-            return await self.broker.publish(
-                channel, pub.data, history_size=pub.history_size,
-                history_ttl=pub.history_ttl, idempotency_key=idempotency_key, log=pub.log,
-            )
+        ``client`` (BrokerUnavailable, and nothing published, when that fails).
+        ``ephemeral``: to live subscribers only (SPEC §13); ``meta``: the sender of a
+        client's publication (see :meth:`_publish_req`)."""
+        pub = self._publication(channel, data, idempotency_key, data_json, user=user,
+                                client=client, ephemeral=ephemeral, meta=meta)
+        extra: dict[str, Any] = {}   # only what is set: a broker may not take them
+        if pub.stream is not None:
+            extra["stream"] = pub.stream
+        if pub.meta:
+            extra["meta"] = pub.meta
         return await self.broker.publish(
             channel, pub.data, history_size=pub.history_size, history_ttl=pub.history_ttl,
-            idempotency_key=idempotency_key, log=pub.log, stream=pub.stream,
+            idempotency_key=idempotency_key, log=pub.log, **extra,
         )
 
-    async def publish_batch(self, items: list[tuple[str, Any, str | None]]
+    async def publish_batch(self, items: list[tuple[Any, ...]]
                             ) -> list[PublishResult | ProtocolError | BrokerUnavailable]:
         """Publish ``(channel, data, idempotency_key)`` items (validated channels) in
         order, in one broker batch; one result per item: its offset/epoch, or the
@@ -266,9 +278,10 @@ class Node:
         Raises BrokerUnavailable when the broker took none of them."""
         out: list[Any] = []
         pubs: list[Publication] = []
-        for channel, data, key in items:
+        for channel, data, key, *ephemeral in items:  # (an optional 4th: ephemeral)
             try:
-                pub = self._publication(channel, data, key)
+                pub = self._publication(channel, data, key,
+                                        ephemeral=bool(ephemeral and ephemeral[0]))
             except ProtocolError as exc:
                 out.append(exc)
                 continue
@@ -280,12 +293,40 @@ class Node:
     # ------------------------------------------------------------------ broker callbacks
 
     def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
-                           accepted: float, log_offset: int = 0, log_epoch: str = "") -> None:
+                           accepted: float, log_offset: int = 0, log_epoch: str = "",
+                           meta: bytes = b"") -> None:
         """Broker callback: frame the publication once and fan it out."""
+        if meta:
+            self._handle_meta(channel, data, offset, epoch, accepted, log_offset,
+                              log_epoch, meta)
+            return
         self.recovery.on_publication(channel, data, offset, epoch, log_offset, log_epoch)
         frame = make_frame(protocol.event_payload(channel, data, offset, epoch))
         # owner and api namespaces reach exact subscribers only (each passed check())
         self.hub.broadcast(channel, frame, accepted, self.permissions.private(channel))
+
+    def _handle_meta(self, channel: str, data: bytes, offset: int, epoch: str,
+                     accepted: float, log_offset: int, log_epoch: str, meta: bytes) -> None:
+        """A publication with meta (SPEC §13): ``{"e":1}`` ephemeral, ``"f"`` the
+        sender ({user, client}) for ``from``, ``"x"`` the client id it must not reach
+        (``echo: false``).  Still framed once; the sender is skipped by being marked
+        closing for the duration of the (synchronous) broadcast: one pointer test in
+        the loop, no object per delivery."""
+        m = orjson.loads(meta)
+        ephemeral = bool(m.get("e"))
+        self.recovery.on_publication(channel, data, offset, epoch, log_offset, log_epoch)
+        frame = make_frame(protocol.event_payload_from(channel, data, offset, epoch,
+                                                       ephemeral, m.get("f")))
+        private = self.permissions.private(channel)
+        skip = self._echoless.get(m["x"]) if "x" in m else None
+        if skip is None or skip.closing:
+            self.hub.broadcast(channel, frame, accepted, private)
+            return
+        skip.closing = True
+        try:
+            self.hub.broadcast(channel, frame, accepted, private)
+        finally:
+            skip.closing = False
 
     def handle_gap(self) -> None:
         """Broker callback after it reconnected and resubscribed: publications may have
@@ -397,8 +438,8 @@ class Node:
         try:
             if not hub.has_subscribers(name):
                 await self.broker.subscribe(name)
-            if req.since is not None or req.positioned:
-                extra.update(await self.recovery.recover(sess, name, req.since))
+            if req.since is not None or req.positioned or req.last:
+                extra.update(await self.recovery.recover(sess, name, req.since, req.last))
             if sess.closing:
                 sess.forget(name)
                 return b""
@@ -448,8 +489,15 @@ class Node:
                                                        "meta": self._meta(sess)})
             if "data" in result:   # the backend rewrote it
                 data = result["data"]
+        meta: dict[str, Any] = {"f": {"user": sess.user, "client": sess.client_id}}
+        if req.ephemeral:
+            meta["e"] = 1
+        if not req.echo and sess.subs:  # (a session without subscriptions gets nothing)
+            meta["x"] = sess.client_id
+            self._echoless[sess.client_id] = sess
         res = await self.publish(req.channel, data, req.idempotency_key,
-                                 user=sess.user or "", client=sess.client_id)
+                                 user=sess.user or "", client=sess.client_id,
+                                 ephemeral=req.ephemeral, meta=orjson.dumps(meta))
         return protocol.reply(req.id, "published", offset=res.offset, epoch=res.epoch)
 
     # ------------------------------------------------------------------ backend (SPEC §11)
@@ -668,6 +716,8 @@ class Node:
         if sess.backend is not None and sess.backend.logged and self.lifecycle is not None:
             sess.backend.logged = False
             self.lifecycle.disconnect(sess.client_id, close_code)
+        if self._echoless:
+            self._echoless.pop(sess.client_id, None)
         self.hub.remove_connection(sess)
         sess.closing = True
         if sess.subs:

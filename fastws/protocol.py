@@ -17,7 +17,7 @@ from fastws.codes import Err
 
 __all__ = [
     "TYPES", "Since", "Request", "ProtocolError", "parse", "reply", "error_reply",
-    "event_payload", "disconnect_payload",
+    "event_payload", "event_payload_from", "disconnect_payload",
 ]
 
 TYPES = frozenset(
@@ -54,7 +54,14 @@ class Request:
     limit: int | None = None
     token: str = ""
     method: str = ""                  # rpc
-    idempotency_key: str | None = None  # publish: a retry with the same key publishes once
+    last: int = 0                     # subscribe: the newest N publications first (SPEC §13)
+    ephemeral: bool = False           # publish: live subscribers only, no history
+    echo: bool = True                 # publish: False keeps it from the sender
+    idempotency_key: str | None = None  # publish: the same key publishes once
+
+
+MAX_LAST = 100
+MAX_IDEMPOTENCY_KEY = 255
 
 
 class ProtocolError(Exception):
@@ -131,12 +138,7 @@ def parse(payload: bytes | str, max_channel_length: int = 255) -> Request:
         if "data" not in msg:
             raise ProtocolError(Err.BAD_REQUEST, "data is required", id)
         req.data = msg["data"]
-        key = msg.get("idempotency_key")
-        if key is not None:
-            if not isinstance(key, str) or not 0 < len(key) <= 255:
-                raise ProtocolError(Err.BAD_REQUEST, "idempotency_key must be a string of "
-                                    "1-255 chars", id)
-            req.idempotency_key = key
+        _publish_options(req, msg, id)
     elif typ in ("subscribe", "history"):
         if msg.get("since") is not None:
             req.since = _since(msg["since"], id)
@@ -146,7 +148,30 @@ def parse(payload: bytes | str, max_channel_length: int = 255) -> Request:
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
                 raise ProtocolError(Err.BAD_REQUEST, "limit must be a non-negative integer", id)
             req.limit = min(limit, MAX_HISTORY_LIMIT)
+        elif msg.get("last") is not None:
+            last = msg["last"]
+            if (not isinstance(last, int) or isinstance(last, bool)
+                    or not 1 <= last <= MAX_LAST):
+                raise ProtocolError(Err.BAD_REQUEST,
+                                    f"last must be an integer from 1 to {MAX_LAST}", id)
+            req.last = last
     return req
+
+
+def _publish_options(req: Request, msg: dict[str, Any], id: int | None) -> None:
+    """``ephemeral``, ``echo`` and ``idempotency_key`` of a publish (SPEC §13)."""
+    for name in ("ephemeral", "echo"):
+        value = msg.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise ProtocolError(Err.BAD_REQUEST, f"{name} must be a boolean", id)
+    req.ephemeral = msg.get("ephemeral") is True
+    req.echo = msg.get("echo") is not False
+    key = msg.get("idempotency_key")
+    if key is not None:
+        if not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+            raise ProtocolError(Err.BAD_REQUEST, "idempotency_key must be a string of "
+                                f"1-{MAX_IDEMPOTENCY_KEY} chars", id)
+        req.idempotency_key = key
 
 
 def reply(id: int | None, typ: str, **fields: Any) -> bytes:
@@ -172,6 +197,22 @@ def event_payload(channel: str, data_json: bytes, offset: int = 0, epoch: str = 
                              "epoch": epoch, "data": orjson.Fragment(data_json)})
     return orjson.dumps({"type": "event", "channel": channel,
                          "data": orjson.Fragment(data_json)})
+
+
+def event_payload_from(channel: str, data_json: bytes, offset: int, epoch: str,
+                       ephemeral: bool, sender: dict[str, Any] | None) -> bytes:
+    """Bytes of an ``event`` push with the SPEC §13 fields: ``"ephemeral":true`` (no
+    offset/epoch) and/or ``from`` ({user, client} of the publishing client)."""
+    msg: dict[str, Any] = {"type": "event", "channel": channel}
+    if offset and not ephemeral:
+        msg["offset"] = offset
+        msg["epoch"] = epoch
+    if ephemeral:
+        msg["ephemeral"] = True
+    if sender is not None:
+        msg["from"] = sender
+    msg["data"] = orjson.Fragment(data_json)
+    return orjson.dumps(msg)
 
 
 def disconnect_payload(code: int, reason: str, reconnect: bool, after_ms: int) -> bytes:

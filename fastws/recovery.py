@@ -38,6 +38,7 @@ NS_LOG_SIZE = 10_000            # publications a namespace's log keeps (pattern 
 POSITION_CHECK_INTERVAL = 10.0  # seconds between checks of channel positions (gaps)
 MAX_POSITIONS = 100_000         # channels whose last offset is remembered (gap detection)
 CHECK_BATCH = 1000              # channels checked per round
+LAST_SCAN = 1000                # a pattern's `last` N: found among the log's newest entries
 
 
 class Recovery:
@@ -164,14 +165,18 @@ class Recovery:
     # ------------------------------------------------------------ replay
 
     async def recover(self, sess: Session, name: str,
-                      since: protocol.Since | None) -> dict[str, Any]:
+                      since: protocol.Since | None, last: int = 0) -> dict[str, Any]:
         """Send the publications missed after ``since`` as event pushes; returns what
         goes into ``subscribed``: ``recovered`` (were they all still there) and, for a
         channel with history, its stream's ``offset``/``epoch`` after the replay (the
         clients keep it when ``recovered`` is false).  Without ``since`` (a
-        ``positioned`` subscribe) only the position: everything after it is delivered."""
+        ``positioned`` subscribe) only the position: everything after it is delivered.
+        ``last`` (without ``since``): the newest ``last`` publications kept are sent
+        first (SPEC §13), then the position is answered the same way."""
+        if since is not None:
+            last = 0
         if channels.is_pattern(name):
-            return await self._recover_pattern(sess, name, since)
+            return await self._recover_pattern(sess, name, since, last)
         broker = self.node.broker
         ns = self.node.config.for_channel(name)
         if ns.history_size <= 0:
@@ -186,7 +191,7 @@ class Recovery:
         waiting.append(buf)
         try:
             hist = await broker.history(
-                name, limit=ns.history_size if since is not None else 0,
+                name, limit=ns.history_size if since is not None else last,
                 since_offset=since.offset if since is not None else None,
                 since_epoch=since.epoch if since is not None else None)
             await broker.sync()
@@ -194,7 +199,7 @@ class Recovery:
             waiting.remove(buf)
             if not waiting:
                 self._recovering.pop(name, None)
-        if hist.recovered and since is not None:
+        if hist.recovered and (since is not None or last):
             for offset, data in hist.publications:
                 sess.send_text(protocol.event_payload(name, data, offset, hist.epoch))
         for offset, epoch, data, _log_offset, _log_epoch in buf:
@@ -208,7 +213,7 @@ class Recovery:
         return {"recovered": hist.recovered, "offset": hist.offset, "epoch": hist.epoch}
 
     async def _recover_pattern(self, sess: Session, name: str,
-                               since: protocol.Since | None) -> dict[str, Any]:
+                               since: protocol.Since | None, last: int = 0) -> dict[str, Any]:
         """Recover a pattern from its namespace's log: ``since`` is the last event the
         subscription delivered (its ``channel``, ``offset``, ``epoch``), or without
         ``channel`` a position in the log itself (what a ``positioned`` subscribe
@@ -233,6 +238,13 @@ class Recovery:
                 since_channel=since.channel if since is not None else "",
                 since_offset=since.offset if since is not None else 0,
                 since_epoch=since.epoch if since is not None else "")
+            if last and hist.offset:  # the log's newest entries, for the last N matching
+                hist = await broker.log_history(
+                    space, limit=LAST_SCAN, since_channel="",
+                    since_offset=max(0, hist.offset - LAST_SCAN), since_epoch=hist.epoch)
+                matching = [p for p in hist.publications if glob_match(name, p[1])]
+                for _log_offset, channel, offset, epoch, data in matching[-last:]:
+                    sess.send_text(protocol.event_payload(channel, data, offset, epoch))
             await broker.sync()
         finally:
             waiting.remove(entry)

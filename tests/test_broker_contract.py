@@ -27,13 +27,16 @@ class Collector:
 
     def __init__(self) -> None:
         self.got: list[tuple[str, bytes, int, str]] = []
+        self.metas: list[tuple[str, bytes, int, bytes]] = []  # (channel, data, log offset, meta)
         self._changed = asyncio.Event()
         self.gaps = 0
 
     def handle_publication(self, channel: str, data: bytes, offset: int, epoch: str,
-                           accepted: float) -> None:
+                           accepted: float, log_offset: int = 0, log_epoch: str = "",
+                           meta: bytes = b"") -> None:
         assert accepted <= time.monotonic() + 1e-3
         self.got.append((channel, data, offset, epoch))
+        self.metas.append((channel, data, log_offset, meta))
         self._changed.set()
 
     def handle_gap(self) -> None:
@@ -246,3 +249,56 @@ async def test_claim_once(broker):
     if hasattr(b, "sweep"):  # memory: expired keys are freed without waiting for a claim
         b.sweep(time.monotonic() + 61)
         assert not b._once
+
+
+# ---------------------------------------------------------------- SPEC §13: meta, ephemeral
+
+
+async def test_meta_reaches_the_handler_and_stays_out_of_history(broker):
+    """A publication's meta (the node's sender/ephemeral marks) comes back with it, on
+    channel and pattern subscriptions, with and without a namespace log, and is never
+    kept in history; a publication without meta comes without it."""
+    b, h = broker
+    ns = f"m{uuid.uuid4().hex[:8]}"
+    ch = f"{ns}:room"
+    await b.subscribe(ch)
+    await b.subscribe(f"{ns}:*")  # the node counts each publication once per match
+    meta = b'{"f":{"user":"alice","client":"c1"}}'
+    r1 = await b.publish(ch, b'{"n":1}', history_size=10, history_ttl=60, meta=meta)
+    r2 = await b.publish(ch, b'{"n":2}', history_size=10, history_ttl=60,
+                         log=(ns, 100), meta=meta)
+    r3 = await pub(b, ch, {"n": 3})
+    await h.wait_for(lambda: {m[1] for m in h.metas if m[0] == ch}
+                     >= {b'{"n":1}', b'{"n":2}', b'{"n":3}'})
+    got = {d: m for c, d, _lo, m in h.metas if c == ch}
+    assert got[b'{"n":1}'] == meta and got[b'{"n":2}'] == meta and got[b'{"n":3}'] == b""
+    assert (r1.offset, r2.offset, r3.offset) == (1, 2, 3)
+    hist = await b.history(ch, limit=10)
+    assert [d for _o, d in hist.publications] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+    if b.keeps_logs:  # the log position still comes with a meta'd publication
+        assert [lo for c, d, lo, _m in h.metas if d == b'{"n":2}'] == [1]
+
+
+async def test_ephemeral_publications_move_no_offset(broker):
+    """An ephemeral publication (history_size 0, meta {"e":1}): delivered live with its
+    meta, offset 0, nothing in history, the channel's offsets untouched; in a batch too."""
+    b, h = broker
+    ch = uniq("eph")
+    await b.subscribe(ch)
+    first = await pub(b, ch, {"n": 1})
+    eph = await b.publish(ch, b'{"typing":true}', history_size=0, history_ttl=60,
+                          meta=b'{"e":1}')
+    assert (eph.offset, eph.epoch) == (0, "")
+    from fastws.broker import Publication
+    res = await b.publish_batch([Publication(ch, b'{"typing":false}', 0, 60, None, None,
+                                             meta=b'{"e":1}'),
+                                 Publication(ch, b'{"n":2}', 10, 60)])
+    assert (res[0].offset, res[1].offset) == (0, first.offset + 1)
+    await h.wait_count(4, ch)
+    metas = [(d, m) for c, d, _lo, m in h.metas if c == ch]
+    assert metas == [(b'{"n":1}', b""), (b'{"typing":true}', b'{"e":1}'),
+                     (b'{"typing":false}', b'{"e":1}'), (b'{"n":2}', b"")]
+    assert [g[2] for g in h.got if g[0] == ch] == [1, 0, 0, 2]
+    hist = await b.history(ch, limit=10)
+    assert [d for _o, d in hist.publications] == [b'{"n":1}', b'{"n":2}']
+    assert hist.offset == 2

@@ -109,3 +109,34 @@ def test_close_code_ranges() -> None:
                                               1011, 4001, 4008, 4010, 4029, 4501, 4503, 4504,
                                               4505}
     assert metrics.KNOWN_ERROR_CODES == (400, 401, 403, 404, 409, 413, 429, 500, 503, 504)
+
+
+def test_app_primitive_fields() -> None:
+    """SPEC §13: ``last`` on subscribe, ``ephemeral``/``echo``/``idempotency_key`` on
+    publish; absent means 0 / False / True / None."""
+    req = parse(b'{"id":1,"type":"subscribe","channel":"c","last":100}')
+    assert req.last == 100
+    assert parse(b'{"type":"subscribe","channel":"c"}').last == 0
+    req = parse(b'{"type":"publish","channel":"c","data":1,"ephemeral":true,"echo":false,'
+                b'"idempotency_key":"k"}')
+    assert (req.ephemeral, req.echo, req.idempotency_key) == (True, False, "k")
+    req = parse(b'{"type":"publish","channel":"c","data":1}')
+    assert (req.ephemeral, req.echo, req.idempotency_key) == (False, True, None)
+    for bad, field in ((b'"last":0', "last"), (b'"last":101', "last"), (b'"last":"1"', "last"),
+                       (b'"last":false', "last")):
+        with pytest.raises(ProtocolError, match=field) as ei:
+            parse(b'{"type":"subscribe","channel":"c",' + bad + b"}")
+        assert ei.value.code == 400
+    for bad, field in ((b'"ephemeral":1', "ephemeral"), (b'"echo":"no"', "echo"),
+                       (b'"idempotency_key":5', "idempotency_key")):
+        with pytest.raises(ProtocolError, match=field) as ei:
+            parse(b'{"type":"publish","channel":"c","data":1,' + bad + b"}")
+        assert ei.value.code == 400
+
+
+def test_event_payload_from_is_exact() -> None:
+    assert protocol.event_payload_from("c", b"1", 0, "", True, {"user": "u", "client": "i"}) \
+        == b'{"type":"event","channel":"c","ephemeral":true,"from":{"user":"u","client":"i"},' \
+           b'"data":1}'
+    assert protocol.event_payload_from("c", b"{}", 3, "e", False, None) \
+        == protocol.event_payload("c", b"{}", 3, "e")

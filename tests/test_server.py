@@ -147,7 +147,9 @@ async def test_client_publish_history_and_presence(fastws_server) -> None:
     await sub(a, "chat:lobby")
     reply = await b.request({"id": 1, "type": "publish", "channel": "chat:lobby", "data": "hi"})
     assert reply == {"id": 1, "type": "published", "offset": 0, "epoch": ""}
-    assert await a.recv() == {"type": "event", "channel": "chat:lobby", "data": "hi"}
+    push = await a.recv()  # a client's publication names its sender (protocol §13)
+    assert push == {"type": "event", "channel": "chat:lobby", "data": "hi",
+                    "from": {"user": None, "client": push["from"]["client"]}}
     for i in range(5):
         await asyncio.to_thread(srv.publish, "events:h", i)
     hist = await b.request({"id": 2, "type": "history", "channel": "events:h", "limit": 2,

@@ -52,6 +52,7 @@ class Publication:
     idempotency_key: str | None = None
     log: tuple[str, int] | None = None
     stream: StreamAppend | None = None
+    meta: bytes = b""  # opaque to the broker, handed back with the publication (SPEC §13)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class BrokerHandler(Protocol):
 
         ``log_offset``/``log_epoch``: its position in its namespace's log, passed (as
         two more positional arguments) only when it has one (see ``Broker.publish``).
+        A publication made with ``meta`` comes with ``meta=META`` too (see there).
         """
 
     def handle_gap(self) -> None:
@@ -154,7 +156,7 @@ class Broker(ABC):
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
                       log: tuple[str, int] | None = None,
-                      stream: StreamAppend | None = None) -> PublishResult:
+                      stream: StreamAppend | None = None, meta: bytes = b"") -> PublishResult:
         """Publish encoded JSON ``data``; append to history when ``history_size`` > 0.
 
         The same ``idempotency_key`` on a channel within 5 minutes returns the first
@@ -166,6 +168,11 @@ class Broker(ABC):
         idempotency key; when the append fails nothing is published or kept and
         BrokerUnavailable is raised (brokers without streams ignore it: the config
         refuses ``stream = true`` with them).
+
+        ``meta`` (keyword, optional): bytes the broker does not read and hands back to
+        every node's handler with this publication, as ``meta=`` (the sender and the
+        ephemeral flag of a client's publication, SPEC §13); a publication without it
+        is handed over without the keyword.  It is not kept in history.
         """
 
     async def publish_batch(self, pubs: list[Publication]
@@ -181,7 +188,8 @@ class Broker(ABC):
                 out.append(await self.publish(p.channel, p.data, history_size=p.history_size,
                                               history_ttl=p.history_ttl,
                                               idempotency_key=p.idempotency_key, log=p.log,
-                                              stream=p.stream))
+                                              stream=p.stream,
+                                              **({"meta": p.meta} if p.meta else {})))
             except BrokerUnavailable as exc:
                 out.append(exc)
         return out

@@ -62,7 +62,7 @@ class MemoryBroker(Broker):
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
                       log: tuple[str, int] | None = None,
-                      stream: StreamAppend | None = None) -> PublishResult:
+                      stream: StreamAppend | None = None, meta: bytes = b"") -> PublishResult:
         accepted = time.monotonic()
         if idempotency_key is not None:
             seen = self._idem.get((channel, idempotency_key))
@@ -77,14 +77,17 @@ class MemoryBroker(Broker):
         result = PublishResult(offset, epoch)
         if idempotency_key is not None:
             self._idem[(channel, idempotency_key)] = (result, accepted + IDEMPOTENCY_TTL)
+        extra = {"meta": meta} if meta else {}
         if stream is not None and log is not None and log[1] > 0:
             nslog = self._append(self._logs, log[0], log[1], history_ttl, accepted,
                                  (channel, offset, epoch, data))
             if self._handler is not None:
                 self._handler.handle_publication(channel, data, offset, epoch, accepted,
-                                                 nslog.top, nslog.epoch)
+                                                 nslog.top, nslog.epoch, **extra)
             return result
-        if self._handler is not None:
+        if self._handler is not None and meta:
+            self._handler.handle_publication(channel, data, offset, epoch, accepted, meta=meta)
+        elif self._handler is not None:
             self._handler.handle_publication(channel, data, offset, epoch, accepted)
         return result
 

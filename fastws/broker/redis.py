@@ -62,6 +62,7 @@ from fastws.broker.base import (
 )
 from fastws.broker.redis_scripts import (
     LOG_PREFIX,
+    META_PREFIX,
     PRESENCE_PREFIX,
     REVOKED_PREFIX,
     SCRIPTS,
@@ -302,6 +303,9 @@ class RedisBroker(Broker):
             self._deliver_presence(name, payload)
             return
         try:
+            if payload.startswith(META_PREFIX):  # + "META\n" + the rest (SPEC §13)
+                self._deliver_meta(name, payload)
+                return
             if payload.startswith(LOG_PREFIX):  # + "LOG_OFFSET LOG_EPOCH\n" + envelope
                 nl = payload.index(b"\n")
                 loff, lepoch = payload[len(LOG_PREFIX):nl].split(b" ")
@@ -314,6 +318,19 @@ class RedisBroker(Broker):
             self._handler.handle_publication(name, data, offset, epoch, accepted)
         except Exception:
             log.exception("redis pub/sub: cannot deliver a publication on %s", name)
+
+    def _deliver_meta(self, name: str, payload: bytes) -> None:
+        """A publication with the node's meta (``META_PREFIX META\n`` before the rest)."""
+        nl = payload.index(b"\n")
+        meta, rest = payload[len(META_PREFIX):nl], payload[nl + 1:]
+        loff, lepoch = 0, ""
+        if rest.startswith(LOG_PREFIX):
+            nl = rest.index(b"\n")
+            lo, le = rest[len(LOG_PREFIX):nl].split(b" ")
+            loff, lepoch, rest = int(lo), le.decode(), rest[nl + 1:]
+        data, offset, epoch, accepted = decode_payload(rest, time.monotonic())
+        self._handler.handle_publication(name, data, offset, epoch, accepted, loff, lepoch,
+                                         meta=meta)
 
     def _deliver_control(self, payload: bytes) -> None:
         """``NODE_ID PAYLOAD`` on the control channel: another node's control message."""
@@ -460,7 +477,8 @@ class RedisBroker(Broker):
 
     def _publish_call(self, channel: str, data: bytes, history_size: int,
                       history_ttl: float, idempotency_key: str | None,
-                      log: tuple[str, int] | None, append: StreamAppend | None = None
+                      log: tuple[str, int] | None, append: StreamAppend | None = None,
+                      pub_meta: bytes = b""
                       ) -> tuple[CommandConnection, list[str], list[Any]]:
         """The command connection, keys and arguments of the publish script for one
         publication (see redis_scripts.PUBLISH_LUA)."""
@@ -484,16 +502,20 @@ class RedisBroker(Broker):
                 args.append(0)
             args += [append.maxlen, append.user, append.client, int(time.time() * 1000)]
             keys.append(append.key)
+        if pub_meta:  # after ARGV[12] (the log size): the meta, found by its prefix
+            if len(args) == 11:
+                args.append(0)
+            args.append(META_PREFIX + pub_meta + b"\n")
         return link, keys, args
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
                       log: tuple[str, int] | None = None,
-                      stream: StreamAppend | None = None) -> PublishResult:
+                      stream: StreamAppend | None = None, meta: bytes = b"") -> PublishResult:
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         link, keys, args = self._publish_call(channel, data, history_size, history_ttl,
-                                              idempotency_key, log, stream)
+                                              idempotency_key, log, stream, meta)
         try:
             res = await self._run_script(link, "publish", keys, args, durable=True)
         except ResponseError as exc:
@@ -516,7 +538,7 @@ class RedisBroker(Broker):
             try:
                 link, keys, args = self._publish_call(p.channel, p.data, p.history_size,
                                                       p.history_ttl, p.idempotency_key, p.log,
-                                                      p.stream)
+                                                      p.stream, p.meta)
                 fut = self._issue(link, "publish", keys, args, durable=True)
             except BrokerUnavailable as exc:  # e.g. the channel's cluster shard is down
                 calls.append(exc)

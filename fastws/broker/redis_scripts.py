@@ -30,9 +30,11 @@ __all__ = ["ENVELOPE_PREFIX", "decode_payload", "LOG_PREFIX", "log_keys", "PUBLI
            "PRESENCE_REFRESH_LUA", "presence_keys", "presence_value", "presence_user",
            "REVOKED_PREFIX", "REVOKE_LUA", "LIFECYCLE_STREAM", "LIFECYCLE_NODES",
            "LIFECYCLE_CONNS", "LC_CONNECT_LUA", "LC_DISCONNECT_LUA", "LC_SWEEP_LUA",
-           "SCRIPTS"]
+           "SCRIPTS", "META_PREFIX"]
 
 ENVELOPE_PREFIX = b"\x00fws\x00"
+#: before an envelope (and its LOG_PREFIX part): b"META\n", a publication's meta
+META_PREFIX = b"\x00fwm\x00"
 _ENV_LEN = len(ENVELOPE_PREFIX)
 
 # KEYS: meta, stream[, idempotency][, log meta, log]
@@ -40,7 +42,10 @@ _ENV_LEN = len(ENVELOPE_PREFIX)
 #       an id, space-separated), idempotency ttl ms, publish command (PUBLISH or
 #       SPUBLISH), '' or the feed of the channel's slot (cluster: see broker/cluster.py),
 #       this master's replication id and its previous one (master_replid, _replid2),
-#       the size of the namespace log (0 or absent: none; then no log keys)
+#       the size of the namespace log (0 or absent: none; then no log keys),
+#       then, optionally, META_PREFIX + META + "\n" (found by its prefix among the
+#       arguments after the log size): put before what is published (the node's meta
+#       of a client's publication, SPEC §13; never kept in history)
 #
 # The namespace log (docs/history.md) is a second stream, one per namespace, that
 # gets every publication of the namespace with its own offset and epoch (entries
@@ -138,6 +143,9 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 env = env .. '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
+for i = 13, #ARGV do  -- the meta argument, wherever it sits after the log size
+  if string.sub(ARGV[i], 1, 5) == '\0fwm\0' then env = ARGV[i] .. env end
+end
 redis.call(ARGV[8], ARGV[1], env)
 if ARGV[9] ~= '' then redis.call('SPUBLISH', ARGV[9], ARGV[1] .. '\n' .. env) end
 local res = offset .. ' ' .. epoch

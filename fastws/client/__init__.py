@@ -33,11 +33,13 @@ from fastws.client.client import Client, connect
 from fastws.client.client import TokenSource as TokenSource
 from fastws.client.events import Event, Subscription
 from fastws.client.events import EventCallback as EventCallback
+from fastws.client.outbox import OutboxFull
 from fastws.client.tokens import backoff_delay, refresh_delay, token_claims, token_expires_in
 
 __all__ = [
     "Client",
     "Event",
+    "OutboxFull",
     "Subscription",
     "backoff_delay",
     "connect",

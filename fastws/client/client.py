@@ -31,6 +31,7 @@ from fastws.client._link import (
     watchdog,
 )
 from fastws.client.events import Event, EventCallback, Subscription
+from fastws.client.outbox import OUTBOX_LIMIT, Outbox, new_key
 from fastws.client.tokens import backoff_delay, refresh_delay, token_expires_in
 from fastws.codes import DISCONNECT_TOKEN_EXPIRED as _EXPIRED
 from fastws.codes import Close, Err
@@ -76,6 +77,9 @@ class Client:
       error) is retried with the backoff above until ``exp``, after which the server's
       4501 "token expired" close makes the client reconnect with a fresh token.
       ``token_refreshes`` counts the refreshes that succeeded.
+    - ``outbox_limit`` (1,000): publications waiting in the offline outbox (see
+      :meth:`publish`) before one more is refused with
+      :class:`~fastws.client.outbox.OutboxFull`.
     """
 
     def __init__(self, url: str, token: TokenSource = None, *,
@@ -86,7 +90,8 @@ class Client:
                  headers: dict[str, str] | None = None,
                  on_state: Callable[[str], Any] | None = None,
                  max_frame_size: int = 16 * 1024 * 1024,
-                 token_refresh: bool = True, token_refresh_margin: float = 10.0) -> None:
+                 token_refresh: bool = True, token_refresh_margin: float = 10.0,
+                 outbox_limit: int = OUTBOX_LIMIT) -> None:
         if token is not None and not isinstance(token, str) and not callable(token):
             raise TypeError(f"token must be a string, a callable or None, not "
                             f"{type(token).__name__}")
@@ -121,6 +126,7 @@ class Client:
         self._final: ConnectionClosed | None = None  # set once stopped for good
         self._user_closed = False
         self._bg: set[asyncio.Task[Any]] = set()
+        self._outbox = Outbox(self._new_id, lambda: self.request_timeout, outbox_limit)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -251,6 +257,7 @@ class Client:
                 self._conn = conn
                 self._set_state("connected")
                 self._resubscribe(conn)
+                self._outbox.flush(conn)  # what was published meanwhile, in order
                 self._connected.set()
                 if self._first is not None and not self._first.done():
                     self._first.set_result(None)
@@ -386,6 +393,7 @@ class Client:
         conn = self._conn
         if conn is not None:
             conn.fail_pending(exc)
+        self._outbox.fail(exc)
         for sub in self._subs.values():
             if sub._ready is not None and not sub._ready.done():
                 sub._ready.set_exception(exc)
@@ -457,14 +465,39 @@ class Client:
             raise RequestTimeout(
                 f"no reply to {msg.get('type')!r} within {timeout} s") from None
 
-    async def publish(self, channel: str, data: Any, **extra: Any) -> dict[str, Any]:
-        """Publish ``data`` on ``channel``; returns the ``published`` reply (offset, epoch).
+    async def publish(self, channel: str, data: Any, *, ephemeral: bool = False,
+                      echo: bool = True, idempotency_key: str | None = None,
+                      **extra: Any) -> dict[str, Any]:
+        """Publish ``data`` on ``channel``; returns the ``published`` reply (``offset``,
+        ``epoch``; 0 and "" for an ephemeral one).
 
-        Not sent again if the connection drops before the reply: that raises
-        :class:`~fastws.errors.ConnectionClosed` with ``final=False``.
+        Offline outbox (SPEC §13): while the client is not connected the publication
+        waits, and goes out, in call order, once it is; one whose connection dropped
+        before its reply is sent again, with the same ``idempotency_key`` (made here
+        when not given), so it is published once.  The request timeout runs only while
+        it is sent.  ``ephemeral``: to current subscribers only, kept nowhere;
+        ``echo=False``: this client's own subscriptions do not receive it.
+        Raises :class:`~fastws.client.outbox.OutboxFull` when ``outbox_limit``
+        publications are already waiting, :class:`~fastws.errors.RequestError` for an
+        ``error`` reply, :class:`~fastws.errors.ConnectionClosed` if the client stops
+        for good first.
         """
-        return await self.request({"type": "publish", "channel": channel, "data": data,
-                                   **extra}, resend=False)
+        if self._final is not None:
+            raise self._final
+        if self._task is None:
+            raise FastWSError("client not started: use `async with fastws.connect(...)`")
+        msg: dict[str, Any] = {"type": "publish", "channel": channel, "data": data,
+                               "idempotency_key": idempotency_key or new_key(), **extra}
+        if ephemeral:
+            msg["ephemeral"] = True
+        if not echo:
+            msg["echo"] = False
+        return await self._outbox.add(msg, self._conn)
+
+    @property
+    def outbox_size(self) -> int:
+        """Publications waiting for their ``published`` reply (queued or sent)."""
+        return len(self._outbox)
 
     async def history(self, channel: str, limit: int | None = None,
                       since: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -509,13 +542,15 @@ class Client:
         return dict(self._subs)
 
     async def subscribe(self, channel: str, callback: EventCallback | None = None, *,
-                        since: dict[str, Any] | None = None,
+                        since: dict[str, Any] | None = None, last: int | None = None,
                         timeout: float | None = None) -> Subscription:
         """Subscribe to a channel or glob pattern; returns once ``subscribed`` arrived.
 
         Events go to ``callback`` (a function, or a coroutine function run as a task)
         when given, else to ``async for event in client``. ``since`` (``{"offset",
-        "epoch"}``) recovers from a known position. The subscription is re-sent, with
+        "epoch"}``) recovers from a known position; ``last`` (1–100), without a position,
+        has the server send the newest ``last`` publications first. The subscription is
+        re-sent, with
         the position of its last delivered event, on every reconnect.
         Raises :class:`~fastws.errors.RequestError` (e.g. 403, or 409 when this client
         already holds ``channel``) and :class:`~fastws.errors.RequestTimeout`.
@@ -528,6 +563,7 @@ class Client:
         if channel in self._subs:
             raise RequestError(Err.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}")
         sub = Subscription(self, channel, callback, since)
+        sub.last = last
         sub._ready = asyncio.get_running_loop().create_future()
         self._subs[channel] = sub
         conn = self._conn
@@ -562,6 +598,8 @@ class Client:
             sub._recovering = True  # what comes before the reply is the replay
         else:
             msg["positioned"] = True  # the reply says where the stream is: recover from there
+            if sub.last:
+                msg["last"] = sub.last
 
         def handler(reply: dict[str, Any] | BaseException) -> None:
             if isinstance(reply, BaseException):
@@ -667,7 +705,8 @@ class Client:
                 del self._last[next(iter(self._last))]
             self._last[channel] = (key_epoch, offset)
         event = Event(channel, msg.get("data"), offset, epoch,
-                      any(s._recovering and s.matches(channel) for s in self._subs.values()))
+                      any(s._recovering and s.matches(channel) for s in self._subs.values()),
+                      sender=msg.get("from"), ephemeral=msg.get("ephemeral") is True)
         to_queue = False
         for sub in self._subs.values():
             if not sub.matches(channel):

@@ -24,7 +24,8 @@ EventCallback = Callable[["Event"], Any]
 
 
 class Event:
-    """One ``event`` push: ``channel``, ``data``, ``offset`` and ``epoch``.
+    """One ``event`` push: ``channel``, ``data``, ``offset`` and ``epoch`` (and
+    ``sender``/``from_``, ``ephemeral``: SPEC §13).
 
     ``offset`` and ``epoch`` are None for publications without history (e.g. a raw
     Redis ``PUBLISH``). ``recovered`` is True for an event the server replayed while a
@@ -32,15 +33,25 @@ class Event:
     False for a live one; it takes no part in equality.
     """
 
-    __slots__ = ("channel", "data", "offset", "epoch", "recovered")
+    __slots__ = ("channel", "data", "offset", "epoch", "recovered", "sender", "ephemeral")
 
     def __init__(self, channel: str, data: Any, offset: int | None = None,
-                 epoch: str | None = None, recovered: bool = False) -> None:
+                 epoch: str | None = None, recovered: bool = False, *,
+                 sender: dict[str, Any] | None = None, ephemeral: bool = False) -> None:
         self.channel = channel
         self.data = data
         self.offset = offset
         self.epoch = epoch
         self.recovered = recovered
+        #: the push's ``from`` ({"user", "client"}) for a client's publication, else None
+        self.sender = sender
+        #: True for an ephemeral publication (no offset, kept nowhere)
+        self.ephemeral = ephemeral
+
+    @property
+    def from_(self) -> dict[str, Any] | None:
+        """The push's ``from`` (``from`` is a Python keyword): same as :attr:`sender`."""
+        return self.sender
 
     def __repr__(self) -> str:
         return (f"Event(channel={self.channel!r}, offset={self.offset!r}, "
@@ -67,7 +78,7 @@ class Subscription:
 
     __slots__ = ("client", "channel", "callback", "pattern", "offset", "epoch",
                  "recovered", "subscribed", "active", "error", "_ready", "_live", "_recovering",
-                 "last_channel")
+                 "last_channel", "last")
 
     def __init__(self, client: Client, channel: str, callback: EventCallback | None,
                  since: dict[str, Any] | None) -> None:
@@ -85,6 +96,7 @@ class Subscription:
         self._ready: asyncio.Future[None] | None = None
         self._live = asyncio.Event()  # set while ``subscribed`` holds
         self._recovering = False  # a subscribe with ``since`` awaits its reply
+        self.last: int | None = None  # ``last`` N of the first subscribe (no position yet)
 
     def _set_subscribed(self, value: bool) -> None:
         self.subscribed = value

@@ -18,6 +18,10 @@ export interface FastWSEvent<T = unknown> {
   data: T;
   offset?: number;
   epoch?: string;
+  /** A client's publication: who sent it (protocol §13); absent for the API, CLI, Redis. */
+  from?: { user: string | null; client: string };
+  /** An ephemeral publication (no offset, kept nowhere). */
+  ephemeral?: true;
 }
 
 /** Second argument of an `onEvent` handler. */
@@ -136,6 +140,8 @@ export interface EventMap {
   refresh: RefreshInfo;
   /** The client moved to another transport (protocol §10). */
   transport: TransportChange;
+  /** An outbox publication was answered (also one an earlier page left in IndexedDB). */
+  published: { msg: Record<string, unknown>; reply: Record<string, unknown> };
 }
 
 export type TokenSource = string | null | (() => string | null | Promise<string | null>);
@@ -194,11 +200,29 @@ export interface FastWSOptions {
   pollTimeout?: number;
   /** Random source in [0, 1) (default Math.random). */
   random?: () => number;
+  /** Where unsent publications wait (protocol §13): "memory" (default) or "indexeddb"
+   *  (kept across page reloads, per origin and url). */
+  outbox?: "memory" | "indexeddb";
+  /** Publications waiting at most (default 1000); one more is rejected (kind "outbox"). */
+  outboxLimit?: number;
+  /** IndexedDB implementation (default globalThis.indexedDB). */
+  indexedDB?: IDBFactory | null;
+}
+
+export interface PublishOptions {
+  /** To current subscribers only: no history, no offset (protocol §13). */
+  ephemeral?: boolean;
+  /** false: this client does not receive its own publication. */
+  echo?: boolean;
+  /** Made at the call when not given: a retried publication is published once. */
+  idempotencyKey?: string;
 }
 
 export interface SubscribeOptions {
   /** Start from this position (the server replays what came after it). */
   since?: StreamPosition;
+  /** Without a position: the newest `last` (1–100) publications first (protocol §13). */
+  last?: number;
   onSubscribed?: (info: SubscribedInfo) => void;
   onError?: (err: FastWSError) => void;
 }
@@ -214,7 +238,7 @@ export declare class Subscription<T = unknown> {
 export declare class FastWSError extends Error {
   /** The server's error code (400, 401, 403, 404, 409, 413, 429, 500), the close code, or 0. */
   code: number;
-  kind: "server" | "timeout" | "disconnected" | "closed";
+  kind: "server" | "timeout" | "disconnected" | "closed" | "outbox";
   reply: Record<string, unknown> | null;
   channel?: string;
   constructor(message: string, init?: { code?: number; kind?: FastWSError["kind"]; reply?: Record<string, unknown> | null });
@@ -240,7 +264,10 @@ export declare class FastWS {
   unsubscribe(channel: string): void;
   subscriptions(): string[];
 
-  publish(channel: string, data: unknown): Promise<PublishedReply>;
+  /** Through the offline outbox: waits while disconnected, sent in order once connected. */
+  publish(channel: string, data: unknown, options?: PublishOptions): Promise<PublishedReply>;
+  /** Publications waiting for their reply (queued or sent). */
+  readonly outboxSize: number;
   history<T = unknown>(channel: string, options?: number | { limit?: number; since?: StreamPosition }): Promise<HistoryReply<T>>;
   presence(channel: string): Promise<PresenceReply>;
   /** Authenticate the live connection with `token`, also used for every later reconnect

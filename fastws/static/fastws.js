@@ -15,7 +15,11 @@
 // to Server-Sent Events plus HTTP calls, then to long-poll; `c.transport` names the one in
 // use ("websocket" | "sse" | "poll"); the API, events and recovery are the same.
 //
-// Protocol: docs/protocol.md, sections 4, 6 and 10.
+// Offline outbox (protocol §13): `publish()` while not connected queues the publication
+// (`{outbox: "indexeddb"}` keeps the queue across page reloads) and sends it, in order,
+// with an idempotency key made at the call, once connected; at most 1,000 wait.
+//
+// Protocol: docs/protocol.md, sections 4, 6, 10 and 13.
 
 const DEFAULTS = {
   token: null,            // string, or () => string | Promise<string>, read before each attempt
@@ -35,6 +39,9 @@ const DEFAULTS = {
   random: Math.random,    // injectable for tests
   tokenRefresh: true,     // a token function's JWT is refreshed before its exp, live
   tokenRefreshMargin: 10000, // ms before exp (at most a fifth of the time left)
+  outbox: "memory",       // "memory" | "indexeddb": where unsent publications wait (§13)
+  outboxLimit: 1000,      // publications waiting at most; one more is rejected
+  indexedDB: null,        // IndexedDB implementation (default: globalThis.indexedDB)
 };
 
 const REFRESH_SPREAD_CAP = 60000; // ms: the most a refresh is moved earlier by jitter
@@ -247,6 +254,7 @@ export class FastWS {
     this._tFails = 0;             // attempts of that transport failed before open, in a row
     this._wsRetryTimer = null;    // on a fallback: the next WebSocket probe
     this._everOpened = new Set(); // transports that opened at least once
+    this._pubs = new Outbox(this);  // publications not yet answered (protocol §13)
     this._installWindowHooks();
     // Connect at once, but let the caller attach listeners first (same tick).
     queueMicrotask(() => this._connect());
@@ -301,6 +309,7 @@ export class FastWS {
         pattern: isPattern(key),
         handles: new Set(),
         last: opts.since ? { offset: opts.since.offset, epoch: opts.since.epoch, channel: opts.since.channel } : null,
+        lastN: opts.last || 0, // `last` N: the newest N publications first (no position yet)
         seen: new Map(),
         status: "new",       // new | pending | subscribed
         replayed: 0,
@@ -329,9 +338,24 @@ export class FastWS {
     for (const h of [...record.handles]) h.unsubscribe();
   }
 
-  /** Publish through the connection (allowed only where the namespace lets clients publish). */
-  publish(channel, data) {
-    return this._request({ type: "publish", channel: normalizeChannel(channel), data });
+  /** Publish through the connection (allowed only where the namespace lets clients publish).
+   *  Resolves with the `published` reply ({offset, epoch}). While not connected the
+   *  publication waits in the outbox and goes out, in order, once connected, with an
+   *  idempotency key made here (published once even if a reply was lost). Options:
+   *  `{ephemeral: true}` (live subscribers only), `{echo: false}` (not to this client),
+   *  `{idempotencyKey}`. Rejects (kind "outbox") when `outboxLimit` already wait. */
+  publish(channel, data, opts = {}) {
+    if (this._closed) return Promise.reject(new FastWSError("client is closed", { kind: "closed" }));
+    const msg = { type: "publish", channel: normalizeChannel(channel), data,
+      idempotency_key: opts.idempotencyKey || newKey() };
+    if (opts.ephemeral) msg.ephemeral = true;
+    if (opts.echo === false) msg.echo = false;
+    return this._pubs.add(msg);
+  }
+
+  /** Publications waiting for their reply (queued or sent). */
+  get outboxSize() {
+    return this._pubs.size;
   }
 
   /** Channel history: `history(channel, {limit, since})` → reply {publications, offset, epoch}. */
@@ -411,6 +435,7 @@ export class FastWS {
       if (record.pattern && record.last.channel) msg.since.channel = record.last.channel;
     } else {
       msg.positioned = true; // the reply says where the stream is: recover from there
+      if (record.lastN) msg.last = record.lastN;
     }
     record.status = "pending";
     record.replayed = 0;
@@ -491,6 +516,7 @@ export class FastWS {
     const outbox = this._outbox;
     this._outbox = [];
     for (const entry of outbox) if (this._pending.has(entry.id)) this._sendEntry(entry);
+    this._pubs.flush();
     this._armPing();
     this._refreshFailures = 0;
     this._armRefresh(ws);
@@ -514,6 +540,7 @@ export class FastWS {
         this._onSubscribeReply(record, msg);
         return;
       }
+      if (this._pubs.onReply(id, msg)) return;
       const entry = this._pending.get(id);
       if (entry) {
         this._pending.delete(id);
@@ -647,6 +674,7 @@ export class FastWS {
       entry.reject(new FastWSError(`connection lost (${code})`, { kind: "disconnected", code: 0 }));
     }
     this._subIds.clear();
+    this._pubs.lost(); // sent publications wait for the next connection (same keys)
     for (const record of this._subs.values()) if (record.status === "pending") record.status = "new";
     const info = {
       code,
@@ -725,6 +753,7 @@ export class FastWS {
     }
     this._pending.clear();
     this._outbox = [];
+    this._pubs.fail(err);
     for (const record of this._subs.values()) if (!record.everSubscribed) record._reject(err);
     this._removeWindowHooks();
     this._setState("closed");
@@ -1279,6 +1308,171 @@ class PollSocket extends FallbackSocket {
       this.ctl = null;
       try { ctl.abort(); } catch { /* ignore */ }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The offline outbox (protocol §13).
+
+const OUTBOX_DB = "fastws-outbox";
+
+function newKey() {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === "function") return c.randomUUID();
+  let s = "";
+  for (let i = 0; i < 4; i++) s += Math.floor(Math.random() * 2 ** 32).toString(16).padStart(8, "0");
+  return s;
+}
+
+/** Publications of one client not yet answered, in call order. Each is sent when the
+ *  client is connected, again (same idempotency key) after a lost connection, and
+ *  settled by its reply; its timeout runs only while it is sent. With
+ *  `{outbox: "indexeddb"}` each is also stored (per origin and url) until answered, and
+ *  what an earlier page left is sent first by the next FastWS of the same url. */
+class Outbox {
+  constructor(client) {
+    this.client = client;
+    this.entries = [];
+    this.byId = new Map();
+    this.seq = 0;
+    this.db = null;
+    this.scope = `${typeof location !== "undefined" ? location.origin : ""} ${client.url}`;
+    this.ready = client.options.outbox === "indexeddb" ? this._load() : null;
+  }
+
+  get size() {
+    return this.entries.length;
+  }
+
+  add(msg) {
+    const limit = this.client.options.outboxLimit;
+    if (this.entries.length >= limit) {
+      return Promise.reject(new FastWSError(
+        `outbox full: ${limit} publications are waiting to be sent (the limit is ${limit})`,
+        { kind: "outbox", code: 0 }));
+    }
+    return new Promise((resolve, reject) => {
+      const entry = { msg, resolve, reject, id: null, timer: null,
+        n: Date.now() * 1000 + (this.seq++ % 1000) };
+      this.entries.push(entry);
+      this._store(entry);
+      if (this.ready === null) this._send(entry);
+    });
+  }
+
+  /** Connected: send everything unanswered, in order (after the stored queue loads). */
+  flush() {
+    if (this.ready !== null) return;
+    for (const entry of this.entries) if (entry.id === null) this._send(entry);
+  }
+
+  _send(entry) {
+    const client = this.client;
+    if (client.state !== "connected" || entry.id !== null) return;
+    const id = client._nextId++;
+    if (!client._send({ id, ...entry.msg })) return;
+    entry.id = id;
+    this.byId.set(id, entry);
+    const timeout = client.options.timeout;
+    entry.timer = setTimeout(() => {
+      this._settle(entry);
+      entry.reject(new FastWSError(`publish timed out after ${timeout} ms`, { kind: "timeout", code: 0 }));
+    }, timeout);
+  }
+
+  onReply(id, msg) {
+    const entry = this.byId.get(id);
+    if (!entry) return false;
+    this._settle(entry);
+    if (msg.type === "error") entry.reject(new FastWSError(msg.message || `error ${msg.code}`, { code: msg.code, reply: msg }));
+    else entry.resolve(msg);
+    this.client._emit("published", { msg: entry.msg, reply: msg });
+    return true;
+  }
+
+  lost() {
+    for (const entry of this.byId.values()) {
+      clearTimeout(entry.timer);
+      entry.id = null;
+    }
+    this.byId.clear();
+  }
+
+  fail(err) {
+    const entries = this.entries;
+    this.entries = [];
+    this.byId.clear();
+    for (const entry of entries) {
+      clearTimeout(entry.timer);
+      this._unstore(entry);
+      entry.reject(err);
+    }
+  }
+
+  _settle(entry) {
+    clearTimeout(entry.timer);
+    if (entry.id !== null) this.byId.delete(entry.id);
+    const i = this.entries.indexOf(entry);
+    if (i >= 0) this.entries.splice(i, 1);
+    this._unstore(entry);
+  }
+
+  // ----- IndexedDB
+
+  _fallback(why) {
+    console.warn(`fastws: IndexedDB is not available (${why}); the outbox is kept in memory only`);
+    this.db = null;
+  }
+
+  async _load() {
+    try {
+      const idb = this.client.options.indexedDB || globalThis.indexedDB;
+      if (!idb) throw new Error("no indexedDB");
+      this.db = await new Promise((resolve, reject) => {
+        const req = idb.open(OUTBOX_DB, 1);
+        req.onupgradeneeded = () => {
+          const store = req.result.createObjectStore("queue", { keyPath: "key" });
+          store.createIndex("scope", "scope");
+        };
+        req.onsuccess = () => resolve(req.result);
+        req.onerror = () => reject(req.error || new Error("open failed"));
+        req.onblocked = () => reject(new Error("blocked"));
+      });
+      const stored = await new Promise((resolve, reject) => {
+        const req = this.db.transaction("queue").objectStore("queue").index("scope").getAll(this.scope);
+        req.onsuccess = () => resolve(req.result || []);
+        req.onerror = () => reject(req.error || new Error("read failed"));
+      });
+      stored.sort((a, b) => a.n - b.n);
+      // what an earlier page left goes first; nobody awaits it ("published" events say)
+      const earlier = stored.map(r => ({ msg: r.msg, resolve: () => {}, reject: () => {},
+        id: null, timer: null, n: r.n, stored: true }));
+      const known = new Set(this.entries.map(e => e.msg.idempotency_key));
+      this.entries = [...earlier.filter(e => !known.has(e.msg.idempotency_key)), ...this.entries];
+      for (const e of this.entries) if (!e.stored) this._store(e);
+    } catch (err) {
+      this._fallback(err && err.message ? err.message : String(err));
+    }
+    this.ready = null;
+    this.flush();
+  }
+
+  _store(entry) {
+    if (!this.db || entry.stored) return;
+    entry.stored = true;
+    try {
+      this.db.transaction("queue", "readwrite").objectStore("queue")
+        .put({ key: entry.msg.idempotency_key, scope: this.scope, n: entry.n, msg: entry.msg });
+    } catch (err) {
+      this._fallback(err.message);
+    }
+  }
+
+  _unstore(entry) {
+    if (!this.db || !entry.stored) return;
+    try {
+      this.db.transaction("queue", "readwrite").objectStore("queue").delete(entry.msg.idempotency_key);
+    } catch { /* gone with the database */ }
   }
 }
 
