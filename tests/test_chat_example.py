@@ -12,6 +12,7 @@ joining later gets the room's last messages.  The backend's call counts and fast
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -22,6 +23,9 @@ from pathlib import Path
 import pytest
 from conftest import free_port, http, scrape, start_redis, start_server, wait_port
 from test_browser import browser
+
+from fastws.client import Client
+from fastws.errors import RequestError
 
 __all__ = ["browser"]   # fixture, imported for pytest
 
@@ -230,3 +234,38 @@ def test_backend_answers_the_proxy_shapes():
     finally:
         backend.terminate()
         backend.wait(10)
+
+
+def test_one_command_starts_both():
+    """``python examples/chat/backend.py`` (the README's one command, on other ports)
+    starts fastws too, its ``[proxy]`` URLs moved to the backend's port: a client with
+    the session token of ``/login`` is named by the connect proxy, and its messages pass
+    the publish proxy (a long one refused)."""
+    port, ws_port = free_port(), free_port()
+    both = subprocess.Popen([sys.executable, str(CHAT / "backend.py"), "--port", str(port),
+                             "--fastws-port", str(ws_port)], cwd=ROOT)
+    try:
+        wait_port(port, both)
+        wait_port(ws_port, both)
+        _, _, body = http("POST", f"http://127.0.0.1:{port}/login", {"name": "erin"})
+        login = json.loads(body)
+        assert login["ws"] == f"ws://127.0.0.1:{ws_port}/ws"
+
+        async def chat() -> tuple[object, int]:
+            async with Client(login["ws"], login["token"]) as c:
+                await c.subscribe("room:general")
+                await c.publish("room:general", {"text": "hi", "name": "erin"})
+                event = await c.next_event(10)
+                with pytest.raises(RequestError) as refused:
+                    await c.publish("room:general", {"text": "x" * 501, "name": "erin"})
+                return event, refused.value.code
+
+        event, code = asyncio.run(chat())
+        assert event.data == {"text": "hi", "name": "erin"} and event.sender["user"] == "erin"
+        assert code == 413
+        _, _, body = http("GET", f"http://127.0.0.1:{port}/stats")
+        assert json.loads(body) == {"connect websocket ok": 1, "publish ok": 1,
+                                    "publish refused": 1}
+    finally:
+        both.send_signal(signal.SIGINT)
+        both.wait(15)
