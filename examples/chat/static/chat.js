@@ -37,10 +37,12 @@ function start({ name, token, ws, max_text }) {
   me = name;
   maxText = max_text || maxText;
   $("#me").textContent = me;
+  $("#text").placeholder = `a message (${maxText} characters at most)`;
   $("#login-form").style.display = "none";
   $("#chat").classList.add("on");
-  // token null: the backend is fastws' connect proxy and names us from our cookie
-  client = new FastWS(ws, { token: token || null, outbox: "indexeddb" });
+  // token: our opaque session token. fastws cannot read it; it asks the backend (its
+  // connect proxy) who we are, on every transport (WebSocket, /sse, /poll, /call).
+  client = new FastWS(ws, { token, outbox: "indexeddb" });
   window.chat = { client, get me() { return me; } }; // for tests and the console
   client.on("state", (s) => {
     $("#state").textContent = s;
@@ -174,10 +176,8 @@ $("#compose").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const text = $("#text").value.trim();
   if (!text) return;
-  if (text.length > maxText) {
-    $("#error").textContent = `message too long (${maxText} characters at most)`;
-    return;
-  }
+  // (no length check here: the backend's publish proxy refuses a text over maxText,
+  // and its error comes back as this publish's rejection)
   $("#error").textContent = "";
   $("#text").value = "";
   stopTyping();
