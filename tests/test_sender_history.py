@@ -11,6 +11,7 @@ import asyncio
 import base64
 import time
 import uuid
+from typing import Any
 
 import jwt
 import orjson
@@ -19,7 +20,13 @@ import redis
 from conftest import api, http
 from wsclient import RawClient, connect, connect_with_token
 
+from fastws.broker import HistoryResult
+from fastws.broker.memory import MemoryBroker
 from fastws.client import connect as client_connect
+from fastws.config import load_config
+from fastws.node import Node
+from fastws.protocol import Since
+from fastws.session import BufferedSession
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -216,3 +223,50 @@ async def test_stream_namespace_keeps_from_too(request, fastws_server):
     assert hist["publications"] == [{"offset": 1, "data": 1, "from": {
         "user": "alice", "client": entry[b"client"].decode()}}]
     alice.close()
+
+
+class SlowHistoryBroker(MemoryBroker):
+    """The memory broker with history reads that answer late, as a Redis read may
+    (the one fault injected here): publications then arrive while a replay is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def history(self, channel: str, **kw: Any) -> HistoryResult:
+        hist = await super().history(channel, **kw)
+        self.reading.set()
+        await self.gate.wait()
+        return hist
+
+
+async def test_publications_during_a_replay_come_as_their_live_pushes(tmp_path):
+    """What arrives while a ``since`` replay is read is sent after it as the live push
+    was: ``from`` kept, an ephemeral one still marked ephemeral."""
+    path = tmp_path / "fastws.toml"
+    path.write_text(CONFIG.split("[namespaces.evh]")[0])
+    broker = SlowHistoryBroker()
+    node = Node(load_config({"config": str(path)}, {}), broker)
+    await node.start()
+    try:
+        ch = "room:replay"
+        sender = b'{"user":"alice","client":"c1"}'
+        meta = b'{"f":{"user":"alice","client":"c1"}}'
+        await node.publish(ch, "old", meta=meta, sender=sender)
+        sess = BufferedSession(node, "c2")
+        task = asyncio.create_task(node.recovery.recover(sess, ch, Since(0, "")))
+        await broker.reading.wait()
+        await node.publish(ch, "new", meta=meta, sender=sender)
+        await node.publish(ch, "typing", ephemeral=True,
+                           meta=b'{"f":{"user":"alice","client":"c1"},"e":1}')
+        await node.publish(ch, "api")
+        broker.gate.set()
+        assert (await task)["recovered"] is True
+    finally:
+        await node.close()
+    alice = orjson.loads(sender)
+    got = [orjson.loads(p) for p in sess.sent]
+    assert [(m["data"], m.get("offset"), m.get("from"), m.get("ephemeral")) for m in got] == [
+        ("old", 1, alice, None), ("new", 2, alice, None), ("typing", None, alice, True),
+        ("api", 3, None, None)]
