@@ -73,17 +73,23 @@ class MemoryBroker(Broker):
         offset, epoch = 0, ""
         stream: _Stream | None = None
         if history_size > 0:
-            kept = (data, sender) if sender else (data,)  # the sender, when there is one
-            stream = self._append(self._streams, channel, history_size, history_ttl,
-                                  accepted, *kept)
+            stream = self._next(self._streams, channel, history_ttl, accepted)
             offset, epoch = stream.top, stream.epoch
+            items = stream.items  # (offset, data), with the sender third when there is one
+            items.append((offset, data, sender) if sender else (offset, data))
+            while len(items) > history_size:
+                items.popleft()
         result = PublishResult(offset, epoch)
         if idempotency_key is not None:
             self._idem[(channel, idempotency_key)] = (result, accepted + IDEMPOTENCY_TTL)
         extra = {"meta": meta} if meta else {}
         if stream is not None and log is not None and log[1] > 0:
-            nslog = self._append(self._logs, log[0], log[1], history_ttl, accepted,
-                                 channel, offset, epoch, *kept)
+            nslog = self._next(self._logs, log[0], history_ttl, accepted)
+            items = nslog.items
+            items.append((nslog.top, channel, offset, epoch, data, sender) if sender
+                         else (nslog.top, channel, offset, epoch, data))
+            while len(items) > log[1]:
+                items.popleft()
             if self._handler is not None:
                 self._handler.handle_publication(channel, data, offset, epoch, accepted,
                                                  nslog.top, nslog.epoch, **extra)
@@ -95,17 +101,13 @@ class MemoryBroker(Broker):
         return result
 
     @staticmethod
-    def _append(streams: dict[str, _Stream], name: str, size: int, ttl: float,
-                now: float, *item: object) -> _Stream:
-        """Append ``(offset, *item)`` to the stream ``name`` (a new epoch if it had
-        expired)."""
+    def _next(streams: dict[str, _Stream], name: str, ttl: float, now: float) -> _Stream:
+        """The stream ``name`` (a new epoch if it had expired), its top moved on by one
+        for the entry about to be kept."""
         stream = streams.get(name)
         if stream is None or (stream.expires and stream.expires <= now):
             stream = streams[name] = _Stream()
         stream.top += 1
-        stream.items.append((stream.top, *item))
-        while len(stream.items) > size:
-            stream.items.popleft()
         stream.expires = now + ttl
         return stream
 
