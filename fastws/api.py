@@ -318,7 +318,7 @@ async def history(node: Node, headers: dict[str, str], body: bytes) -> bytes:
         return json_response(400, {"error": exc.message})
     except BrokerUnavailable as exc:
         return _unavailable(exc)
-    pubs = [{"offset": o, "data": orjson.Fragment(d)} for o, d in hist.publications]
+    pubs = [protocol.history_item(p) for p in hist.publications]
     return json_response(200, {"type": "history", "publications": pubs, "offset": hist.offset,
                                "epoch": hist.epoch})
 

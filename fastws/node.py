@@ -224,10 +224,11 @@ class Node:
     def _publication(self, channel: str, data: Any, idempotency_key: str | None = None,
                      data_json: bytes | None = None, user: str = "",
                      client: str = "", ephemeral: bool = False,
-                     meta: bytes = b"") -> Publication:
+                     meta: bytes = b"", sender: bytes = b"") -> Publication:
         """A broker :class:`Publication` of ``data`` on ``channel`` with its namespace's
         history and stream rules (ProtocolError if ``data`` nests too deep); ``user``
-        and ``client`` name the publisher in a stream entry."""
+        and ``client`` name the publisher in a stream entry, ``sender`` (its ``from``)
+        is kept with it in history."""
         if data_json is None:
             if json_depth(data) > MAX_JSON_DEPTH:
                 raise ProtocolError(Err.BAD_REQUEST,
@@ -246,25 +247,29 @@ class Node:
         stream = (StreamAppend(stream_key(channel), ns.stream_maxlen, user, client)
                   if ns.stream else None)
         return Publication(channel, data_json, ns.history_size, ns.history_ttl,
-                           idempotency_key, log, stream, meta)
+                           idempotency_key, log, stream, meta, sender)
 
     async def publish(self, channel: str, data: Any, idempotency_key: str | None = None,
                       *, data_json: bytes | None = None, user: str = "",
                       client: str = "", ephemeral: bool = False,
-                      meta: bytes = b"") -> PublishResult:
+                      meta: bytes = b"", sender: bytes = b"") -> PublishResult:
         """Publish to a (validated) channel through the broker; returns offset/epoch.
 
         In a ``stream`` namespace it is appended to the stream first, with ``user`` and
         ``client`` (BrokerUnavailable, and nothing published, when that fails).
         ``ephemeral``: to live subscribers only (SPEC §13); ``meta``: the sender of a
-        client's publication (see :meth:`_publish_req`)."""
+        client's publication (see :meth:`_publish_req`); ``sender``: its ``from`` as
+        JSON, kept with it in history (replays and ``history`` carry it)."""
         pub = self._publication(channel, data, idempotency_key, data_json, user=user,
-                                client=client, ephemeral=ephemeral, meta=meta)
+                                client=client, ephemeral=ephemeral, meta=meta,
+                                sender=sender)
         extra: dict[str, Any] = {}   # only what is set: a broker may not take them
         if pub.stream is not None:
             extra["stream"] = pub.stream
         if pub.meta:
             extra["meta"] = pub.meta
+        if pub.sender:
+            extra["sender"] = pub.sender
         return await self.broker.publish(
             channel, pub.data, history_size=pub.history_size, history_ttl=pub.history_ttl,
             idempotency_key=idempotency_key, log=pub.log, **extra,
@@ -300,8 +305,9 @@ class Node:
             self._handle_meta(channel, data, offset, epoch, accepted, log_offset,
                               log_epoch, meta)
             return
-        self.recovery.on_publication(channel, data, offset, epoch, log_offset, log_epoch)
-        frame = make_frame(protocol.event_payload(channel, data, offset, epoch))
+        payload = protocol.event_payload(channel, data, offset, epoch)
+        self.recovery.on_publication(channel, payload, offset, epoch, log_offset, log_epoch)
+        frame = make_frame(payload)
         # owner and api namespaces reach exact subscribers only (each passed check())
         self.hub.broadcast(channel, frame, accepted, self.permissions.private(channel))
 
@@ -314,9 +320,10 @@ class Node:
         the loop, no object per delivery."""
         m = orjson.loads(meta)
         ephemeral = bool(m.get("e"))
-        self.recovery.on_publication(channel, data, offset, epoch, log_offset, log_epoch)
-        frame = make_frame(protocol.event_payload_from(channel, data, offset, epoch,
-                                                       ephemeral, m.get("f")))
+        payload = protocol.event_payload_from(channel, data, offset, epoch, ephemeral,
+                                              m.get("f"))
+        self.recovery.on_publication(channel, payload, offset, epoch, log_offset, log_epoch)
+        frame = make_frame(payload)
         private = self.permissions.private(channel)
         skip = self._echoless.get(m["x"]) if "x" in m else None
         if skip is None or skip.closing:
@@ -489,7 +496,8 @@ class Node:
                                                        "meta": self._meta(sess)})
             if "data" in result:   # the backend rewrote it
                 data = result["data"]
-        meta: dict[str, Any] = {"f": {"user": sess.user, "client": sess.client_id}}
+        sender = {"user": sess.user, "client": sess.client_id}
+        meta: dict[str, Any] = {"f": sender}
         if req.ephemeral:
             meta["e"] = 1
         if not req.echo and sess.subs:  # (a session without subscriptions gets nothing)
@@ -497,7 +505,8 @@ class Node:
             self._echoless[sess.client_id] = sess
         res = await self.publish(req.channel, data, req.idempotency_key,
                                  user=sess.user or "", client=sess.client_id,
-                                 ephemeral=req.ephemeral, meta=orjson.dumps(meta))
+                                 ephemeral=req.ephemeral, meta=orjson.dumps(meta),
+                                 sender=b"" if req.ephemeral else orjson.dumps(sender))
         return protocol.reply(req.id, "published", offset=res.offset, epoch=res.epoch)
 
     # ------------------------------------------------------------------ backend (SPEC §11)
@@ -682,7 +691,7 @@ class Node:
             req.channel, limit=req.limit if req.limit is not None else 100,
             since_offset=since.offset if since else None,
             since_epoch=since.epoch if since else None)
-        pubs = [{"offset": o, "data": orjson.Fragment(d)} for o, d in hist.publications]
+        pubs = [protocol.history_item(p) for p in hist.publications]
         return protocol.reply(req.id, "history", publications=pubs, offset=hist.offset,
                               epoch=hist.epoch)
 

@@ -17,7 +17,8 @@ from fastws.codes import Err
 
 __all__ = [
     "TYPES", "Since", "Request", "ProtocolError", "parse", "reply", "error_reply",
-    "event_payload", "event_payload_from", "disconnect_payload",
+    "event_payload", "event_payload_from", "replay_payload", "history_item",
+    "disconnect_payload",
 ]
 
 TYPES = frozenset(
@@ -213,6 +214,27 @@ def event_payload_from(channel: str, data_json: bytes, offset: int, epoch: str,
         msg["from"] = sender
     msg["data"] = orjson.Fragment(data_json)
     return orjson.dumps(msg)
+
+
+def replay_payload(channel: str, data_json: bytes, offset: int, epoch: str,
+                   sender: bytes | None = None) -> bytes:
+    """Bytes of an ``event`` push replayed from history (``since``, ``last``): as the
+    live push was, with ``from`` when the publication was kept with its ``sender``
+    (the encoded JSON ``{"user", "client"}``, SPEC §13)."""
+    if sender is None:
+        return event_payload(channel, data_json, offset, epoch)
+    return orjson.dumps({"type": "event", "channel": channel, "offset": offset,
+                         "epoch": epoch, "from": orjson.Fragment(sender),
+                         "data": orjson.Fragment(data_json)})
+
+
+def history_item(pub: tuple[Any, ...]) -> dict[str, Any]:
+    """One publication of a ``history`` reply (or ``POST /api/history``) from a broker's
+    ``(offset, data[, sender])``: ``{"offset", "data", "from"?}``."""
+    if len(pub) > 2:
+        return {"offset": pub[0], "data": orjson.Fragment(pub[1]),
+                "from": orjson.Fragment(pub[2])}
+    return {"offset": pub[0], "data": orjson.Fragment(pub[1])}
 
 
 def disconnect_payload(code: int, reason: str, reconnect: bool, after_ms: int) -> bytes:

@@ -68,10 +68,11 @@ class Recovery:
 
     # ------------------------------------------------------------ live publications
 
-    def on_publication(self, channel: str, data: bytes, offset: int, epoch: str,
+    def on_publication(self, channel: str, payload: bytes, offset: int, epoch: str,
                        log_offset: int, log_epoch: str) -> None:
-        """Each publication before it is fanned out: check its position, and keep a
-        copy for the sessions recovering this channel."""
+        """Each publication before it is fanned out: check its position, and keep its
+        push (``payload``, as the live subscribers get it) for the sessions recovering
+        this channel."""
         if offset and self.track:
             last = self._positions.get(channel)
             self._positions[channel] = (epoch, offset)
@@ -84,10 +85,10 @@ class Recovery:
             waiting = self._recovering.get(channel)
             if waiting:
                 for buf in waiting:
-                    buf.append((offset, epoch, data, log_offset, log_epoch))
+                    buf.append((offset, epoch, payload, log_offset, log_epoch))
             for pattern, buf in self._recovering.get("", ()):
                 if glob_match(pattern, channel):
-                    buf.append((channel, offset, epoch, data, log_offset, log_epoch))
+                    buf.append((channel, offset, epoch, payload, log_offset, log_epoch))
 
     def forget(self, name: str) -> None:
         """The node no longer delivers ``name``: a later subscribe starts afresh."""
@@ -200,11 +201,12 @@ class Recovery:
             if not waiting:
                 self._recovering.pop(name, None)
         if hist.recovered and (since is not None or last):
-            for offset, data in hist.publications:
-                sess.send_text(protocol.event_payload(name, data, offset, hist.epoch))
-        for offset, epoch, data, _log_offset, _log_epoch in buf:
+            for offset, data, *sender in hist.publications:  # (the sender: SPEC §13)
+                sess.send_text(protocol.replay_payload(name, data, offset, hist.epoch,
+                                                       *sender))
+        for offset, epoch, payload, _log_offset, _log_epoch in buf:
             if offset == 0 or epoch != hist.epoch or offset > hist.offset:
-                sess.send_text(protocol.event_payload(name, data, offset, epoch))
+                sess.send_text(payload)
         if self.track and hist.offset and name not in self._positions:
             # everything up to the top has reached us (sync): checks start from there
             self._positions[name] = (hist.epoch, hist.offset)
@@ -243,20 +245,22 @@ class Recovery:
                     space, limit=LAST_SCAN, since_channel="",
                     since_offset=max(0, hist.offset - LAST_SCAN), since_epoch=hist.epoch)
                 matching = [p for p in hist.publications if glob_match(name, p[1])]
-                for _log_offset, channel, offset, epoch, data in matching[-last:]:
-                    sess.send_text(protocol.event_payload(channel, data, offset, epoch))
+                for _log_offset, channel, offset, epoch, data, *sender in matching[-last:]:
+                    sess.send_text(protocol.replay_payload(channel, data, offset, epoch,
+                                                           *sender))
             await broker.sync()
         finally:
             waiting.remove(entry)
             if not waiting:
                 self._recovering.pop("", None)
         if hist.recovered and since is not None:
-            for _log_offset, channel, offset, epoch, data in hist.publications:
+            for _log_offset, channel, offset, epoch, data, *sender in hist.publications:
                 if glob_match(name, channel):
-                    sess.send_text(protocol.event_payload(channel, data, offset, epoch))
-        for channel, offset, epoch, data, log_offset, log_epoch in entry[1]:
+                    sess.send_text(protocol.replay_payload(channel, data, offset, epoch,
+                                                           *sender))
+        for _channel, _offset, _epoch, payload, log_offset, log_epoch in entry[1]:
             if log_offset == 0 or log_epoch != hist.epoch or log_offset > hist.offset:
-                sess.send_text(protocol.event_payload(channel, data, offset, epoch))
+                sess.send_text(payload)
         if since is None:
             return {"offset": hist.offset, "epoch": hist.epoch}
         return {"recovered": hist.recovered}

@@ -302,3 +302,55 @@ async def test_ephemeral_publications_move_no_offset(broker):
     hist = await b.history(ch, limit=10)
     assert [d for _o, d in hist.publications] == [b'{"n":1}', b'{"n":2}']
     assert hist.offset == 2
+
+
+async def test_sender_is_kept_with_the_publication(broker):
+    """A publication's ``sender`` (SPEC §13 ``from``) is kept with it in history and in
+    its namespace's log and read back as one more tuple item, by newest-N reads, since
+    reads and pages alike, published alone, with meta, or in a batch; publications
+    without one read back as before (``(offset, data)``), and the meta stays out."""
+    from fastws.broker import Publication
+
+    b, h = broker
+    ns = f"s{uuid.uuid4().hex[:8]}"
+    ch = f"{ns}:room"
+    await b.subscribe(ch)
+    alice = b'{"user":"alice","client":"c1"}'
+    anon = b'{"user":null,"client":"c2"}'
+    await b.publish(ch, b'{"n":1}', history_size=10, history_ttl=60, log=(ns, 100),
+                    meta=b'{"f":{"user":"alice","client":"c1"},"x":"c1"}', sender=alice)
+    await pub(b, ch, {"n": 2})                                # the API: no sender
+    res = await b.publish_batch([
+        Publication(ch, b'{"n":3}', 10, 60, None, (ns, 100), sender=anon),
+        Publication(ch, b'{"n":4}', 10, 60, None, (ns, 100)),
+        Publication(ch, b'{"n":5}', 10, 60, "k5", None, sender=alice)])
+    assert [r.offset for r in res] == [3, 4, 5]
+    again = await b.publish(ch, b'{"n":5}', history_size=10, history_ttl=60,
+                            idempotency_key="k5", sender=alice)
+    assert again.offset == 5                                  # published once
+    eph = await b.publish(ch, b'{"typing":1}', history_size=0, history_ttl=60,
+                          meta=b'{"e":1}', sender=alice)     # kept nowhere
+    assert eph.offset == 0
+    await h.wait_count(6, ch)
+    want = [(1, b'{"n":1}', alice), (2, b'{"n":2}'), (3, b'{"n":3}', anon),
+            (4, b'{"n":4}'), (5, b'{"n":5}', alice)]
+    assert (await b.history(ch, limit=10)).publications == want
+    assert (await b.history(ch, limit=2)).publications == want[-2:]
+    since = await b.history(ch, limit=10, since_offset=0)
+    assert since.publications == want and since.recovered
+    page = await b.history(ch, limit=2, since_offset=2, since_epoch=since.epoch)
+    assert page.publications == want[2:4] and page.recovered
+    # the live meta is handed over as before, and the history holds only the sender
+    assert [m for c, d, _lo, m in h.metas if c == ch and d == b'{"n":1}'] == [
+        b'{"f":{"user":"alice","client":"c1"},"x":"c1"}']
+    if not b.keeps_logs:
+        return
+    log = await b.log_history(ns, limit=10, since_channel="", since_offset=0,
+                              since_epoch="")
+    epoch = since.epoch
+    assert log.publications == [(1, ch, 1, epoch, b'{"n":1}', alice),
+                                (2, ch, 3, epoch, b'{"n":3}', anon),
+                                (3, ch, 4, epoch, b'{"n":4}')]
+    after = await b.log_history(ns, limit=10, since_channel=ch, since_offset=1,
+                                since_epoch=epoch)
+    assert after.recovered and after.publications == log.publications[1:]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastws.errors import BrokerUnavailable
 
@@ -53,6 +53,7 @@ class Publication:
     log: tuple[str, int] | None = None
     stream: StreamAppend | None = None
     meta: bytes = b""  # opaque to the broker, handed back with the publication (SPEC §13)
+    sender: bytes = b""  # kept with it in history and the log (see Broker.publish)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +81,13 @@ class Revocation:
 
 @dataclass(slots=True)
 class HistoryResult:
-    """A page of a channel's history, oldest first, and the stream's current top."""
+    """A page of a channel's history, oldest first, and the stream's current top.
 
-    publications: list[tuple[int, bytes]] = field(default_factory=list)
+    Each publication is ``(offset, data)``, or ``(offset, data, sender)`` for one
+    published with a ``sender`` (see :meth:`Broker.publish`); unpack it as
+    ``offset, data, *sender``."""
+
+    publications: list[tuple[Any, ...]] = field(default_factory=list)
     offset: int = 0
     epoch: str = ""
     recovered: bool = True
@@ -156,7 +161,8 @@ class Broker(ABC):
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
                       log: tuple[str, int] | None = None,
-                      stream: StreamAppend | None = None, meta: bytes = b"") -> PublishResult:
+                      stream: StreamAppend | None = None, meta: bytes = b"",
+                      sender: bytes = b"") -> PublishResult:
         """Publish encoded JSON ``data``; append to history when ``history_size`` > 0.
 
         The same ``idempotency_key`` on a channel within 5 minutes returns the first
@@ -173,6 +179,12 @@ class Broker(ABC):
         every node's handler with this publication, as ``meta=`` (the sender and the
         ephemeral flag of a client's publication, SPEC §13); a publication without it
         is handed over without the keyword.  It is not kept in history.
+
+        ``sender`` (keyword, optional): the JSON object ``{"user", "client"}`` of the
+        client that made it (SPEC §13), kept with the publication wherever it is kept
+        (history, the namespace log) and read back by :meth:`history` and
+        :meth:`log_history` as one more item of its tuple.  Callers pass it only when
+        it is set; a publication without one is kept as before.
         """
 
     async def publish_batch(self, pubs: list[Publication]
@@ -189,7 +201,8 @@ class Broker(ABC):
                                               history_ttl=p.history_ttl,
                                               idempotency_key=p.idempotency_key, log=p.log,
                                               stream=p.stream,
-                                              **({"meta": p.meta} if p.meta else {})))
+                                              **({"meta": p.meta} if p.meta else {}),
+                                              **({"sender": p.sender} if p.sender else {})))
             except BrokerUnavailable as exc:
                 out.append(exc)
         return out
@@ -201,7 +214,8 @@ class Broker(ABC):
         """Up to ``limit`` entries of ``namespace``'s log after the publication
         ``since_offset`` of ``since_channel`` in ``since_epoch`` (the last event a pattern
         subscription delivered); ``publications`` are ``(log offset, channel, channel
-        offset, channel epoch, data)`` tuples, ``offset``/``epoch`` the log's top.
+        offset, channel epoch, data)`` tuples (with the ``sender`` as a sixth item when
+        it was published with one), ``offset``/``epoch`` the log's top.
         ``recovered`` is False when that publication is no longer in the log.  With
         ``since_channel`` empty, ``since_offset``/``since_epoch`` are a position in the
         log itself (0 and "" = its beginning; ``limit`` 0 reads only the top).

@@ -13,6 +13,7 @@ import itertools
 import os
 import time
 from collections import deque
+from typing import Any
 
 from fastws.broker.base import Broker, BrokerHandler, HistoryResult, PublishResult, StreamAppend
 
@@ -30,7 +31,7 @@ class _Stream:
     def __init__(self) -> None:
         self.epoch = os.urandom(4).hex()
         self.top = 0
-        self.items: deque[tuple[int, bytes]] = deque()
+        self.items: deque[tuple[Any, ...]] = deque()  # (offset, *what was kept)
         self.expires = 0.0
 
 
@@ -62,7 +63,8 @@ class MemoryBroker(Broker):
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
                       log: tuple[str, int] | None = None,
-                      stream: StreamAppend | None = None, meta: bytes = b"") -> PublishResult:
+                      stream: StreamAppend | None = None, meta: bytes = b"",
+                      sender: bytes = b"") -> PublishResult:
         accepted = time.monotonic()
         if idempotency_key is not None:
             seen = self._idem.get((channel, idempotency_key))
@@ -71,16 +73,23 @@ class MemoryBroker(Broker):
         offset, epoch = 0, ""
         stream: _Stream | None = None
         if history_size > 0:
-            stream = self._append(self._streams, channel, history_size, history_ttl,
-                                  accepted, data)
+            stream = self._next(self._streams, channel, history_ttl, accepted)
             offset, epoch = stream.top, stream.epoch
+            items = stream.items  # (offset, data), with the sender third when there is one
+            items.append((offset, data, sender) if sender else (offset, data))
+            while len(items) > history_size:
+                items.popleft()
         result = PublishResult(offset, epoch)
         if idempotency_key is not None:
             self._idem[(channel, idempotency_key)] = (result, accepted + IDEMPOTENCY_TTL)
         extra = {"meta": meta} if meta else {}
         if stream is not None and log is not None and log[1] > 0:
-            nslog = self._append(self._logs, log[0], log[1], history_ttl, accepted,
-                                 (channel, offset, epoch, data))
+            nslog = self._next(self._logs, log[0], history_ttl, accepted)
+            items = nslog.items
+            items.append((nslog.top, channel, offset, epoch, data, sender) if sender
+                         else (nslog.top, channel, offset, epoch, data))
+            while len(items) > log[1]:
+                items.popleft()
             if self._handler is not None:
                 self._handler.handle_publication(channel, data, offset, epoch, accepted,
                                                  nslog.top, nslog.epoch, **extra)
@@ -92,16 +101,13 @@ class MemoryBroker(Broker):
         return result
 
     @staticmethod
-    def _append(streams: dict[str, _Stream], name: str, size: int, ttl: float,
-                now: float, item: object) -> _Stream:
-        """Append ``item`` to the stream ``name`` (a new epoch if it had expired)."""
+    def _next(streams: dict[str, _Stream], name: str, ttl: float, now: float) -> _Stream:
+        """The stream ``name`` (a new epoch if it had expired), its top moved on by one
+        for the entry about to be kept."""
         stream = streams.get(name)
         if stream is None or (stream.expires and stream.expires <= now):
             stream = streams[name] = _Stream()
         stream.top += 1
-        stream.items.append((stream.top, item))
-        while len(stream.items) > size:
-            stream.items.popleft()
         stream.expires = now + ttl
         return stream
 
@@ -127,21 +133,19 @@ class MemoryBroker(Broker):
                           since_offset: int, since_epoch: str) -> HistoryResult:
         nslog = self._logs.get(namespace)
         if not since_channel:  # a position in the log itself
-            hist = self._read(nslog, limit, since_offset, since_epoch)
-            hist.publications = [(o, *item) for o, item in hist.publications]
-            return hist
+            return self._read(nslog, limit, since_offset, since_epoch)
         if nslog is None or nslog.expires <= time.monotonic():
             return HistoryResult([], 0, "", False)
         want = (since_channel, since_offset, since_epoch)
         items = nslog.items
         found = None
         for i in range(len(items) - 1, -1, -1):  # recent positions sit near the end
-            if items[i][1][:3] == want:
+            if items[i][1:4] == want:
                 found = i
                 break
         if found is None:
             return HistoryResult([], nslog.top, nslog.epoch, False)
-        pubs = [(o, *item) for o, item in itertools.islice(items, found + 1, found + 1 + limit)]
+        pubs = list(itertools.islice(items, found + 1, found + 1 + limit))
         return HistoryResult(pubs, nslog.top, nslog.epoch, True)
 
     @staticmethod

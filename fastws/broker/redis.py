@@ -66,6 +66,7 @@ from fastws.broker.redis_scripts import (
     PRESENCE_PREFIX,
     REVOKED_PREFIX,
     SCRIPTS,
+    SENDER_PREFIX,
     decode_payload,
     keys_for,
     log_keys,
@@ -478,7 +479,7 @@ class RedisBroker(Broker):
     def _publish_call(self, channel: str, data: bytes, history_size: int,
                       history_ttl: float, idempotency_key: str | None,
                       log: tuple[str, int] | None, append: StreamAppend | None = None,
-                      pub_meta: bytes = b""
+                      pub_meta: bytes = b"", sender: bytes = b""
                       ) -> tuple[CommandConnection, list[str], list[Any]]:
         """The command connection, keys and arguments of the publish script for one
         publication (see redis_scripts.PUBLISH_LUA)."""
@@ -506,16 +507,21 @@ class RedisBroker(Broker):
             if len(args) == 11:
                 args.append(0)
             args.append(META_PREFIX + pub_meta + b"\n")
+        if sender and history_size > 0:  # kept with it (field f), found by its prefix
+            if len(args) == 11:
+                args.append(0)
+            args.append(SENDER_PREFIX + sender)
         return link, keys, args
 
     async def publish(self, channel: str, data: bytes, *, history_size: int,
                       history_ttl: float, idempotency_key: str | None = None,
                       log: tuple[str, int] | None = None,
-                      stream: StreamAppend | None = None, meta: bytes = b"") -> PublishResult:
+                      stream: StreamAppend | None = None, meta: bytes = b"",
+                      sender: bytes = b"") -> PublishResult:
         if not self.up:
             raise BrokerUnavailable("redis is not connected")
         link, keys, args = self._publish_call(channel, data, history_size, history_ttl,
-                                              idempotency_key, log, stream, meta)
+                                              idempotency_key, log, stream, meta, sender)
         try:
             res = await self._run_script(link, "publish", keys, args, durable=True)
         except ResponseError as exc:
@@ -538,7 +544,7 @@ class RedisBroker(Broker):
             try:
                 link, keys, args = self._publish_call(p.channel, p.data, p.history_size,
                                                       p.history_ttl, p.idempotency_key, p.log,
-                                                      p.stream, p.meta)
+                                                      p.stream, p.meta, p.sender)
                 fut = self._issue(link, "publish", keys, args, durable=True)
             except BrokerUnavailable as exc:  # e.g. the channel's cluster shard is down
                 calls.append(exc)
@@ -592,8 +598,9 @@ class RedisBroker(Broker):
         pubs = []
         for eid, fields in res[3]:
             f = dict(zip(fields[::2], fields[1::2], strict=True))
-            pubs.append((int(eid.partition(b"-")[0]), f[b"c"].decode(), int(f[b"o"]),
-                         f[b"e"].decode(), f[b"d"]))
+            pub = (int(eid.partition(b"-")[0]), f[b"c"].decode(), int(f[b"o"]),
+                   f[b"e"].decode(), f[b"d"])
+            pubs.append((*pub, f[b"f"]) if b"f" in f else pub)
         return HistoryResult(pubs, top, epoch, found + 1 >= first and found <= top)
 
     async def history(self, channel: str, *, limit: int, since_offset: int | None = None,
@@ -607,7 +614,10 @@ class RedisBroker(Broker):
             return HistoryResult([], 0, "", since_offset is None or since_offset == 0)
         top, epoch = int(res[0]), res[1].decode()
         first = int(res[2].partition(b"-")[0]) if res[2] else top + 1
-        items = [(int(eid.partition(b"-")[0]), fields[1]) for eid, fields in res[3]]
+        # an entry's fields: d DATA, then f SENDER for a client's publication (SPEC §13)
+        items = [(int(eid.partition(b"-")[0]), f[1], f[3])
+                 if len(f) > 3 and f[2] == b"f" else (int(eid.partition(b"-")[0]), f[1])
+                 for eid, f in res[3]]
         if since_offset is None:
             items.reverse()
             return HistoryResult(items, top, epoch, True)

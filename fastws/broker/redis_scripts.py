@@ -7,6 +7,7 @@ lives in that slot too::
 
     fws:{TAG}:CHANNEL:m      hash: o = last offset, e = epoch (history meta)
     fws:{TAG}:CHANNEL:h      stream of the kept publications, ids OFFSET-0, field d
+                             (and f = the sender's JSON, for a client's publication)
     fws:{TAG}:CHANNEL:i:KEY  "OFFSET EPOCH" of an idempotent publish (5 minutes)
 
 ``TAG`` is what Redis hashes for the channel name itself: the part between the first
@@ -30,11 +31,13 @@ __all__ = ["ENVELOPE_PREFIX", "decode_payload", "LOG_PREFIX", "log_keys", "PUBLI
            "PRESENCE_REFRESH_LUA", "presence_keys", "presence_value", "presence_user",
            "REVOKED_PREFIX", "REVOKE_LUA", "LIFECYCLE_STREAM", "LIFECYCLE_NODES",
            "LIFECYCLE_CONNS", "LC_CONNECT_LUA", "LC_DISCONNECT_LUA", "LC_SWEEP_LUA",
-           "SCRIPTS", "META_PREFIX"]
+           "SCRIPTS", "META_PREFIX", "SENDER_PREFIX"]
 
 ENVELOPE_PREFIX = b"\x00fws\x00"
 #: before an envelope (and its LOG_PREFIX part): b"META\n", a publication's meta
 META_PREFIX = b"\x00fwm\x00"
+#: before a publication's sender in the publish script's arguments (SPEC §13)
+SENDER_PREFIX = b"\x00fwf\x00"
 _ENV_LEN = len(ENVELOPE_PREFIX)
 
 # KEYS: meta, stream[, idempotency][, log meta, log]
@@ -45,14 +48,18 @@ _ENV_LEN = len(ENVELOPE_PREFIX)
 #       the size of the namespace log (0 or absent: none; then no log keys),
 #       then, optionally, META_PREFIX + META + "\n" (found by its prefix among the
 #       arguments after the log size): put before what is published (the node's meta
-#       of a client's publication, SPEC §13; never kept in history)
+#       of a client's publication, SPEC §13; never kept in history), and
+#       SENDER_PREFIX + SENDER (the same way): the JSON {user, client} of the client
+#       that made it, kept as field f of its history entry (after d) and of its log
+#       entry (SPEC §13); both are looked for after the stream's arguments, if any
 #
 # The namespace log (docs/history.md) is a second stream, one per namespace, that
 # gets every publication of the namespace with its own offset and epoch (entries
-# c = channel, o = channel offset, e = channel epoch, d = data); the channel's entry
-# then also keeps n = "LOG_OFFSET LOG_EPOCH", and the envelope starts with LOG_PREFIX +
-# b"LOG_OFFSET LOG_EPOCH\n" (for the nodes only: pushes do not carry it).  Pattern
-# subscriptions recover from it.  Not on a cluster (the log's slot is not the channel's).
+# c = channel, o = channel offset, e = channel epoch, d = data[, f = sender]); the
+# channel's entry then also keeps n = "LOG_OFFSET LOG_EPOCH", and the envelope starts
+# with LOG_PREFIX + b"LOG_OFFSET LOG_EPOCH\n" (for the nodes only: pushes do not carry
+# it).  Pattern subscriptions recover from it.  Not on a cluster (the log's slot is
+# not the channel's).
 #
 # The meta hash also keeps `r`, the replication id of the master that wrote it, with
 # ":d" appended when the node waited for a replica before acknowledging (durable).
@@ -99,6 +106,13 @@ if nstream > 0 then
              'data', ARGV[2], 'user', ARGV[14], 'client', ARGV[15], 'offset', soff,
              'epoch', sepoch, 'ts', ARGV[16])
 end
+local pmeta, sender = '', false
+for i = (nstream > 0 and 17 or 13), #ARGV do  -- meta and sender, found by their prefix
+  local p = string.sub(ARGV[i], 1, 5)
+  if p == '\0fwm\0' then pmeta = ARGV[i] elseif p == '\0fwf\0' then
+    sender = string.sub(ARGV[i], 6)
+  end
+end
 local function stream_epoch(mkey, skey, cand)
   local meta = redis.call('HMGET', mkey, 'e', 'r')
   local e = meta[1]
@@ -129,23 +143,29 @@ if size > 0 then
     local lm, lk = KEYS[nk + 1], KEYS[nk + 2]
     local lepoch = stream_epoch(lm, lk, 'n' .. ARGV[5])  -- never a channel's
     local loff = redis.call('HINCRBY', lm, 'o', 1)
-    redis.call('XADD', lk, 'MAXLEN', '~', nlog, loff .. '-0', 'c', ARGV[1], 'o', offset,
-               'e', epoch, 'd', ARGV[2])
+    if sender then
+      redis.call('XADD', lk, 'MAXLEN', '~', nlog, loff .. '-0', 'c', ARGV[1], 'o', offset,
+                 'e', epoch, 'd', ARGV[2], 'f', sender)
+      redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2],
+                 'f', sender, 'n', loff .. ' ' .. lepoch)
+    else
+      redis.call('XADD', lk, 'MAXLEN', '~', nlog, loff .. '-0', 'c', ARGV[1], 'o', offset,
+                 'e', epoch, 'd', ARGV[2])
+      redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2],
+                 'n', loff .. ' ' .. lepoch)
+    end
     redis.call('PEXPIRE', lm, ARGV[4])
     redis.call('PEXPIRE', lk, ARGV[4])
     env = '\0fwn\0' .. loff .. ' ' .. lepoch .. '\n'
-    redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2],
-               'n', loff .. ' ' .. lepoch)
+  elseif sender then
+    redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2], 'f', sender)
   else
     redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'd', ARGV[2])
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
-env = env .. '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
-for i = 13, #ARGV do  -- the meta argument, wherever it sits after the log size
-  if string.sub(ARGV[i], 1, 5) == '\0fwm\0' then env = ARGV[i] .. env end
-end
+env = pmeta .. env .. '\0fws\0' .. offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. ARGV[2]
 redis.call(ARGV[8], ARGV[1], env)
 if ARGV[9] ~= '' then redis.call('SPUBLISH', ARGV[9], ARGV[1] .. '\n' .. env) end
 local res = offset .. ' ' .. epoch

@@ -501,7 +501,8 @@ class Client:
 
     async def history(self, channel: str, limit: int | None = None,
                       since: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Return the ``history`` reply: ``publications`` (oldest first), ``offset``, ``epoch``."""
+        """Return the ``history`` reply: ``publications`` (oldest first; each ``offset``,
+        ``data`` and, for a client's publication, ``from``), ``offset``, ``epoch``."""
         msg: dict[str, Any] = {"type": "history", "channel": channel}
         if limit is not None:
             msg["limit"] = limit

@@ -43,7 +43,8 @@ class Event:
         self.offset = offset
         self.epoch = epoch
         self.recovered = recovered
-        #: the push's ``from`` ({"user", "client"}) for a client's publication, else None
+        #: the push's ``from`` ({"user", "client"}) for a client's publication (live or
+        #: replayed), else None
         self.sender = sender
         #: True for an ephemeral publication (no offset, kept nowhere)
         self.ephemeral = ephemeral

@@ -42,7 +42,9 @@ export interface PublishedReply {
 export interface HistoryReply<T = unknown> {
   id: number;
   type: "history";
-  publications: Array<{ offset: number; data: T; [key: string]: unknown }>;
+  /** `from`: the sender of a client's publication (protocol §13), as on its push. */
+  publications: Array<{ offset: number; data: T; from?: { user: string | null; client: string };
+    [key: string]: unknown }>;
   offset: number;
   epoch: string;
 }
