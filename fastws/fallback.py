@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -40,13 +39,13 @@ from fastws._version import __version__
 from fastws.auth.http import CORS_MAX_AGE, cors_headers, origin_listed
 from fastws.codes import (
     DISCONNECT_DRAINING,
-    DISCONNECT_TOKEN_EXPIRED,
     DISCONNECT_TOKEN_REVOKED,
     Disconnect,
     Err,
 )
 from fastws.http import REASONS, Handover, response
 from fastws.limits import retry_after
+from fastws.node import expiry_timer
 from fastws.protocol import ProtocolError, Request
 from fastws.session import SESSION_SLOTS, BufferedSession, Session
 
@@ -254,12 +253,7 @@ class _Relayed(Conn, Session):
 
     def arm_expiry(self, at: float | None) -> None:
         """Disconnect with 4501 "token expired" at ``at`` (wall clock); None cancels."""
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
-        if at is not None:
-            self.expiry = asyncio.get_running_loop().call_later(
-                max(0.0, at - time.time()), self.disconnect, DISCONNECT_TOKEN_EXPIRED)
+        self.expiry = expiry_timer(self.expiry, at, self)
 
     def subscribe_all(self, plan: Plan) -> None:
         """Subscribe every channel of the request as a WebSocket client would: from its

@@ -40,7 +40,7 @@ from fastws.broker import (
     create_broker,
 )
 from fastws.broker.base import Revocation
-from fastws.codes import Disconnect, Err
+from fastws.codes import DISCONNECT_TOKEN_EXPIRED, Disconnect, Err
 from fastws.limits import MAX_JSON_DEPTH, json_depth
 from fastws.permissions import Permissions
 from fastws.presence import Presence
@@ -80,6 +80,19 @@ class Admission:
     meta: Any
     disconnect: Disconnect | None
     ip: str = ""
+
+
+def expiry_timer(old: asyncio.TimerHandle | None, at: float | None,
+                 sess: Session) -> asyncio.TimerHandle | None:
+    """What :meth:`Session.arm_expiry` means on a live transport: cancel ``old`` and,
+    for a wall-clock ``at``, a timer that disconnects ``sess`` with 4501 "token
+    expired" then; returns the new timer (None when ``at`` is None)."""
+    if old is not None:
+        old.cancel()
+    if at is None:
+        return None
+    return asyncio.get_running_loop().call_later(max(0.0, at - time.time()),
+                                                 sess.disconnect, DISCONNECT_TOKEN_EXPIRED)
 
 
 def stream_key(channel: str) -> str:

@@ -52,7 +52,7 @@ from fastws.http import Handover, bearer_token, json_response, response
 from fastws.limits import KeyedLimiter, client_ip
 from fastws.logs import PicowsLog
 from fastws.metrics import CONTENT_TYPE, Metrics
-from fastws.node import Admission, Node
+from fastws.node import Admission, Node, expiry_timer
 from fastws.session import SESSION_SLOTS, Session
 
 __all__ = ["Connection", "App", "Server", "run", "serve"]
@@ -132,12 +132,7 @@ class Connection(Conn, Session):
 
     def arm_expiry(self, at: float | None) -> None:
         """Disconnect with 4501 "token expired" at ``at`` (wall clock); None cancels."""
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
-        if at is not None:
-            self.expiry = asyncio.get_running_loop().call_later(
-                max(0.0, at - time.time()), self.disconnect, DISCONNECT_TOKEN_EXPIRED)
+        self.expiry = expiry_timer(self.expiry, at, self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.expiry is not None:

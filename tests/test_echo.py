@@ -2,13 +2,16 @@
 
 The conformance run uses kosoku (Autobahn's own case files, driven from Rust) with the
 cases of `kosoku -x '12.*' -x '13.*' -x 7.1.2` (7.1.2 fails inside picows' parser, before
-our code sees a frame); a second run takes the permessage-deflate cases, 12.* and 13.*,
-against the same server (compression is on by default, SPEC §9).
+our code sees a frame); a second run takes the permessage-deflate cases against the same
+server (compression is on by default, SPEC §9): in `make test` the first nine of each
+12.* and 13.* group (every payload kind and offer, messages up to 8 KiB: ~100 cases in
+seconds); with FASTWS_AUTOBAHN_FULL=1 all 216 (up to 256 KiB messages, ~3-4 minutes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -23,7 +26,10 @@ from kosoku import FailureError, run_fuzzingclient
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 EXCLUDED = ["12.*", "13.*", "7.1.2"]
-COMPRESSION_CASES = ["12.*", "13.*"]
+COMPRESSION_CASES = (["12.*", "13.*"] if os.environ.get("FASTWS_AUTOBAHN_FULL")
+                     else [f"{g}.{i}" for g in ("12.1", "12.2", "12.3", "12.4", "12.5", "13.1",
+                                                "13.2", "13.3", "13.4", "13.5", "13.6", "13.7")
+                           for i in range(1, 10)])
 PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
 PASSING_CLOSE = {"OK", "INFORMATIONAL"}
 
@@ -135,7 +141,7 @@ async def test_autobahn_compression_cases_pass(echo_port: int) -> None:
                   if r.behavior.value != "OK" or r.behavior_close.value != "OK"]
         pytest.fail(f"Autobahn compression cases failed: {failed}")
     elapsed = time.monotonic() - start
-    assert len(results) >= 200, len(results)
+    assert len(results) >= (200 if os.environ.get("FASTWS_AUTOBAHN_FULL") else 90), len(results)
     bad = [(r.case_id, r.behavior.value, r.behavior_close.value) for r in results
            if r.behavior.value not in PASSING or r.behavior_close.value not in PASSING_CLOSE]
     assert not bad, bad
