@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -15,18 +14,12 @@ import orjson
 import pytest
 from conftest import ServerProc, scrape, start_server
 from fastws._fanout import deflate_payload, make_frame
+from syncws import RSV1, SyncWS
 
 from fastws.frames import DEFLATE_ANSWER, negotiate_deflate
 
 OFFER_CHROMIUM = "permessage-deflate; client_max_window_bits"
 TAIL = b"\x00\x00\xff\xff"
-
-
-def handshake(extensions: str | None = None) -> bytes:
-    ext = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
-    return (f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"{ext}\r\n").encode()
 
 
 def inflate(payload: bytes) -> bytes:
@@ -38,73 +31,13 @@ def deflate(payload: bytes) -> bytes:
     return (packer.compress(payload) + packer.flush(zlib.Z_SYNC_FLUSH))[:-4]
 
 
-class Raw:
-    """A blocking client that sends exactly the frames it is told and sees RSV1."""
-
-    def __init__(self, port: int, extensions: str | None = None) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.sendall(handshake(extensions))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            assert chunk, "closed during the handshake"
-            head += chunk
-        head, self.buf = head.split(b"\r\n\r\n", 1)
-        assert head.startswith(b"HTTP/1.1 101"), head
-        self.headers = {k.strip().lower(): v.strip() for k, _, v in
-                        (line.partition(":") for line in head.decode().split("\r\n")[1:])}
-
-    @staticmethod
-    def frame(opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> bytes:
-        n = len(payload)
-        first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
-        if n < 126:
-            head = struct.pack("!BB", first, 0x80 | n)
-        elif n < 65536:
-            head = struct.pack("!BBH", first, 0x80 | 126, n)
-        else:
-            head = struct.pack("!BBQ", first, 0x80 | 127, n)
-        mask = os.urandom(4)
-        body = (int.from_bytes(payload, "little") ^ int.from_bytes(
-            (mask * (n // 4 + 1))[:n], "little")).to_bytes(n, "little") if n else b""
-        return head + mask + body
-
-    def send(self, opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> None:
-        self.sock.sendall(self.frame(opcode, payload, fin, rsv1))
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def recv(self) -> tuple[int, bool, bytes]:
-        """(opcode, rsv1, payload) of the next frame."""
-        b0, b1 = self._read(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack("!H", self._read(2))[0]
-        elif n == 127:
-            n = struct.unpack("!Q", self._read(8))[0]
-        return b0 & 0x0F, bool(b0 & 0x40), self._read(n)
-
-    def message(self) -> tuple[bool, dict]:
-        """(was compressed, JSON) of the next TEXT message; fails on a CLOSE."""
-        while True:
-            op, rsv1, payload = self.recv()
-            if op == 1:
-                return rsv1, orjson.loads(inflate(payload) if rsv1 else payload)
-            assert op != 8, ("closed", payload)
-
-    def close_code(self) -> int:
-        """Read until the CLOSE frame; its code (a reset fails the test)."""
-        while True:
-            op, _, payload = self.recv()
-            if op == 8:
-                return struct.unpack("!H", payload[:2])[0]
+def message(ws: SyncWS) -> tuple[bool, dict]:
+    """(was compressed, JSON) of the next TEXT message; fails on a CLOSE."""
+    while True:
+        op, rsv1, payload = ws.read_frame()
+        if op == 1:
+            return rsv1, orjson.loads(inflate(payload) if rsv1 else payload)
+        assert op != 8, ("closed", payload)
 
 
 @pytest.fixture(scope="module")
@@ -150,58 +83,58 @@ def test_deflate_payload_is_raw_deflate_without_the_tail() -> None:
 
 
 def test_offer_is_answered_and_publications_go_out_compressed(srv: ServerProc) -> None:
-    ws = Raw(srv.port, OFFER_CHROMIUM)
-    plain = Raw(srv.port)
+    ws = SyncWS(srv.port, extensions=OFFER_CHROMIUM)
+    plain = SyncWS(srv.port)
     assert ws.headers["sec-websocket-extensions"] == DEFLATE_ANSWER
     assert "sec-websocket-extensions" not in plain.headers
     for c in (ws, plain):
-        c.send(1, b'{"id":1,"type":"subscribe","channel":"chat:z"}')
-        assert c.message()[1]["type"] == "subscribed"
+        c.send_frame(1, b'{"id":1,"type":"subscribe","channel":"chat:z"}')
+        assert message(c)[1]["type"] == "subscribed"
     assert scrape(srv.http_url)["fastws_connections_compressed"] == 1
     big = {"event": "Transfer", "rows": [{"from": "0x" + "ab" * 20, "value": i}
                                          for i in range(20)]}
     srv.publish("chat:z", big)                       # > 512 B: compressed once
     srv.publish("chat:z", "small")                   # < 512 B: plain
-    compressed, push = ws.message()
+    compressed, push = message(ws)
     assert compressed and push["data"] == big
-    compressed, small = ws.message()
+    compressed, small = message(ws)
     assert not compressed and small["data"] == "small"
-    assert plain.message() == (False, push)
-    assert plain.message()[1]["data"] == "small"
+    assert message(plain) == (False, push)
+    assert message(plain)[1]["data"] == "small"
     # a compressed client message (RSV1) is inflated and served
-    ws.send(1, deflate(b'{"id":2,"type":"ping"}'), rsv1=True)
-    assert ws.message()[1] == {"id": 2, "type": "pong"}
+    ws.send_frame(1, deflate(b'{"id":2,"type":"ping"}'), rsv=RSV1)
+    assert message(ws)[1] == {"id": 2, "type": "pong"}
     # a compressed message in fragments: RSV1 on the first frame only
     packed = deflate(b'{"id":3,"type":"ping","pad":"' + b"p" * 3000 + b'"}')
-    ws.send(1, packed[:10], fin=False, rsv1=True)
-    ws.send(0, packed[10:])
-    assert ws.message()[1] == {"id": 3, "type": "pong"}
+    ws.send_frame(1, packed[:10], fin=False, rsv=RSV1)
+    ws.send_frame(0, packed[10:])
+    assert message(ws)[1] == {"id": 3, "type": "pong"}
     ws.sock.close()
     plain.sock.close()
 
 
 def test_rsv1_without_negotiation_closes_1002(srv: ServerProc) -> None:
-    ws = Raw(srv.port)
-    ws.send(1, deflate(b'{"id":1,"type":"ping"}'), rsv1=True)
+    ws = SyncWS(srv.port)
+    ws.send_frame(1, deflate(b'{"id":1,"type":"ping"}'), rsv=RSV1)
     assert ws.close_code() == 1002
 
 
 def test_deflate_bomb_closes_1009_after_the_limit(srv: ServerProc) -> None:
     """64 MiB of zeros deflate to ~64 KiB: max_message_size (64 KiB) counts the inflated
     bytes, so the server stops at the limit and closes 1009 with bounded memory."""
-    ws = Raw(srv.port, "permessage-deflate")
+    ws = SyncWS(srv.port, extensions="permessage-deflate")
     bomb = deflate(b"\x00" * (64 << 20))
     assert len(bomb) < 65536
-    ws.send(1, bomb, rsv1=True)
+    ws.send_frame(1, bomb, rsv=RSV1)
     assert ws.close_code() == 1009
 
 
 def test_compression_can_be_turned_off() -> None:
     server = start_server("--no-compression")
     try:
-        ws = Raw(server.port, OFFER_CHROMIUM)
+        ws = SyncWS(server.port, extensions=OFFER_CHROMIUM)
         assert "sec-websocket-extensions" not in ws.headers
-        ws.send(1, deflate(b'{"id":1,"type":"ping"}'), rsv1=True)
+        ws.send_frame(1, deflate(b'{"id":1,"type":"ping"}'), rsv=RSV1)
         assert ws.close_code() == 1002
     finally:
         server.stop(timeout=5)
@@ -223,8 +156,8 @@ def _keep_sending(sock: socket.socket, frames: list[bytes], stop: threading.Even
 
 def test_rate_limited_burst_gets_the_4029_close_frame(srv: ServerProc) -> None:
     """800 subscribes sent without reading: the client reads the 4029 CLOSE (not a reset)."""
-    ws = Raw(srv.port)
-    frames = [Raw.frame(1, orjson.dumps({"id": i, "type": "subscribe", "channel": f"chat:{i}"}))
+    ws = SyncWS(srv.port)
+    frames = [SyncWS.frame(1, orjson.dumps({"id": i, "type": "subscribe", "channel": f"chat:{i}"}))
               for i in range(800)]
     stop = threading.Event()
     sender = threading.Thread(target=_keep_sending, args=(ws.sock, frames, stop))
@@ -239,9 +172,9 @@ def test_rate_limited_burst_gets_the_4029_close_frame(srv: ServerProc) -> None:
 
 def test_oversize_fragmented_message_gets_the_1009_close_frame(srv: ServerProc) -> None:
     """1 MiB in 16 KiB fragments (max_message_size is 64 KiB): the 1009 CLOSE arrives."""
-    ws = Raw(srv.port)
+    ws = SyncWS(srv.port)
     chunk = b"a" * 16384
-    frames = [Raw.frame(1 if i == 0 else 0, chunk, fin=False) for i in range(64)]
+    frames = [SyncWS.frame(1 if i == 0 else 0, chunk, fin=False) for i in range(64)]
     stop = threading.Event()
     sender = threading.Thread(target=_keep_sending, args=(ws.sock, frames, stop))
     sender.start()
@@ -256,8 +189,8 @@ def test_oversize_fragmented_message_gets_the_1009_close_frame(srv: ServerProc) 
 def test_lingering_close_ends_when_the_peer_closes(srv: ServerProc) -> None:
     """After its CLOSE the server half-closes (EOF follows the CLOSE frame) and drops the
     connection as soon as the peer closes, well before the 2 s linger."""
-    ws = Raw(srv.port)
-    ws.send(2, b"\x00")                               # binary: 1003
+    ws = SyncWS(srv.port)
+    ws.send_frame(2, b"\x00")                         # binary: 1003
     assert ws.close_code() == 1003
     assert ws.sock.recv(10) == b""                    # FIN after the CLOSE frame
     ws.sock.close()

@@ -17,12 +17,12 @@ import pytest
 from conftest import ServerProc, http, scrape, start_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from syncws import Closed, SyncWS, handshake
 from wsclient import connect
 
 # Close codes a server may answer hostile input with (RFC 6455 and SPEC §4).
 HOSTILE_CLOSES = {1002, 1003, 1007, 1009, 4029}
-HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+HANDSHAKE = handshake()
 
 
 def rss(pid: int) -> int:
@@ -44,75 +44,6 @@ def alive(srv: ServerProc) -> None:
     srv.publish("alive:check", "ok")
     assert ws.recv_json()["data"] == "ok"
     ws.close()
-
-
-class SyncWS:
-    """A blocking, byte-exact WebSocket client: it sends whatever frames it is told."""
-
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.sendall(HANDSHAKE)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            assert chunk, "closed during the handshake"
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 101"), head
-        self.buf = head.split(b"\r\n\r\n", 1)[1]
-
-    def send_frame(self, opcode: int, payload: bytes, fin: bool = True, rsv: int = 0,
-                   length: int | None = None) -> None:
-        """One masked frame; ``length`` may lie about the payload's size."""
-        n = len(payload) if length is None else length
-        first = (0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0x0F)
-        if n < 126:
-            head = struct.pack("!BB", first, 0x80 | n)
-        elif n < 65536:
-            head = struct.pack("!BBH", first, 0x80 | 126, n)
-        else:
-            head = struct.pack("!BBQ", first, 0x80 | 127, n)
-        mask = os.urandom(4)
-        body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + body)
-
-    def send_json(self, msg: object) -> None:
-        self.send_frame(1, orjson.dumps(msg))
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def recv_frame(self) -> tuple[int, bytes]:
-        b0, b1 = self._read(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack("!H", self._read(2))[0]
-        elif n == 127:
-            n = struct.unpack("!Q", self._read(8))[0]
-        return b0 & 0x0F, self._read(n)
-
-    def recv_json(self) -> dict:
-        """The next TEXT message (pings are answered, pongs skipped); raises on close."""
-        while True:
-            op, payload = self.recv_frame()
-            if op == 1:
-                return orjson.loads(payload)
-            if op == 8:
-                raise Closed(struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005)
-            if op == 9:
-                self.send_frame(10, payload)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class Closed(Exception):
-    """The server closed the WebSocket; ``args[0]`` is the code."""
 
 
 @pytest.fixture(scope="module")
