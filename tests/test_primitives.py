@@ -46,16 +46,6 @@ def nodes(request, fastws_server):
                                config=CONFIG) for _ in range(2))
 
 
-async def events_until(c: RawClient, reply_id: int) -> tuple[list[dict], dict]:
-    """The pushes received before the reply ``reply_id``, and that reply."""
-    got = []
-    while True:
-        m = await c.recv()
-        if m.get("id") == reply_id:
-            return got, m
-        got.append(m)
-
-
 async def no_more(c: RawClient) -> None:
     """Nothing else is on its way to ``c``: a ping round trip comes back first."""
     pong = await c.request({"id": 777, "type": "ping"})
@@ -72,7 +62,7 @@ async def test_last_n_before_subscribed(nodes):
         a.publish(ch, {"n": i})
     c = await connect(a.ws_url)
     c.send({"id": 1, "type": "subscribe", "channel": ch, "last": 3})
-    pushes, sub = await events_until(c, 1)
+    pushes, sub = await c.until_reply(1)
     assert [p["data"]["n"] for p in pushes] == [3, 4, 5]
     assert [p["offset"] for p in pushes] == [3, 4, 5]
     assert sub["type"] == "subscribed" and sub["offset"] == 5 and sub["epoch"]
@@ -82,12 +72,12 @@ async def test_last_n_before_subscribed(nodes):
     d = await connect(a.ws_url)
     d.send({"id": 2, "type": "subscribe", "channel": ch, "last": 100,
             "since": {"offset": 5, "epoch": sub["epoch"]}})
-    pushes, sub2 = await events_until(d, 2)
+    pushes, sub2 = await d.until_reply(2)
     assert [p["offset"] for p in pushes] == [6] and sub2["recovered"] is True
     # more than kept: what is there
     e = await connect(a.ws_url)
     e.send({"id": 3, "type": "subscribe", "channel": uniq(), "last": 10})
-    pushes, sub3 = await events_until(e, 3)
+    pushes, sub3 = await e.until_reply(3)
     assert pushes == [] and sub3["type"] == "subscribed"
     for x in (c, d, e):
         x.close()
@@ -102,7 +92,7 @@ async def test_last_n_of_a_pattern(fastws_server):
         a.publish(f"room:zz{tag}", {"skip": i})
     c = await connect(a.ws_url)
     c.send({"id": 1, "type": "subscribe", "channel": f"room:{tag}-*", "last": 2})
-    pushes, sub = await events_until(c, 1)
+    pushes, sub = await c.until_reply(1)
     assert [p["data"] for p in pushes] == [{"n": 3}, {"n": 4}]
     assert sub["offset"] and sub["epoch"]  # the log's position (later recovery)
     c.close()
@@ -158,7 +148,7 @@ async def test_ephemeral_reaches_live_subscribers_only(nodes):
     assert (await sub.recv())["offset"] == nxt["offset"]
     late = await connect(a.ws_url)
     late.send({"id": 3, "type": "subscribe", "channel": ch, "last": 10})
-    pushes, _ = await events_until(late, 3)
+    pushes, _ = await late.until_reply(3)
     assert [p["data"] for p in pushes] == [{"n": 1}, {"n": 2}]
     h = await late.request({"id": 4, "type": "history", "channel": ch, "limit": 10})
     assert [p["data"] for p in h["publications"]] == [{"n": 1}, {"n": 2}]

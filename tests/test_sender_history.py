@@ -57,16 +57,6 @@ def nodes(request, fastws_server):
                                config=CONFIG) for _ in range(2))
 
 
-async def events_until(c: RawClient, reply_id: int) -> tuple[list[dict], dict]:
-    """The pushes received before the reply ``reply_id``, and that reply."""
-    got = []
-    while True:
-        m = await c.recv()
-        if m.get("id") == reply_id:
-            return got, m
-        got.append(m)
-
-
 def item(push: dict) -> dict:
     """The ``history`` reply's item for a live ``event`` push: offset, data, from?."""
     return {k: push[k] for k in ("offset", "data", "from") if k in push}
@@ -139,12 +129,12 @@ async def test_history_since_last_and_api_keep_from(nodes):
     assert st == 200 and orjson.loads(raw)["publications"] == hist["publications"]
     late = await connect(b.ws_url)
     late.send({"id": 1, "type": "subscribe", "channel": ch, "last": 3})
-    pushes, sub = await events_until(late, 1)
+    pushes, sub = await late.until_reply(1)
     assert pushes == live[1:] and sub["type"] == "subscribed"
     again = await connect(a.ws_url)
     again.send({"id": 1, "type": "subscribe", "channel": ch,
                 "since": {"offset": live[0]["offset"], "epoch": live[0]["epoch"]}})
-    pushes, sub = await events_until(again, 1)
+    pushes, sub = await again.until_reply(1)
     assert pushes == live[1:] and sub["recovered"] is True
     for c in (watcher, late, again):
         c.close()
@@ -162,13 +152,13 @@ async def test_pattern_replays_keep_from(nodes):
     live = await publish_from_everyone(a, f"room:{tag}-a", watcher)
     late = await connect(b.ws_url)
     late.send({"id": 1, "type": "subscribe", "channel": pattern, "last": 10})
-    pushes, _ = await events_until(late, 1)
+    pushes, _ = await late.until_reply(1)
     assert pushes == live
     again = await connect(a.ws_url)
     since = {"offset": live[1]["offset"], "epoch": live[1]["epoch"],
              "channel": live[1]["channel"]}
     again.send({"id": 1, "type": "subscribe", "channel": pattern, "since": since})
-    pushes, sub = await events_until(again, 1)
+    pushes, sub = await again.until_reply(1)
     assert pushes == live[2:] and sub["recovered"] is True
     for c in (watcher, late, again):
         c.close()

@@ -66,6 +66,16 @@ class RawClient(WSListener):
             for m in skipped:
                 self.messages.put_nowait(m)
 
+    async def until_reply(self, reply_id: int,
+                          timeout: float = 10.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The pushes received before the reply ``reply_id`` (in order), and that reply."""
+        got = []
+        while True:
+            m = await self.recv(timeout)
+            if m.get("id") == reply_id:
+                return got, m
+            got.append(m)
+
     async def wait_closed(self, timeout: float = 10.0) -> int | None:
         await asyncio.wait_for(self.closed.wait(), timeout)
         return self.close_code
