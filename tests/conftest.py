@@ -253,6 +253,16 @@ def chain() -> Iterator:
     c.rpc.stop()                   # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def rpc(chain) -> Iterator:
+    """``chain.rpc``, the chain's JSON-RPC server, with no fault injected before or
+    after the test (``rpc.fault``)."""
+    server = chain.rpc
+    server.fault = None
+    yield server
+    server.fault = None
+
+
 @pytest.fixture(scope="session")
 def shared_redis() -> Iterator[RedisProc]:
     """One redis-server shared by a whole session (for read-only comparisons)."""

@@ -35,14 +35,6 @@ WEI = 10**18
 FAST = Backoff(base=0.01, cap=0.05)
 
 
-@pytest.fixture
-def rpc(chain: DemoChain) -> Iterator[RpcServer]:
-    server: RpcServer = chain.rpc  # type: ignore[attr-defined]
-    server.fault = None
-    yield server
-    server.fault = None
-
-
 async def subscribe(c: Any, channel: str, rid: int) -> None:
     reply = await c.request({"id": rid, "type": "subscribe", "channel": channel})
     assert reply["type"] == "subscribed", reply

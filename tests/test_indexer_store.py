@@ -10,35 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from conftest import free_port, http
 from pg_helpers import PG, PgProxy, count, fresh_database, query
-from test_indexer import events, start_indexer, stop, subscribe, until
+from test_indexer import FAST, WEI, events, start_indexer, stop, subscribe, until
 from wsclient import connect
 
 from fastws.indexer import source as rpcs
-from fastws.indexer.demo_chain import DemoChain, RpcServer
+from fastws.indexer.demo_chain import DemoChain
 from fastws.indexer.mapping import EventCodec
 from fastws.indexer.publish import HttpPublisher
 from fastws.indexer.runner import Indexer
-from fastws.indexer.source import Backoff, LogSource
+from fastws.indexer.source import LogSource
 from fastws.indexer.store import EventStore
 from fastws.indexer.templates import Channels
-
-WEI = 10**18
-FAST = Backoff(base=0.01, cap=0.05)
-
-
-@pytest.fixture
-def rpc(chain: DemoChain) -> Iterator[RpcServer]:
-    server: RpcServer = chain.rpc  # type: ignore[attr-defined]
-    server.fault = None
-    yield server
-    server.fault = None
 
 
 @pytest.fixture
