@@ -122,9 +122,7 @@ def markdown() -> str:
 
     out += ["", "## `[limits]`", "",
             "File only. Limits hold per node.", "",
-            "| key | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(LimitsConfig):
-        out.append(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |")
+            *_key_table(LimitsConfig)]
 
     out += ["", "## `[proxy]`", "",
             "File only. The HTTP endpoints of the application's backend: connect,",
@@ -132,9 +130,7 @@ def markdown() -> str:
             "that is down, slow or answers anything but the documented JSON refuses",
             "(HTTP 503 for a connection): fastws fails closed. An unknown key is a start-up",
             "error naming it.", "",
-            "| key | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(ProxyConfig):
-        out.append(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |")
+            *_key_table(ProxyConfig)]
 
     out += ["", '## `[namespaces."*"]` and `[namespaces.NAME]`', "",
             "File only. A channel `NAME:rest` belongs to namespace `NAME`; channels without",
@@ -143,12 +139,17 @@ def markdown() -> str:
             'table and have `subscribe = "owner"` (other keys from `"*"`) unless their',
             "table says otherwise; `wallet:` names are lower-cased. A namespace name is",
             "printable ASCII without space, `:` or glob characters.", "",
-            "| key | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(NamespaceConfig):
-        out.append(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |")
+            *_key_table(NamespaceConfig)]
     out += ["", _PERMISSION_TEXT.rstrip(), ""]
     out += ["## Example", "", "```toml", example_toml().rstrip(), "```", ""]
     return "\n".join(out)
+
+
+def _key_table(cls: type) -> list[str]:
+    """The markdown table (key, default, meaning) of a file-only config section."""
+    return ["| key | default | meaning |", "|---|---|---|",
+            *(f"| `{f.name}` | {_md_default(f)} | {_cell(f.metadata['doc'])} |"
+              for f in dataclasses.fields(cls))]
 
 
 def _wrap(text: str, width: int = 88) -> list[str]:
