@@ -27,6 +27,7 @@ from fastws.broker.base import Revocation
 from fastws.channels import owner_key
 from fastws.codes import DISCONNECT_BY_API, MAX_CLOSE_REASON, Close, Disconnect
 from fastws.http import bearer_token, json_response
+from fastws.presence import member_counts
 
 if TYPE_CHECKING:
     from fastws.node import Node
@@ -269,14 +270,14 @@ async def _presence_members(node: Node, headers: dict[str, str], body: bytes
     if not node.config.for_channel(channel).presence:
         return json_response(400, {"error": "presence is not enabled for this namespace"})
     try:
-        return await node.presence.list(channel)
+        return await node.presence.members_of(channel)
     except BrokerUnavailable as exc:
         return _unavailable(exc)
 
 
 def _stats(members: dict[str, str | None]) -> dict[str, int]:
-    return {"num_clients": len(members),
-            "num_users": len({u for u in members.values() if u is not None})}
+    clients, users = member_counts(members)
+    return {"num_clients": clients, "num_users": users}
 
 
 async def presence(node: Node, headers: dict[str, str], body: bytes) -> bytes:

@@ -43,7 +43,7 @@ from fastws.broker.base import Revocation
 from fastws.codes import DISCONNECT_TOKEN_EXPIRED, Disconnect, Err
 from fastws.limits import MAX_JSON_DEPTH, json_depth
 from fastws.permissions import Permissions
-from fastws.presence import Presence
+from fastws.presence import Presence, member_counts
 from fastws.protocol import ProtocolError, Request
 from fastws.proxy import (
     BackendDisconnect,
@@ -561,8 +561,7 @@ class Node:
     async def presence_stats(self, channel: str) -> tuple[int, int]:
         """(clients, distinct authenticated users) in ``channel``'s presence, every
         node's when the broker shares presence."""
-        members = await self.presence.list(channel)
-        return len(members), len({u for u in members.values() if u is not None})
+        return member_counts(await self.presence.members_of(channel))
 
     async def _presence_stats(self, sess: Session, req: Request) -> bytes:
         self._presence_allowed(sess, req.channel)
@@ -710,7 +709,7 @@ class Node:
 
     async def _presence(self, sess: Session, req: Request) -> bytes:
         self._presence_allowed(sess, req.channel)
-        members = await self.presence.list(req.channel)  # every node's, if shared
+        members = await self.presence.members_of(req.channel)  # every node's, if shared
         clients = [{"client": cid, "user": user} for cid, user in members.items()]
         return protocol.reply(req.id, "presence", clients=clients)
 

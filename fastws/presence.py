@@ -19,7 +19,12 @@ if TYPE_CHECKING:
     from fastws.node import Node
     from fastws.session import Session
 
-__all__ = ["Presence"]
+__all__ = ["Presence", "member_counts"]
+
+
+def member_counts(members: dict[str, str | None]) -> tuple[int, int]:
+    """(clients, distinct authenticated users) of a channel's presence members."""
+    return len(members), len({u for u in members.values() if u is not None})
 
 
 class Presence:
@@ -49,7 +54,7 @@ class Presence:
         self._push("leave", channel, sess.client_id, sess.user)
         self._spawn(self.node.broker.presence_leave(channel, sess.client_id, sess.user))
 
-    async def list(self, channel: str) -> dict[str, str | None]:
+    async def members_of(self, channel: str) -> dict[str, str | None]:
         """Every member of ``channel``: all nodes' when the broker shares presence,
         else this node's."""
         members = await self.node.broker.presence(channel)
