@@ -56,7 +56,8 @@ cdef class Hub:
     cdef double _lat_sum
     cdef unsigned long long _lat_count
 
-    cpdef Py_ssize_t broadcast(self, str channel, bytes frame, double accepted, bint exact_only=*) except -1
+    cpdef Py_ssize_t broadcast(self, str channel, bytes frame, double accepted, bint exact_only=*,
+                               object skip=*) except -1
     cpdef flush(self)
     cdef int _schedule(self) except -1
     cdef int _grow_pending_to(self, Py_ssize_t need) except -1

@@ -404,7 +404,7 @@ cdef class Hub:
         return 0
 
     cpdef Py_ssize_t broadcast(self, str channel, bytes frame, double accepted,
-                               bint exact_only=False) except -1:
+                               bint exact_only=False, object skip=None) except -1:
         """Queue ``frame`` for every connection subscribed to ``channel``.
 
         Each connection gets it once however many of its subscriptions match.  With
@@ -412,9 +412,11 @@ cdef class Hub:
         the number of receivers.  ``accepted`` is the monotonic time the publication
         was accepted, for the delivery latency histogram; a negative ``accepted`` marks
         a push that is not a publication (presence join/leave): it is delivered the same
-        way but counted in no publication metric.
+        way but counted in no publication metric.  ``skip``: a connection that does not
+        get it (the sender of an ``echo: false`` publication).
         """
         cdef tuple keys
+        cdef PyObject* skipped = <PyObject*>skip   # compared by address: no call
         cdef bytes zframe = None        # the compressed frame, built on first need
         cdef bint zmay = False          # compression still possible for this publication
         cdef bint zbuilt = False
@@ -443,7 +445,7 @@ cdef class Hub:
             zmay = size - (2 if s < 126 else (4 if s == 126 else 10)) >= self.compression_min_size
         for i in range(m):
             o = items[i]
-            if (<Conn>o).closing:
+            if (<Conn>o).closing or o == skipped:
                 continue
             if (<Conn>o).relay:     # SSE / long-poll (fastws.fallback): Python-level delivery
                 if (<object>o).deliver(frame):

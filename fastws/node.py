@@ -328,9 +328,8 @@ class Node:
                      accepted: float, log_offset: int, log_epoch: str, meta: bytes) -> None:
         """A publication with meta (SPEC §13): ``{"e":1}`` ephemeral, ``"f"`` the
         sender ({user, client}) for ``from``, ``"x"`` the client id it must not reach
-        (``echo: false``).  Still framed once; the sender is skipped by being marked
-        closing for the duration of the (synchronous) broadcast: one pointer test in
-        the loop, no object per delivery."""
+        (``echo: false``).  Still framed once; the hub skips the sender (one pointer
+        test in the loop, no object per delivery)."""
         m = orjson.loads(meta)
         ephemeral = bool(m.get("e"))
         payload = protocol.event_payload_from(channel, data, offset, epoch, ephemeral,
@@ -339,14 +338,7 @@ class Node:
         frame = make_frame(payload)
         private = self.permissions.private(channel)
         skip = self._echoless.get(m["x"]) if "x" in m else None
-        if skip is None or skip.closing:
-            self.hub.broadcast(channel, frame, accepted, private)
-            return
-        skip.closing = True
-        try:
-            self.hub.broadcast(channel, frame, accepted, private)
-        finally:
-            skip.closing = False
+        self.hub.broadcast(channel, frame, accepted, private, skip)
 
     def handle_gap(self) -> None:
         """Broker callback after it reconnected and resubscribed: publications may have
