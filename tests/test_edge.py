@@ -154,20 +154,26 @@ def _keep_sending(sock: socket.socket, frames: list[bytes], stop: threading.Even
         pass
 
 
+def close_code_while_sending(ws: SyncWS, frames: list[bytes]) -> int:
+    """The code of the CLOSE frame ``ws`` reads while a thread keeps sending ``frames``
+    (and more) without reading; a reset instead of the frame fails the test."""
+    stop = threading.Event()
+    sender = threading.Thread(target=_keep_sending, args=(ws.sock, frames, stop))
+    sender.start()
+    try:
+        return ws.close_code()
+    finally:
+        stop.set()
+        sender.join()
+        ws.sock.close()
+
+
 def test_rate_limited_burst_gets_the_4029_close_frame(srv: ServerProc) -> None:
     """800 subscribes sent without reading: the client reads the 4029 CLOSE (not a reset)."""
     ws = SyncWS(srv.port)
     frames = [SyncWS.frame(1, orjson.dumps({"id": i, "type": "subscribe", "channel": f"chat:{i}"}))
               for i in range(800)]
-    stop = threading.Event()
-    sender = threading.Thread(target=_keep_sending, args=(ws.sock, frames, stop))
-    sender.start()
-    try:
-        assert ws.close_code() == 4029
-    finally:
-        stop.set()
-        sender.join()
-        ws.sock.close()
+    assert close_code_while_sending(ws, frames) == 4029
 
 
 def test_oversize_fragmented_message_gets_the_1009_close_frame(srv: ServerProc) -> None:
@@ -175,15 +181,7 @@ def test_oversize_fragmented_message_gets_the_1009_close_frame(srv: ServerProc) 
     ws = SyncWS(srv.port)
     chunk = b"a" * 16384
     frames = [SyncWS.frame(1 if i == 0 else 0, chunk, fin=False) for i in range(64)]
-    stop = threading.Event()
-    sender = threading.Thread(target=_keep_sending, args=(ws.sock, frames, stop))
-    sender.start()
-    try:
-        assert ws.close_code() == 1009
-    finally:
-        stop.set()
-        sender.join()
-        ws.sock.close()
+    assert close_code_while_sending(ws, frames) == 1009
 
 
 def test_lingering_close_ends_when_the_peer_closes(srv: ServerProc) -> None:
