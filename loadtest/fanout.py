@@ -348,13 +348,15 @@ def on_control(sub: Any, transport: WSTransport, frame: WSFrame) -> None:
         sub.stats.bad_frames += 1
 
 
-def subscriber_classes(client: str) -> tuple[Any, Any, str]:
-    """(stats class, listener factory taking stats, client name) for --client."""
+def subscriber_classes(client: str, inflate_every: int = 1) -> tuple[Any, Any, str]:
+    """(stats class, listener factory taking stats, client name) for --client;
+    ``inflate_every``: see --inflate-every (compiled subscribers only)."""
     if client in ("auto", "compiled"):
         try:
             from loadtest._build import load_fastsub
 
             fast = load_fastsub()
+            fast.set_inflate_every(inflate_every)
             return (fast.CStats,
                     lambda st: fast.FastSubscriber(st, on_reply, on_control), "compiled")
         except Exception as exc:  # noqa: BLE001 - no compiler: fall back, say so
@@ -429,7 +431,8 @@ async def _recv(conn: Connection) -> Any:
 
 
 async def _worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
-    stats_cls, factory, _ = subscriber_classes(cfg.get("client", "auto"))
+    stats_cls, factory, _ = subscriber_classes(cfg.get("client", "auto"),
+                                               cfg.get("inflate_every", 1))
     stats = stats_cls()
     stats.lanes = cfg.get("lanes", 1)
     raw = cfg.get("protocol", "fastws") == "raw"
@@ -1071,6 +1074,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compression", action="store_true",
                    help="subscribers offer permessage-deflate (as Chromium does) and "
                         "inflate what arrives compressed")
+    p.add_argument("--inflate-every", type=int, default=1, metavar="K",
+                   help="with --compression (compiled subscribers): inflate one push in K "
+                        "and count the others as the next numbers (a loss or duplicate "
+                        "still shows at the next inflated one); latency from the inflated "
+                        "ones. Lets 2 vCPUs of clients keep up with the server")
     p.add_argument("--event", choices=("small", "demo", "demo1", "demo3"), default="small",
                    help="publication data: small (~80 B) or demo (~1.1 KB pushes: two "
                         "indexed events of one block, like the demo's; demo1/demo3: one "
@@ -1240,7 +1248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             parent_end, child_end = ctx.Pipe()
             cfg = {"url": url, "n": share + (1 if k < extra else 0), "batch": batch,
                    "client": args.client, "protocol": args.protocol, "lanes": lanes,
-                   "compress": args.compression,
+                   "compress": args.compression, "inflate_every": args.inflate_every,
                    "connect_timeout": args.connect_timeout, "cpus": client_cpus,
                    "source_ip": f"127.0.0.{2 + k}" if use_source_ips else None}
             proc = ctx.Process(target=worker_entry, args=(child_end, cfg), daemon=True)
@@ -1361,6 +1369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "channel": CHANNEL, "client": client_name,
                        "protocol": args.protocol, "path": args.path,
                        "compression": args.compression, "event": args.event,
+                       "inflate_every": args.inflate_every,
                        "publisher": {"mode": pub_mode, "connections": lanes,
                                      "inflight": lanes if lanes > 1 else args.inflight,
                                      "url": pub_url}},
