@@ -111,6 +111,34 @@ def test_compiled_subscriber_inflates_compressed_frames() -> None:
     assert sub.last == 2 and stats.wire_bytes < 400
 
 
+def test_inflate_every_counts_skipped_pushes_and_still_sees_a_loss() -> None:
+    """--inflate-every 4: three pushes in four are counted unread as the next numbers;
+    a push missing in between shows as a gap at the next inflated one."""
+    fast = load_fastsub()
+    now = time.time_ns()
+    stats = fast.CStats()
+    stats.win_start, stats.win_end = now - 10**10, now + 10**10
+    sub = fast.FastSubscriber(stats, fanout.on_reply, fanout.on_control)
+
+    def push(seq: int) -> None:
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        payload = _event(now, seq) + b" " * 2000
+        packed = (packer.compress(payload) + packer.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        sub.on_ws_frame(None, _make_test_ws_frame(WSMsgType.TEXT, packed, True, True))
+
+    fast.set_inflate_every(4)
+    try:
+        for seq in range(1, 10):      # 1 and 5 and 9 inflated, the rest counted
+            push(seq)
+        assert (stats.received, stats.gaps, stats.duplicates, stats.compressed) == (9, 0, 0, 9)
+        assert sub.last == 9 and stats.in_window == 9
+        for seq in (10, 11, 12, 14):  # 13 lost: 14 is inflated and is not 13
+            push(seq)
+        assert stats.gaps == 1 and sub.last == 14
+    finally:
+        fast.set_inflate_every(1)
+
+
 @pytest.mark.timeout(120)
 def test_compressed_smoke_run() -> None:
     """--compression --event demo for a second: every delivery arrives, compressed."""
