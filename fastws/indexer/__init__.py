@@ -224,7 +224,9 @@ def parse_args(argv: list[str]) -> IndexArgs:
         from fastws.config import ConfigError, load_config
 
         try:
-            config = load_config({"config": config_file} if config_file else {})
+            # checked against the indexer's broker (a stream namespace needs a Redis one)
+            config = load_config({"broker": broker,
+                                  **({"config": config_file} if config_file else {})})
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
     poll_raw = pick("poll_interval") or "1"
