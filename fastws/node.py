@@ -36,8 +36,9 @@ from fastws.broker import (
     BrokerUnavailable,
     Publication,
     PublishResult,
-    StreamAppend,
     create_broker,
+    publication_for,
+    publish_args,
 )
 from fastws.broker.base import Revocation
 from fastws.codes import DISCONNECT_TOKEN_EXPIRED, Disconnect, Err
@@ -53,20 +54,19 @@ from fastws.proxy import (
     ProxyCollector,
     forward_headers,
 )
-from fastws.recovery import NS_LOG_SIZE, Recovery
+from fastws.recovery import Recovery
 from fastws.revocations import Revocations
 
 if TYPE_CHECKING:
     from fastws.config import Config
     from fastws.session import Session
 
-__all__ = ["Node", "Auth", "Admission", "stream_key"]
+__all__ = ["Node", "Auth", "Admission"]
 
 log = logging.getLogger("fastws")
 
 LOAD_TIMEOUT = 10.0             # seconds start waits for the token revocations to load
 GATHER_TIMEOUT = 1.0            # seconds a server API query waits for the other nodes
-STREAM_PREFIX = "fastws:stream:"  # + namespace ("*" for channels without one): SPEC §12
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +95,6 @@ def expiry_timer(old: asyncio.TimerHandle | None, at: float | None,
                                                  sess.disconnect, DISCONNECT_TOKEN_EXPIRED)
 
 
-def stream_key(channel: str) -> str:
-    """The Redis stream a ``stream = true`` namespace appends ``channel``'s
-    publications to: ``fastws:stream:<namespace>`` (``*`` for channels without one)."""
-    return STREAM_PREFIX + (channels.namespace_of(channel) or "*")
-EPHEMERAL_META = b'{"e":1}'     # the meta of an ephemeral publication without a sender
 
 
 class Node:
@@ -239,28 +234,17 @@ class Node:
                      client: str = "", ephemeral: bool = False,
                      meta: bytes = b"", sender: bytes = b"") -> Publication:
         """A broker :class:`Publication` of ``data`` on ``channel`` with its namespace's
-        history and stream rules (ProtocolError if ``data`` nests too deep); ``user``
-        and ``client`` name the publisher in a stream entry, ``sender`` (its ``from``)
-        is kept with it in history."""
+        history, log and stream rules (:func:`fastws.broker.publication_for`;
+        ProtocolError if ``data`` nests too deep); ``user`` and ``client`` name the
+        publisher in a stream entry, ``sender`` (its ``from``) is kept with it in history."""
         if data_json is None:
             if json_depth(data) > MAX_JSON_DEPTH:
                 raise ProtocolError(Err.BAD_REQUEST,
                                     f"data nests deeper than {MAX_JSON_DEPTH} levels")
             data_json = orjson.dumps(data)
-        ns = self.config.for_channel(channel)
-        if ephemeral:  # live subscribers only: no history, no log, no stream, no offset
-            return Publication(channel, data_json, 0, ns.history_ttl, idempotency_key, None,
-                               None, meta or EPHEMERAL_META)
-        log = None
-        if ns.history_size > 0 and not ns.private:
-            # the namespace's log, for pattern subscriptions (docs/history.md)
-            space = channels.namespace_of(channel)
-            if space:
-                log = (space, NS_LOG_SIZE)
-        stream = (StreamAppend(stream_key(channel), ns.stream_maxlen, user, client)
-                  if ns.stream else None)
-        return Publication(channel, data_json, ns.history_size, ns.history_ttl,
-                           idempotency_key, log, stream, meta, sender)
+        return publication_for(self.config.for_channel(channel), channel, data_json,
+                               idempotency_key, user=user, client=client,
+                               ephemeral=ephemeral, meta=meta, sender=sender)
 
     async def publish(self, channel: str, data: Any, idempotency_key: str | None = None,
                       *, data_json: bytes | None = None, user: str = "",
@@ -276,17 +260,7 @@ class Node:
         pub = self._publication(channel, data, idempotency_key, data_json, user=user,
                                 client=client, ephemeral=ephemeral, meta=meta,
                                 sender=sender)
-        extra: dict[str, Any] = {}   # only what is set: a broker may not take them
-        if pub.stream is not None:
-            extra["stream"] = pub.stream
-        if pub.meta:
-            extra["meta"] = pub.meta
-        if pub.sender:
-            extra["sender"] = pub.sender
-        return await self.broker.publish(
-            channel, pub.data, history_size=pub.history_size, history_ttl=pub.history_ttl,
-            idempotency_key=idempotency_key, log=pub.log, **extra,
-        )
+        return await self.broker.publish(channel, pub.data, **publish_args(pub))
 
     async def publish_batch(self, items: list[tuple[Any, ...]]
                             ) -> list[PublishResult | ProtocolError | BrokerUnavailable]:

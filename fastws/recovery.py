@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from fastws import channels, protocol
 from fastws._match import glob_match
 from fastws.broker import BrokerUnavailable
+from fastws.broker.base import NS_LOG_SIZE
 from fastws.broker.memory import MemoryBroker
 from fastws.codes import DISCONNECT_INSUFFICIENT_STATE
 
@@ -30,11 +31,10 @@ if TYPE_CHECKING:
     from fastws.node import Node
     from fastws.session import Session
 
-__all__ = ["Recovery", "NS_LOG_SIZE"]
+__all__ = ["Recovery"]
 
 log = logging.getLogger("fastws")
 
-NS_LOG_SIZE = 10_000            # publications a namespace's log keeps (pattern recovery)
 POSITION_CHECK_INTERVAL = 10.0  # seconds between checks of channel positions (gaps)
 MAX_POSITIONS = 100_000         # channels whose last offset is remembered (gap detection)
 CHECK_BATCH = 1000              # channels checked per round

@@ -10,10 +10,14 @@ from fastws.broker.base import (
     Publication,
     PublishResult,
     StreamAppend,
+    publication_for,
+    publish_args,
+    stream_key,
 )
 
 __all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "HistoryResult", "Publication",
-           "PublishResult", "StreamAppend", "create_broker"]
+           "PublishResult", "StreamAppend", "create_broker", "publication_for", "publish_args",
+           "stream_key"]
 
 
 def create_broker(url: str) -> Broker:

@@ -11,12 +11,21 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from fastws import channels
 from fastws.errors import BrokerUnavailable
 
+if TYPE_CHECKING:
+    from fastws.config import NamespaceConfig
+
 __all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "PublishResult", "HistoryResult",
-           "Publication", "Revocation", "StreamAppend"]
+           "Publication", "Revocation", "StreamAppend", "NS_LOG_SIZE", "STREAM_PREFIX",
+           "EPHEMERAL_META", "stream_key", "publication_for", "publish_args"]
+
+NS_LOG_SIZE = 10_000            # publications a namespace's log keeps (pattern recovery)
+STREAM_PREFIX = "fastws:stream:"  # + namespace ("*" for channels without one): SPEC §12
+EPHEMERAL_META = b'{"e":1}'     # the meta of an ephemeral publication without a sender
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,58 @@ class Publication:
     stream: StreamAppend | None = None
     meta: bytes = b""  # opaque to the broker, handed back with the publication (SPEC §13)
     sender: bytes = b""  # kept with it in history and the log (see Broker.publish)
+
+
+def stream_key(channel: str) -> str:
+    """The Redis stream a ``stream = true`` namespace appends ``channel``'s
+    publications to: ``fastws:stream:<namespace>`` (``*`` for channels without one)."""
+    return STREAM_PREFIX + (channels.namespace_of(channel) or "*")
+
+
+def publication_for(ns: NamespaceConfig, channel: str, data: bytes,
+                    idempotency_key: str | None = None, *, user: str = "",
+                    client: str = "", ephemeral: bool = False, meta: bytes = b"",
+                    sender: bytes = b"") -> Publication:
+    """The broker :class:`Publication` of encoded JSON ``data`` on ``channel`` under its
+    namespace's rules ``ns``: the one place every producer (the node, the indexer's
+    broker publisher) gets them from.
+
+    - history: ``ns.history_size`` and ``ns.history_ttl``;
+    - the namespace log (pattern recovery, docs/history.md): ``(namespace,
+      NS_LOG_SIZE)`` when the namespace keeps history and is not private;
+    - ``ns.stream``: a :class:`StreamAppend` to :func:`stream_key` with ``user`` and
+      ``client`` (the publisher; "" for publications without a connection, SPEC §12);
+    - ``ephemeral`` (SPEC §13): none of these, live subscribers only, with ``meta``
+      (or :data:`EPHEMERAL_META`) so that nodes frame it as ephemeral.
+
+    ``meta`` is handed to every node with the publication, ``sender`` (its ``from``)
+    kept with it in history and the log."""
+    if ephemeral:  # live subscribers only: no history, no log, no stream, no offset
+        return Publication(channel, data, 0, ns.history_ttl, idempotency_key, None, None,
+                           meta or EPHEMERAL_META)
+    log = None
+    if ns.history_size > 0 and not ns.private:
+        space = channels.namespace_of(channel)
+        if space:
+            log = (space, NS_LOG_SIZE)
+    stream = (StreamAppend(stream_key(channel), ns.stream_maxlen, user, client)
+              if ns.stream else None)
+    return Publication(channel, data, ns.history_size, ns.history_ttl, idempotency_key, log,
+                       stream, meta, sender)
+
+
+def publish_args(pub: Publication) -> dict[str, Any]:
+    """The keyword arguments of :meth:`Broker.publish` for ``pub``: ``stream``, ``meta``
+    and ``sender`` only when set (a broker may not take them)."""
+    args: dict[str, Any] = {"history_size": pub.history_size, "history_ttl": pub.history_ttl,
+                            "idempotency_key": pub.idempotency_key, "log": pub.log}
+    if pub.stream is not None:
+        args["stream"] = pub.stream
+    if pub.meta:
+        args["meta"] = pub.meta
+    if pub.sender:
+        args["sender"] = pub.sender
+    return args
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,12 +258,7 @@ class Broker(ABC):
         out: list[PublishResult | BrokerUnavailable] = []
         for p in pubs:
             try:
-                out.append(await self.publish(p.channel, p.data, history_size=p.history_size,
-                                              history_ttl=p.history_ttl,
-                                              idempotency_key=p.idempotency_key, log=p.log,
-                                              stream=p.stream,
-                                              **({"meta": p.meta} if p.meta else {}),
-                                              **({"sender": p.sender} if p.sender else {})))
+                out.append(await self.publish(p.channel, p.data, **publish_args(p)))
             except BrokerUnavailable as exc:
                 out.append(exc)
         return out

@@ -103,8 +103,8 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
                                  "hash>.json), or with a Redis broker its key (default "
                                  "fastws:indexer:<contracts hash>)"),
     ("--config", "FILE", "a TOML with [chains.NAME] tables (several chains at once) and "
-                         "[store] url, and/or the servers' [namespaces] (their history "
-                         "rules, Redis broker only)"),
+                         "[store] url, and/or the servers' [namespaces] (their history, "
+                         "log and stream rules, Redis broker only)"),
     ("--poll-interval", "SECONDS", "seconds between polls of the head (default 1; with "
                                    "ws:// only while the newHeads subscription is down)"),
     ("--max-range", "N", "most blocks per eth_getLogs call (default 2000; narrower when the "
@@ -224,7 +224,9 @@ def parse_args(argv: list[str]) -> IndexArgs:
         from fastws.config import ConfigError, load_config
 
         try:
-            config = load_config({"config": config_file} if config_file else {})
+            # checked against the indexer's broker (a stream namespace needs a Redis one)
+            config = load_config({"broker": broker,
+                                  **({"config": config_file} if config_file else {})})
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
     poll_raw = pick("poll_interval") or "1"

@@ -11,8 +11,10 @@ cannot (a wrong API key, a channel the server rejects), which stops the indexer.
 - :class:`NodePublisher`: straight into a :class:`fastws.node.Node` of this process,
   possibly from another thread (the ``serve --demo`` chain runs in its own thread).
 - :class:`BrokerPublisher`: straight into the shared broker (``--broker redis://…``),
-  with the namespaces' history rules of the servers' config, so every node sharing
-  that Redis delivers the events and keeps them in history.
+  with the namespace rules of the servers' config, so every node sharing that Redis
+  delivers the events and keeps them as a node would: in the channel's history, the
+  namespace's log (pattern recovery) and, in a ``stream = true`` namespace, its
+  stream (SPEC §12).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import orjson
 from fastws.indexer.source import Backoff
 
 if TYPE_CHECKING:
-    from fastws.broker import Broker
+    from fastws.broker import Broker, Publication
     from fastws.config import NamespaceConfig
     from fastws.node import Node
 
@@ -225,7 +227,11 @@ class _NoDelivery:
 
 class BrokerPublisher:
     """Publishes into a shared broker (``redis://``) as a node would: history and
-    idempotency are the broker's, ``rules(channel)`` gives the history size and TTL."""
+    idempotency are the broker's, ``rules(channel)`` gives the namespace's rules, made
+    into a publication by :func:`fastws.broker.publication_for` (the node's own): its
+    history size and TTL, the namespace log when it has one, and in a ``stream = true``
+    namespace the append to ``fastws:stream:<namespace>`` with ``user`` and ``client``
+    empty (a publication without a connection, SPEC §12), once per idempotency key."""
 
     def __init__(self, url: str, rules: Callable[[str], NamespaceConfig], *,
                  backoff: Backoff | None = None) -> None:
@@ -249,20 +255,22 @@ class BrokerPublisher:
                 await broker.start(_NoDelivery())
                 self.broker = broker
 
+    def _publication(self, channel: str, data: dict[str, Any], key: str) -> Publication:
+        from fastws.broker import publication_for
+
+        return publication_for(self.rules(channel), channel, orjson.dumps(data), key)
+
     async def publish(self, channel: str, data: dict[str, Any], idempotency_key: str) -> None:
-        from fastws.broker import BrokerUnavailable
+        from fastws.broker import BrokerUnavailable, publish_args
 
         if self.broker is None:
             await self.start()
         assert self.broker is not None
-        ns = self.rules(channel)
-        body = orjson.dumps(data)
+        pub = self._publication(channel, data, idempotency_key)
         attempt = 0
         while True:
             try:
-                await self.broker.publish(channel, body, history_size=ns.history_size,
-                                          history_ttl=ns.history_ttl,
-                                          idempotency_key=idempotency_key)
+                await self.broker.publish(channel, pub.data, **publish_args(pub))
                 return
             except BrokerUnavailable as exc:   # outcome unknown: the same key makes it safe
                 self.retries += 1
@@ -275,16 +283,12 @@ class BrokerPublisher:
         """Publish ``items`` in order with the broker's batch (one Redis pipeline per
         BATCH_ITEMS); what was not published (BrokerUnavailable) is sent again from the
         first of them on."""
-        from fastws.broker import BrokerUnavailable, Publication
+        from fastws.broker import BrokerUnavailable
 
         if self.broker is None:
             await self.start()
         assert self.broker is not None
-        pubs = []
-        for channel, data, key in items:
-            ns = self.rules(channel)
-            pubs.append(Publication(channel, orjson.dumps(data), ns.history_size,
-                                    ns.history_ttl, key))
+        pubs = [self._publication(channel, data, key) for channel, data, key in items]
         attempt = 0
         while pubs:
             chunk = pubs[:BATCH_ITEMS]
