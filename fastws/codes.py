@@ -13,7 +13,8 @@ __all__ = [
     "DISCONNECT_INSUFFICIENT_STATE", "DISCONNECT_INVALID_TOKEN", "DISCONNECT_ORIGIN",
     "DISCONNECT_CONNECTION_LIMIT", "DISCONNECT_TOKEN_EXPIRED", "DISCONNECT_TOKEN_REVOKED",
     "DISCONNECT_BY_API",
-    "MAX_CLOSE_REASON",
+    "MAX_CLOSE_REASON", "CLOSE_REASONS", "close_reason",
+    "REASON_STREAM_CLOSED", "REASON_POLL_ANSWERED",
 ]
 
 #: bytes of UTF-8 a close frame's reason may hold (125 - the 2 bytes of the code)
@@ -102,3 +103,45 @@ DISCONNECT_TOKEN_REVOKED = Disconnect(Close.INVALID_TOKEN, "token revoked")   # 
 DISCONNECT_ORIGIN = Disconnect(Close.ORIGIN_NOT_ALLOWED, "origin not allowed")
 DISCONNECT_CONNECTION_LIMIT = Disconnect(Close.CONNECTION_LIMIT, "connection limit reached")
 DISCONNECT_BY_API = Disconnect(Close.DISCONNECTED, "disconnected by the server")
+
+#: what a lifecycle ``disconnect`` record says of a close code when no reason came with
+#: it (SPEC §12): RFC 6455's meaning of the 1xxx codes, the server's reasons of the 4xxx
+CLOSE_REASONS: dict[int, str] = {
+    Close.NORMAL: "normal closure",
+    Close.GOING_AWAY: "going away",
+    Close.PROTOCOL_ERROR: "protocol error",
+    Close.UNSUPPORTED_DATA: "unsupported data",
+    1005: "no status code",
+    Close.ABNORMAL: "connection lost",
+    Close.INVALID_PAYLOAD: "invalid payload data",
+    Close.POLICY: "policy violation",
+    Close.TOO_BIG: "message too big",
+    1010: "mandatory extension",
+    Close.INTERNAL: "internal error",
+    1012: "service restart",
+    1013: "try again later",
+    1014: "bad gateway",
+    **{d.code: d.reason for d in (DISCONNECT_BY_API, DISCONNECT_CONNECTION_LIMIT,
+                                  DISCONNECT_ORIGIN, DISCONNECT_INVALID_TOKEN,
+                                  DISCONNECT_RATE_LIMITED, DISCONNECT_INSUFFICIENT_STATE,
+                                  DISCONNECT_SLOW, DISCONNECT_DRAINING)},
+}
+
+#: the reason of an SSE stream the client ended (1001: it went away)
+REASON_STREAM_CLOSED = "stream closed by the client"
+#: the reason of a long-poll request's session once it is answered
+REASON_POLL_ANSWERED = "poll answered"
+
+
+def close_reason(code: int, reason: str = "") -> str:
+    """The reason a connection's end is recorded with: ``reason`` (the text of the close
+    frame, or the server's :class:`Disconnect` reason) cut to :data:`MAX_CLOSE_REASON`
+    bytes of UTF-8, or when empty the standard description of ``code``."""
+    if not reason:
+        if code in CLOSE_REASONS:
+            return CLOSE_REASONS[code]
+        return "application close" if 3000 <= code <= Close.APP_LAST else f"close code {code}"
+    raw = reason.encode("utf-8", "replace")
+    if len(raw) <= MAX_CLOSE_REASON:
+        return reason
+    return raw[:MAX_CLOSE_REASON].decode("utf-8", "ignore")

@@ -40,6 +40,8 @@ from fastws.auth.http import CORS_MAX_AGE, cors_headers, origin_listed
 from fastws.codes import (
     DISCONNECT_DRAINING,
     DISCONNECT_TOKEN_REVOKED,
+    REASON_POLL_ANSWERED,
+    REASON_STREAM_CLOSED,
     Disconnect,
     Err,
 )
@@ -193,7 +195,7 @@ class _Relayed(Conn, Session):
         self.cursor = cursor.encode(self.positions)
         self.out = []
         self.unrecovered = plan.unrecovered
-        self.close_code = 0
+        self.close_code, self.close_reason = 0, ""     # the server's, if it ended it
         self.expiry = None
         if plan.admission is not None:        # the connect proxy's (SPEC §11)
             node.admit(self, plan.admission)
@@ -269,7 +271,7 @@ class SseStream(_Relayed, asyncio.Protocol):
     """One ``GET /sse`` stream: a session whose messages go out as SSE events."""
 
     __slots__ = (*SESSION_SLOTS, "node", "positions", "cursor", "out", "unrecovered",
-                 "close_code", "expiry", "relay_", "sock", "pinger")
+                 "close_code", "close_reason", "expiry", "relay_", "sock", "pinger")
     transport_name = "sse"
 
     def __init__(self, node: Any, plan: Plan) -> None:
@@ -365,7 +367,7 @@ class SseStream(_Relayed, asyncio.Protocol):
         payload = protocol.disconnect_payload(d.code, d.reason, d.reconnect, after_ms)
         retry = f"retry: {max(RETRY_MS[0], after_ms)}\n".encode() if d.reconnect else b""
         self.out.append(retry + b"data: " + payload + b"\n\n")
-        self.close_code = d.code
+        self.close_code, self.close_reason = d.code, d.reason
         self.closing = True
         self.write_out()
         self.sock.close()
@@ -401,14 +403,15 @@ class SseStream(_Relayed, asyncio.Protocol):
         self.sock = None
         self.out = []
         self.node.transports["sse"] -= 1
-        self.node.drop(self, self.close_code or 1001)
+        code = self.close_code              # 4008 (slow) comes without a reason
+        self.node.drop(self, code or 1001, self.close_reason if code else REASON_STREAM_CLOSED)
 
 
 class PollSession(_Relayed):
     """One ``GET /poll`` request's session: collects messages until it answers."""
 
     __slots__ = (*SESSION_SLOTS, "node", "positions", "cursor", "out", "unrecovered",
-                 "close_code", "expiry", "relay_", "replies", "events", "woken",
+                 "close_code", "close_reason", "expiry", "relay_", "replies", "events", "woken",
                  "subscribed", "failed")
     transport_name = "poll"
 
@@ -451,7 +454,7 @@ class PollSession(_Relayed):
         if after_ms is None:
             after_ms = random.randint(0, 5000) if d.reconnect else 0
         self.out.append(protocol.disconnect_payload(d.code, d.reason, d.reconnect, after_ms))
-        self.close_code = d.code
+        self.close_code, self.close_reason = d.code, d.reason
         self.closing = True
         self.events = True
         for fut in (self.subscribed, self.woken):
@@ -749,7 +752,8 @@ async def poll(node: Any, plan: Plan) -> bytes:
         node.transports["poll"] -= 1
         if sess.expiry is not None:
             sess.expiry.cancel()
-        node.drop(sess, sess.close_code or 1000)
+        code = sess.close_code
+        node.drop(sess, code or 1000, sess.close_reason if code else REASON_POLL_ANSWERED)
     return response(200, body, hdrs)
 
 

@@ -41,7 +41,7 @@ from fastws.broker import (
     publish_args,
 )
 from fastws.broker.base import Revocation
-from fastws.codes import DISCONNECT_TOKEN_EXPIRED, Disconnect, Err
+from fastws.codes import DISCONNECT_TOKEN_EXPIRED, Disconnect, Err, close_reason
 from fastws.limits import MAX_JSON_DEPTH, json_depth
 from fastws.permissions import Permissions
 from fastws.presence import Presence, member_counts
@@ -697,12 +697,15 @@ class Node:
                 n += 1
         return n
 
-    def drop(self, sess: Session, close_code: int) -> None:
-        """A session ended: remove its subscriptions and count its close code."""
+    def drop(self, sess: Session, close_code: int, reason: str = "") -> None:
+        """A session ended with ``close_code`` (and ``reason``, its close frame's text or
+        the server's: the lifecycle record's, SPEC §12): remove its subscriptions and
+        count the code."""
         self.closed[close_code] += 1
         if sess.backend is not None and sess.backend.logged and self.lifecycle is not None:
             sess.backend.logged = False
-            self.lifecycle.disconnect(sess.client_id, close_code)
+            self.lifecycle.disconnect(sess.client_id, close_code,
+                                      close_reason(close_code, reason))
         if self._echoless:
             self._echoless.pop(sess.client_id, None)
         self.hub.remove_connection(sess)

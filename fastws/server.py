@@ -84,6 +84,25 @@ def _peer(transport: WSTransport) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
+def ended_with(code: int, hs: Any) -> tuple[int, str]:
+    """The close code and reason a WebSocket connection ended with (its lifecycle
+    record, SPEC §12), from the code the server closed it with (0: none) and picows'
+    close handshake (None: no CLOSE frame either way).
+
+    The server's own close: ``code`` and the reason its CLOSE frame carried (empty if
+    the frame said something else, or none was sent).  Else the CLOSE received, the
+    client's code and reason (a frame without a code is a normal closure, answered with
+    1000), or the one sent (a protocol violation), else 1006 with no reason.
+    """
+    if code:
+        sent = hs.sent if hs is not None else None
+        return code, sent.reason if sent is not None and int(sent.code) == code else ""
+    info = None if hs is None else hs.recv if hs.recv is not None else hs.sent
+    if info is None:
+        return Close.ABNORMAL, ""
+    return int(info.code) or Close.NORMAL, info.reason or ""
+
+
 class Connection(Conn, Session):
     """One WebSocket connection: the picows listener (the hub's :class:`Conn`) and the
     client's :class:`~fastws.session.Session` in one object (one per connection)."""
@@ -137,15 +156,12 @@ class Connection(Conn, Session):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.expiry is not None:
             self.expiry.cancel()
-        code = self.close_code
-        hs = transport.close_handshake
-        if not code and hs is not None:
-            info = hs.recv if hs.recv is not None else hs.sent
-            code = int(info.code) if info is not None else 0
-        self.host.drop(self, code or Close.ABNORMAL)
+        code, reason = ended_with(self.close_code, transport.close_handshake)
+        self.host.drop(self, code, reason)
         if conn_log.isEnabledFor(logging.DEBUG):
             conn_log.debug("connection closed", extra={
-                "client": self.client_id, "user": self.user, "code": code or Close.ABNORMAL})
+                "client": self.client_id, "user": self.user, "code": code,
+                "reason": reason})
 
     def pause_writing(self) -> None:
         """The transport holds more than send_buffer bytes: a slow consumer."""

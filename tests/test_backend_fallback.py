@@ -284,11 +284,13 @@ async def test_lifecycle_records_sse_streams_not_polls(fastws_server, redis_serv
         assert time.monotonic() - t0 < 1.0
         gone = events()[1]
         assert (gone["event"], gone["client"]) == ("disconnect", conn["client"]), gone
-        # a stream the server ends: one disconnect with its code
+        assert (gone["code"], gone["reason"]) == ("1001", "stream closed by the client"), gone
+        # a stream the server ends: one disconnect with its code and reason
         s2 = await open_sse(srv.port, "channel=room:2&token=tok-bob")
         assert (await s2.next())["type"] == "subscribed"
         await until(lambda: len(events()) == 3, 5)
-        st, _, _ = await request("POST", srv.http_url + "/api/disconnect", {"user": "bob"},
+        st, _, _ = await request("POST", srv.http_url + "/api/disconnect",
+                                 {"user": "bob", "code": 4100, "reason": "kicked"},
                                  bearer(API_KEY))
         assert st == 200
         assert (await s2.next())["type"] == "disconnect"
@@ -296,6 +298,7 @@ async def test_lifecycle_records_sse_streams_not_polls(fastws_server, redis_serv
         await until(lambda: len(events()) == 4, 5)
         last = events()[3]
         assert last["event"] == "disconnect" and last["client"] == events()[2]["client"]
+        assert (last["code"], last["reason"]) == ("4100", "kicked"), last
         # long-polls, calls, a stream the backend disconnects: no records
         for _ in range(3):
             st, _, _ = await request("GET", srv.http_url + "/poll?channel=room:1&timeout=1",
@@ -321,8 +324,8 @@ async def test_lifecycle_records_sse_streams_not_polls(fastws_server, redis_serv
         assert await asyncio.to_thread(srv.stop) == 0
         assert (await d.next())["code"] == 4001
     evs = events()
-    assert (evs[-1]["event"], evs[-1]["code"], evs[-1]["client"]) == (
-        "disconnect", "4001", evs[-2]["client"]), evs[-1]
+    assert (evs[-1]["event"], evs[-1]["code"], evs[-1]["client"], evs[-1]["reason"]) == (
+        "disconnect", "4001", evs[-2]["client"], "server draining"), evs[-1]
     connects = [e["client"] for e in evs if e["event"] == "connect"]
     disconnects = [e["client"] for e in evs if e["event"] == "disconnect"]
     assert sorted(connects) == sorted(disconnects) and len(set(connects)) == 4

@@ -10,13 +10,21 @@ import signal
 import time
 from pathlib import Path
 
+import jwt as pyjwt
 import pytest
 import redis
 from conftest import API_KEY, http
+from picows import WSCloseCode, WSMsgType
 from redis_helpers import until
-from wsclient import connect
+from wsclient import RawClient, connect
 
 from fastws.config import ConfigError, load_config
+
+JWT_SECRET = "lifecycle-test-secret-of-32-bytes-plus"
+
+
+def jwt_token(sub: str, ttl: float = 600) -> str:
+    return pyjwt.encode({"sub": sub, "exp": time.time() + ttl}, JWT_SECRET, algorithm="HS256")
 
 pytestmark = pytest.mark.asyncio
 
@@ -110,6 +118,7 @@ async def test_lifecycle_connect_disconnect_and_node_lost(tuned_server, redis_se
     gone = events()[1]
     assert (gone["event"], gone["client"], gone["code"]) == ("disconnect", conn["client"],
                                                              "1000")
+    assert gone["reason"] == "normal closure", gone
     # a node dies: a survivor writes its connections' disconnect, once
     held = [await connect(a.ws_url) for _ in range(3)]
     for h in held:
@@ -134,6 +143,63 @@ async def test_lifecycle_connect_disconnect_and_node_lost(tuned_server, redis_se
     last = events()[-1]
     assert (last["event"], last["code"], last["node"]) == ("disconnect", "4001",
                                                            events()[-2]["node"])
+    assert last["reason"] == "server draining", last
+
+
+async def test_lifecycle_disconnect_reasons(fastws_server, redis_server) -> None:
+    """Each way a WebSocket ends gives its disconnect record a reason: the client's
+    close frame text (else the code's standard description), the server's own close
+    reason, "connection lost" for 1006."""
+    r = redis.Redis(port=redis_server.port)
+    srv = fastws_server("--broker", redis_server.url, "--lifecycle-stream",
+                        "--jwt-secret", JWT_SECRET)
+
+    def records(event: str) -> list[dict[str, str]]:
+        return [f for f in map(fields, r.xrange("fastws:lifecycle")) if f["event"] == event]
+
+    async def opened(query: str = "") -> tuple[RawClient, str]:
+        """A connection and its client id (from its connect record)."""
+        n = len(records("connect"))
+        c = await connect(srv.ws_url + query)
+        assert (await c.request({"id": 1, "type": "ping"}))["type"] == "pong"
+        await until(lambda: len(records("connect")) == n + 1, 5)
+        return c, records("connect")[-1]["client"]
+
+    async def ended(client: str) -> tuple[str, str]:
+        """The code and reason of ``client``'s disconnect record (once written)."""
+        await until(lambda: any(f["client"] == client for f in records("disconnect")), 5)
+        rec = next(f for f in records("disconnect") if f["client"] == client)
+        return rec["code"], rec["reason"]
+
+    # the client's close frame: its reason, else the code's description
+    c, cid = await opened()
+    c.transport.send_close(WSCloseCode.GOING_AWAY, b"tab closed")
+    assert await ended(cid) == ("1001", "tab closed")
+    c, cid = await opened()
+    c.transport.send_close(WSCloseCode(4000))
+    assert await ended(cid) == ("4000", "application close")
+    c, cid = await opened()
+    c.transport.send(WSMsgType.CLOSE, b"")          # a CLOSE without a code: normal
+    assert await ended(cid) == ("1000", "normal closure")
+    # the server's close: the reason it sent
+    c, cid = await opened(f"?token={jwt_token('bob')}")
+    assert api(srv, "/api/disconnect", {"user": "bob", "code": 4100,
+                                        "reason": "kicked by an admin"})[0] == 200
+    assert await ended(cid) == ("4100", "kicked by an admin")
+    assert c.close_reason == "kicked by an admin"
+    c, cid = await opened(f"?token={jwt_token('carol', ttl=1.5)}")
+    assert await c.wait_closed() == 4501
+    assert await ended(cid) == ("4501", "token expired")
+    c, cid = await opened()
+    c.transport.send(WSMsgType.BINARY, b"\x00")
+    assert await ended(cid) == ("1003", "binary messages are not supported")
+    c, cid = await opened()
+    c.transport.send(WSMsgType.TEXT, b"\xff")       # a protocol violation: its close
+    assert await ended(cid) == ("1007", "invalid UTF-8 in text message")
+    # the TCP connection dropped without a close frame
+    c, cid = await opened()
+    c.transport.underlying_transport.abort()
+    assert await ended(cid) == ("1006", "connection lost")
 
 
 async def test_server_api_over_every_node(fastws_server, redis_server) -> None:

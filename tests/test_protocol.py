@@ -92,6 +92,43 @@ def test_namespaces_and_patterns() -> None:
     assert channels.owner_of("wallet:0xab") == "0xab"
 
 
+def test_close_reason_defaults_and_bound() -> None:
+    """The reason of a lifecycle disconnect record: the given text cut to 123 bytes of
+    UTF-8 (never mid-character), else a description of every close code fastws uses."""
+    from fastws.codes import CLOSE_CODES, MAX_CLOSE_REASON, close_reason
+
+    assert close_reason(1001, "tab closed") == "tab closed"
+    assert close_reason(1000) == "normal closure" and close_reason(1006) == "connection lost"
+    assert close_reason(4029) == "rate limited" and close_reason(4001) == "server draining"
+    assert close_reason(4100) == "application close" and close_reason(2999) == "close code 2999"
+    assert all(close_reason(code) and not close_reason(code).startswith("close code")
+               for code in CLOSE_CODES)
+    long = close_reason(1000, "é" * 100)
+    assert len(long.encode()) <= MAX_CLOSE_REASON and long == "é" * (MAX_CLOSE_REASON // 2)
+
+
+def test_websocket_end_code_and_reason() -> None:
+    """server.ended_with: the server's close (its frame's reason when it says the same
+    code), else the CLOSE received (no code: 1000) or sent, else 1006."""
+    from types import SimpleNamespace as NS
+
+    from fastws.server import ended_with
+
+    def info(t: tuple[int, str] | None) -> NS | None:
+        return None if t is None else NS(code=t[0], reason=t[1])
+
+    def hs(recv: tuple[int, str] | None = None, sent: tuple[int, str] | None = None) -> NS:
+        return NS(recv=info(recv), sent=info(sent))
+
+    assert ended_with(4008, hs(sent=(4008, "slow consumer"))) == (4008, "slow consumer")
+    assert ended_with(4008, hs(sent=(4001, "server draining"))) == (4008, "")
+    assert ended_with(4008, None) == (4008, "")
+    assert ended_with(0, hs(recv=(1001, "bye"), sent=(1001, ""))) == (1001, "bye")
+    assert ended_with(0, hs(recv=(0, ""), sent=(1000, ""))) == (1000, "")
+    assert ended_with(0, hs(sent=(1007, "bad text"))) == (1007, "bad text")
+    assert ended_with(0, None) == (1006, "")
+
+
 def test_close_code_ranges() -> None:
     """Close codes and their ranges come from fastws.codes; what metrics and the frame
     checks use are the same numbers."""
