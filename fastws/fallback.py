@@ -13,13 +13,9 @@ For clients that cannot hold a WebSocket, the same sessions over plain HTTP:
   timeout; nothing is kept between requests.
 * ``POST /call`` — one protocol request through a :class:`CallSession`.
 
-Delivery: the hub's broadcast loop copies a WebSocket frame into the C queue of each
-WebSocket receiver; a session of this module has the ``relay`` flag, so the loop
-calls its :meth:`_Relayed.deliver` with the frame instead (one flag test per receiver on
-the WebSocket path).  It turns the publication into an SSE event carrying the stream's
-new cursor (:mod:`fastws.cursor`), worked out once per publication and cursor and shared
-by the streams in the same position, and queues it; :class:`_Relay` writes each
-stream's queue once per loop pass, like ``Hub.flush``.
+Delivery (:mod:`fastws.relay`): a session of this module has the hub's ``relay``
+flag, so the broadcast loop hands it each publication's frame; it queues the SSE event
+or poll message with its new cursor, and one write per loop pass sends the queue.
 """
 
 from __future__ import annotations
@@ -27,14 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
 from fastws import auth, cursor, protocol
-from fastws._fanout import Conn
 from fastws._version import __version__
 from fastws.auth.http import CORS_MAX_AGE, cors_headers, origin_listed
 from fastws.codes import (
@@ -47,9 +41,9 @@ from fastws.codes import (
 )
 from fastws.http import REASONS, Handover, response
 from fastws.limits import retry_after
-from fastws.node import expiry_timer
-from fastws.protocol import ProtocolError, Request
-from fastws.session import SESSION_SLOTS, BufferedSession, Session
+from fastws.protocol import ProtocolError
+from fastws.relay import POLL_TIMEOUT, Plan, Relayed, one_line
+from fastws.session import SESSION_SLOTS, BufferedSession
 
 __all__ = ["PATHS", "SseStream", "PollSession", "CallSession", "Plan", "handle"]
 
@@ -60,10 +54,11 @@ SSE_PARAMS = frozenset({"channel", "token", "cursor", "last_event_id"})
 POLL_PARAMS = frozenset({"channel", "token", "cursor", "timeout"})
 CALL_TYPES = frozenset({"publish", "history", "presence", "presence_stats", "rpc", "ping",
                         "auth"})
-POLL_TIMEOUT = 25.0             # seconds, default of ?timeout= (1–60)
+
 RETRY_MS = (500, 5000)          # the `retry:` of each stream is drawn in this range
 ALLOW_HEADERS = "Content-Type, Authorization, Last-Event-ID"
 SUBSCRIBE_TIMEOUT = 30.0        # seconds a long-poll waits for its subscriptions
+
 
 class Refused(Exception):
     """A request refused before any stream: its HTTP status and the error message."""
@@ -81,198 +76,13 @@ def _error_body(code: int, message: str) -> bytes:
     return protocol.error_reply(None, code, message) + b"\n"
 
 
-# ---------------------------------------------------------------------- delivery
-
-
-class _Relay:
-    """The write pass of this module's sessions: each session's queue leaves in one
-    write per loop pass (like ``Hub.flush``), and each publication's SSE event is
-    worked out once per (publication, cursor) in a pass."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.pending: list[_Relayed] = []
-        self.scheduled = False
-        self.frames: dict[int, tuple[bytes, bytes, dict[str, Any] | None]] = {}
-        # per transport: (frame id, cursor before) → (frame, chunk, positions, cursor)
-        self.sse_chunks: dict[tuple[int, bytes], tuple[Any, ...]] = {}
-        self.poll_chunks: dict[tuple[int, bytes], tuple[Any, ...]] = {}
-        self.sent = 0               # bytes written outside flush (counted in the next one)
-        self.writes = 0
-
-    def add(self, sess: _Relayed) -> None:
-        self.pending.append(sess)
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self.flush)
-
-    def parsed(self, frame: bytes) -> tuple[bytes, bytes, dict[str, Any] | None]:
-        """(frame, payload, decoded message) of a WebSocket frame, once per pass."""
-        hit = self.frames.get(id(frame))
-        if hit is not None and hit[0] is frame:
-            return hit
-        n = frame[1] & 0x7F
-        payload = frame[2 if n < 126 else (4 if n == 126 else 10):]
-        hit = self.frames[id(frame)] = (frame, payload, orjson.loads(payload))
-        return hit
-
-    def flush(self) -> None:
-        self.scheduled = False
-        pending, self.pending = self.pending, []
-        sent = writes = 0
-        for sess in pending:
-            sess.queued = False
-            try:
-                if type(sess) is not SseStream:
-                    sess.write_out()
-                    continue
-                out = sess.out              # SseStream.write_out, inlined (once per stream)
-                sock = sess.sock
-                if not out or sock is None or sock.is_closing():
-                    continue
-                sess.out = []
-                data = out[0] if len(out) == 1 else b"".join(out)
-                sock.write(data)
-                sent += len(data)
-                writes += 1
-            except Exception:
-                log.exception("writing to a %s session failed", sess.transport_name)
-        self.frames.clear()     # the frames kept alive for this pass may go now
-        self.sse_chunks.clear()
-        self.poll_chunks.clear()
-        sent += self.sent
-        writes += self.writes
-        if writes:
-            pending[0].hub.count_sent(sent, writes)
-            self.sent = self.writes = 0
-
-
-_relays: dict[asyncio.AbstractEventLoop, _Relay] = {}
-
-
-def _relay() -> _Relay:
-    loop = asyncio.get_running_loop()
-    relay = _relays.get(loop)
-    if relay is None:
-        _relays.clear()         # one loop per process (a test may start several in turn)
-        relay = _relays[loop] = _Relay(loop)
-    return relay
-
-
-def _line(payload: bytes) -> bytes:
-    """``payload`` on one line: JSON whitespace between tokens may hold a newline (a
-    raw ``redis-cli PUBLISH``), a string may not."""
-    if b"\n" in payload or b"\r" in payload:
-        payload = payload.replace(b"\r", b" ").replace(b"\n", b" ")
-    return payload
-
-
-class _Relayed(Conn, Session):
-    """A session of a fallback transport: the hub delivers to it through
-    :meth:`deliver` (its ``relay`` flag); it keeps every subscription's position and
-    queues what it sends for one write per loop pass.  Subclasses set
-    ``transport_name`` and implement :meth:`chunk` and :meth:`write_out`."""
-
-    __slots__ = ()
-    transport_name = ""
-
-    node: Any
-    positions: cursor.Positions
-    cursor: bytes
-    out: list[bytes]
-    unrecovered: bool
-    close_code: int
-    expiry: asyncio.TimerHandle | None
-    relay_: _Relay
-
-    def init_relayed(self, node: Any, plan: Plan) -> None:
-        self.init_session(node, node.next_client_id())
-        self.node = node
-        self.hub = node.hub
-        self.relay = True
-        self.relay_ = _relay()
-        self.positions = dict(plan.positions)
-        self.cursor = cursor.encode(self.positions)
-        self.out = []
-        self.unrecovered = plan.unrecovered
-        self.close_code, self.close_reason = 0, ""     # the server's, if it ended it
-        self.expiry = None
-        if plan.admission is not None:        # the connect proxy's (SPEC §11)
-            node.admit(self, plan.admission)
-        elif plan.ident is not None:
-            self.set_identity(plan.ident)
-
-    # what the hub and the node call
-
-    def deliver(self, frame: bytes) -> bool:
-        """The hub's broadcast: queue one publication (or presence push) frame."""
-        try:
-            relay = self.relay_
-            chunks = relay.poll_chunks
-            key = (id(frame), self.cursor)
-            hit = chunks.get(key)
-            if hit is None or hit[0] is not frame:
-                _, payload, msg = relay.parsed(frame)
-                hit = chunks[key] = (frame, *self._advance(payload, msg))
-            self._queue(hit[1], hit[2], hit[3])
-            return True
-        except Exception:
-            log.exception("delivery to a %s session failed", self.transport_name)
-            return False
-
-    def send_text(self, payload: bytes) -> None:
-        """A reply or push (after everything queued)."""
-        if self.closing:
-            return
-        msg = orjson.loads(payload)
-        if self.unrecovered and msg.get("type") == "subscribed" and "recovered" not in msg:
-            msg["recovered"] = False        # a cursor of another channel set: none
-            payload = orjson.dumps(msg)
-        self._queue(*self._advance(payload, msg))
-
-    def _advance(self, payload: bytes, msg: Any) -> tuple[bytes, cursor.Positions, bytes]:
-        """(chunk, positions, cursor) after ``msg`` is sent."""
-        new = cursor.advance(self.positions, msg) if isinstance(msg, dict) else None
-        if new is None:
-            return self.chunk(payload, None), self.positions, self.cursor
-        cur = cursor.encode(new)
-        return self.chunk(payload, cur), new, cur
-
-    def _queue(self, chunk: bytes, positions: cursor.Positions, cur: bytes) -> None:
-        self.positions, self.cursor = positions, cur
-        self.out.append(chunk)
-        if not self.queued:
-            self.queued = True
-            self.relay_.add(self)
-
-    def chunk(self, payload: bytes, cur: bytes | None) -> bytes:
-        """What the transport sends for one message (``cur``: a new cursor, or None)."""
-        raise NotImplementedError
-
-    def write_out(self) -> None:
-        """Send what was queued in this loop pass."""
-        raise NotImplementedError
-
-    def arm_expiry(self, at: float | None) -> None:
-        """Disconnect with 4501 "token expired" at ``at`` (wall clock); None cancels."""
-        self.expiry = expiry_timer(self.expiry, at, self)
-
-    def subscribe_all(self, plan: Plan) -> None:
-        """Subscribe every channel of the request as a WebSocket client would: from its
-        position when the cursor has one, else ``positioned``."""
-        for i, name in enumerate(plan.names, 1):
-            pos = plan.positions.get(name)
-            since = cursor.since(pos)
-            self.node.run(self, Request("subscribe", i, name, since=since,
-                                        positioned=since is None))
-
-
-class SseStream(_Relayed, asyncio.Protocol):
+class SseStream(Relayed, asyncio.Protocol):
     """One ``GET /sse`` stream: a session whose messages go out as SSE events."""
 
     __slots__ = (*SESSION_SLOTS, "node", "positions", "cursor", "out", "unrecovered",
                  "close_code", "close_reason", "expiry", "relay_", "sock", "pinger")
     transport_name = "sse"
+    sse = True
 
     def __init__(self, node: Any, plan: Plan) -> None:
         self.init_relayed(node, plan)
@@ -303,8 +113,8 @@ class SseStream(_Relayed, asyncio.Protocol):
 
     def chunk(self, payload: bytes, cur: bytes | None) -> bytes:
         if cur is None:
-            return b"data: " + _line(payload) + b"\n\n"
-        return b"data: " + _line(payload) + b"\nid: " + cur + b"\n\n"
+            return b"data: " + one_line(payload) + b"\n\n"
+        return b"data: " + one_line(payload) + b"\nid: " + cur + b"\n\n"
 
     def start(self, sock: asyncio.Transport, plan: Plan, headers: dict[str, str]) -> None:
         """The socket is ours: answer 200 and stream (a draining node: the
@@ -407,7 +217,7 @@ class SseStream(_Relayed, asyncio.Protocol):
         self.node.drop(self, code or 1001, self.close_reason if code else REASON_STREAM_CLOSED)
 
 
-class PollSession(_Relayed):
+class PollSession(Relayed):
     """One ``GET /poll`` request's session: collects messages until it answers."""
 
     __slots__ = (*SESSION_SLOTS, "node", "positions", "cursor", "out", "unrecovered",
@@ -488,24 +298,6 @@ class CallSession(BufferedSession):
 
 
 # ---------------------------------------------------------------------- requests
-
-
-@dataclass(slots=True)
-class Plan:
-    """A checked ``/sse`` or ``/poll`` request: what to subscribe, from where."""
-
-    names: list[str]
-    positions: cursor.Positions
-    unrecovered: bool = False
-    ident: auth.Identity | None = None
-    cors: dict[str, str] = field(default_factory=dict)
-    timeout: float = POLL_TIMEOUT
-    given_cursor: bool = False
-    token: str | None = None
-    proxied: bool = False           # the connect proxy decides (no valid JWT)
-    admission: Any = None           # its node.Admission, once it answered
-    end: Disconnect | None = None   # the admission's disconnect: accepted, then closed
-    ip: str = ""
 
 
 def _cors(node: Any, headers: dict[str, str]) -> dict[str, str]:

@@ -43,7 +43,7 @@ LAYERS: dict[str, int] = {
     # 6 — the process: lifecycle (startup, drain, shutdown) and what runs beside it
     "fastws.lifecycle": 6, "fastws.demo": 6, "fastws.indexer": 6,
     # 7 — the WebSocket transport and the app that ties one port together
-    "fastws.server": 7, "fastws.fallback": 7,
+    "fastws.server": 7, "fastws.fallback": 7, "fastws.relay": 7,
     # 8 — entry points
     "fastws.cli": 8, "fastws.__main__": 8, "fastws": 8,
     # the client library shares only layer-0 rules with the server
