@@ -596,11 +596,6 @@ def _check_backend(server: ServerConfig, label: Mapping[str, str], proxy: ProxyC
         raise ConfigError(f"namespaces.{streamed[0]}.stream", "a stream namespace needs a "
                           "Redis broker (--broker redis://host:port); memory:// keeps no "
                           "streams")
-    if scheme == "redis+cluster" and streamed:
-        raise ConfigError(f"namespaces.{streamed[0]}.stream", "a stream namespace needs one "
-                          "Redis master (redis:// or redis+sentinel://): on a cluster the "
-                          "stream's slot is not the channel's, so the append and the publish "
-                          "could not be one script")
     for name, ns in spaces.items():
         for what in ("subscribe", "publish"):
             if getattr(ns, what) == "proxy" and proxy.url(what) is None:

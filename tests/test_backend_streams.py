@@ -257,10 +257,12 @@ async def test_startup_errors(tmp_path: Path, text: str, message: str) -> None:
     assert str(ei.value).startswith(message), str(ei.value)
 
 
-async def test_cluster_refuses_stream_namespaces(tmp_path: Path) -> None:
+async def test_stream_namespaces_on_every_redis_broker(tmp_path: Path) -> None:
+    """One master and a cluster (two steps there: tests/test_cluster_streams.py)."""
     path = tmp_path / "fastws.toml"
     path.write_text("[namespaces.ev]\nstream = true\n")
-    with pytest.raises(ConfigError, match="one Redis master"):
-        load_config({"config": str(path), "broker": "redis+cluster://127.0.0.1:7000"}, {})
-    cfg = load_config({"config": str(path), "broker": "redis://127.0.0.1:6379/0"}, {})
-    assert cfg.namespace("ev").stream and cfg.namespace("ev").stream_maxlen == 1000000
+    for broker in ("redis+cluster://127.0.0.1:7000", "redis://127.0.0.1:6379/0"):
+        cfg = load_config({"config": str(path), "broker": broker}, {})
+        assert cfg.namespace("ev").stream and cfg.namespace("ev").stream_maxlen == 1000000
+    with pytest.raises(ConfigError, match="needs a Redis broker"):
+        load_config({"config": str(path), "broker": "memory://"}, {})

@@ -17,7 +17,10 @@ from collections.abc import AsyncIterator, Iterator
 import orjson
 import pytest
 
-from fastws.broker import Broker, create_broker
+from fastws.broker import Broker, Publication, StreamAppend, create_broker
+from fastws.broker.cluster import RedisClusterBroker
+from fastws.broker.memory import MemoryBroker
+from fastws.broker.redis import RedisBroker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -354,3 +357,41 @@ async def test_sender_is_kept_with_the_publication(broker):
     after = await b.log_history(ns, limit=10, since_channel=ch, since_offset=1,
                                 since_epoch=epoch)
     assert after.recovered and after.publications == log.publications[1:]
+
+
+async def test_stream_appends_once_per_key_in_order(broker):
+    """SPEC §12 on each Redis broker (one script on one master, two steps on a
+    cluster): appended before the answer, once per idempotency key, batches in order."""
+    b, h = broker
+    if isinstance(b, MemoryBroker):
+        pytest.skip("memory:// keeps no streams (stream = true is refused with it)")
+    assert isinstance(b, RedisBroker)
+    import redis
+
+    two_steps = isinstance(b, RedisClusterBroker)   # offsets come after the append
+    r = (redis.RedisCluster(host=b.target.host, port=b.target.port) if two_steps
+         else redis.Redis(host=b.target.host, port=b.target.port))
+    key = f"fastws:stream:{uuid.uuid4().hex[:8]}"
+    named, anonymous = StreamAppend(key, 1000, "u1", "c1"), StreamAppend(key, 1000)
+    ch1, ch2 = uniq(), uniq()
+    await b.subscribe(ch1)
+    await b.subscribe(ch2)
+    first = await b.publish(ch1, b"1", history_size=10, history_ttl=60.0,
+                            idempotency_key="k", stream=named)
+    assert len(r.xrange(key)) == 1
+    assert await b.publish(ch1, b"1", history_size=10, history_ttl=60.0,
+                           idempotency_key="k", stream=named) == first
+    res = await b.publish_batch([Publication(ch2, b"2", 10, 60.0, stream=named),
+                                 Publication(ch1, b"3", 10, 60.0, stream=anonymous),
+                                 Publication(ch1, b"1", 10, 60.0, idempotency_key="k",
+                                             stream=named)])
+    assert res[2] == first and res[1].offset == 2, res
+    got = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(key)]
+    assert [(e["channel"], e["data"], e["user"], e["client"]) for e in got] == [
+        (ch1, "1", "u1", "c1"), (ch2, "2", "u1", "c1"), (ch1, "3", "", "")]
+    assert [(e["offset"], e["epoch"]) for e in got] == [
+        ("0", "") if two_steps else (str(p.offset), p.epoch) for p in (first, *res[:2])]
+    assert [g[1] for g in await h.wait_count(2, ch1)] == [b"1", b"3"]
+    assert [g[1] for g in await h.wait_count(1, ch2)] == [b"2"]
+    r.close()
+

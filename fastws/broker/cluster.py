@@ -43,17 +43,20 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 from fastws._match import is_pattern
-from fastws.broker.base import BrokerUnavailable
+from fastws.broker.base import BrokerUnavailable, Publication, PublishResult, StreamAppend
 from fastws.broker.redis import (
     BACKOFF_MAX,
     BACKOFF_MIN,
     CONNECT_ERRORS,
+    IDEMPOTENCY_TTL_MS,
     RedisBroker,
     client_options,
 )
@@ -65,7 +68,7 @@ from fastws.broker.resp import (
     RedisTarget,
 )
 
-__all__ = ["RedisClusterBroker", "FEED_PREFIX", "slot_tags"]
+__all__ = ["RedisClusterBroker", "FEED_PREFIX", "slot_tags", "stream_idempotency_key"]
 
 log = logging.getLogger("fastws.broker")
 
@@ -95,6 +98,13 @@ def slot_tags() -> list[str]:
 def feed_of(slot: int) -> str:
     """The sharded channel that carries every publication of ``slot`` for patterns."""
     return f"{FEED_PREFIX}{{{slot_tags()[slot]}}}"
+
+
+def stream_idempotency_key(stream: str, channel: str, key: str) -> str:
+    """Where the append of ``channel``'s publication with idempotency ``key`` to
+    ``stream`` is remembered: a key in the stream's slot (a channel name has no space,
+    so ``CHANNEL KEY`` names one pair)."""
+    return f"fws:si:{{{slot_tags()[key_slot(stream.encode())]}}}:{channel} {key}"
 
 
 class _Shard:
@@ -442,6 +452,7 @@ class RedisClusterBroker(RedisBroker):
     # ------------------------------------------------------------------ commands
 
     keeps_logs = False  # a namespace log's slot is not its channels': no atomic append
+    _appends_in_script = False  # nor a stream's: appended first (_append)
     _publish_verb = "SPUBLISH"  # publications, presence, control: only to the channel's shard
 
     def _publish_route(self, channel: str) -> tuple[CommandConnection, str]:
@@ -449,3 +460,84 @@ class RedisClusterBroker(RedisBroker):
         the slot's feed, for the pattern subscribers."""
         slot = key_slot(channel.encode())
         return self._owner_of(slot).cmd, feed_of(slot)
+
+    # ------------------------------------------------------------------ stream namespaces
+
+    async def publish(self, channel: str, data: bytes, *, history_size: int,
+                      history_ttl: float, idempotency_key: str | None = None,
+                      log: tuple[str, int] | None = None,
+                      stream: StreamAppend | None = None, meta: bytes = b"",
+                      sender: bytes = b"") -> PublishResult:
+        """As :meth:`RedisBroker.publish`; with ``stream``, in two steps: the append on
+        the stream's master, then the publish script on the channel's (see the module's
+        notes).  BrokerUnavailable when either fails."""
+        if stream is not None:
+            if not self.up:
+                raise BrokerUnavailable("redis cluster is not connected")
+            pub = Publication(channel, data, history_size, history_ttl, idempotency_key,
+                              log, stream, meta, sender)
+            (failed,) = await self._append([pub])
+            if failed is not None:
+                raise failed
+        return await super().publish(channel, data, history_size=history_size,
+                                     history_ttl=history_ttl,
+                                     idempotency_key=idempotency_key, log=log,
+                                     stream=stream, meta=meta, sender=sender)
+
+    async def publish_batch(self, pubs: list[Publication]
+                            ) -> list[PublishResult | BrokerUnavailable]:
+        """As :meth:`RedisBroker.publish_batch`; the appends of the stream namespaces'
+        publications first (pipelined per master, in the batch's order), then the
+        publish scripts of those appended and of the others.  An item whose append
+        failed is a BrokerUnavailable, and is not published."""
+        if all(p.stream is None for p in pubs):
+            return await super().publish_batch(pubs)
+        if not self.up:
+            raise BrokerUnavailable("redis cluster is not connected")
+        failed = await self._append(pubs)
+        rest = [p for p, f in zip(pubs, failed, strict=True) if f is None]
+        done = iter(await super().publish_batch(rest) if rest else [])
+        return [f if f is not None else next(done) for f in failed]
+
+    async def _append(self, pubs: list[Publication]) -> list[BrokerUnavailable | None]:
+        """Step one of stream namespaces' publications: ``STREAM_APPEND_LUA`` on each
+        stream's master, all written before any reply is awaited.  Per publication None
+        (appended now or by an earlier try with its idempotency key, or no ``stream``)
+        or the BrokerUnavailable it failed with.  Nothing is appended for a publication
+        whose channel's master is down (its publish could not follow)."""
+        calls: list[tuple[CommandConnection, asyncio.Future, list[str], list[Any]]
+                    | BrokerUnavailable | None] = []
+        for p in pubs:
+            if p.stream is None:
+                calls.append(None)
+                continue
+            try:
+                self._publish_route(p.channel)  # its publish could run now
+                link = self._owner_of(key_slot(p.stream.key.encode())).cmd
+                keys = [p.stream.key]
+                if p.idempotency_key is not None:
+                    keys.append(stream_idempotency_key(p.stream.key, p.channel,
+                                                       p.idempotency_key))
+                args: list[Any] = [p.stream.maxlen, p.channel, p.data, p.stream.user,
+                                   p.stream.client, int(time.time() * 1000),
+                                   IDEMPOTENCY_TTL_MS]
+                calls.append((link, self._issue(link, "sappend", keys, args, durable=True),
+                              keys, args))
+            except BrokerUnavailable as exc:
+                calls.append(exc)
+        pending = [c for c in calls if isinstance(c, tuple)]
+        replies = iter(await asyncio.gather(
+            *(self._reply(c[0], c[1], "sappend", c[2], c[3], durable=True)
+              for c in pending), return_exceptions=True))
+        out: list[BrokerUnavailable | None] = []
+        for c in calls:
+            res = next(replies) if isinstance(c, tuple) else c
+            if res is None or isinstance(res, BrokerUnavailable):
+                out.append(res)
+            elif isinstance(res, ResponseError):  # e.g. the key holds another type
+                out.append(BrokerUnavailable(f"stream append failed: {res}"))
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                out.append(None)
+        return out

@@ -29,7 +29,8 @@ closes its subscribed connections with 4010 and their clients recover with ``sin
 ``_setup_commands`` (the connections), ``_links`` / ``_command_links`` /
 ``_scan_links`` / ``_command_for`` (which connection serves what), ``_publish_route``
 (where a publication goes), ``_publish_verb`` (``PUBLISH`` or ``SPUBLISH``),
-``keeps_logs``, ``_moved`` and ``_on_link_lost`` (faults), ``_after_connect``.
+``keeps_logs``, ``_appends_in_script``, ``_moved`` and ``_on_link_lost`` (faults),
+``_after_connect``.
 """
 
 from __future__ import annotations
@@ -468,6 +469,8 @@ class RedisBroker(Broker):
     # control messages): SPUBLISH on a cluster, where a channel lives in its slot.
     _publish_verb = "PUBLISH"
     keeps_logs = True  # namespace logs (not on a cluster: the log's slot is not the channel's)
+    # a stream namespace's append is part of the publish script (a cluster's is not)
+    _appends_in_script = True
 
     def _publish_route(self, channel: str) -> tuple[CommandConnection, str]:
         """Hook: where a publication on ``channel`` goes: the command connection that
@@ -498,7 +501,7 @@ class RedisBroker(Broker):
         if log is not None and log[1] > 0 and self.keeps_logs:
             keys.extend(log_keys(log[0]))
             args.append(log[1])  # ARGV[12]: the namespace log's size
-        if append is not None:   # ARGV[13-16], the stream's key last (SPEC §12)
+        if append is not None and self._appends_in_script:  # ARGV[13-16], its key last
             if len(args) == 11:
                 args.append(0)
             args += [append.maxlen, append.user, append.client, int(time.time() * 1000)]
@@ -556,12 +559,11 @@ class RedisBroker(Broker):
             return_exceptions=True)
         out: list[PublishResult | BrokerUnavailable] = []
         it = iter(replies)
-        for c in calls:
+        for p, c in zip(pubs, calls, strict=True):
             res = c if isinstance(c, BrokerUnavailable) else next(it)
             if isinstance(res, BrokerUnavailable):
                 out.append(res)
-            elif isinstance(res, ResponseError) and not isinstance(c, BrokerUnavailable) \
-                    and len(c[3]) > 12:   # a stream namespace's append failed
+            elif isinstance(res, ResponseError) and p.stream is not None:
                 out.append(BrokerUnavailable(f"stream append failed: {res}"))
             elif isinstance(res, BaseException):
                 raise res

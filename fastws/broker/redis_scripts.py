@@ -31,7 +31,7 @@ __all__ = ["ENVELOPE_PREFIX", "decode_payload", "LOG_PREFIX", "log_keys", "PUBLI
            "PRESENCE_REFRESH_LUA", "presence_keys", "presence_value", "presence_user",
            "REVOKED_PREFIX", "REVOKE_LUA", "LIFECYCLE_STREAM", "LIFECYCLE_NODES",
            "LIFECYCLE_CONNS", "LC_CONNECT_LUA", "LC_DISCONNECT_LUA", "LC_SWEEP_LUA",
-           "SCRIPTS", "META_PREFIX", "SENDER_PREFIX"]
+           "SCRIPTS", "META_PREFIX", "SENDER_PREFIX", "STREAM_APPEND_LUA"]
 
 ENVELOPE_PREFIX = b"\x00fws\x00"
 #: before an envelope (and its LOG_PREFIX part): b"META\n", a publication's meta
@@ -483,6 +483,27 @@ return n
 
 # ---------------------------------------------------------------------- loading
 
+# The append of a `stream = true` namespace on Redis Cluster (SPEC §12), where the
+# stream's slot is not the channel's: step one of a publication there, run on the
+# stream's master before the publish script (without its ARGV[13-16]) runs on the
+# channel's (broker/cluster.py).  KEYS: the stream[, the idempotency key, in the
+# stream's slot].  ARGV: MAXLEN, channel, data, user, client, unix time in ms,
+# idempotency ttl ms.  With a key already there (an earlier try appended it), nothing
+# is appended again; returns the entry's id (or the earlier one's).  `offset` and
+# `epoch` are written as 0 and '': the channel's master gives them after this.
+STREAM_APPEND_LUA = r"""
+if #KEYS > 1 then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then return seen end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'channel', ARGV[2],
+                      'data', ARGV[3], 'user', ARGV[4], 'client', ARGV[5], 'offset', 0,
+                      'epoch', '', 'ts', ARGV[6])
+if #KEYS > 1 then redis.call('SET', KEYS[2], id, 'PX', ARGV[7]) end
+return id
+"""
+
+
 # Every script, by the name the broker runs it with: a command connection loads them
 # all (SCRIPT LOAD) when it connects, before anything else; the broker then runs them
 # with EVALSHA, and with EVAL when Redis answers NOSCRIPT (flushed meanwhile).
@@ -490,5 +511,6 @@ SCRIPTS = {"publish": PUBLISH_LUA, "history": HISTORY_LUA, "logsince": LOG_SINCE
            "join": PRESENCE_JOIN_LUA, "leave": PRESENCE_LEAVE_LUA,
            "presence": PRESENCE_GET_LUA, "prefresh": PRESENCE_REFRESH_LUA,
            "revoke": REVOKE_LUA, "lcconnect": LC_CONNECT_LUA,
-           "lcdisconnect": LC_DISCONNECT_LUA, "lcsweep": LC_SWEEP_LUA}
+           "lcdisconnect": LC_DISCONNECT_LUA, "lcsweep": LC_SWEEP_LUA,
+           "sappend": STREAM_APPEND_LUA}
 
