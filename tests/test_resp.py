@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from fastws.broker import resp
 from fastws.broker.base import BrokerUnavailable
 from fastws.broker.resp import (
     CommandConnection,
@@ -21,6 +22,14 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_encode_command():
     assert encode_command("SET", b"k\r\n", 15) == b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n15\r\n"
+
+
+def test_encode_command_matches_the_python_encoder():
+    """hiredis' pack_command (used when present) writes what the Python encoder does,
+    for every kind of argument the broker sends."""
+    args = ("EVALSHA", "a" * 40, 3, "fws:{ns:é}:ch:m", b"", b"\x00fwm\x00{}\n", -5,
+            2**40, "", "ünï ✓", b"\r\n$3\r\n", 0)
+    assert encode_command(*args) == resp._encode_command_py(*args)
 
 
 def test_targets_of_broker_urls():
