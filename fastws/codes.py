@@ -43,6 +43,7 @@ class Close:
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005             # never sent: the peer's close frame carried no code
     ABNORMAL = 1006              # never sent: the connection ended without a close frame
     INVALID_PAYLOAD = 1007
     POLICY = 1008
@@ -111,7 +112,7 @@ CLOSE_REASONS: dict[int, str] = {
     Close.GOING_AWAY: "going away",
     Close.PROTOCOL_ERROR: "protocol error",
     Close.UNSUPPORTED_DATA: "unsupported data",
-    1005: "no status code",
+    Close.NO_STATUS: "no status code",
     Close.ABNORMAL: "connection lost",
     Close.INVALID_PAYLOAD: "invalid payload data",
     Close.POLICY: "policy violation",

@@ -91,8 +91,9 @@ def ended_with(code: int, hs: Any) -> tuple[int, str]:
 
     The server's own close: ``code`` and the reason its CLOSE frame carried (empty if
     the frame said something else, or none was sent).  Else the CLOSE received, the
-    client's code and reason (a frame without a code is a normal closure, answered with
-    1000), or the one sent (a protocol violation), else 1006 with no reason.
+    client's code and reason (a frame without a code: 1005, "no status code", as RFC 6455
+    7.1.5 names it; the server answers it with 1000), or the one sent (a protocol
+    violation), else 1006 with no reason.
     """
     if code:
         sent = hs.sent if hs is not None else None
@@ -100,7 +101,7 @@ def ended_with(code: int, hs: Any) -> tuple[int, str]:
     info = None if hs is None else hs.recv if hs.recv is not None else hs.sent
     if info is None:
         return Close.ABNORMAL, ""
-    return int(info.code) or Close.NORMAL, info.reason or ""
+    return int(info.code) or Close.NO_STATUS, info.reason or ""
 
 
 class Connection(Conn, Session):

@@ -179,8 +179,8 @@ async def test_lifecycle_disconnect_reasons(fastws_server, redis_server) -> None
     c.transport.send_close(WSCloseCode(4000))
     assert await ended(cid) == ("4000", "application close")
     c, cid = await opened()
-    c.transport.send(WSMsgType.CLOSE, b"")          # a CLOSE without a code: normal
-    assert await ended(cid) == ("1000", "normal closure")
+    c.transport.send(WSMsgType.CLOSE, b"")          # a CLOSE without a code (RFC 6455)
+    assert await ended(cid) == ("1005", "no status code")
     # the server's close: the reason it sent
     c, cid = await opened(f"?token={jwt_token('bob')}")
     assert api(srv, "/api/disconnect", {"user": "bob", "code": 4100,

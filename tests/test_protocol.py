@@ -109,7 +109,7 @@ def test_close_reason_defaults_and_bound() -> None:
 
 def test_websocket_end_code_and_reason() -> None:
     """server.ended_with: the server's close (its frame's reason when it says the same
-    code), else the CLOSE received (no code: 1000) or sent, else 1006."""
+    code), else the CLOSE received (no code: 1005) or sent, else 1006."""
     from types import SimpleNamespace as NS
 
     from fastws.server import ended_with
@@ -124,7 +124,7 @@ def test_websocket_end_code_and_reason() -> None:
     assert ended_with(4008, hs(sent=(4001, "server draining"))) == (4008, "")
     assert ended_with(4008, None) == (4008, "")
     assert ended_with(0, hs(recv=(1001, "bye"), sent=(1001, ""))) == (1001, "bye")
-    assert ended_with(0, hs(recv=(0, ""), sent=(1000, ""))) == (1000, "")
+    assert ended_with(0, hs(recv=(0, ""), sent=(1000, ""))) == (1005, "")
     assert ended_with(0, hs(sent=(1007, "bad text"))) == (1007, "bad text")
     assert ended_with(0, None) == (1006, "")
 
@@ -142,7 +142,7 @@ def test_close_code_ranges() -> None:
     assert not Close.is_application(3999) and not Close.is_application(5000)
     assert (frames.CLOSE_NORMAL, frames.CLOSE_PROTOCOL_ERROR, frames.CLOSE_INVALID_TEXT,
             frames.CLOSE_MESSAGE_TOO_BIG) == (1000, 1002, 1007, 1009)
-    assert set(metrics.KNOWN_CLOSE_CODES) == {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009,
+    assert set(metrics.KNOWN_CLOSE_CODES) == {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009,
                                               1011, 4001, 4008, 4010, 4029, 4501, 4503, 4504,
                                               4505}
     assert metrics.KNOWN_ERROR_CODES == (400, 401, 403, 404, 409, 413, 429, 500, 503, 504)
