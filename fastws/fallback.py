@@ -42,8 +42,8 @@ from fastws.codes import (
 from fastws.http import REASONS, Handover, response
 from fastws.limits import retry_after
 from fastws.protocol import ProtocolError
-from fastws.relay import POLL_TIMEOUT, Plan, Relayed, one_line
-from fastws.session import SESSION_SLOTS, BufferedSession
+from fastws.relay import POLL_TIMEOUT, RELAYED_SLOTS, Plan, Relayed, one_line
+from fastws.session import BufferedSession
 
 __all__ = ["PATHS", "SseStream", "PollSession", "CallSession", "Plan", "handle"]
 
@@ -54,7 +54,6 @@ SSE_PARAMS = frozenset({"channel", "token", "cursor", "last_event_id"})
 POLL_PARAMS = frozenset({"channel", "token", "cursor", "timeout"})
 CALL_TYPES = frozenset({"publish", "history", "presence", "presence_stats", "rpc", "ping",
                         "auth"})
-
 RETRY_MS = (500, 5000)          # the `retry:` of each stream is drawn in this range
 ALLOW_HEADERS = "Content-Type, Authorization, Last-Event-ID"
 SUBSCRIBE_TIMEOUT = 30.0        # seconds a long-poll waits for its subscriptions
@@ -79,8 +78,7 @@ def _error_body(code: int, message: str) -> bytes:
 class SseStream(Relayed, asyncio.Protocol):
     """One ``GET /sse`` stream: a session whose messages go out as SSE events."""
 
-    __slots__ = (*SESSION_SLOTS, "node", "positions", "cursor", "out", "unrecovered",
-                 "close_code", "close_reason", "expiry", "relay_", "sock", "pinger")
+    __slots__ = (*RELAYED_SLOTS, "sock", "pinger")
     transport_name = "sse"
     sse = True
 
@@ -213,16 +211,13 @@ class SseStream(Relayed, asyncio.Protocol):
         self.sock = None
         self.out = []
         self.node.transports["sse"] -= 1
-        code = self.close_code              # 4008 (slow) comes without a reason
-        self.node.drop(self, code or 1001, self.close_reason if code else REASON_STREAM_CLOSED)
+        self.leave_node(1001, REASON_STREAM_CLOSED)
 
 
 class PollSession(Relayed):
     """One ``GET /poll`` request's session: collects messages until it answers."""
 
-    __slots__ = (*SESSION_SLOTS, "node", "positions", "cursor", "out", "unrecovered",
-                 "close_code", "close_reason", "expiry", "relay_", "replies", "events", "woken",
-                 "subscribed", "failed")
+    __slots__ = (*RELAYED_SLOTS, "replies", "events", "woken", "subscribed", "failed")
     transport_name = "poll"
 
     def __init__(self, node: Any, plan: Plan) -> None:
@@ -544,8 +539,7 @@ async def poll(node: Any, plan: Plan) -> bytes:
         node.transports["poll"] -= 1
         if sess.expiry is not None:
             sess.expiry.cancel()
-        code = sess.close_code
-        node.drop(sess, code or 1000, sess.close_reason if code else REASON_POLL_ANSWERED)
+        sess.leave_node(1000, REASON_POLL_ANSWERED)
     return response(200, body, hdrs)
 
 

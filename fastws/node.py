@@ -95,8 +95,6 @@ def expiry_timer(old: asyncio.TimerHandle | None, at: float | None,
                                                  sess.disconnect, DISCONNECT_TOKEN_EXPIRED)
 
 
-
-
 class Node:
     """One fastws process: hub + broker + config + counters (see the module docstring)."""
 

@@ -24,9 +24,10 @@ from fastws._fanout import Conn
 from fastws.codes import Disconnect
 from fastws.node import expiry_timer
 from fastws.protocol import Request
-from fastws.session import Session
+from fastws.session import SESSION_SLOTS, Session
 
-__all__ = ["POLL_TIMEOUT", "Plan", "Relay", "Relayed", "one_line", "relay_of_loop"]
+__all__ = ["POLL_TIMEOUT", "Plan", "Relay", "Relayed", "RELAYED_SLOTS", "one_line",
+           "relay_of_loop"]
 
 log = logging.getLogger("fastws")
 
@@ -136,13 +137,18 @@ def one_line(payload: bytes) -> bytes:
     return payload
 
 
+#: the slots of a Relayed session (its subclasses add their own)
+RELAYED_SLOTS = (*SESSION_SLOTS, "node", "positions", "cursor", "out", "unrecovered",
+                 "close_code", "close_reason", "expiry", "relay_")
+
+
 class Relayed(Conn, Session):
     """A session of a fallback transport: the hub delivers to it through
     :meth:`deliver` (its ``relay`` flag); it keeps every subscription's position and
     queues what it sends for one write per loop pass.  Subclasses set
     ``transport_name`` and implement :meth:`chunk` and :meth:`write_out`."""
 
-    __slots__ = ()
+    __slots__ = ()      # a subclass lists RELAYED_SLOTS and its own
     transport_name = ""
     sse = False         # an SSE stream: Relay.flush writes its queue inline
 
@@ -152,6 +158,7 @@ class Relayed(Conn, Session):
     out: list[bytes]
     unrecovered: bool
     close_code: int
+    close_reason: str
     expiry: asyncio.TimerHandle | None
     relay_: Relay
 
@@ -222,6 +229,14 @@ class Relayed(Conn, Session):
     def write_out(self) -> None:
         """Send what was queued in this loop pass."""
         raise NotImplementedError
+
+    def leave_node(self, code: int, reason: str) -> None:
+        """The session ended: :meth:`Node.drop <fastws.node.Node.drop>` with the close
+        the server ended it with, if it did, else ``code`` and ``reason`` (how the
+        transport ended it)."""
+        if self.close_code:
+            code, reason = self.close_code, self.close_reason
+        self.node.drop(self, code, reason)
 
     def arm_expiry(self, at: float | None) -> None:
         """Disconnect with 4501 "token expired" at ``at`` (wall clock); None cancels."""
